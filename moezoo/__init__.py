@@ -1,0 +1,1 @@
+"""moezoo: sparse Mixture-of-Experts models beyond language modelling."""

@@ -1,0 +1,255 @@
+"""The MoE layer: route -> dispatch -> grouped experts -> combine, plus shared experts.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, N routed pairs,
+G groups and L tokens per group (Soft MoE), S slots per expert.
+
+The layer returns the FFN output (no residual: a token routed to no expert gets 0 and passes through the
+block's residual unchanged) and an :class:`MoEAux` with the router's weighted losses and routing statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moezoo.layers.experts import FeedForward, GroupedExperts
+from moezoo.layers.losses import load_cv, routing_entropy
+from moezoo.layers.routers import Router, RoutingResult, SoftMoERouter, SoftRoutingResult, get_router
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer reports for one forward: weighted losses and detached routing statistics."""
+
+    losses: dict[str, Tensor]
+    tokens_per_expert_E: Tensor  # float, routed pairs (or slots) per expert
+    dropped_frac: Tensor  # fraction of tokens routed to no expert
+    router_entropy: Tensor  # mean per-token entropy of the routing distribution (nats)
+    expert_load_cv: Tensor  # std / mean of tokens_per_expert_E
+    num_tokens: int
+    routing: RoutingResult | None = field(default=None, repr=False)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        if not self.losses:
+            return self.tokens_per_expert_E.new_zeros(())
+        return torch.stack(list(self.losses.values())).sum()
+
+
+def total_aux_loss(auxes: Sequence[MoEAux]) -> Tensor | None:
+    """Sum of every layer's weighted losses, or ``None`` when there are no MoE layers."""
+    losses = [aux.aux_loss for aux in auxes]
+    return torch.stack(losses).sum() if losses else None
+
+
+def summarize_aux(auxes: Sequence[MoEAux]) -> dict[str, float]:
+    """Scalars to log: each loss summed over layers, statistics averaged over layers."""
+    if not auxes:
+        return {}
+    out: dict[str, float] = {}
+    for aux in auxes:
+        for name, value in aux.losses.items():
+            out[name] = out.get(name, 0.0) + float(value.detach())
+    out["aux_loss"] = float(sum(float(aux.aux_loss.detach()) for aux in auxes))
+    for name in ("dropped_frac", "router_entropy", "expert_load_cv"):
+        out[name] = sum(float(getattr(aux, name)) for aux in auxes) / len(auxes)
+    return out
+
+
+def _expand_side(side: Mapping[str, Tensor] | None, lead_shape: torch.Size, keep: Tensor | None) -> dict[str, Tensor]:
+    """Per-sample or per-token side inputs -> one row per (kept) flattened token."""
+    if not side:
+        return {}
+    out = {}
+    for name, value in side.items():
+        k = 0
+        while k < len(lead_shape) and k < value.dim() and value.shape[k] == lead_shape[k]:
+            k += 1
+        if k == 0:
+            raise ValueError(
+                f"side input {name!r} has shape {tuple(value.shape)}; its leading dims must match the tokens' "
+                f"leading shape {tuple(lead_shape)} (per sample or per token)"
+            )
+        extra = value.shape[k:]
+        view = value.reshape(*value.shape[:k], *([1] * (len(lead_shape) - k)), *extra)
+        flat = view.expand(*lead_shape, *extra).reshape(-1, *extra)
+        out[name] = flat if keep is None else flat[keep]
+    return out
+
+
+class MoE(nn.Module):
+    """A sparse (or soft) Mixture-of-Experts feed-forward layer for inputs of any leading shape ``(..., D)``.
+
+    Args:
+        dim: model width D.
+        ffn_dim: hidden width F of one expert.
+        num_experts: number of routed experts E.
+        top_k: experts per token K (or the compute-equivalent for expert choice / Soft MoE).
+        router: a registered router name or a :class:`Router` instance (which may be shared across layers).
+        router_kwargs: extra arguments for the router when it is built by name.
+        activation: ``"gelu"`` or ``"swiglu"``.
+        num_shared_experts: always-on experts of width F each (DeepSeekMoE), fused into one dense FFN.
+        shared_expert_gate: scale the shared expert's output by a per-token sigmoid gate.
+        granularity: fine-grained experts: E*m experts of width F/m with K*m active (same compute).
+        backend: ``"torch"``, ``"triton"`` or ``"reference"``; ``None`` chooses by device.
+        check_finite: raise on NaN/inf inputs (one reduction per forward; skipped under ``torch.compile``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_experts: int = 8,
+        top_k: int = 2,
+        router: str | Router = "topk",
+        router_kwargs: Mapping[str, Any] | None = None,
+        activation: str = "gelu",
+        num_shared_experts: int = 0,
+        shared_expert_gate: bool = False,
+        granularity: int = 1,
+        backend: str | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(granularity, int) or granularity < 1 or ffn_dim % granularity:
+            raise ValueError(f"granularity must be a positive integer dividing ffn_dim={ffn_dim}, got {granularity!r}")
+        if num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
+        self.dim = dim
+        self.num_experts = num_experts * granularity
+        self.top_k = top_k * granularity
+        self.expert_dim = ffn_dim // granularity
+        self.backend = backend
+        self.check_finite = check_finite
+        if isinstance(router, Router):
+            if router_kwargs:
+                raise ValueError("router_kwargs cannot be combined with a router instance")
+            if router.num_experts != self.num_experts or router.dim != dim:
+                raise ValueError(
+                    f"the router instance has num_experts={router.num_experts}, dim={router.dim}; this layer needs "
+                    f"num_experts={self.num_experts}, dim={dim}"
+                )
+            self.router = router
+        else:
+            self.router = get_router(router, dim, self.num_experts, top_k=self.top_k, **dict(router_kwargs or {}))
+        self.experts = GroupedExperts(self.num_experts, dim, self.expert_dim, activation)
+        self.shared = FeedForward(dim, num_shared_experts * ffn_dim, activation) if num_shared_experts else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if (shared_expert_gate and self.shared is not None) else None
+
+    @property
+    def active_ffn_dim(self) -> int:
+        """Hidden width of the dense FFN with the same active compute per token (the dense twin)."""
+        shared = self.shared.hidden_dim if self.shared is not None else 0
+        return self.top_k * self.expert_dim + shared
+
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> None:
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dimension dim={self.dim}, got shape {tuple(x.shape)}")
+        if mask is not None and (mask.shape != x.shape[:-1] or mask.dtype != torch.bool):
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf values")
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, side: Mapping[str, Tensor] | None = None
+    ) -> tuple[Tensor, MoEAux]:
+        """``x (..., D)`` -> ``(y (..., D), aux)``; ``mask (...)`` True for real tokens; ``side``: router inputs."""
+        self._check_input(x, mask)
+        if isinstance(self.router, SoftMoERouter):
+            return self._forward_soft(x, mask)
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, self.dim)
+        keep_T = mask.reshape(-1).nonzero().squeeze(-1) if mask is not None else None
+        x_in = x_TD if keep_T is None else x_TD.index_select(0, keep_T)
+        routing: RoutingResult = self.router(x_in, _expand_side(side, lead, keep_T))
+        y_in = self.experts(x_in, routing.token_idx_N, routing.expert_idx_N, routing.gate_N, backend=self.backend)
+        if self.shared is not None:
+            shared = self.shared(x_in)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(x_in))
+            y_in = y_in + shared
+        y_TD = y_in if keep_T is None else x_TD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_in)
+        return y_TD.reshape(x.shape), self._sparse_aux(routing)
+
+    def _sparse_aux(self, routing: RoutingResult) -> MoEAux:
+        with torch.no_grad():
+            tokens_per_expert = torch.bincount(routing.expert_idx_N, minlength=self.num_experts).float()
+            num_tokens = routing.num_tokens
+            if num_tokens:
+                routed = torch.zeros(num_tokens, dtype=torch.bool, device=tokens_per_expert.device)
+                routed[routing.token_idx_N] = True
+                dropped = 1.0 - routed.float().mean()
+            else:
+                dropped = tokens_per_expert.new_zeros(())
+            probs = routing.probs_TE
+            entropy = routing_entropy(probs) if probs is not None else tokens_per_expert.new_zeros(())
+        return MoEAux(
+            losses=routing.losses,
+            tokens_per_expert_E=tokens_per_expert,
+            dropped_frac=dropped,
+            router_entropy=entropy,
+            expert_load_cv=load_cv(tokens_per_expert),
+            num_tokens=num_tokens,
+            routing=routing,
+        )
+
+    def _forward_soft(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, MoEAux]:
+        """Soft MoE over groups: the last-but-one axis is the token axis L, the rest are groups G."""
+        num_slots_total = self.num_experts * self.router.slots_per_expert  # type: ignore[union-attr]
+        x_GLD = x.reshape(-1, x.shape[-2], self.dim) if x.dim() >= 2 else x.reshape(1, -1, self.dim)
+        mask_GL = mask.reshape(x_GLD.shape[:2]) if mask is not None else None
+        soft: SoftRoutingResult = self.router(x_GLD, mask_GL)
+        dispatch = soft.dispatch_GLS.to(x.dtype)
+        slots_GSD = torch.einsum("gls,gld->gsd", dispatch, x_GLD)
+        groups = x_GLD.shape[0]
+        s = soft.slots_per_expert
+        slots_EMD = slots_GSD.reshape(groups, self.num_experts, s, self.dim).transpose(0, 1).reshape(
+            self.num_experts, groups * s, self.dim
+        )
+        out_EMD = self.experts.forward_dense(slots_EMD)
+        out_GSD = out_EMD.reshape(self.num_experts, groups, s, self.dim).transpose(0, 1).reshape(
+            groups, num_slots_total, self.dim
+        )
+        y_GLD = torch.einsum("gls,gsd->gld", soft.combine_GLS.to(x.dtype), out_GSD)
+        if self.shared is not None:
+            shared = self.shared(x_GLD)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(x_GLD))
+            y_GLD = y_GLD + shared
+        if mask_GL is not None:
+            y_GLD = y_GLD * mask_GL.unsqueeze(-1)
+        with torch.no_grad():
+            # Each slot holds one row per group: the load is uniform by construction.
+            tokens_per_expert = x.new_full((self.num_experts,), float(groups * s), dtype=torch.float32)
+            combine = soft.combine_GLS if mask_GL is None else soft.combine_GLS[mask_GL]
+            entropy = routing_entropy(combine.reshape(-1, num_slots_total))
+        aux = MoEAux(
+            losses=soft.losses,
+            tokens_per_expert_E=tokens_per_expert,
+            dropped_frac=tokens_per_expert.new_zeros(()),
+            router_entropy=entropy,
+            expert_load_cv=load_cv(tokens_per_expert),
+            num_tokens=int(mask_GL.sum()) if mask_GL is not None else x_GLD.shape[0] * x_GLD.shape[1],
+        )
+        return y_GLD.reshape(x.shape), aux
+
+
+
+def update_router_states(module: nn.Module) -> None:
+    """Apply every router's pending non-gradient update once (a router shared by many layers too)."""
+    seen: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, Router) and id(sub) not in seen:
+            seen.add(id(sub))
+            sub.update_state()

@@ -1,0 +1,81 @@
+"""The seam between the MoE layers and the compute backends.
+
+Every backend implements one contract, ``expert_ffn`` (see ``reference.py``):
+
+- ``"reference"``: a readable autograd composition (the spec);
+- ``"torch"``: the fused PyTorch path with a hand-written backward (CPU default);
+- ``"triton"``: the Triton kernels in ``moezoo.kernels`` (CUDA default, when available).
+
+The backend is chosen per call: an explicit argument wins, then the ``MOEZOO_BACKEND`` environment variable,
+then the device (``"torch"`` everywhere until the Triton backend registers itself for CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from torch import Tensor
+
+from moezoo.ops.activations import ACTIVATIONS, check_activation, hidden_width
+from moezoo.ops.fused import expert_ffn_fused
+from moezoo.ops.permute import Permutation, sort_by_expert
+from moezoo.ops.reference import expert_ffn_reference
+
+ExpertFFN = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, str], Tensor]
+
+BACKENDS: dict[str, ExpertFFN] = {
+    "reference": expert_ffn_reference,
+    "torch": expert_ffn_fused,
+}
+BACKEND_ENV = "MOEZOO_BACKEND"
+
+
+def register_backend(name: str, fn: ExpertFFN) -> None:
+    BACKENDS[name] = fn
+
+
+def default_backend(x: Tensor) -> str:
+    """The backend used when none is named: Triton on CUDA tensors when registered, else the PyTorch path."""
+    if x.is_cuda and "triton" in BACKENDS:
+        return "triton"
+    return "torch"
+
+
+def resolve_backend(backend: str | None, x: Tensor) -> str:
+    name = backend or os.environ.get(BACKEND_ENV) or default_backend(x)
+    if name not in BACKENDS and name != "triton":
+        raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(set(BACKENDS) | {'triton'})}")
+    if name not in BACKENDS:
+        raise RuntimeError(
+            "backend='triton' was requested but the Triton backend is not available in this installation"
+        )
+    return name
+
+
+def expert_ffn(
+    x_TD: Tensor,
+    token_idx_N: Tensor,
+    expert_idx_N: Tensor,
+    gate_N: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EFD: Tensor,
+    activation: str = "gelu",
+    backend: str | None = None,
+) -> Tensor:
+    """``out[t] = sum_{n: token[n]=t} gate[n] * act(x[t] @ w_in[e_n]) @ w_out[e_n]`` on the chosen backend."""
+    fn = BACKENDS[resolve_backend(backend, x_TD)]
+    return fn(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, check_activation(activation))
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "BACKEND_ENV",
+    "Permutation",
+    "expert_ffn",
+    "hidden_width",
+    "register_backend",
+    "resolve_backend",
+    "sort_by_expert",
+]

@@ -1,0 +1,42 @@
+"""Expert activations and their hand-written derivatives (used by the fused backward passes).
+
+GELU experts have ``H = F`` pre-activation columns; SwiGLU experts have ``H = 2F``: ``[gate | up]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+def check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATIONS}")
+    return activation
+
+
+def hidden_width(activation: str, ffn_dim: int) -> int:
+    """Width H of the first projection for an expert of hidden size F."""
+    return 2 * ffn_dim if check_activation(activation) == "swiglu" else ffn_dim
+
+
+def act_forward(h_NH: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return F.gelu(h_NH)
+    gate, up = h_NH.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def act_backward(da_NF: Tensor, h_NH: Tensor, activation: str) -> Tensor:
+    """Gradient w.r.t. the pre-activation ``h`` given the gradient ``da`` w.r.t. the activation output."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(da_NF, h_NH)
+    gate, up = h_NH.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    d_gate = da_NF * up * sig * (1.0 + gate * (1.0 - sig))
+    d_up = da_NF * silu
+    return torch.cat([d_gate, d_up], dim=-1)
