@@ -35,8 +35,9 @@ def act_backward(da_NF: Tensor, h_NH: Tensor, activation: str) -> Tensor:
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(da_NF, h_NH)
     gate, up = h_NH.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    d_gate = da_NF * up * sig * (1.0 + gate * (1.0 - sig))
-    d_up = da_NF * silu
-    return torch.cat([d_gate, d_up], dim=-1)
+    dh_NH = torch.empty_like(h_NH)
+    d_gate, d_up = dh_NH.chunk(2, dim=-1)
+    torch.mul(da_NF, F.silu(gate), out=d_up)
+    torch.mul(da_NF, up, out=d_gate)
+    d_gate.copy_(torch.ops.aten.silu_backward(d_gate, gate))
+    return dh_NH

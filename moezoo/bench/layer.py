@@ -1,0 +1,191 @@
+"""``moezoo bench layer``: forward+backward time and activation memory of one MoE layer on the CPU.
+
+Every row compares, in the same process and on the same input:
+
+- ``dense``: a dense FFN whose hidden width is the active expert width per token (K*F): equal FLOPs;
+- ``moezoo``: the MoE layer (top-k router + the fused PyTorch path);
+- ``reference``: the same layer on the readable autograd reference backend;
+- ``naive``: the per-expert masked loop most MoE code starts from;
+- ``hf-grouped_mm``: transformers' Mixtral block with its ``grouped_mm`` experts backend (when installed).
+
+Times are medians over repeats; ratios are against ``dense`` measured in the same run, which is what makes
+them comparable on a shared, noisy CPU. Memory is what autograd saves for backward (MiB), counted with
+``saved_tensors_hooks`` over unique storages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moezoo.layers import FeedForward, MoE
+from moezoo.ops.activations import act_forward
+
+DEFAULT_SHAPES = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 64, 8), (2048, 256, 128, 64, 4))
+
+
+class NaiveLoopMoE(nn.Module):
+    """The per-expert loop: for each expert, find its tokens with a mask and run it (what users write first)."""
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = self.moe.router(x_TD)
+        experts = self.moe.experts
+        out = torch.zeros_like(x_TD)
+        for e in range(experts.num_experts):
+            sel = routing.expert_idx_N == e
+            tokens = routing.token_idx_N[sel]
+            if tokens.numel() == 0:
+                continue
+            h = act_forward(x_TD[tokens] @ experts.w_in[e], experts.activation) @ experts.w_out[e]
+            out = out.index_add(0, tokens, h * routing.gate_N[sel].unsqueeze(-1))
+        return out.reshape(x.shape)
+
+
+def _hf_mixtral_block(moe: MoE) -> nn.Module | None:
+    """transformers' Mixtral sparse block with the ``grouped_mm`` experts backend and our weights, if available."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    experts = moe.experts
+    if experts.activation != "swiglu":
+        return None
+    config = MixtralConfig(
+        hidden_size=experts.dim,
+        intermediate_size=experts.ffn_dim,
+        num_local_experts=experts.num_experts,
+        num_experts_per_tok=moe.top_k,
+        hidden_act="silu",
+    )
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.gate.weight)
+        block.experts.gate_up_proj.copy_(experts.w_in.transpose(1, 2))
+        block.experts.down_proj.copy_(experts.w_out.transpose(1, 2))
+    return block
+
+
+@dataclass
+class Measurement:
+    ms: float
+    saved_mib: float
+
+
+def _saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def measure(module: nn.Module, x: Tensor, repeats: int, warmup: int = 1) -> Measurement:
+    """Median forward+backward milliseconds and the bytes saved for backward."""
+    grad = torch.randn_like(x)
+
+    def run() -> Tensor:
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    saved = 0
+    times = []
+    for i in range(warmup + repeats):
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        start = time.perf_counter()
+        out, saved = _saved_bytes(run)
+        out.backward(grad)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return Measurement(statistics.median(times), saved / 2**20)
+
+
+def bench_shape(
+    shape: tuple[int, int, int, int, int], activation: str, repeats: int, with_naive: bool = True, seed: int = 0
+) -> dict[str, Measurement]:
+    tokens, dim, ffn_dim, num_experts, top_k = shape
+    torch.manual_seed(seed)
+    moe = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="torch")
+    dense = FeedForward(dim, top_k * ffn_dim, activation)
+    x = torch.randn(tokens, dim, requires_grad=True)
+    candidates: dict[str, nn.Module] = {"dense": dense, "moezoo": moe}
+    reference = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="reference")
+    reference.load_state_dict(moe.state_dict())
+    candidates["reference"] = reference
+    if with_naive:
+        candidates["naive"] = NaiveLoopMoE(moe)
+    hf = _hf_mixtral_block(moe)
+    if hf is not None:
+        candidates["hf-grouped_mm"] = _Reshape3d(hf)
+    return {name: measure(module, x, repeats) for name, module in candidates.items()}
+
+
+class _Reshape3d(nn.Module):
+    """transformers blocks take ``(B, L, D)``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x.unsqueeze(0)).squeeze(0)
+
+
+def format_table(results: dict[tuple[int, ...], dict[str, Measurement]]) -> str:
+    names = list(dict.fromkeys(name for row in results.values() for name in row))
+    head = ["(T, D, F, E, K)", "dense ms"] + [f"{n}/dense" for n in names if n != "dense"]
+    head += [f"{n} MiB" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape, row in results.items():
+        dense = row["dense"].ms
+        cells = [str(tuple(shape)), f"{dense:.1f}"]
+        cells += [f"{row[n].ms / dense:.2f}x" if n in row else "-" for n in names if n != "dense"]
+        cells += [f"{row[n].saved_mib:.0f}" if n in row else "-" for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moezoo bench layer", description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", default=None, help="T,D,F,E,K (repeatable)")
+    parser.add_argument("--activation", default="swiglu", choices=["gelu", "swiglu"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    args = parser.parse_args(argv)
+    shapes = DEFAULT_SHAPES
+    if args.shape:
+        try:
+            shapes = tuple(tuple(int(v) for v in s.split(",")) for s in args.shape)  # type: ignore[assignment]
+        except ValueError as err:
+            raise SystemExit(f"--shape must be five integers T,D,F,E,K: {err}") from err
+        if any(len(s) != 5 for s in shapes):
+            raise SystemExit("--shape must be five integers T,D,F,E,K")
+    torch.set_num_threads(args.threads)
+    print(f"moezoo bench layer: CPU fp32, {torch.get_num_threads()} threads, {args.activation}, "
+          f"median of {args.repeats}, forward+backward")
+    results = {}
+    for shape in shapes:
+        results[shape] = bench_shape(shape, args.activation, args.repeats, with_naive=not args.no_naive)
+        print(f"done {shape}", flush=True)
+    print(format_table(results))
+    return 0
