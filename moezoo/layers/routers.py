@@ -196,6 +196,7 @@ class TopKRouter(Router):
             select_TE = logits_TE + torch.randn_like(logits_TE) * noise_std
         probs_TE = torch.softmax(select_TE, dim=-1)
         top_p_TK, top_idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        max_prob_T = top_p_TK[:, 0].detach()
         if self.normalize:
             top_p_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
         losses = self.common_losses(logits_TE, probs_TE, top_idx_TK.reshape(-1), self.top_k)
@@ -208,7 +209,7 @@ class TopKRouter(Router):
             rank_T = torch.arange(num_tokens, device=x_TD.device)
             if self.drop_policy == "batch_priority":
                 rank_T = torch.empty_like(rank_T)
-                rank_T[torch.argsort(top_p_TK[:, 0], descending=True, stable=True)] = torch.arange(
+                rank_T[torch.argsort(max_prob_T, descending=True, stable=True)] = torch.arange(
                     num_tokens, device=x_TD.device
                 )
             choice_N = torch.arange(self.top_k, device=x_TD.device).repeat(num_tokens)

@@ -1,0 +1,100 @@
+"""Transformer blocks shared by every domain: pre-norm attention + (MoE or dense) feed-forward.
+
+An ``FFNSpec`` says what goes in a block's feed-forward slot; :func:`build_ffn` builds it, so that a model and
+its dense twin differ only in the spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from timm.models.vision_transformer import Attention
+from torch import Tensor, nn
+
+from moezoo.layers import FeedForward, MoE, MoEAux, Router
+
+
+@dataclass
+class MoESpec:
+    """The MoE settings of a model: which blocks hold an MoE and how it is built.
+
+    ``dense=True`` builds the dense twin: the MoE blocks get a dense FFN whose hidden width equals the MoE's
+    active width per token (``top_k * expert width + shared experts``).
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+    router: str = "topk"
+    router_kwargs: dict[str, Any] = field(default_factory=dict)
+    moe_every: int = 2
+    moe_offset: int = 1
+    num_shared_experts: int = 0
+    granularity: int = 1
+    backend: str | None = None
+    dense: bool = False
+
+    def is_moe_block(self, index: int) -> bool:
+        return index % self.moe_every == self.moe_offset % self.moe_every
+
+    def active_ffn_dim(self, expert_dim: int) -> int:
+        return self.top_k * expert_dim + self.num_shared_experts * expert_dim
+
+
+def build_ffn(
+    dim: int, ffn_dim: int, activation: str, spec: MoESpec | None, block_index: int, router: Router | None = None
+) -> nn.Module:
+    """The feed-forward module of block ``block_index``: dense FFN, MoE, or the MoE's dense twin."""
+    if spec is None or not spec.is_moe_block(block_index):
+        return FeedForward(dim, ffn_dim, activation)
+    if spec.dense:
+        return FeedForward(dim, spec.active_ffn_dim(ffn_dim), activation)
+    return MoE(
+        dim,
+        ffn_dim,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        router=router if router is not None else spec.router,
+        router_kwargs=None if router is not None else spec.router_kwargs,
+        activation=activation,
+        num_shared_experts=spec.num_shared_experts,
+        granularity=spec.granularity,
+        backend=spec.backend,
+    )
+
+
+def run_ffn(
+    ffn: nn.Module, x: Tensor, auxes: list[MoEAux], mask: Tensor | None = None, side: Mapping[str, Tensor] | None = None
+) -> Tensor:
+    """Apply a feed-forward slot; an MoE's aux result is appended to ``auxes``."""
+    if isinstance(ffn, MoE):
+        y, aux = ffn(x, mask=mask, side=side)
+        auxes.append(aux)
+        return y
+    return ffn(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))`` with an MoE or dense FFN."""
+
+    def __init__(self, dim: int, num_heads: int, ffn: nn.Module, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = ffn
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def forward(
+        self, x: Tensor, auxes: list[MoEAux], mask: Tensor | None = None, side: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + run_ffn(self.ffn, self.norm2(x), auxes, mask, side)
+
+
+def moe_layers(module: nn.Module) -> Sequence[MoE]:
+    return [m for m in module.modules() if isinstance(m, MoE)]

@@ -1,0 +1,1 @@
+"""Lightning tasks (installed as ``moezoo.tasks``): one folder per domain, all built on :mod:`moezoo`."""

@@ -1,0 +1,153 @@
+"""The base Lightning task: builds a model by name, adds and logs MoE losses and statistics, updates router state.
+
+Domain tasks subclass :class:`MoETask` and implement :meth:`MoETask.compute_loss`; ``training_step``,
+``validation_step`` and ``test_step`` share :meth:`MoETask._shared_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
+from moezoo.models import create_model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, embeddings and tokens (1-D or named *_token/*_embed)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.dim() < 2 or name.endswith(("_token", "pos_embed")) or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RoutingSummary:
+    """Accumulates per-layer expert load over an epoch and renders it as a table."""
+
+    def __init__(self) -> None:
+        self.load: dict[int, Tensor] = {}
+        self.stats: dict[int, list[tuple[float, float]]] = {}
+
+    def reset(self) -> None:
+        self.load.clear()
+        self.stats.clear()
+
+    def update(self, auxes: Sequence[MoEAux]) -> None:
+        for i, aux in enumerate(auxes):
+            load = aux.tokens_per_expert_E.detach().float().cpu()
+            self.load[i] = self.load.get(i, torch.zeros_like(load)) + load
+            self.stats.setdefault(i, []).append((float(aux.dropped_frac), float(aux.router_entropy)))
+
+    def table(self) -> str:
+        if not self.load:
+            return "no MoE layers"
+        lines = ["layer | expert load (% of routed pairs)                     | load CV | dropped | entropy"]
+        for i, load in sorted(self.load.items()):
+            share = 100.0 * load / load.sum().clamp_min(1.0)
+            cv = float(load.std(unbiased=False) / load.mean().clamp_min(1e-12))
+            dropped = sum(d for d, _ in self.stats[i]) / len(self.stats[i])
+            entropy = sum(h for _, h in self.stats[i]) / len(self.stats[i])
+            shares = " ".join(f"{s:4.1f}" for s in share.tolist())
+            lines.append(f"{i:5d} | {shares:<52} | {cv:7.3f} | {dropped:7.3f} | {entropy:7.3f}")
+        return "\n".join(lines)
+
+
+class MoETask(L.LightningModule):
+    """Shared training logic for every domain.
+
+    Args:
+        model: a registered model name (``moezoo.list_models()``).
+        model_kwargs: constructor arguments of that model.
+        lr: peak AdamW learning rate (linear warmup, cosine decay to ``lr * min_lr_ratio``).
+        weight_decay: AdamW weight decay on matrices.
+        warmup_frac: fraction of the training steps used for warmup.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        aux_loss_coef: multiplier on the sum of the routers' (already weighted) auxiliary losses.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_frac: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        aux_loss_coef: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0 <= warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
+        self.save_hyperparameters()
+        self.model = create_model(model, **(model_kwargs or {}))
+        self.routing_summary = RoutingSummary()
+
+    # -- to implement in domain tasks ---------------------------------------------------------------
+    def compute_loss(self, batch: Any, stage: str) -> tuple[Tensor, list[MoEAux], dict[str, Tensor], int]:
+        """Return ``(task loss, MoE aux results, extra metrics to log, batch size)``."""
+        raise TypeError(f"{type(self).__name__} must override compute_loss")
+
+    # -- shared -------------------------------------------------------------------------------------
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        task_loss, auxes, metrics, batch_size = self.compute_loss(batch, stage)
+        aux_loss = total_aux_loss(auxes)
+        loss = task_loss if aux_loss is None else task_loss + self.hparams.aux_loss_coef * aux_loss
+        on_step = stage == "train"
+        log = dict(on_step=on_step, on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        self.log(f"{stage}/task_loss", task_loss, **log)
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("acc",), **log)
+        for name, value in summarize_aux(auxes).items():
+            self.log(f"{stage}/{name}", value, **log)
+        if stage == "test":
+            self.routing_summary.update(auxes)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        update_router_states(self.model)
+
+    def on_test_epoch_start(self) -> None:
+        self.routing_summary.reset()
+
+    def on_test_epoch_end(self) -> None:
+        if self.trainer.is_global_zero and self.routing_summary.load:
+            print(f"\nRouting summary ({self.hparams.model}, test set)\n{self.routing_summary.table()}")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(hp.warmup_frac * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

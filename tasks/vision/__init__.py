@@ -1,0 +1,17 @@
+"""Vision tasks: image classification with ``moe_vit``."""
+
+from moezoo.tasks.vision.classification import ImageClassificationTask
+from moezoo.tasks.vision.data import (
+    CIFARDataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+)
+
+__all__ = [
+    "CIFARDataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageClassificationTask",
+    "ImageFolderDataModule",
+]

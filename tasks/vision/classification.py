@@ -1,0 +1,56 @@
+"""Image classification with ``moe_vit`` (or any registered classifier with ``forward_with_aux``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moezoo.layers import MoEAux
+from moezoo.tasks.base import MoETask
+
+
+class ImageClassificationTask(MoETask):
+    """Cross-entropy classification; logs ``<stage>/acc`` and the MoE statistics.
+
+    Args:
+        label_smoothing: cross-entropy label smoothing.
+        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+    """
+
+    def __init__(
+        self,
+        model: str = "moe_vit_debug",
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_frac: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        aux_loss_coef: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def compute_loss(self, batch: Any, stage: str) -> tuple[Tensor, list[MoEAux], dict[str, Tensor], int]:
+        x, y = batch
+        num_classes = self.model.num_classes
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"class ids must be in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+        logits, auxes = self.model.forward_with_aux(x)
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        acc = (logits.argmax(-1) == y).float().mean()
+        return loss, auxes, {"acc": acc}, x.shape[0]
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = torch.softmax(self.model(x), dim=-1)
+        return {"pred": probs.argmax(-1), "prob": probs.max(-1).values}

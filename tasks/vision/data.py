@@ -1,0 +1,300 @@
+"""Image classification data: scikit-learn digits (embedded default), Fashion-MNIST IDX files, a user's
+ImageFolder or CIFAR root. Nothing downloads: every loader reads local files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+
+FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+def random_shift(x_BCHW: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Translate each image by an integer offset in ``[-max_shift, max_shift]`` (zero fill), vectorised."""
+    if max_shift <= 0:
+        return x_BCHW
+    b, _, h, w = x_BCHW.shape
+    padded = torch.nn.functional.pad(x_BCHW, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator, device=x_BCHW.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator, device=x_BCHW.device)
+    rows = (dy[:, None] + torch.arange(h, device=x_BCHW.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x_BCHW.device))[:, None, None, :]
+    batch = torch.arange(b, device=x_BCHW.device)[:, None, None, None]
+    chan = torch.arange(x_BCHW.shape[1], device=x_BCHW.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+class _ArrayImageDataModule(L.LightningDataModule):
+    """Images held in memory as normalised tensors; training batches get random shifts (and flips)."""
+
+    num_classes: int
+    image_size: int
+    in_chans: int
+
+    def __init__(self, batch_size: int, num_workers: int, max_shift: int, hflip: bool, seed: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_shift = max_shift
+        self.hflip = hflip
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("setup() has not been run")
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, drop_last=False
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        x, y = batch
+        x = random_shift(x, self.max_shift)
+        if self.hflip:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y
+
+
+class DigitsDataModule(_ArrayImageDataModule):
+    """scikit-learn's 1,797 real 8x8 handwritten digits (shipped in the wheel): the seconds-long default.
+
+    Stratification-free seeded split into train / val / test by ``val_fraction`` and ``test_fraction``.
+    """
+
+    num_classes = 10
+    image_size = 8
+    in_chans = 1
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        max_shift: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, max_shift, hflip=False, seed=seed)
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"val_fraction and test_fraction must be in (0, 1) with a sum < 1, got {val_fraction}, {test_fraction}"
+            )
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        images = (images - 0.3) / 0.4
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        full = TensorDataset(images, labels)
+        n = len(full)
+        n_test = int(round(n * self.test_fraction))
+        n_val = int(round(n * self.val_fraction))
+        generator = torch.Generator().manual_seed(self.seed)
+        self.train_set, self.val_set, self.test_set = random_split(full, [n - n_val - n_test, n_val, n_test], generator)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST family's format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(f"cannot read IDX file {path}: {err}") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: expected {int(np.prod(shape))} elements for shape {shape}, found {array.size}")
+    return array.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"{stem}[.gz] not found under {root}. Install Debian's package (apt-get install dataset-fashion-mnist, "
+        f"files in {FASHION_MNIST_DEBIAN_ROOT}) or set data.init_args.root to a folder with the IDX files"
+    )
+
+
+class FashionMNISTDataModule(_ArrayImageDataModule):
+    """Fashion-MNIST (or any MNIST-format IDX set) from a local folder: 60k train (minus ``val_size``), 10k test."""
+
+    num_classes = 10
+    image_size = 28
+    in_chans = 1
+
+    def __init__(
+        self,
+        root: str = FASHION_MNIST_DEBIAN_ROOT,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        train_limit: int | None = None,
+        max_shift: int = 2,
+        hflip: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, max_shift, hflip, seed)
+        if val_size < 1:
+            raise ValueError(f"val_size must be >= 1, got {val_size}")
+        self.root = Path(root)
+        self.val_size = val_size
+        self.train_limit = train_limit
+
+    @staticmethod
+    def load_split(root: Path, split: str) -> tuple[Tensor, Tensor]:
+        prefix = "train" if split == "train" else "t10k"
+        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+        if len(images) != len(labels):
+            raise ValueError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+        return (x - 0.286) / 0.353, torch.from_numpy(labels.astype(np.int64))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = self.load_split(self.root, "train")
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(x), generator=generator)
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        if self.train_limit is not None:
+            train_idx = train_idx[: self.train_limit]
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self.test_set = TensorDataset(*self.load_split(self.root, "test"))
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """A user's ``root/{train,val[,test]}/<class>/*.png`` tree (torchvision ``ImageFolder``), resized and normalised."""
+
+    def __init__(
+        self, root: str, image_size: int = 32, grayscale: bool = False, batch_size: int = 128, num_workers: int = 2
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.image_size = image_size
+        self.grayscale = grayscale
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def _dataset(self, split: str, train: bool) -> Dataset:
+        from torchvision import datasets, transforms
+
+        folder = self.root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ImageFolderDataModule: {folder} does not exist (expected root/{split}/<class>/)")
+        steps: list = [transforms.Resize((self.image_size, self.image_size))]
+        if self.grayscale:
+            steps.append(transforms.Grayscale())
+        if train:
+            steps.append(transforms.RandomHorizontalFlip())
+        channels = 1 if self.grayscale else 3
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
+        return datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self._dataset("train", train=True)
+        self.val_set = self._dataset("val", train=False)
+        test_dir = self.root / "test"
+        self.test_set = self._dataset("test", train=False) if test_dir.is_dir() else self.val_set
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, self.batch_size, num_workers=self.num_workers)
+
+
+class CIFARDataModule(_ArrayImageDataModule):
+    """CIFAR-10/100 from a user's local copy of the python-version archive folder (never downloads)."""
+
+    image_size = 32
+    in_chans = 3
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int = 10,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        max_shift: int = 4,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, max_shift, hflip=True, seed=seed)
+        if num_classes not in (10, 100):
+            raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
+        self.root = root
+        self.num_classes = num_classes
+        self.val_size = val_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
+        mean = torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1)
+        std = torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1)
+
+        def load(train: bool) -> tuple[Tensor, Tensor]:
+            try:
+                ds = cls(self.root, train=train, download=False)
+            except RuntimeError as err:
+                raise FileNotFoundError(f"CIFAR{self.num_classes} not found under {self.root}: {err}") from err
+            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
+            return (x - mean) / std, torch.tensor(ds.targets)
+
+        x, y = load(True)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+        self.val_set = TensorDataset(x[order[: self.val_size]], y[order[: self.val_size]])
+        self.train_set = TensorDataset(x[order[self.val_size :]], y[order[self.val_size :]])
+        self.test_set = TensorDataset(*load(False))

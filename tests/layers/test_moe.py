@@ -1,0 +1,209 @@
+"""The MoE layer: every router x backend against the oracle, Soft MoE, masks, shared experts, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moezoo.layers import FeedForward, MoE, TopKRouter, update_router_states
+from tests import oracles
+
+SPARSE_ROUTERS = ["topk", "sigmoid_lossfree", "expert_choice", "sinkhorn", "relu"]
+BACKENDS = ["reference", "torch"]
+
+
+def oracle_moe(moe: MoE, x, routing):
+    x_TD = x.reshape(-1, moe.dim)
+    out = oracles.expert_ffn(
+        x_TD,
+        routing.token_idx_N,
+        routing.expert_idx_N,
+        routing.gate_N,
+        moe.experts.w_in,
+        moe.experts.w_out,
+        moe.experts.activation,
+    )
+    if moe.shared is not None:
+        out = out + torch.stack([oracles.expert_forward(
+            row, moe.shared.fc_in.weight.t(), moe.shared.fc_out.weight.t(), moe.experts.activation
+        ) for row in x_TD])
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("router", SPARSE_ROUTERS + ["topk_capacity", "topk_null"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_moe_matches_oracle(router, backend, activation):
+    kwargs = {}
+    name = router
+    if router == "topk_capacity":
+        name, kwargs = "topk", {"capacity_factor": 0.75, "drop_policy": "batch_priority"}
+    elif router == "topk_null":
+        name, kwargs = "topk", {"num_null_experts": 2}
+    torch.manual_seed(1)
+    moe = MoE(12, 10, num_experts=4, top_k=2, router=name, router_kwargs=kwargs, activation=activation,
+              num_shared_experts=1, backend=backend).double().train()
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 7, 12, dtype=torch.float64)
+
+    captured = {}
+    original_forward = moe.router.forward
+
+    def capture(*args, **kw):
+        captured["routing"] = original_forward(*args, **kw)
+        return captured["routing"]
+
+    moe.router.forward = capture
+    y, aux = moe(x)
+    params = [x] + list(moe.parameters())
+    got = torch.autograd.grad((y * weight).sum(), params, allow_unused=True, retain_graph=True)
+    want_y = oracle_moe(moe, x, captured["routing"])
+    want = torch.autograd.grad((want_y * weight).sum(), params, allow_unused=True)
+    torch.testing.assert_close(y, want_y, atol=1e-9, rtol=1e-8)
+    for (pname, _), g, w in zip([("x", x)] + list(moe.named_parameters()), got, want):
+        if w is None:
+            assert g is None or torch.count_nonzero(g) == 0, pname
+            continue
+        # router weights see fp32 gates: compare at fp32 precision
+        tol = dict(atol=1e-5, rtol=1e-4) if "router" in pname else dict(atol=1e-9, rtol=1e-8)
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, p=pname: f"{p}: {m}")
+    assert aux.tokens_per_expert_E.sum() == captured["routing"].expert_idx_N.numel()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_soft_moe_matches_oracle(activation):
+    moe = MoE(8, 6, num_experts=3, top_k=1, router="soft", router_kwargs={"slots_per_expert": 2},
+              activation=activation).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    y, aux = moe(x)
+    want = oracles.soft_moe(x, moe.router.gate.weight.double(), moe.router.scale.double(), 2,
+                            moe.experts.w_in, moe.experts.w_out, activation)
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)  # router logits are computed in fp32
+    gx, = torch.autograd.grad(y.sum(), x)
+    wx, = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-4)
+    assert float(aux.expert_load_cv) == 0.0
+
+
+def test_soft_moe_mask_excludes_padding():
+    moe = MoE(8, 6, num_experts=2, top_k=1, router="soft", router_kwargs={"slots_per_expert": 2})
+    x = torch.randn(1, 6, 8)
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    y, _ = moe(x, mask=mask)
+    x2 = x.clone()
+    x2[0, 4:] = 100.0  # padding content must not matter
+    y2, _ = moe(x2, mask=mask)
+    torch.testing.assert_close(y[0, :4], y2[0, :4])
+    assert torch.equal(y[0, 4:], torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_expert_moe_equals_dense_ffn(activation, backend):
+    moe = MoE(8, 16, num_experts=1, top_k=1, router="topk", activation=activation, backend=backend)
+    dense = FeedForward(8, 16, activation)
+    with torch.no_grad():
+        dense.fc_in.weight.copy_(moe.experts.w_in[0].t())
+        dense.fc_out.weight.copy_(moe.experts.w_out[0].t())
+    x = torch.randn(3, 4, 8)
+    torch.testing.assert_close(moe(x)[0], dense(x))
+
+
+def test_dropless_equals_infinite_capacity():
+    torch.manual_seed(3)
+    dropless = MoE(8, 8, num_experts=4, top_k=2)
+    capped = MoE(8, 8, num_experts=4, top_k=2, router_kwargs={"capacity_factor": 4.0})
+    capped.load_state_dict(dropless.state_dict())
+    x = torch.randn(30, 8)
+    torch.testing.assert_close(dropless(x)[0], capped(x)[0])
+    assert float(capped(x)[1].dropped_frac) == 0.0
+
+
+def test_dropped_tokens_get_zero_output():
+    moe = MoE(8, 8, num_experts=4, top_k=1, router_kwargs={"capacity_factor": 0.25})
+    x = torch.randn(40, 8)
+    y, aux = moe(x)
+    routed = torch.zeros(40, dtype=torch.bool)
+    routed[aux.routing.token_idx_N] = True
+    assert (~routed).any()
+    assert torch.equal(y[~routed], torch.zeros_like(y[~routed]))
+    torch.testing.assert_close(aux.dropped_frac, (~routed).float().mean())
+
+
+def test_mask_tokens_are_not_routed_or_counted():
+    moe = MoE(8, 8, num_experts=4, top_k=2)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    y, aux = moe(x, mask=mask)
+    assert aux.num_tokens == 7 and int(aux.tokens_per_expert_E.sum()) == 14
+    assert torch.equal(y[1, 2:], torch.zeros(3, 8))
+    y_valid, _ = moe(x[1, :2])
+    torch.testing.assert_close(y[1, :2], y_valid)
+
+
+def test_shared_router_and_state_updates_once():
+    router = TopKRouter(8, 4, top_k=2)
+    layers = [MoE(8, 8, num_experts=4, top_k=2, router=router) for _ in range(3)]
+    assert all(layer.router is router for layer in layers)
+    container = torch.nn.ModuleList(layers)
+    assert sum(p.numel() for p in container.parameters()) == router.gate.weight.numel() + 3 * sum(
+        p.numel() for p in layers[0].experts.parameters()
+    )
+    from moezoo.layers import SigmoidLossFreeRouter
+
+    lossfree = SigmoidLossFreeRouter(8, 4, top_k=2, bias_update_rate=0.5)
+    stack = torch.nn.ModuleList(MoE(8, 8, num_experts=4, top_k=2, router=lossfree) for _ in range(2)).train()
+    x = torch.randn(10, 8)
+    for layer in stack:
+        layer(x)
+    assert float(lossfree.pending_load.sum()) == 2 * 10 * 2
+    update_router_states(stack)
+    assert float(lossfree.expert_bias.abs().max()) in (0.0, 0.5)  # one step of +-rate, applied once
+
+
+def test_per_sample_side_inputs_expand_to_tokens():
+    seen = {}
+
+    class Spy(TopKRouter):
+        def forward(self, x_TD, side=None):
+            seen.update(side or {})
+            return super().forward(x_TD, side)
+
+    moe = MoE(8, 8, num_experts=4, top_k=1, router=Spy(8, 4, top_k=1))
+    labels = torch.tensor([3, 7])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    moe(torch.randn(2, 3, 8), mask=mask, side={"label": labels})
+    assert seen["label"].tolist() == [3, 3, 7, 7, 7]
+
+
+def test_fine_grained_experts_and_dense_twin_width():
+    moe = MoE(8, 16, num_experts=4, top_k=2, granularity=2, num_shared_experts=1)
+    assert moe.num_experts == 8 and moe.top_k == 4 and moe.expert_dim == 8
+    assert moe.active_ffn_dim == 4 * 8 + 16
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(top_k=5), "top_k must be an integer in \\[1, num_experts=4\\]"),
+        (dict(router="nope"), "router='nope' is unknown"),
+        (dict(router_kwargs={"capacity_factor": 0}), "capacity_factor must be > 0"),
+        (dict(granularity=3), "granularity must be a positive integer dividing ffn_dim=8"),
+        (dict(activation="tanh"), "activation='tanh'"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoE(8, 8, **{"num_experts": 4, **kwargs})
+
+
+def test_bad_input():
+    moe = MoE(8, 8, num_experts=4)
+    with pytest.raises(ValueError, match="last dimension dim=8"):
+        moe(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        moe(torch.tensor([[float("nan")] * 8]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        moe(torch.full((2, 8), float("inf")))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        moe(torch.randn(2, 3, 8), mask=torch.ones(2, 3))

@@ -1,0 +1,111 @@
+"""Naive loop oracles. They share no code with ``moezoo.ops`` or the routers: plain Python loops over pairs,
+tokens and experts, written for clarity, used only to check the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def gelu(x: Tensor) -> Tensor:
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def silu(x: Tensor) -> Tensor:
+    return x / (1.0 + torch.exp(-x))
+
+
+def expert_forward(x_D: Tensor, w_in_DH: Tensor, w_out_FD: Tensor, activation: str) -> Tensor:
+    h = x_D @ w_in_DH
+    if activation == "gelu":
+        a = gelu(h)
+    else:
+        f = w_out_FD.shape[0]
+        a = silu(h[:f]) * h[f:]
+    return a @ w_out_FD
+
+
+def expert_ffn(
+    x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, gate_N: Tensor, w_in: Tensor, w_out: Tensor, activation: str
+) -> Tensor:
+    """``out[t] = sum over pairs n with token t of gate[n] * expert_{e_n}(x[t])``, one pair at a time."""
+    rows = [x_TD.new_zeros(x_TD.shape[1]) for _ in range(x_TD.shape[0])]
+    for n in range(token_idx_N.shape[0]):
+        t, e = int(token_idx_N[n]), int(expert_idx_N[n])
+        rows[t] = rows[t] + gate_N[n].to(x_TD.dtype) * expert_forward(x_TD[t], w_in[e], w_out[e], activation)
+    return torch.stack(rows) if rows else x_TD.new_zeros(x_TD.shape)
+
+
+def topk_pairs(probs_TE: Tensor, k: int, normalize: bool) -> list[tuple[int, int, float]]:
+    """Per token: the k largest probabilities (ties to the lower index), optionally renormalised."""
+    pairs = []
+    for t in range(probs_TE.shape[0]):
+        row = [(float(p), e) for e, p in enumerate(probs_TE[t].tolist())]
+        chosen = sorted(row, key=lambda pe: (-pe[0], pe[1]))[:k]
+        total = sum(p for p, _ in chosen)
+        for p, e in chosen:
+            pairs.append((t, e, p / total if normalize else p))
+    return pairs
+
+
+def capacity_keep(experts: list[int], priorities: list[int], capacity: int) -> list[bool]:
+    """Each expert keeps its ``capacity`` pairs of lowest priority."""
+    keep = [False] * len(experts)
+    for e in set(experts):
+        mine = sorted((priorities[i], i) for i in range(len(experts)) if experts[i] == e)
+        for _, i in mine[:capacity]:
+            keep[i] = True
+    return keep
+
+
+def expert_choice_pairs(probs_TE: Tensor, capacity: int) -> list[tuple[int, int, float]]:
+    pairs = []
+    for e in range(probs_TE.shape[1]):
+        col = [(float(probs_TE[t, e]), t) for t in range(probs_TE.shape[0])]
+        for p, t in sorted(col, key=lambda pt: (-pt[0], pt[1]))[:capacity]:
+            pairs.append((t, e, p))
+    return pairs
+
+
+def sinkhorn_plan(logits_TE: Tensor, num_iters: int) -> Tensor:
+    """Balanced plan in the probability domain: rows sum to 1, columns to T/E."""
+    t_count, e_count = logits_TE.shape
+    plan = torch.exp(logits_TE.double() - logits_TE.double().max())
+    for _ in range(num_iters):
+        for e in range(e_count):
+            plan[:, e] = plan[:, e] * (t_count / e_count) / plan[:, e].sum()
+        for t in range(t_count):
+            plan[t] = plan[t] / plan[t].sum()
+    return plan
+
+
+def switch_balance(probs_TE: Tensor, experts: list[int], k: int) -> Tensor:
+    t_count, e_count = probs_TE.shape
+    total = probs_TE.new_zeros(())
+    for e in range(e_count):
+        frac = sum(1 for x in experts if x == e) / (t_count * k)
+        total = total + frac * probs_TE[:, e].mean()
+    return e_count * total
+
+
+def soft_moe(
+    x_GLD: Tensor, phi_SD: Tensor, scale: Tensor, slots_per_expert: int, w_in: Tensor, w_out: Tensor, activation: str
+) -> Tensor:
+    """Soft MoE slot by slot: slot inputs are token mixes, outputs mixed back per token."""
+    out = []
+    phi = phi_SD / phi_SD.norm(dim=-1, keepdim=True) * scale
+    for g in range(x_GLD.shape[0]):
+        x = x_GLD[g]
+        logits = (x / x.norm(dim=-1, keepdim=True)) @ phi.t()  # (L, S)
+        dispatch = torch.softmax(logits, dim=0)
+        combine = torch.softmax(logits, dim=1)
+        slot_out = []
+        for s in range(phi.shape[0]):
+            e = s // slots_per_expert
+            slot_in = (dispatch[:, s : s + 1] * x).sum(0)
+            slot_out.append(expert_forward(slot_in, w_in[e], w_out[e], activation))
+        out.append(combine @ torch.stack(slot_out))
+    return torch.stack(out)
