@@ -1,33 +1,36 @@
 """The ``moezoo`` console script.
 
 - ``moezoo fit|validate|test|predict --config FILE``: training and evaluation (LightningCLI, in moezoo.tasks);
-- ``moezoo bench <what>``: benchmarks (``layer`` ...).
+- ``moezoo bench <name> [options]``: the benchmark in ``moezoo/bench/<name>.py`` (its ``main(argv)``);
+- ``moezoo zoo <command> [options]``: the pretrained model zoo (``moezoo.zoo.main``).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
-from collections.abc import Callable
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+OTHER_COMMANDS = ("bench", "zoo")
 
 
-def _bench_commands() -> dict[str, Callable[[list[str]], int]]:
-    from moezoo.bench import layer
+def bench_names() -> list[str]:
+    import moezoo.bench
 
-    commands: dict[str, Callable[[list[str]], int]] = {"layer": layer.main}
-    return commands
+    return sorted(info.name for info in pkgutil.iter_modules(moezoo.bench.__path__) if not info.name.startswith("_"))
 
 
 def bench_main(argv: list[str]) -> int:
-    commands = _bench_commands()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(f"usage: moezoo bench {{{','.join(commands)}}} [options]", file=sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"moezoo bench: unknown benchmark {argv[0]!r}; choose one of {sorted(commands)}", file=sys.stderr)
-            return 2
+    names = bench_names()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: moezoo bench {{{','.join(names)}}} [options]")
         return 0
-    return commands[argv[0]](argv[1:])
+    if argv[0] not in names:
+        print(f"moezoo bench: unknown benchmark {argv[0]!r}; choose one of {names}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"moezoo.bench.{argv[0]}")
+    return int(module.main(argv[1:]) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return bench_main(argv[1:])
+    if argv and argv[0] == "zoo":
+        from moezoo.zoo import main as zoo_main
+
+        return int(zoo_main(argv[1:]) or 0)
     if not argv or argv[0] in LIGHTNING_COMMANDS or argv[0].startswith("-"):
         from moezoo.tasks.cli import cli_main
 
         cli_main(None if from_command_line else argv)
         return 0
     print(
-        f"moezoo: unknown command {argv[0]!r}; choose one of {list(LIGHTNING_COMMANDS) + ['bench']}", file=sys.stderr
+        f"moezoo: unknown command {argv[0]!r}; choose one of {list(LIGHTNING_COMMANDS + OTHER_COMMANDS)}",
+        file=sys.stderr,
     )
     return 2
 

@@ -7,13 +7,24 @@ every domain. After ``fit``, the test set is evaluated on the best checkpoint un
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import pkgutil
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-# Domain packages whose tasks and data modules the CLI can name by class_path.
-DOMAINS = ("moezoo.tasks.vision",)
+
+def import_domains() -> list[str]:
+    """Import every domain package of ``moezoo.tasks`` so that configs can name their classes."""
+    import moezoo.tasks
+
+    names = [f"moezoo.tasks.{info.name}" for info in pkgutil.iter_modules(moezoo.tasks.__path__) if info.ispkg]
+    for name in names:
+        importlib.import_module(name)
+    return names
 
 
 class MoEZooCLI(LightningCLI):
@@ -31,12 +42,25 @@ class MoEZooCLI(LightningCLI):
             return
         checkpoint = next((c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
         ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
-        self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path)
+        results = self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path)
+        if results and self.trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in results[0].items()}
+            metrics["params/total"] = float(sum(p.numel() for p in self.model.parameters()))
+            write_json_atomic(
+                Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test_metrics.json", metrics
+            )
 
 
-def cli_main(args: list[str] | None = None) -> MoEZooCLI:
-    for module in DOMAINS:
-        importlib.import_module(module)
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> MoEZooCLI:
+    import_domains()
     return MoEZooCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -45,4 +69,5 @@ def cli_main(args: list[str] | None = None) -> MoEZooCLI:
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )

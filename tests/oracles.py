@@ -29,7 +29,13 @@ def expert_forward(x_D: Tensor, w_in_DH: Tensor, w_out_FD: Tensor, activation: s
 
 
 def expert_ffn(
-    x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, gate_N: Tensor, w_in: Tensor, w_out: Tensor, activation: str
+    x_TD: Tensor,
+    token_idx_N: Tensor,
+    expert_idx_N: Tensor,
+    gate_N: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
 ) -> Tensor:
     """``out[t] = sum over pairs n with token t of gate[n] * expert_{e_n}(x[t])``, one pair at a time."""
     rows = [x_TD.new_zeros(x_TD.shape[1]) for _ in range(x_TD.shape[0])]

@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(len(s) != 5 for s in shapes):
             raise SystemExit("--shape must be five integers T,D,F,E,K")
     torch.set_num_threads(args.threads)
-    print(f"moezoo bench layer: CPU fp32, {torch.get_num_threads()} threads, {args.activation}, "
-          f"median of {args.repeats}, forward+backward")
+    print(
+        f"moezoo bench layer: CPU fp32, {torch.get_num_threads()} threads, {args.activation}, "
+        f"median of {args.repeats}, forward+backward"
+    )
     results = {}
     for shape in shapes:
         results[shape] = bench_shape(shape, args.activation, args.repeats, with_naive=not args.no_naive)

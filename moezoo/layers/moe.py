@@ -214,12 +214,16 @@ class MoE(nn.Module):
         slots_GSD = torch.einsum("gls,gld->gsd", dispatch, x_GLD)
         groups = x_GLD.shape[0]
         s = soft.slots_per_expert
-        slots_EMD = slots_GSD.reshape(groups, self.num_experts, s, self.dim).transpose(0, 1).reshape(
-            self.num_experts, groups * s, self.dim
+        slots_EMD = (
+            slots_GSD.reshape(groups, self.num_experts, s, self.dim)
+            .transpose(0, 1)
+            .reshape(self.num_experts, groups * s, self.dim)
         )
         out_EMD = self.experts.forward_dense(slots_EMD)
-        out_GSD = out_EMD.reshape(self.num_experts, groups, s, self.dim).transpose(0, 1).reshape(
-            groups, num_slots_total, self.dim
+        out_GSD = (
+            out_EMD.reshape(self.num_experts, groups, s, self.dim)
+            .transpose(0, 1)
+            .reshape(groups, num_slots_total, self.dim)
         )
         y_GLD = torch.einsum("gls,gsd->gld", soft.combine_GLS.to(x.dtype), out_GSD)
         if self.shared is not None:
@@ -243,7 +247,6 @@ class MoE(nn.Module):
             num_tokens=int(mask_GL.sum()) if mask_GL is not None else x_GLD.shape[0] * x_GLD.shape[1],
         )
         return y_GLD.reshape(x.shape), aux
-
 
 
 def update_router_states(module: nn.Module) -> None:

@@ -216,9 +216,7 @@ class TopKRouter(Router):
             priority_N = choice_N * num_tokens + rank_T.repeat_interleave(self.top_k)
             if keep is not None:  # null-expert pairs take no capacity
                 priority_N = torch.where(keep, priority_N, priority_N + self.top_k * num_tokens)
-            cap_keep = apply_capacity(
-                token_idx_N, expert_idx_N, priority_N, self.num_logits, self.capacity(num_tokens)
-            )
+            cap_keep = apply_capacity(token_idx_N, expert_idx_N, priority_N, self.num_logits, self.capacity(num_tokens))
             keep = cap_keep if keep is None else keep & cap_keep
         if keep is not None:
             token_idx_N, expert_idx_N, gate_N = token_idx_N[keep], expert_idx_N[keep], gate_N[keep]

@@ -1,6 +1,8 @@
-"""Model families (one file each) and the registry."""
+"""Model families (one file each, registered on import) and the registry."""
 
-from moezoo.models import vit  # noqa: F401  (registers moe_vit_*)
+import importlib
+import pkgutil
+
 from moezoo.models.blocks import MoESpec, TransformerBlock, build_ffn, moe_layers, run_ffn
 from moezoo.models.registry import (
     PretrainedCfg,
@@ -10,6 +12,10 @@ from moezoo.models.registry import (
     register_model,
     register_pretrained,
 )
+
+# Import every module of this package so that each family's @register_model runs.
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "MoESpec",

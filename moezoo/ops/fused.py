@@ -70,9 +70,7 @@ def _segment_mm(a_RK: Tensor, b_EKM: Tensor, segs: list[tuple[int, int, int, boo
     return out_RM
 
 
-def _segment_weight_grad(
-    a_RK: Tensor, g_RM: Tensor, segs: list[tuple[int, int, int, bool]], out_EKM: Tensor
-) -> None:
+def _segment_weight_grad(a_RK: Tensor, g_RM: Tensor, segs: list[tuple[int, int, int, bool]], out_EKM: Tensor) -> None:
     for e, s0, s1, first in segs:
         if first:
             torch.mm(a_RK[s0:s1].t(), g_RM[s0:s1], out=out_EKM[e])

@@ -24,9 +24,14 @@ def oracle_moe(moe: MoE, x, routing):
         moe.experts.activation,
     )
     if moe.shared is not None:
-        out = out + torch.stack([oracles.expert_forward(
-            row, moe.shared.fc_in.weight.t(), moe.shared.fc_out.weight.t(), moe.experts.activation
-        ) for row in x_TD])
+        out = out + torch.stack(
+            [
+                oracles.expert_forward(
+                    row, moe.shared.fc_in.weight.t(), moe.shared.fc_out.weight.t(), moe.experts.activation
+                )
+                for row in x_TD
+            ]
+        )
     return out.reshape(x.shape)
 
 
@@ -41,8 +46,21 @@ def test_moe_matches_oracle(router, backend, activation):
     elif router == "topk_null":
         name, kwargs = "topk", {"num_null_experts": 2}
     torch.manual_seed(1)
-    moe = MoE(12, 10, num_experts=4, top_k=2, router=name, router_kwargs=kwargs, activation=activation,
-              num_shared_experts=1, backend=backend).double().train()
+    moe = (
+        MoE(
+            12,
+            10,
+            num_experts=4,
+            top_k=2,
+            router=name,
+            router_kwargs=kwargs,
+            activation=activation,
+            num_shared_experts=1,
+            backend=backend,
+        )
+        .double()
+        .train()
+    )
     x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 7, 12, dtype=torch.float64)
 
@@ -72,15 +90,23 @@ def test_moe_matches_oracle(router, backend, activation):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_soft_moe_matches_oracle(activation):
-    moe = MoE(8, 6, num_experts=3, top_k=1, router="soft", router_kwargs={"slots_per_expert": 2},
-              activation=activation).double()
+    moe = MoE(
+        8, 6, num_experts=3, top_k=1, router="soft", router_kwargs={"slots_per_expert": 2}, activation=activation
+    ).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     y, aux = moe(x)
-    want = oracles.soft_moe(x, moe.router.gate.weight.double(), moe.router.scale.double(), 2,
-                            moe.experts.w_in, moe.experts.w_out, activation)
+    want = oracles.soft_moe(
+        x,
+        moe.router.gate.weight.double(),
+        moe.router.scale.double(),
+        2,
+        moe.experts.w_in,
+        moe.experts.w_out,
+        activation,
+    )
     torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)  # router logits are computed in fp32
-    gx, = torch.autograd.grad(y.sum(), x)
-    wx, = torch.autograd.grad(want.sum(), x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (wx,) = torch.autograd.grad(want.sum(), x)
     torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-4)
     assert float(aux.expert_load_cv) == 0.0
 

@@ -23,8 +23,7 @@ from tests import oracles
 
 def pair_set(result):
     return {
-        (int(t), int(e)): float(g)
-        for t, e, g in zip(result.token_idx_N, result.expert_idx_N, result.gate_N.detach())
+        (int(t), int(e)): float(g) for t, e, g in zip(result.token_idx_N, result.expert_idx_N, result.gate_N.detach())
     }
 
 
