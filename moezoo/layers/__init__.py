@@ -1,4 +1,11 @@
-"""Layers of the shared sparse-MoE core."""
+"""Layers of the shared sparse-MoE core.
+
+Every module of this package is imported here, so a domain router defined in its own file
+(registered with :func:`register_router`) is available by name as soon as ``moezoo`` is imported.
+"""
+
+import importlib
+import pkgutil
 
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.moe import MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states
@@ -16,6 +23,9 @@ from moezoo.layers.routers import (
     get_router,
     register_router,
 )
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "ROUTERS",
