@@ -98,6 +98,12 @@ class MoETask(L.LightningModule):
         if not 0 <= warmup_frac < 1:
             raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
         self.save_hyperparameters()
+        self.model_name = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_frac = warmup_frac
+        self.min_lr_ratio = min_lr_ratio
+        self.aux_loss_coef = aux_loss_coef
         self.model = create_model(model, **(model_kwargs or {}))
         self.routing_summary = RoutingSummary()
 
@@ -110,15 +116,16 @@ class MoETask(L.LightningModule):
     def _shared_step(self, batch: Any, stage: str) -> Tensor:
         task_loss, auxes, metrics, batch_size = self.compute_loss(batch, stage)
         aux_loss = total_aux_loss(auxes)
-        loss = task_loss if aux_loss is None else task_loss + self.hparams.aux_loss_coef * aux_loss
+        loss = task_loss if aux_loss is None else task_loss + self.aux_loss_coef * aux_loss
         on_step = stage == "train"
-        log = dict(on_step=on_step, on_epoch=True, batch_size=batch_size)
-        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
-        self.log(f"{stage}/task_loss", task_loss, **log)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/task_loss", task_loss, on_step=on_step, on_epoch=True, batch_size=batch_size)
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("acc",), **log)
-        for name, value in summarize_aux(auxes).items():
-            self.log(f"{stage}/{name}", value, **log)
+            self.log(
+                f"{stage}/{name}", value, prog_bar=name == "acc", on_step=on_step, on_epoch=True, batch_size=batch_size
+            )
+        for name, scalar in summarize_aux(auxes).items():
+            self.log(f"{stage}/{name}", scalar, on_step=on_step, on_epoch=True, batch_size=batch_size)
         if stage == "test":
             self.routing_summary.update(auxes)
         return loss
@@ -140,14 +147,14 @@ class MoETask(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         if self.trainer.is_global_zero and self.routing_summary.load:
-            print(f"\nRouting summary ({self.hparams.model}, test set)\n{self.routing_summary.table()}")
+            print(f"\nRouting summary ({self.model_name}, test set)\n{self.routing_summary.table()}")
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr)
+        optimizer = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(hp.warmup_frac * total))
+        warmup = max(1, int(self.warmup_frac * total))
+        min_ratio = self.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -40,8 +40,9 @@ class MoEZooCLI(LightningCLI):
         datamodule = self.datamodule
         if datamodule is None or not hasattr(datamodule, "test_dataloader"):
             return
-        checkpoint = next((c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        checkpoint = self.trainer.checkpoint_callback
+        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+        ckpt_path = "best" if best else None
         results = self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path)
         if results and self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in results[0].items()}

@@ -150,7 +150,7 @@ class _Reshape3d(nn.Module):
         return self.block(x.unsqueeze(0)).squeeze(0)
 
 
-def format_table(results: dict[tuple[int, ...], dict[str, Measurement]]) -> str:
+def format_table(results: dict[tuple[int, int, int, int, int], dict[str, Measurement]]) -> str:
     names = list(dict.fromkeys(name for row in results.values() for name in row))
     head = ["(T, D, F, E, K)", "dense ms"] + [f"{n}/dense" for n in names if n != "dense"]
     head += [f"{n} MiB" for n in names]

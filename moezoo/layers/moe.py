@@ -206,10 +206,12 @@ class MoE(nn.Module):
 
     def _forward_soft(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, MoEAux]:
         """Soft MoE over groups: the last-but-one axis is the token axis L, the rest are groups G."""
-        num_slots_total = self.num_experts * self.router.slots_per_expert  # type: ignore[union-attr]
+        router = self.router
+        assert isinstance(router, SoftMoERouter)
+        num_slots_total = self.num_experts * router.slots_per_expert
         x_GLD = x.reshape(-1, x.shape[-2], self.dim) if x.dim() >= 2 else x.reshape(1, -1, self.dim)
         mask_GL = mask.reshape(x_GLD.shape[:2]) if mask is not None else None
-        soft: SoftRoutingResult = self.router(x_GLD, mask_GL)
+        soft: SoftRoutingResult = router(x_GLD, mask_GL)
         dispatch = soft.dispatch_GLS.to(x.dtype)
         slots_GSD = torch.einsum("gls,gld->gsd", dispatch, x_GLD)
         groups = x_GLD.shape[0]

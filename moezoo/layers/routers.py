@@ -233,6 +233,9 @@ class SigmoidLossFreeRouter(Router):
     expert goes down by ``bias_update_rate`` and of an underloaded one up (:meth:`update_state`).
     """
 
+    expert_bias: Tensor
+    pending_load: Tensor
+
     def __init__(
         self,
         dim: int,
@@ -383,6 +386,9 @@ class ReLURouter(Router):
     Sparsity is controlled by a load-weighted L1 penalty whose coefficient adapts once per step:
     ``l1_coef *= l1_growth ** sign(target_sparsity - observed_sparsity)``, with target ``1 - top_k / E``.
     """
+
+    l1_coef: Tensor
+    pending_sparsity: Tensor
 
     def __init__(
         self,
