@@ -31,6 +31,17 @@ class PretrainedCfg:
     config: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # What the zoo needs to rerun the evaluation and write the model card (moezoo.zoo); all optional.
+    domain: str = ""
+    description: str = ""
+    task: dict[str, Any] = field(default_factory=dict)  # {"class_path": ..., "init_args": {...}} of the task
+    data: dict[str, Any] = field(default_factory=dict)  # {"class_path": ..., "init_args": {...}} of the data
+    tolerance: dict[str, float] = field(default_factory=dict)  # absolute tolerance per metric for `zoo eval`
+    params: dict[str, int] = field(default_factory=dict)  # {"total": ..., "active": ...} per token
+    routing: dict[str, Any] = field(default_factory=dict)  # routing statistics of the evaluation run
+    dense_twin: str = ""  # "name.tag" of the dense twin's release, on an MoE release
+    limitations: list[str] = field(default_factory=list)
+    citations: list[str] = field(default_factory=list)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
