@@ -1,81 +1,162 @@
 """The fast PyTorch path: the routed expert FFN as one autograd node with a hand-written, chunked backward.
 
 Legend: T tokens, D model dim, F expert hidden, H = F (GELU) or 2F (SwiGLU), E experts, N routed pairs,
-R rows of one chunk.
+C rows per expert after padding, R rows of one chunk.
 
 Why it is fast on CPUs (measured with ``moezoo bench layer``):
 
-- the N routed rows are processed in chunks of R rows (a few MiB per buffer): the gathered inputs, the
-  activations, the expert outputs and every backward temporary live in small reused workspaces that stay in
-  cache, instead of fresh N-row tensors whose first touch costs page faults and memory bandwidth;
-- only the pre-activation ``h (N, H)`` is saved for backward (what a dense FFN saves too); the gathered input
-  is re-gathered chunk by chunk, and the expert outputs are never kept;
+- rows are processed in chunks of a few MiB: the gathered inputs, activations, expert outputs and every
+  backward temporary live in small reused workspaces that stay in cache, instead of fresh N-row tensors whose
+  first touch costs page faults and memory bandwidth;
+- only the pre-activation ``h`` is saved for backward (what a dense FFN saves too); inputs are re-gathered chunk
+  by chunk and expert outputs are never kept;
 - the gate gradient needs no saved output: ``y_n = g_n * a_n @ W_out`` so
   ``dL/dg_n = <dz_n, a_n @ W_out> = <dz_n @ W_out^T, a_n>``, and ``dz_n @ W_out^T`` is needed anyway.
 
-Chunks cut through experts freely: a chunk holds segments of consecutive experts, one ``mm`` per segment,
-and weight gradients accumulate over the chunks an expert spans.
+Two row layouts share that chunked loop:
+
+- ``PaddedLayout``: when the expert loads are nearly even, every expert gets ``C = max load`` rows, padded in
+  index space only (pad rows point at token 0 with gate 0, so they contribute exactly nothing), and each
+  chunk is one ``bmm`` over whole experts: few calls, well threaded;
+- ``SegmentLayout``: otherwise rows stay expert-contiguous without padding and each chunk runs one ``mm`` per
+  expert segment (chunks cut through experts; weight gradients accumulate over the chunks an expert spans).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from moezoo.ops.activations import act_backward, act_forward
-from moezoo.ops.permute import sort_by_expert
+from moezoo.ops.permute import Permutation, sort_by_expert
 
 # Elements of the widest chunk buffer (4 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 20
+# Padded (bmm) layout when padding adds at most this fraction of rows.
+MAX_PAD_FRACTION = 0.25
 
 
-def _chunk_rows(*widths: int) -> int:
-    return max(64, CHUNK_ELEMENTS // max(widths))
+@dataclass
+class Chunk:
+    r0: int  # first row (in the layout's row space)
+    r1: int
+    e0: int  # experts [e0, e1) for the padded layout
+    e1: int
+    segments: list[tuple[int, int, int, bool]]  # (expert, s0, s1, first segment of that expert)
 
 
-def _segments(counts: list[int], chunk_rows: int) -> Iterator[tuple[int, int, list[tuple[int, int, int, bool]]]]:
-    """Yield ``(r0, r1, [(expert, s0, s1, first)])``: chunk row range and its per-expert segments.
+class SegmentLayout:
+    """Rows sorted by expert, unpadded; each chunk holds segments of consecutive experts."""
 
-    ``s0:s1`` are rows relative to the chunk; ``first`` marks an expert's first segment (weight gradients are
-    written there and accumulated in later segments).
-    """
-    bounds = []
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            bounds.append((e, start, start + count))
-        start += count
-    total = start
-    b = 0
-    for r0 in range(0, total, chunk_rows):
-        r1 = min(total, r0 + chunk_rows)
-        segs = []
-        while b < len(bounds) and bounds[b][1] < r1:
-            e, e0, e1 = bounds[b]
-            s0, s1 = max(e0, r0), min(e1, r1)
-            segs.append((e, s0 - r0, s1 - r0, s0 == e0))
-            if e1 <= r1:
+    def __init__(self, perm: Permutation, gate_sorted_N: Tensor, chunk_rows: int) -> None:
+        self.counts = perm.counts
+        self.token_R = perm.token_sorted_N
+        self.gate_R1 = gate_sorted_N.unsqueeze(-1)
+        self.num_rows = perm.token_sorted_N.shape[0]
+        self.chunk_rows = chunk_rows
+
+    def chunks(self) -> list[Chunk]:
+        bounds = []
+        start = 0
+        for e, count in enumerate(self.counts):
+            if count:
+                bounds.append((e, start, start + count))
+            start += count
+        out = []
+        b = 0
+        for r0 in range(0, self.num_rows, self.chunk_rows):
+            r1 = min(self.num_rows, r0 + self.chunk_rows)
+            segs = []
+            while b < len(bounds) and bounds[b][1] < r1:
+                e, e0, e1 = bounds[b]
+                s0, s1 = max(e0, r0), min(e1, r1)
+                segs.append((e, s0 - r0, s1 - r0, s0 == e0))
+                if e1 > r1:
+                    break
                 b += 1
+            out.append(Chunk(r0, r1, 0, 0, segs))
+        return out
+
+    def mm(self, a_RK: Tensor, w_EKM: Tensor, chunk: Chunk, out_RM: Tensor) -> Tensor:
+        for e, s0, s1, _ in chunk.segments:
+            torch.mm(a_RK[s0:s1], w_EKM[e], out=out_RM[s0:s1])
+        return out_RM
+
+    def weight_grad(self, a_RK: Tensor, g_RM: Tensor, chunk: Chunk, out_EKM: Tensor) -> None:
+        for e, s0, s1, first in chunk.segments:
+            if first:
+                torch.mm(a_RK[s0:s1].t(), g_RM[s0:s1], out=out_EKM[e])
             else:
-                break
-        yield r0, r1, segs
+                out_EKM[e].addmm_(a_RK[s0:s1].t(), g_RM[s0:s1])
+
+    def empty_experts(self) -> list[int]:
+        return [e for e, count in enumerate(self.counts) if count == 0]
+
+    def gate_grad_to_pairs(self, dgate_R: Tensor, order_N: Tensor, dtype: torch.dtype) -> Tensor:
+        dgate = torch.empty(order_N.shape[0], dtype=dtype, device=order_N.device)
+        dgate[order_N] = dgate_R.to(dtype)
+        return dgate
 
 
-def _segment_mm(a_RK: Tensor, b_EKM: Tensor, segs: list[tuple[int, int, int, bool]], out_RM: Tensor) -> Tensor:
-    for e, s0, s1, _ in segs:
-        torch.mm(a_RK[s0:s1], b_EKM[e], out=out_RM[s0:s1])
-    return out_RM
+class PaddedLayout(SegmentLayout):
+    """Every expert padded to ``C`` rows in index space; a chunk is a run of whole experts, one bmm each."""
+
+    def __init__(self, perm: Permutation, gate_sorted_N: Tensor, chunk_rows: int) -> None:
+        num_experts = len(perm.counts)
+        self.counts = perm.counts
+        self.capacity = max(perm.counts)
+        self.num_rows = num_experts * self.capacity
+        self.experts_per_chunk = max(1, chunk_rows // self.capacity)
+        expert_sorted_N = torch.repeat_interleave(
+            torch.arange(num_experts, device=gate_sorted_N.device), perm.tokens_per_expert_E
+        )
+        starts_E = perm.offsets_E1[:-1]
+        self.slot_N = expert_sorted_N * self.capacity + (
+            torch.arange(expert_sorted_N.shape[0], device=gate_sorted_N.device) - starts_E[expert_sorted_N]
+        )
+        self.token_R = perm.token_sorted_N.new_zeros(self.num_rows).index_copy_(0, self.slot_N, perm.token_sorted_N)
+        gate_R = gate_sorted_N.new_zeros(self.num_rows).index_copy_(0, self.slot_N, gate_sorted_N)
+        self.gate_R1 = gate_R.unsqueeze(-1)
+
+    def chunks(self) -> list[Chunk]:
+        num_experts = len(self.counts)
+        out = []
+        for e0 in range(0, num_experts, self.experts_per_chunk):
+            e1 = min(num_experts, e0 + self.experts_per_chunk)
+            out.append(Chunk(e0 * self.capacity, e1 * self.capacity, e0, e1, []))
+        return out
+
+    def mm(self, a_RK: Tensor, w_EKM: Tensor, chunk: Chunk, out_RM: Tensor) -> Tensor:
+        groups = chunk.e1 - chunk.e0
+        a = a_RK.view(groups, self.capacity, a_RK.shape[-1])
+        out = out_RM.view(groups, self.capacity, out_RM.shape[-1])
+        torch.bmm(a, w_EKM[chunk.e0 : chunk.e1], out=out)
+        return out_RM
+
+    def weight_grad(self, a_RK: Tensor, g_RM: Tensor, chunk: Chunk, out_EKM: Tensor) -> None:
+        groups = chunk.e1 - chunk.e0
+        a = a_RK.view(groups, self.capacity, a_RK.shape[-1])
+        g = g_RM.view(groups, self.capacity, g_RM.shape[-1])
+        torch.bmm(a.transpose(1, 2), g, out=out_EKM[chunk.e0 : chunk.e1])
+
+    def empty_experts(self) -> list[int]:
+        return []  # every expert's gradient is written by bmm (zero rows give zero)
+
+    def gate_grad_to_pairs(self, dgate_R: Tensor, order_N: Tensor, dtype: torch.dtype) -> Tensor:
+        return super().gate_grad_to_pairs(dgate_R.index_select(0, self.slot_N), order_N, dtype)
 
 
-def _segment_weight_grad(a_RK: Tensor, g_RM: Tensor, segs: list[tuple[int, int, int, bool]], out_EKM: Tensor) -> None:
-    for e, s0, s1, first in segs:
-        if first:
-            torch.mm(a_RK[s0:s1].t(), g_RM[s0:s1], out=out_EKM[e])
-        else:
-            out_EKM[e].addmm_(a_RK[s0:s1].t(), g_RM[s0:s1])
+def make_layout(perm: Permutation, gate_sorted_N: Tensor, widths: tuple[int, int]) -> SegmentLayout:
+    """Choose the padded layout when it adds few rows (and runs on the CPU), else the segment layout."""
+    chunk_rows = max(64, CHUNK_ELEMENTS // max(widths))
+    num_rows = gate_sorted_N.shape[0]
+    padded_rows = len(perm.counts) * max(perm.counts, default=0)
+    if num_rows and gate_sorted_N.device.type == "cpu" and padded_rows <= (1.0 + MAX_PAD_FRACTION) * num_rows:
+        return PaddedLayout(perm, gate_sorted_N, chunk_rows)
+    return SegmentLayout(perm, gate_sorted_N, chunk_rows)
 
 
 def _weight_grad_buffer(weight_EKM: Tensor, empty_experts: list[int]) -> Tensor:
@@ -99,69 +180,68 @@ class _ExpertFFN(torch.autograd.Function):
         activation: str,
     ) -> Tensor:
         num_experts, dim, hidden = w_in_EDH.shape
-        ffn_dim = w_out_EFD.shape[1]
         perm = sort_by_expert(token_idx_N, expert_idx_N, num_experts)
-        gate_col = gate_N.index_select(0, perm.order_N).to(x_TD.dtype).unsqueeze(-1)
-        tok = perm.token_sorted_N
-        h_NH = x_TD.new_empty(tok.shape[0], hidden)
+        gate_sorted_N = gate_N.index_select(0, perm.order_N).to(x_TD.dtype)
+        layout = make_layout(perm, gate_sorted_N, (dim, hidden))
+        h_RH = x_TD.new_empty(layout.num_rows, hidden)
         out_TD = x_TD.new_zeros(x_TD.shape)
-        rows = _chunk_rows(dim, hidden)
-        x_buf = x_TD.new_empty(rows, dim)
-        y_buf = x_TD.new_empty(rows, dim)
-        for r0, r1, segs in _segments(perm.counts, rows):
-            n = r1 - r0
-            x_RD = torch.index_select(x_TD, 0, tok[r0:r1], out=x_buf[:n])
-            h_RH = _segment_mm(x_RD, w_in_EDH, segs, h_NH[r0:r1])
-            a_RF = act_forward(h_RH, activation).mul_(gate_col[r0:r1])
-            y_RD = _segment_mm(a_RF, w_out_EFD, segs, y_buf[:n])
-            out_TD.index_add_(0, tok[r0:r1], y_RD)
-        ctx.save_for_backward(x_TD, h_NH, gate_col, w_in_EDH, w_out_EFD, perm.order_N, tok)
-        ctx.counts = perm.counts
+        chunks = layout.chunks()
+        max_rows = max((c.r1 - c.r0 for c in chunks), default=0)
+        x_buf = x_TD.new_empty(max_rows, dim)
+        y_buf = x_TD.new_empty(max_rows, dim)
+        for chunk in chunks:
+            n = chunk.r1 - chunk.r0
+            tok = layout.token_R[chunk.r0 : chunk.r1]
+            x_RD = torch.index_select(x_TD, 0, tok, out=x_buf[:n])
+            h_chunk = layout.mm(x_RD, w_in_EDH, chunk, h_RH[chunk.r0 : chunk.r1])
+            a_RF = act_forward(h_chunk, activation).mul_(layout.gate_R1[chunk.r0 : chunk.r1])
+            out_TD.index_add_(0, tok, layout.mm(a_RF, w_out_EFD, chunk, y_buf[:n]))
+        ctx.save_for_backward(x_TD, h_RH, w_in_EDH, w_out_EFD, perm.order_N)
+        ctx.layout = layout
+        ctx.chunks = chunks
         ctx.activation = activation
         ctx.gate_dtype = gate_N.dtype
-        ctx.ffn_dim = ffn_dim
         return out_TD
 
     @staticmethod
     def backward(ctx: Any, dout_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_TD, h_NH, gate_col, w_in_EDH, w_out_EFD, order_N, tok = ctx.saved_tensors
+        x_TD, h_RH, w_in_EDH, w_out_EFD, order_N = ctx.saved_tensors
+        layout: SegmentLayout = ctx.layout
         need_x, need_gate, need_w_in, need_w_out = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        num_experts, dim, hidden = w_in_EDH.shape
-        ffn_dim = ctx.ffn_dim
+        dim, ffn_dim = x_TD.shape[1], w_out_EFD.shape[1]
         dout_TD = dout_TD.contiguous()
+        empty = layout.empty_experts()
         dx = torch.zeros_like(x_TD) if need_x else None
-        empty = [e for e, count in enumerate(ctx.counts) if count == 0]
         dw_in = _weight_grad_buffer(w_in_EDH, empty) if need_w_in else None
         dw_out = _weight_grad_buffer(w_out_EFD, empty) if need_w_out else None
-        dgate_sorted = x_TD.new_empty(tok.shape[0]) if need_gate else None
+        dgate_R = x_TD.new_empty(layout.num_rows) if need_gate else None
         w_out_t = w_out_EFD.transpose(1, 2)
         w_in_t = w_in_EDH.transpose(1, 2)
-        rows = _chunk_rows(dim, hidden)
-        dz_buf = x_TD.new_empty(rows, dim)
-        da_buf = x_TD.new_empty(rows, ffn_dim)
-        x_buf = x_TD.new_empty(rows, dim)
-        for r0, r1, segs in _segments(ctx.counts, rows):
+        max_rows = max((c.r1 - c.r0 for c in ctx.chunks), default=0)
+        dz_buf = x_TD.new_empty(max_rows, dim)
+        da_buf = x_TD.new_empty(max_rows, ffn_dim)
+        x_buf = x_TD.new_empty(max_rows, dim)
+        for chunk in ctx.chunks:
+            r0, r1 = chunk.r0, chunk.r1
             n = r1 - r0
-            g_R1 = gate_col[r0:r1]
-            dz_RD = torch.index_select(dout_TD, 0, tok[r0:r1], out=dz_buf[:n])
-            da_RF = _segment_mm(dz_RD, w_out_t, segs, da_buf[:n])
-            a_RF = act_forward(h_NH[r0:r1], ctx.activation)
-            if dgate_sorted is not None:
-                dgate_sorted[r0:r1] = torch.linalg.vecdot(da_RF, a_RF)
+            tok = layout.token_R[r0:r1]
+            g_R1 = layout.gate_R1[r0:r1]
+            dz_RD = torch.index_select(dout_TD, 0, tok, out=dz_buf[:n])
+            da_RF = layout.mm(dz_RD, w_out_t, chunk, da_buf[:n])
+            a_RF = act_forward(h_RH[r0:r1], ctx.activation)
+            if dgate_R is not None:
+                dgate_R[r0:r1] = torch.linalg.vecdot(da_RF, a_RF)
             if dw_out is not None:
-                _segment_weight_grad(a_RF.mul_(g_R1), dz_RD, segs, dw_out)
+                layout.weight_grad(a_RF.mul_(g_R1), dz_RD, chunk, dw_out)
             if not (need_x or need_w_in):
                 continue
-            dh_RH = act_backward(da_RF.mul_(g_R1), h_NH[r0:r1], ctx.activation)
+            dh_RH = act_backward(da_RF.mul_(g_R1), h_RH[r0:r1], ctx.activation)
             if dx is not None:
-                dx.index_add_(0, tok[r0:r1], _segment_mm(dh_RH, w_in_t, segs, dz_buf[:n]))
+                dx.index_add_(0, tok, layout.mm(dh_RH, w_in_t, chunk, dz_buf[:n]))
             if dw_in is not None:
-                x_RD = torch.index_select(x_TD, 0, tok[r0:r1], out=x_buf[:n])
-                _segment_weight_grad(x_RD, dh_RH, segs, dw_in)
-        dgate = None
-        if dgate_sorted is not None:
-            dgate = torch.empty(order_N.shape[0], dtype=ctx.gate_dtype, device=order_N.device)
-            dgate[order_N] = dgate_sorted.to(ctx.gate_dtype)
+                x_RD = torch.index_select(x_TD, 0, tok, out=x_buf[:n])
+                layout.weight_grad(x_RD, dh_RH, chunk, dw_in)
+        dgate = layout.gate_grad_to_pairs(dgate_R, order_N, ctx.gate_dtype) if dgate_R is not None else None
         return dx, None, None, dgate, dw_in, dw_out, None
 
 
