@@ -2,9 +2,16 @@
 ``moezoo.tasks`` (every subpackage included automatically). Everything else lives in pyproject.toml.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-MAPPED = {"moezoo": "moezoo", "moezoo.kernels": "kernels", "moezoo.tasks": "tasks"}
+HERE = Path(__file__).resolve().parent
+MAPPED = {
+    package: folder
+    for package, folder in {"moezoo": "moezoo", "moezoo.kernels": "kernels", "moezoo.tasks": "tasks"}.items()
+    if (HERE / folder / "__init__.py").is_file()
+}
 
 packages = []
 for package, folder in MAPPED.items():

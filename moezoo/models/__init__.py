@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from moezoo.models.blocks import MoESpec, TransformerBlock, build_ffn, moe_layers, run_ffn
+from moezoo.models.blocks import MoESpec, TransformerBlock, build_ffn, moe_layers, parameter_counts, run_ffn
 from moezoo.models.registry import (
     PretrainedCfg,
     create_model,
@@ -26,6 +26,7 @@ __all__ = [
     "get_pretrained_cfg",
     "list_models",
     "moe_layers",
+    "parameter_counts",
     "register_model",
     "register_pretrained",
     "run_ffn",

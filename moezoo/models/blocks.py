@@ -98,3 +98,18 @@ class TransformerBlock(nn.Module):
 
 def moe_layers(module: nn.Module) -> Sequence[MoE]:
     return [m for m in module.modules() if isinstance(m, MoE)]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters and active parameters per token.
+
+    Active counts every parameter except the routed experts, of which each MoE layer contributes only the
+    ``top_k`` experts a token uses (``top_k / num_experts`` of its expert weights); for Soft MoE, whose every
+    slot is processed by one expert, the same fraction is used with ``top_k`` read from the layer.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for layer in moe_layers(model):
+        expert_params = sum(p.numel() for p in layer.experts.parameters())
+        inactive += expert_params - expert_params * layer.top_k // layer.num_experts
+    return {"total": total, "active": total - inactive}

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from moezoo.tasks.base import MoETask
 from torch import Tensor
 
 from moezoo.layers import MoEAux
+from moezoo.tasks.base import MoETask
 
 
 class ImageClassificationTask(MoETask):

@@ -253,8 +253,33 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(self.test_set, self.batch_size, num_workers=self.num_workers)
 
 
+def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+    """Read CIFAR python-version batch files (pickled dicts with ``data`` (N, 3072) uint8 and labels)."""
+    import pickle
+
+    images, labels = [], []
+    for name in files:
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: point root at the extracted python-version archive folder "
+                f"(cifar-10-batches-py or cifar-100-python)"
+            )
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        if "data" not in batch or label_key not in batch:
+            raise ValueError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.tensor(batch[label_key], dtype=torch.long))
+    return torch.cat(images).float() / 255.0, torch.cat(labels)
+
+
 class CIFARDataModule(_ArrayImageDataModule):
-    """CIFAR-10/100 from a user's local copy of the python-version archive folder (never downloads)."""
+    """CIFAR-10/100 from a user's extracted python-version archive folder (never downloads)."""
 
     image_size = 32
     in_chans = 3
@@ -272,29 +297,25 @@ class CIFARDataModule(_ArrayImageDataModule):
         super().__init__(batch_size, num_workers, max_shift, hflip=True, seed=seed)
         if num_classes not in (10, 100):
             raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
-        self.root = root
+        self.root = Path(root)
         self.num_classes = num_classes
         self.val_size = val_size
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from torchvision import datasets
-
-        cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
+        if self.num_classes == 10:
+            train_files, test_files, key = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
+        else:
+            train_files, test_files, key = ["train"], ["test"], "fine_labels"
         mean = torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1)
         std = torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1)
-
-        def load(train: bool) -> tuple[Tensor, Tensor]:
-            try:
-                ds = cls(self.root, train=train, download=False)
-            except RuntimeError as err:
-                raise FileNotFoundError(f"CIFAR{self.num_classes} not found under {self.root}: {err}") from err
-            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
-            return (x - mean) / std, torch.tensor(ds.targets)
-
-        x, y = load(True)
+        x, y = read_cifar_batches(self.root, train_files, key)
+        x = (x - mean) / std
+        if not 0 < self.val_size < len(x):
+            raise ValueError(f"val_size must be in (0, {len(x)}), got {self.val_size}")
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
         self.val_set = TensorDataset(x[order[: self.val_size]], y[order[: self.val_size]])
         self.train_set = TensorDataset(x[order[self.val_size :]], y[order[self.val_size :]])
-        self.test_set = TensorDataset(*load(False))
+        x_test, y_test = read_cifar_batches(self.root, test_files, key)
+        self.test_set = TensorDataset((x_test - mean) / std, y_test)
