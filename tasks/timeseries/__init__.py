@@ -1,0 +1,24 @@
+"""Time-series tasks: long-term forecasting with ``moe_patchtst`` (Seg-MoE routing) on ETT-style CSVs."""
+
+from moezoo.tasks.timeseries.data import (
+    CSVForecastDataModule,
+    ElecDemandDataModule,
+    ForecastDataModule,
+    StandardScaler,
+    WindowDataset,
+    read_csv_series,
+    split_borders,
+)
+from moezoo.tasks.timeseries.forecasting import ForecastingTask, plot_forecasts
+
+__all__ = [
+    "CSVForecastDataModule",
+    "ElecDemandDataModule",
+    "ForecastDataModule",
+    "ForecastingTask",
+    "StandardScaler",
+    "WindowDataset",
+    "plot_forecasts",
+    "read_csv_series",
+    "split_borders",
+]

