@@ -115,3 +115,36 @@ def soft_moe(
             slot_out.append(expert_forward(slot_in, w_in[e], w_out[e], activation))
         out.append(combine @ torch.stack(slot_out))
     return torch.stack(out)
+
+
+def promoe_pairs(x_TD: Tensor, protos_PD: Tensor, dropped: list[bool], k: int) -> list[tuple[int, int, Tensor]]:
+    """ProMoE: a dropped-label token -> (t, P, 1); otherwise its k most cosine-similar prototypes, gate = cosine."""
+    num_protos = protos_PD.shape[0]
+    pairs = []
+    for t in range(x_TD.shape[0]):
+        if dropped[t]:
+            pairs.append((t, num_protos, torch.ones((), dtype=x_TD.dtype)))
+            continue
+        sims = []
+        for e in range(num_protos):
+            dot = (x_TD[t] * protos_PD[e]).sum()
+            sims.append((dot / (x_TD[t].norm() * protos_PD[e].norm()), e))
+        for sim, e in sorted(sims, key=lambda se: (-float(se[0]), se[1]))[:k]:
+            pairs.append((t, e, sim))
+    return pairs
+
+
+def routing_contrastive(x_TD: Tensor, protos_PD: Tensor, pairs: list[tuple[int, int]], temperature: float) -> Tensor:
+    """InfoNCE of each used prototype against the normalised means of the normalised tokens of every used expert."""
+    used = sorted({e for _, e in pairs})
+    centroids = []
+    for e in used:
+        rows = [x_TD[t] / x_TD[t].norm() for t, ee in pairs if ee == e]
+        mean = torch.stack(rows).mean(0)
+        centroids.append(mean / mean.norm())
+    total = x_TD.new_zeros(())
+    for i, e in enumerate(used):
+        p = protos_PD[e] / protos_PD[e].norm()
+        logits = [(p * c).sum() / temperature for c in centroids]
+        total = total - (logits[i] - torch.logsumexp(torch.stack(logits), 0))
+    return total / len(used)
