@@ -7,7 +7,10 @@ Every backend implements one contract, ``expert_ffn`` (see ``reference.py``):
 - ``"triton"``: the Triton kernels in ``moezoo.kernels`` (CUDA default, when available).
 
 The backend is chosen per call: an explicit argument wins, then the ``MOEZOO_BACKEND`` environment variable,
-then the device (``"torch"`` everywhere until the Triton backend registers itself for CUDA).
+then the device (``"triton"`` on CUDA tensors when it registered itself, ``"torch"`` elsewhere).
+
+The Triton backend (``triton_backend.py``) is imported at import time only where CUDA is available, otherwise
+on the first explicit request; it registers itself when triton imports, and its absence never breaks this module.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from moezoo.ops.activations import ACTIVATIONS, check_activation, hidden_width
@@ -35,6 +39,15 @@ def register_backend(name: str, fn: ExpertFFN) -> None:
     BACKENDS[name] = fn
 
 
+def _load_triton_backend() -> None:
+    """Import the Triton backend, which registers ``"triton"`` when triton imports; a failure leaves it absent."""
+    if "triton" not in BACKENDS:
+        try:
+            import moezoo.ops.triton_backend  # noqa: F401
+        except ImportError:
+            pass
+
+
 def default_backend(x: Tensor) -> str:
     """The backend used when none is named: Triton on CUDA tensors when registered, else the PyTorch path."""
     if x.is_cuda and "triton" in BACKENDS:
@@ -44,6 +57,8 @@ def default_backend(x: Tensor) -> str:
 
 def resolve_backend(backend: str | None, x: Tensor) -> str:
     name = backend or os.environ.get(BACKEND_ENV) or default_backend(x)
+    if name == "triton":
+        _load_triton_backend()
     if name not in BACKENDS and name != "triton":
         raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(set(BACKENDS) | {'triton'})}")
     if name not in BACKENDS:
@@ -67,6 +82,9 @@ def expert_ffn(
     fn = BACKENDS[resolve_backend(backend, x_TD)]
     return fn(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, check_activation(activation))
 
+
+if torch.cuda.is_available():
+    _load_triton_backend()
 
 __all__ = [
     "ACTIVATIONS",
