@@ -89,10 +89,13 @@ def write_record(name: str, cfg: PretrainedCfg, weights_dir: Path | None = None)
 
 # -- parameters and router settings ------------------------------------------------------------------------------
 def count_params(model: nn.Module) -> dict[str, int]:
-    """Total parameters and the parameters a token uses: routed experts count ``top_k / num_experts`` of theirs."""
+    """Total parameters and the parameters a token uses: routed experts count ``top_k / num_experts`` of theirs
+    (Soft MoE mixes every expert into every token, so all of them count)."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0.0
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        if moe.router.kind == "soft":
+            continue
         expert = sum(p.numel() for p in moe.experts.parameters())
         inactive += expert * (1.0 - moe.top_k / moe.num_experts)
     return {"total": int(total), "active": int(round(total - inactive))}

@@ -1,0 +1,452 @@
+"""``moezoo bench tables``: run every domain's benchmark and write the cross-domain tables and plots.
+
+Legend: E experts, G groups (classes, languages, domains), L MoE layers.
+
+Discovery (at run time): a *domain benchmark* is a module ``moezoo/bench/<domain>.py`` whose ``<domain>`` is a
+package of ``moezoo.tasks`` or which sets ``DOMAIN = "<domain>"``. Every task domain without one is listed as
+"no benchmark yet"; other benchmarks (``layer``, kernels ...) are not quality benchmarks and are listed apart.
+
+Contract of a domain benchmark: ``moezoo bench <domain> [--quick] --tables-json PATH`` (``--quick``: its quick
+settings, minutes on a laptop CPU; without it: its full settings) exits 0 and writes to PATH::
+
+    {"domain": "vision", "settings": "quick", "dataset": "...", "metric": "acc", "higher_is_better": true,
+     "throughput_unit": "images/s",
+     "rows": [{"model": "moe_vit_tiny", "router": "topk", "metric": 0.97,
+               "active_params": 1, "total_params": 2, "train_throughput": 3.0, "infer_throughput": 4.0,
+               "expert_load_cv": 0.1, "dropped_frac": 0.0,
+               "expert_load": [[share per expert] per MoE layer],
+               "specialisation": {"by": "class", "layer": 3, "groups": ["0", ...], "share": [[G x E]]}}, ...]}
+
+A row whose ``router`` is ``"dense"`` is the dense twin of the MoE rows with the same ``model``; their
+"dense-twin delta" is ``metric - dense metric``. ``expert_load``, ``specialisation``, ``expert_load_cv`` and
+``dropped_frac`` are ``null`` for dense rows. :func:`write_domain_json`, :func:`routing_stats` and
+:func:`inference_throughput` help benchmarks produce these fields the same way.
+
+Each benchmark runs in its own process (a crash or a timeout marks that domain and the others go on). Output in
+``--out`` (default ``bench_results/tables``): ``tables.csv``, ``tables.md``, ``quality_vs_active.png``,
+``expert_load_<domain>.png``, ``specialisation_<domain>.png``, ``runs.json`` and one log per domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import math
+import os
+import pkgutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moezoo.layers import MoEAux
+
+REQUIRED_ROW_KEYS = (
+    "model", "router", "metric", "active_params", "total_params", "train_throughput", "infer_throughput",
+    "expert_load_cv", "dropped_frac",
+)  # fmt: skip
+CSV_COLUMNS = (
+    "domain", "model", "router", "metric_name", "metric", "higher_is_better", "dense_delta", "active_params",
+    "total_params", "train_throughput", "infer_throughput", "throughput_unit", "expert_load_cv", "dropped_frac",
+    "settings",
+)  # fmt: skip
+NOT_DOMAIN_BENCHES = ("tables",)
+
+
+# -- helpers for domain benchmarks ------------------------------------------------------------------------------
+@dataclass
+class BenchRow:
+    """One (model, router) result of a domain benchmark."""
+
+    model: str
+    router: str
+    metric: float
+    active_params: int
+    total_params: int
+    train_throughput: float | None
+    infer_throughput: float | None
+    expert_load_cv: float | None = None
+    dropped_frac: float | None = None
+    expert_load: list[list[float]] | None = None
+    specialisation: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_domain_json(
+    path: str | Path,
+    domain: str,
+    settings: str,
+    dataset: str,
+    metric: str,
+    higher_is_better: bool,
+    throughput_unit: str,
+    rows: Sequence[BenchRow],
+) -> None:
+    """Write a domain benchmark's result in the format ``moezoo bench tables`` reads (atomically)."""
+    path = Path(path)
+    data = {
+        "domain": domain, "settings": settings, "dataset": dataset, "metric": metric,
+        "higher_is_better": higher_is_better, "throughput_unit": throughput_unit, "rows": [asdict(r) for r in rows],
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def routing_stats(
+    forward_with_aux: Callable[[Tensor], tuple[Tensor, list[MoEAux]]],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    group_names: Sequence[str],
+    group_by: str,
+) -> dict[str, Any]:
+    """Expert load per MoE layer, its CV, the dropped fraction and the group x expert routing shares.
+
+    ``batches`` yields ``(x, group_B)`` with one group id (class, language, domain) per sample; every token of a
+    sample counts for its group. Load CV is std/mean of each layer's summed expert counts, averaged over layers;
+    the dropped fraction is token-weighted; specialisation is measured at the last sparse MoE layer.
+    """
+    counts_LE: list[Tensor] = []
+    group_counts_GE: Tensor | None = None
+    dropped = tokens = 0.0
+    for x, group_B in batches:
+        _, auxes = forward_with_aux(x)
+        if not auxes:
+            return {}
+        if not counts_LE:
+            counts_LE = [torch.zeros_like(a.tokens_per_expert_E, dtype=torch.float64) for a in auxes]
+        for i, aux in enumerate(auxes):
+            counts_LE[i] += aux.tokens_per_expert_E.double().cpu()
+            dropped += float(aux.dropped_frac) * aux.num_tokens
+            tokens += aux.num_tokens
+        sparse = [a for a in auxes if a.routing is not None]
+        if sparse:
+            aux = sparse[-1]
+            routing = aux.routing
+            assert routing is not None
+            per_sample = aux.num_tokens // x.shape[0]
+            sample_N = routing.token_idx_N.cpu() // per_sample
+            group_N = group_B.cpu()[sample_N]
+            flat = group_N * routing.num_experts + routing.expert_idx_N.cpu()
+            counts = torch.bincount(flat, minlength=len(group_names) * routing.num_experts).double()
+            counts_GE = counts.reshape(len(group_names), routing.num_experts)
+            group_counts_GE = counts_GE if group_counts_GE is None else group_counts_GE + counts_GE
+    if not counts_LE:
+        return {}
+    shares = [(c / c.sum().clamp_min(1.0)).tolist() for c in counts_LE]
+    cvs = [float(c.std(unbiased=False) / c.mean().clamp_min(1e-12)) for c in counts_LE]
+    result: dict[str, Any] = {
+        "expert_load": shares,
+        "expert_load_cv": sum(cvs) / len(cvs),
+        "dropped_frac": dropped / max(tokens, 1.0),
+        "specialisation": None,
+    }
+    if group_counts_GE is not None:
+        share_GE = group_counts_GE / group_counts_GE.sum(-1, keepdim=True).clamp_min(1.0)
+        result["specialisation"] = {
+            "by": group_by,
+            "layer": len(counts_LE) - 1,
+            "groups": list(group_names),
+            "share": share_GE.tolist(),
+        }
+    return result
+
+
+@torch.no_grad()
+def inference_throughput(model: nn.Module, x: Tensor, batch_size: int = 256, repeats: int = 5) -> float:
+    """Median samples per second of ``model(x)`` in eval mode over ``repeats`` passes (after one warm-up pass)."""
+    was_training = model.training
+    model.eval()
+    rates = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        for chunk in x.split(batch_size):
+            model(chunk)
+        if i:
+            rates.append(x.shape[0] / (time.perf_counter() - start))
+    model.train(was_training)
+    return statistics.median(rates)
+
+
+# -- discovery and running --------------------------------------------------------------------------------------
+def task_domains() -> list[str]:
+    import moezoo.tasks
+
+    return sorted(i.name for i in pkgutil.iter_modules(moezoo.tasks.__path__) if i.ispkg)
+
+
+def discover(domains: Sequence[str] | None = None) -> tuple[dict[str, str], list[str], list[str]]:
+    """``({domain: bench module name}, domains without a benchmark, other benchmarks)``, found at run time."""
+    import moezoo.bench
+
+    tasks = task_domains()
+    benches: dict[str, str] = {}
+    others = []
+    for info in pkgutil.iter_modules(moezoo.bench.__path__):
+        name = info.name
+        if name.startswith("_") or name in NOT_DOMAIN_BENCHES:
+            continue
+        declared = None
+        if name not in tasks:
+            try:
+                declared = getattr(importlib.import_module(f"moezoo.bench.{name}"), "DOMAIN", None)
+            except Exception:  # noqa: BLE001 - a broken module is simply not a declared domain benchmark
+                declared = None
+        if name in tasks or isinstance(declared, str):
+            benches[declared or name] = name
+        else:
+            others.append(name)
+    wanted = set(tasks) | set(benches)
+    if domains:
+        unknown = set(domains) - wanted
+        if unknown:
+            raise ValueError(f"--domains {sorted(unknown)} are not domains; known: {sorted(wanted)}")
+        wanted = set(domains)
+    missing = sorted(d for d in wanted if d not in benches)
+    return {d: m for d, m in sorted(benches.items()) if d in wanted}, missing, sorted(others)
+
+
+def validate(data: Any, domain: str) -> list[str]:
+    """Problems with a domain benchmark's JSON (empty when it follows the contract)."""
+    if not isinstance(data, dict):
+        return [f"top level is {type(data).__name__}, expected an object"]
+    problems = [f"missing key {k!r}" for k in ("metric", "higher_is_better", "rows") if k not in data]
+    for i, row in enumerate(data.get("rows") or []):
+        missing = [k for k in REQUIRED_ROW_KEYS if k not in row]
+        if missing:
+            problems.append(f"row {i} misses {missing}")
+        elif not isinstance(row["metric"], (int, float)) or not math.isfinite(row["metric"]):
+            problems.append(f"row {i} metric {row['metric']!r} is not a finite number")
+    if not data.get("rows"):
+        problems.append("no rows")
+    return problems
+
+
+def run_domain(domain: str, module: str, full: bool, out: Path, timeout: float) -> dict[str, Any]:
+    """Run one domain benchmark in a subprocess; returns its status, runtime and (valid) result."""
+    json_path = out / "raw" / f"{domain}.json"
+    log_path = out / "logs" / f"{domain}.log"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "moezoo.cli", "bench", module, *([] if full else ["--quick"]), "--tables-json"]
+    command.append(str(json_path))
+    start = time.perf_counter()
+    status = "ok"
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc, status = None, f"timed out after {timeout:.0f} s"
+    runtime = time.perf_counter() - start
+    result: dict[str, Any] = {"domain": domain, "module": module, "command": " ".join(command[2:]), "data": None}
+    if rc not in (0, None):
+        log_text = log_path.read_text(errors="replace")
+        if "unrecognized arguments" in log_text and "--tables-json" in log_text:
+            status = "exists, but does not write the tables format yet (no --tables-json option)"
+        else:
+            status = f"failed (exit {rc}, see logs/{domain}.log)"
+    elif rc == 0 and not json_path.is_file():
+        status = f"wrote no {json_path.name} (does it follow the --tables-json contract?)"
+    elif rc == 0:
+        try:
+            data = json.loads(json_path.read_text())
+            problems = validate(data, domain)
+        except json.JSONDecodeError as err:
+            data, problems = None, [f"invalid JSON: {err}"]
+        if problems:
+            status = "invalid output: " + "; ".join(problems[:3])
+        else:
+            result["data"] = data
+    return {**result, "status": status, "runtime_s": round(runtime, 1)}
+
+
+# -- tables -----------------------------------------------------------------------------------------------------
+def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per (domain, model, router) with the dense-twin delta filled in."""
+    rows = []
+    for run in runs:
+        data = run["data"]
+        if data is None:
+            continue
+        dense = {r["model"]: r["metric"] for r in data["rows"] if r["router"] == "dense"}
+        for r in data["rows"]:
+            twin = dense.get(r["model"]) if r["router"] != "dense" else None
+            rows.append(
+                {
+                    "domain": run["domain"],
+                    "model": r["model"],
+                    "router": r["router"],
+                    "metric_name": data["metric"],
+                    "metric": r["metric"],
+                    "higher_is_better": bool(data["higher_is_better"]),
+                    "dense_delta": None if twin is None else r["metric"] - twin,
+                    "active_params": r["active_params"],
+                    "total_params": r["total_params"],
+                    "train_throughput": r["train_throughput"],
+                    "infer_throughput": r["infer_throughput"],
+                    "throughput_unit": data.get("throughput_unit", "samples/s"),
+                    "expert_load_cv": r["expert_load_cv"],
+                    "dropped_frac": r["dropped_frac"],
+                    "settings": data.get("settings", ""),
+                }
+            )
+    return rows
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], missing: Sequence[str],
+             others: Sequence[str], settings: str, command: str) -> str:  # fmt: skip
+    lines = [
+        f"### Cross-domain benchmark ({settings} settings)",
+        "",
+        f"Generated by `{command}`; quality on each domain's test split (the arrow says which way is better), "
+        "dense-twin delta = MoE metric - dense twin metric, parameters active per token / total, throughput "
+        "measured on this machine's CPU, expert-load CV = std/mean of tokens per expert (mean over MoE layers), "
+        "dropped = fraction of tokens routed to no expert.",
+        "",
+        "| domain | model | router | quality | dense-twin delta | active / total params | train | inference "
+        "| expert-load CV | dropped |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        delta = "-" if r["dense_delta"] is None else f"{r['dense_delta']:+.4f}"
+        unit = r["throughput_unit"]
+        lines.append(
+            f"| {r['domain']} | {r['model']} | {r['router']} | {r['metric_name']} {arrow} {r['metric']:.4f} "
+            f"| {delta} | {r['active_params'] / 1e6:.3f}M / {r['total_params'] / 1e6:.3f}M "
+            f"| {_num(r['train_throughput'], '.0f')} {unit} | {_num(r['infer_throughput'], '.0f')} {unit} "
+            f"| {_num(r['expert_load_cv'], '.3f')} | {_num(r['dropped_frac'], '.3f')} |"
+        )
+    lines += ["", "| domain | benchmark | status | runtime (s) |", "| --- | --- | --- | --- |"]
+    for run in runs:
+        lines.append(f"| {run['domain']} | `moezoo bench {run['module']}` | {run['status']} | {run['runtime_s']} |")
+    for domain in missing:
+        lines.append(f"| {domain} | - | no benchmark yet (no moezoo/bench/{domain}.py) | - |")
+    if others:
+        lines += ["", f"Other benchmarks, not quality benchmarks: {', '.join(f'`moezoo bench {o}`' for o in others)}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+
+
+# -- plots ------------------------------------------------------------------------------------------------------
+def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
+    """Quality vs active parameters (one panel per domain), expert-load heatmaps and routing specialisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    domains = sorted({r["domain"] for r in rows})
+    if domains:
+        fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.6), squeeze=False)
+        for ax, domain in zip(axes[0], domains):
+            for r in (r for r in rows if r["domain"] == domain):
+                marker = "s" if r["router"] == "dense" else "o"
+                ax.scatter(r["active_params"], r["metric"], marker=marker, label=f"{r['model']} {r['router']}")
+            metric = next(r["metric_name"] for r in rows if r["domain"] == domain)
+            ax.set(title=domain, xlabel="active parameters per token", ylabel=metric, xscale="log")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "quality_vs_active.png", dpi=120)
+        plt.close(fig)
+        written.append("quality_vs_active.png")
+    for run in runs:
+        data = run["data"]
+        if data is None:
+            continue
+        moe_rows = [r for r in data["rows"] if r.get("expert_load")]
+        if moe_rows:
+            fig, axes = plt.subplots(1, len(moe_rows), figsize=(3.8 * len(moe_rows), 2.8), squeeze=False)
+            for ax, r in zip(axes[0], moe_rows):
+                load_LE = torch.tensor(r["expert_load"]) * 100
+                image = ax.imshow(load_LE.numpy(), aspect="auto", cmap="viridis")
+                ax.set(title=f"{r['model']} {r['router']}", xlabel="expert", ylabel="MoE layer")
+                fig.colorbar(image, ax=ax, label="% of routed pairs")
+            fig.suptitle(f"{run['domain']}: expert load")
+            fig.tight_layout()
+            name = f"expert_load_{run['domain']}.png"
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
+            written.append(name)
+        spec_rows = [r for r in data["rows"] if r.get("specialisation")]
+        if spec_rows:
+            fig, axes = plt.subplots(1, len(spec_rows), figsize=(3.8 * len(spec_rows), 3.4), squeeze=False)
+            for ax, r in zip(axes[0], spec_rows):
+                spec = r["specialisation"]
+                share_GE = torch.tensor(spec["share"]) * 100
+                image = ax.imshow(share_GE.numpy(), aspect="auto", cmap="magma")
+                ax.set_yticks(range(len(spec["groups"])), spec["groups"], fontsize=6)
+                ax.set(title=f"{r['router']} (layer {spec['layer']})", xlabel="expert", ylabel=spec["by"])
+                fig.colorbar(image, ax=ax, label=f"% of a {spec['by']}'s pairs")
+            fig.suptitle(f"{run['domain']}: routing specialisation per {spec_rows[0]['specialisation']['by']}")
+            fig.tight_layout()
+            name = f"specialisation_{run['domain']}.png"
+            fig.savefig(out / name, dpi=120)
+            plt.close(fig)
+            written.append(name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moezoo bench tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="full settings (default: quick)")
+    parser.add_argument("--out", default="bench_results/tables", help="results folder")
+    parser.add_argument("--domains", default="", help="comma-separated subset of domains (default: all)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per domain benchmark")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = "full" if args.full else "quick"
+    start = time.perf_counter()
+    try:
+        benches, missing, others = discover([d for d in args.domains.split(",") if d])
+    except ValueError as err:
+        print(f"moezoo bench tables: {err}", file=sys.stderr)
+        return 2
+    runs = []
+    for domain, module in benches.items():
+        print(f"[tables] {domain}: moezoo bench {module} ({settings}) ...", flush=True)
+        run = run_domain(domain, module, args.full, out, args.timeout)
+        print(f"[tables] {domain}: {run['status']} in {run['runtime_s']} s", flush=True)
+        runs.append(run)
+    rows = table_rows(runs)
+    command = "moezoo bench tables" + (" --full" if args.full else "")
+    write_csv(rows, out / "tables.csv")
+    text = markdown(rows, runs, missing, others, settings, command)
+    figures = plot_all(runs, rows, out)
+    if figures:
+        text += "\n" + "\n".join(f"![{f[:-4]}]({f})" for f in figures) + "\n"
+    (out / "tables.md").write_text(text)
+    total = time.perf_counter() - start
+    summary = {"settings": settings, "runtime_s": round(total, 1), "runs": runs, "missing": missing, "others": others}
+    (out / "runs.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(text)
+    print(f"[tables] wrote {out}/tables.md, tables.csv, runs.json and {len(figures)} figure(s) in {total:.1f} s")
+    return 0 if all(r["data"] is not None for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
