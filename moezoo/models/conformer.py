@@ -272,7 +272,7 @@ def moe_conformer_debug(**kwargs: Any) -> MoEConformer:
 @register_model
 def moe_conformer_tiny(**kwargs: Any) -> MoEConformer:
     """4 blocks of width 96, 4 experts (width 192) top-1 in every FFN: ~1 M active parameters."""
-    defaults = dict(dim=96, depth=4, num_heads=4, ffn_dim=192, conv_kernel=15, subsample_channels=32, num_experts=4)
+    defaults = dict(dim=96, depth=4, num_heads=4, ffn_dim=192, conv_kernel=15, subsample_channels=16, num_experts=4)
     return _moe_conformer(defaults, kwargs)
 
 

@@ -1,0 +1,19 @@
+"""Speech recognition: Conformer-CTC MoE on a generated multilingual, code-switched corpus or on real data."""
+
+from moezoo.tasks.speech.asr import SpeechRecognitionTask
+from moezoo.tasks.speech.data import (
+    CommonVoiceDataModule,
+    LibriSpeechDataModule,
+    ManifestDataModule,
+    SpeechCorpusDataModule,
+    SpeechDataModule,
+)
+
+__all__ = [
+    "CommonVoiceDataModule",
+    "LibriSpeechDataModule",
+    "ManifestDataModule",
+    "SpeechCorpusDataModule",
+    "SpeechDataModule",
+    "SpeechRecognitionTask",
+]

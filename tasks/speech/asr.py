@@ -1,0 +1,154 @@
+"""CTC speech recognition with ``moe_conformer``: CTC loss, the LR-MoE language-ID loss, SpecAugment, greedy
+decoding and exact corpus-level CER/WER (overall and per utterance kind: ``mono``, ``cs``, ``real``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor
+
+from moezoo.layers import MoEAux
+from moezoo.layers.speech_routers import cross_layer_agreement
+from moezoo.tasks.base import MoETask
+from moezoo.tasks.speech.text import CharVocab, ctc_greedy_decode, edit_counts
+
+
+def encoder_frame_labels(lid_BT: Tensor, num_frames: int) -> Tensor:
+    """10 ms frame labels -> encoder-frame labels (every 4th frame, offset 1 toward the centre): (B, L)."""
+    idx_L = (torch.arange(num_frames, device=lid_BT.device) * 4 + 1).clamp(max=lid_BT.shape[1] - 1)
+    return lid_BT[:, idx_L]
+
+
+class SpeechRecognitionTask(MoETask):
+    """Conformer-CTC training; logs ``loss``, ``ctc_loss``, ``lid_loss``/``lid_acc`` (LR-MoE), ``cer``/``wer``
+    (+ ``_mono``/``_cs``) on validation and test, and the MoE statistics incl. ``routing_agreement``.
+
+    Args:
+        lid_coef: weight of the frame-level language-ID cross-entropy (models with an LID head).
+        spec_augment: apply SpecAugment (2 frequency masks of <= 15 bins, time masks of <= 20 frames) in training.
+        num_time_masks: time masks per utterance for SpecAugment.
+        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+    """
+
+    def __init__(
+        self,
+        model: str = "moe_conformer_debug",
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        warmup_frac: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        aux_loss_coef: float = 1.0,
+        lid_coef: float = 0.3,
+        spec_augment: bool = True,
+        num_time_masks: int = 2,
+    ) -> None:
+        vocab = CharVocab()
+        model_kwargs = {"vocab_size": len(vocab), **(model_kwargs or {})}
+        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        if lid_coef < 0:
+            raise ValueError(f"lid_coef must be >= 0, got {lid_coef}")
+        if getattr(self.model, "vocab_size", len(vocab)) != len(vocab):
+            raise ValueError(f"model vocab_size={self.model.vocab_size} must equal the vocabulary size {len(vocab)}")
+        self.vocab = vocab
+        self.lid_coef = lid_coef
+        self.spec_augment = spec_augment
+        self.augment = torchaudio.transforms.SpecAugment(
+            n_time_masks=num_time_masks, time_mask_param=20, n_freq_masks=2, freq_mask_param=15, zero_masking=True
+        )
+        self.errors: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+
+    def forward(self, features: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return self.model(features, lengths)
+
+    def compute_loss(self, batch: Any, stage: str) -> tuple[Tensor, list[MoEAux], dict[str, Tensor], int]:
+        features, lengths = batch["features"], batch["lengths"]
+        if stage == "train" and self.spec_augment:
+            features = self.augment(features.transpose(1, 2)).transpose(1, 2)
+        out, auxes = self.model.forward_with_aux(features, lengths)
+        ctc = F.ctc_loss(
+            out.log_probs_BLV.transpose(0, 1),
+            batch["targets"],
+            out.lengths_B,
+            batch["target_lengths"],
+            blank=0,
+            reduction="mean",
+            zero_infinity=True,
+        )
+        metrics: dict[str, Tensor] = {"ctc_loss": ctc.detach()}
+        loss = ctc
+        if out.lid_logits_BLA is not None:
+            labels_BL = encoder_frame_labels(batch["lid"], out.lid_logits_BLA.shape[1])
+            labels_BL = labels_BL.masked_fill(~out.mask_BL, -1)
+            valid = labels_BL >= 0
+            if bool(valid.any()):
+                lid_loss = F.cross_entropy(out.lid_logits_BLA[valid].float(), labels_BL[valid])
+                loss = loss + self.lid_coef * lid_loss
+                metrics["lid_loss"] = lid_loss.detach()
+                metrics["lid_acc"] = (out.lid_logits_BLA[valid].argmax(-1) == labels_BL[valid]).float().mean()
+        routings = [a.routing for a in auxes if a.routing is not None]
+        if len(routings) >= 2 and len({r.num_tokens for r in routings}) == 1:
+            metrics["routing_agreement"] = torch.tensor(cross_layer_agreement(routings))
+        if stage != "train":
+            self._accumulate(out.log_probs_BLV, out.lengths_B, batch)
+        return loss, auxes, metrics, features.shape[0]
+
+    def _accumulate(self, log_probs: Tensor, lengths: Tensor, batch: dict[str, Any]) -> None:
+        hyps = ctc_greedy_decode(log_probs.detach(), lengths)
+        refs = torch.split(batch["targets"].cpu(), batch["target_lengths"].tolist())
+        for hyp, ref, kind in zip(hyps, refs, batch["kinds"]):
+            counts = edit_counts(self.vocab.decode(hyp), self.vocab.decode(ref.tolist()))
+            for key in ("", f"_{kind}"):
+                acc = self.errors[key]
+                for i, c in enumerate(counts):
+                    acc[i] += c
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every utterance of the batch was skipped (bad audio)
+            return None
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return None if batch is None else super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return None if batch is None else super().test_step(batch, batch_idx)
+
+    def error_rates(self) -> dict[str, float]:
+        """Corpus-level CER/WER accumulated since the last reset: ``cer``, ``wer``, ``cer_mono``, ..."""
+        out = {}
+        for key, (char_err, chars, word_err, words) in self.errors.items():
+            out[f"cer{key}"] = char_err / max(1, chars)
+            out[f"wer{key}"] = word_err / max(1, words)
+        return out
+
+    def _log_error_rates(self, stage: str) -> None:
+        for name, value in self.error_rates().items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "cer")
+        self.errors.clear()
+
+    def on_validation_epoch_start(self) -> None:
+        self.errors.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_error_rates("val")
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self.errors.clear()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_error_rates("test")
+        super().on_test_epoch_end()
+
+    def transcribe(self, features: Tensor, lengths: Tensor | None = None) -> list[str]:
+        """Greedy CTC transcripts of a padded batch of log-mel features."""
+        out, _ = self.model.forward_with_aux(features, lengths)
+        return [self.vocab.decode(ids) for ids in ctc_greedy_decode(out.log_probs_BLV, out.lengths_B)]
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return {"uids": batch["uids"], "text": self.transcribe(batch["features"], batch["lengths"])}
