@@ -197,3 +197,19 @@ def test_registry_and_bad_arguments():
         get_router("topk", 8, 4, drop_policy="random")
     with pytest.raises(TypeError, match="does not accept"):
         get_router("topk", 8, 4, slots_per_expert=2)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "jitter"])
+def test_noisy_gating_only_in_training(noise):
+    noisy = TopKRouter(8, 4, top_k=2, noise=noise, noise_eps=0.5)
+    clean = TopKRouter(8, 4, top_k=2)
+    clean.gate.weight.data.copy_(noisy.gate.weight.data)
+    x = torch.randn(50, 8)
+    assert pair_set(noisy.eval()(x)) == pair_set(clean.eval()(x))
+    first, second = noisy.train()(x), noisy.train()(x)
+    assert pair_set(first) != pair_set(second)
+    if noise == "gaussian":
+        second.gate_N.sum().backward()
+        assert noisy.noise_gate.weight.grad is not None and noisy.noise_gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="noise must be None, 'gaussian' or 'jitter'"):
+        TopKRouter(8, 4, noise="uniform")
