@@ -1,0 +1,6 @@
+"""Object detection: ``moe_yolo`` (YOLO-MoE) on canvases, a user's COCO/YOLO dataset, or DeepForest's trees."""
+
+from moezoo.tasks.detection.data import CanvasDataModule, DeepForestDataModule, DetectionFolderDataModule, collate
+from moezoo.tasks.detection.task import DetectionTask
+
+__all__ = ["CanvasDataModule", "DeepForestDataModule", "DetectionFolderDataModule", "DetectionTask", "collate"]

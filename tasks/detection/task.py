@@ -1,0 +1,150 @@
+"""Object detection with ``moe_yolo``: YOLO loss + MoE aux losses, COCO metrics per domain, routing by domain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from moezoo.layers import MoEAux
+from moezoo.tasks.base import MoETask
+from moezoo.tasks.detection.draw import draw_detections
+from moezoo.tasks.detection.evaluate import DetectionEvaluator
+from moezoo.tasks.detection.losses import DetectionLoss
+
+
+class DetectionTask(MoETask):
+    """Trains a registered detector (``moe_yolo_*``); validation and test report COCO mAP, mAP50 and AR100 overall
+    and per domain (``<stage>/mAP50_clean`` ...) and the mean routing weight of each expert per domain.
+
+    Args:
+        box_gain, cls_gain, dfl_gain: weights of the CIoU, BCE and distribution focal losses.
+        conf_thres, iou_thres, max_det: NMS settings for evaluation.
+        predict_conf: score threshold of the boxes ``predict`` draws.
+        predict_dir: where ``predict`` writes the drawn images and ``predictions.jsonl`` (boxes, routing weights).
+        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+    """
+
+    def __init__(
+        self,
+        model: str = "moe_yolo_debug",
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.05,
+        warmup_frac: float = 0.05,
+        min_lr_ratio: float = 0.05,
+        aux_loss_coef: float = 1.0,
+        box_gain: float = 7.5,
+        cls_gain: float = 0.5,
+        dfl_gain: float = 1.5,
+        conf_thres: float = 0.001,
+        iou_thres: float = 0.6,
+        max_det: int = 100,
+        predict_conf: float = 0.25,
+        predict_dir: str = "predictions",
+    ) -> None:
+        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        if not 0 <= conf_thres < 1 or not 0 < iou_thres <= 1:
+            raise ValueError(f"conf_thres must be in [0, 1) and iou_thres in (0, 1], got {conf_thres}, {iou_thres}")
+        m = self.model
+        self.loss_fn = DetectionLoss(m.num_classes, m.reg_max, m.strides, box_gain, cls_gain, dfl_gain)
+        self.evaluator = DetectionEvaluator(m.num_classes, ("all",))
+        self._last_out: dict[str, Any] | None = None
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None:
+            return
+        num_classes = getattr(dm, "num_classes", None)
+        if num_classes is not None and num_classes != self.model.num_classes:
+            raise ValueError(
+                f"the data has num_classes={num_classes} but the model was built with num_classes="
+                f"{self.model.num_classes}; set model_kwargs.num_classes to {num_classes}"
+            )
+        in_chans = getattr(dm, "in_chans", None)
+        if in_chans is not None and in_chans != self.model.in_chans:
+            raise ValueError(f"the data has in_chans={in_chans}; set model_kwargs.in_chans to {in_chans}")
+        self.evaluator = DetectionEvaluator(self.model.num_classes, getattr(dm, "domain_names", ("all",)))
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        return self.model(x)
+
+    def compute_loss(self, batch: Any, stage: str) -> tuple[Tensor, list[MoEAux], dict[str, Tensor], int]:
+        out, auxes = self.model.forward_with_aux(batch["images"])
+        loss, parts = self.loss_fn(out["preds"], batch["targets"])
+        self._last_out = out
+        return loss, auxes, parts, batch["images"].shape[0]
+
+    def _eval_step(self, batch: Any, stage: str) -> Tensor:
+        loss = self._shared_step(batch, stage)
+        assert self._last_out is not None
+        boxes, logits = self.model.decode(self._last_out["preds"])
+        from moezoo.models.yolo_boxes import postprocess
+
+        hp = self.hparams
+        preds = postprocess(boxes, logits, hp.conf_thres, hp.iou_thres, hp.max_det)
+        self.evaluator.update(preds, batch["targets"], batch["domain"], self._last_out["routing"])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self.evaluator.reset()
+
+    def _log_epoch(self, stage: str) -> None:
+        if not self.evaluator.preds:
+            return
+        for name, value in self.evaluator.compute().items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "mAP50")
+        for domain, w_SN in self.evaluator.routing_by_domain().items():
+            for n, w in enumerate(w_SN.mean(0).tolist()):
+                self.log(f"{stage}/route_{domain}_e{n}", w)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+        routing = self.evaluator.routing_by_domain()
+        if routing and self.trainer.is_global_zero:
+            print(f"\nMean routing weight per expert (rows: strides 8/16/32), by domain ({self.hparams.model})")
+            for domain, w_SN in routing.items():
+                print(f"  {domain:>9}: " + " | ".join(" ".join(f"{w:.3f}" for w in row) for row in w_SN.tolist()))
+        super().on_test_epoch_end()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        hp = self.hparams
+        dets, routing = self.model.predict(batch["images"], hp.predict_conf, hp.iou_thres, hp.max_det)
+        out_dir = Path(hp.predict_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        class_names = getattr(dm, "class_names", tuple(str(i) for i in range(self.model.num_classes)))
+        domain_names = getattr(dm, "domain_names", ("all",))
+        records = []
+        for i, det in enumerate(dets):
+            image_id = int(batch["image_id"][i])
+            route = routing[i] if routing is not None else None
+            draw_detections(batch["images"][i], det, class_names, route).save(out_dir / f"{image_id:06d}.png")
+            record = {
+                "image_id": image_id,
+                "domain": domain_names[int(batch["domain"][i])] if int(batch["domain"][i]) < len(domain_names) else "",
+                "boxes": [[round(v, 2) for v in b] for b in det["boxes"].tolist()],
+                "scores": [round(s, 4) for s in det["scores"].tolist()],
+                "labels": [class_names[int(c)] for c in det["labels"].tolist()],
+                "routing": route.tolist() if route is not None else None,
+            }
+            records.append(record)
+        with open(out_dir / "predictions.jsonl", "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        return records
