@@ -104,18 +104,22 @@ def count_params(model: nn.Module) -> dict[str, int]:
 def router_summary(model: nn.Module) -> dict[str, Any]:
     """Router class and its scalar settings for each distinct router (shared routers counted once)."""
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    routers: dict[int, dict[str, Any]] = {}
+    seen: set[int] = set()
+    groups: dict[str, dict[str, Any]] = {}
     for moe in moes:
         router = moe.router
-        if id(router) in routers:
+        if id(router) in seen:
             continue
+        seen.add(id(router))
         settings = {
             k: v
             for k, v in sorted(vars(router).items())
             if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
         }
-        routers[id(router)] = {"class": type(router).__name__, "top_k": moe.top_k, "settings": settings}
-    return {"num_moe_layers": len(moes), "routers": list(routers.values())}
+        entry = {"class": type(router).__name__, "top_k": moe.top_k, "settings": settings}
+        key = json.dumps(entry, sort_keys=True)
+        groups.setdefault(key, {**entry, "count": 0})["count"] += 1
+    return {"num_moe_layers": len(moes), "routers": list(groups.values())}
 
 
 # -- building the evaluation -----------------------------------------------------------------------------------
@@ -269,7 +273,7 @@ def render_card(name: str, cfg: PretrainedCfg) -> str:
         lines.append(f"{router['num_moe_layers']} MoE layer(s).")
         for r in router.get("routers", []):
             settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
-            lines.append(f"Router `{r['class']}`, top_k={r['top_k']}: {settings}.")
+            lines.append(f"{r['count']} x router `{r['class']}` (top_k={r['top_k']}): {settings}.")
     else:
         lines.append("Dense model: no MoE layers (every feed-forward is a dense FFN).")
     data_args = (cfg.data.get("init_args") or {}).items()
@@ -283,8 +287,8 @@ def render_card(name: str, cfg: PretrainedCfg) -> str:
         "",
         "## Training",
         "",
-        f"`moezoo fit --config {cfg.config}`; the best checkpoint by validation metric was released. "
-        f"Task `{cfg.task.get('class_path', '-')}`.",
+        f"`moezoo fit --config {cfg.config}` (task `{cfg.task.get('class_path', '-')}`); released from the "
+        f"checkpoint `{cfg.checkpoint or '-'}` by `moezoo zoo release`.",
         "",
         "## Evaluation",
         "",
@@ -361,7 +365,10 @@ def release(args: argparse.Namespace) -> int:
     weights_dir = Path(args.weights_dir) if args.weights_dir else hub.package_weights_dir()
     weights_dir.mkdir(parents=True, exist_ok=True)
     file = f"{args.name}.safetensors"
-    metadata = {"name": args.name, "config": args.config, "format": "pt"}
+    config_path = Path(os.path.relpath(Path(args.config).resolve(), Path.cwd().resolve())).as_posix()
+    if config_path.startswith(".."):
+        config_path = Path(args.config).as_posix()
+    metadata = {"name": args.name, "config": config_path, "format": "pt"}
     hub.save_state_dict(model.state_dict(), weights_dir / file, metadata)
     size = (weights_dir / file).stat().st_size
     others = sum(p.stat().st_size for p in weights_dir.glob("*.safetensors") if p.name != file)
@@ -385,7 +392,8 @@ def release(args: argparse.Namespace) -> int:
         num_bytes=size,
         license=args.license,
         dataset=args.dataset,
-        config=args.config,
+        config=config_path,
+        checkpoint=Path(args.ckpt).name,
         model_kwargs=model_kwargs,
         domain=args.domain,
         description=args.description,

@@ -265,8 +265,8 @@ def fetch(
 ) -> Path:
     """The verified local path of ``cfg.file``: a shipped/local copy, the cache, or a fresh download into the cache.
 
-    ``force`` skips local copies and the cache and downloads again. Raises :class:`OfflineError` on an offline
-    miss, :class:`ChecksumError` when the only copies found were corrupt, :class:`DownloadError` otherwise.
+    ``force`` skips local copies and the cache and downloads again. Raises :class:`ChecksumError` when every copy
+    found was corrupt (offline or not), :class:`OfflineError` on an offline miss, :class:`DownloadError` otherwise.
     """
     if not cfg.sha256 or len(cfg.sha256) != 64:
         raise ValueError(f"sha256 of {cfg.file!r} must be 64 hex digits, got {cfg.sha256!r}")

@@ -40,6 +40,7 @@ class PretrainedCfg:
     params: dict[str, int] = field(default_factory=dict)  # {"total": ..., "active": ...} per token
     routing: dict[str, Any] = field(default_factory=dict)  # routing statistics of the evaluation run
     dense_twin: str = ""  # "name.tag" of the dense twin's release, on an MoE release
+    checkpoint: str = ""  # the training checkpoint the weights were taken from (file name)
     limitations: list[str] = field(default_factory=list)
     citations: list[str] = field(default_factory=list)
 

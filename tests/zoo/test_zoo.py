@@ -1,0 +1,146 @@
+"""The released checkpoints, their model cards and the ``moezoo zoo`` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moezoo.layers import MoE
+from moezoo.models import create_model, get_pretrained_cfg, hub, list_models, registry
+from moezoo.models.pretrained import register_record
+from moezoo.zoo import MAX_FILE_BYTES, MAX_TOTAL_BYTES, compare, count_params, main, render_card
+
+ROOT = Path(__file__).resolve().parents[2]
+CARDS = ROOT / "model_cards"
+RELEASES = list_models(pretrained=True)
+
+
+@pytest.fixture(autouse=True)
+def _offline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network and an empty cache: released weights must come from the repository itself."""
+    monkeypatch.setenv("MOEZOO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MOEZOO_OFFLINE", "1")
+    monkeypatch.delenv("MOEZOO_MIRRORS", raising=False)
+
+
+def test_vision_releases_exist() -> None:
+    assert "moe_vit_tiny.digits" in RELEASES and "moe_vit_tiny.digits_dense" in RELEASES
+
+
+def test_registry_and_cards_agree() -> None:
+    cards = {p.stem for p in CARDS.glob("*.md") if p.name != "README.md"}
+    assert cards == set(RELEASES), f"cards without a release: {cards - set(RELEASES)}; releases without a card: " + str(
+        set(RELEASES) - cards
+    )
+    for name in RELEASES:
+        assert (CARDS / f"{name}.md").read_text() == render_card(name, get_pretrained_cfg(name)), (
+            f"model_cards/{name}.md disagrees with the registry; run `moezoo zoo card {name}`"
+        )
+    assert main(["card", "--all", "--check", "--cards-dir", str(CARDS)]) == 0
+
+
+@pytest.mark.parametrize("name", RELEASES)
+def test_release_is_complete_and_shipped(name: str) -> None:
+    cfg = get_pretrained_cfg(name)
+    assert cfg.urls[0] == hub.package_url(cfg.file), "the shipped copy must be the first source (works offline)"
+    path = hub.fetch(cfg)
+    assert path == hub.package_weights_dir() / cfg.file
+    assert path.stat().st_size == cfg.num_bytes <= MAX_FILE_BYTES
+    assert cfg.file.endswith(".safetensors") and cfg.license and cfg.dataset and cfg.config and cfg.citations
+    assert cfg.metrics and set(cfg.tolerance) == set(cfg.metrics) and cfg.task and cfg.data and cfg.limitations
+    assert (ROOT / cfg.config).is_file(), f"training config {cfg.config} is missing"
+    model = create_model(name, pretrained=True)
+    assert count_params(model) == cfg.params
+    is_moe = any(isinstance(m, MoE) for m in model.modules())
+    assert is_moe == (not cfg.model_kwargs.get("dense", False))
+    if is_moe:
+        twin = get_pretrained_cfg(cfg.dense_twin)
+        assert twin.model_kwargs == {**cfg.model_kwargs, "dense": True}
+        assert twin.params["active"] == pytest.approx(cfg.params["active"], rel=0.05)
+
+
+def test_total_shipped_size() -> None:
+    total = sum(get_pretrained_cfg(n).num_bytes or 0 for n in RELEASES)
+    assert total <= MAX_TOTAL_BYTES
+
+
+def test_eval_reproduces_every_card(capsys: pytest.CaptureFixture[str]) -> None:
+    """The done criterion: offline, from a fresh cache, every release reproduces its card's metrics."""
+    assert main(["eval", "--all", "--offline"]) == 0, capsys.readouterr().out
+
+
+def test_count_params_oracle() -> None:
+    model = create_model("moe_vit_debug", img_size=8, patch_size=2)
+    total = sum(p.numel() for p in model.parameters())
+    experts = 0.0
+    for block in model.blocks:  # every block of moe_vit_debug is an MoE with 4 experts, top-2
+        w_in, w_out = block.ffn.experts.w_in, block.ffn.experts.w_out
+        experts += (w_in.numel() + w_out.numel()) * (1 - 2 / 4)
+    assert count_params(model) == {"total": total, "active": round(total - experts)}
+    dense = create_model("moe_vit_debug", img_size=8, patch_size=2, dense=True)
+    assert count_params(dense)["active"] == count_params(dense)["total"] == sum(p.numel() for p in dense.parameters())
+
+
+def test_compare_flags_out_of_tolerance() -> None:
+    lines = compare({"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.00005, "b": 2.1}, {"b": 0.05})
+    assert [line.split()[-1] for line in lines] == ["ok", "FAIL", "FAIL"]
+
+
+def test_release_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """release -> record + weights + card; the record registers, loads, evaluates; a wrong metric fails eval."""
+    from moezoo.tasks.vision import ImageClassificationTask
+
+    torch.manual_seed(0)
+    task = ImageClassificationTask("moe_vit_debug", {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10})
+    torch.save({"state_dict": task.state_dict()}, tmp_path / "t.ckpt")
+    weights, cards = tmp_path / "weights", tmp_path / "cards"
+    args = ["release", "--config", str(ROOT / "configs/smoke/vision_digits_moe_vit.yaml"), "--ckpt"]
+    args += [str(tmp_path / "t.ckpt"), "--name", "moe_vit_debug.roundtrip", "--domain", "vision"]
+    args += [
+        "--dataset",
+        "digits",
+        "--limitation",
+        "untrained",
+        "--weights-dir",
+        str(weights),
+        "--cards-dir",
+        str(cards),
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    record = weights / "moe_vit_debug.roundtrip.json"
+    monkeypatch.setitem(registry._PRETRAINED, "moe_vit_debug", {})
+    register_record(record)
+    cfg = get_pretrained_cfg("moe_vit_debug.roundtrip")
+    assert (cards / "moe_vit_debug.roundtrip.md").read_text() == render_card("moe_vit_debug.roundtrip", cfg)
+    cfg.urls = [(weights / cfg.file).as_uri()]  # the test's weights are not in the package folder
+    assert "Shazeer" in " ".join(cfg.citations) and "V-MoE" in " ".join(cfg.citations)
+    model = create_model("moe_vit_debug.roundtrip", pretrained=True)
+    for key, value in task.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    assert main(["eval", "moe_vit_debug.roundtrip", "--offline"]) == 0
+    cfg.metrics["test/acc"] += 0.01
+    assert main(["eval", "moe_vit_debug.roundtrip", "--offline"]) == 1
+    assert "test/acc" in capsys.readouterr().out
+
+
+def test_bad_names_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["info", "moe_vit_tiny.nope"]) == 1
+    assert "no weights tagged 'nope'" in capsys.readouterr().err
+    assert main(["download", "nonexistent_model.x"]) == 1
+    assert "has no released weights" in capsys.readouterr().err
+    args = ["release", "--config", str(ROOT / "configs/smoke/vision_digits_moe_vit.yaml"), "--ckpt", "x.ckpt"]
+    assert main([*args, "--name", "moe_vit_debug", "--domain", "v", "--dataset", "d"]) == 1
+    assert "--name must be '<model>.<tag>'" in capsys.readouterr().err
+    assert main([*args, "--name", "moe_vit_tiny.x", "--domain", "v", "--dataset", "d"]) == 1
+    assert "must start with the config's model name 'moe_vit_debug'" in capsys.readouterr().err
+
+
+def test_list_and_info(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in RELEASES) and "moezoo" in out
+    assert main(["info", RELEASES[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sha256"] == get_pretrained_cfg(RELEASES[0]).sha256
