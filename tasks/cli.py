@@ -44,12 +44,11 @@ class MoEZooCLI(LightningCLI):
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         ckpt_path = "best" if best else None
         results = self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path)
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: on every rank
         if results and self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in results[0].items()}
             metrics["params/total"] = float(sum(p.numel() for p in self.model.parameters()))
-            write_json_atomic(
-                Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test_metrics.json", metrics
-            )
+            write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

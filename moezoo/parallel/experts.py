@@ -209,7 +209,7 @@ def shard_experts(module: nn.Module, groups: ExpertParallelGroups) -> list[str]:
             raise TypeError(f"MoE layer {name!r} has experts of type {type(moe.experts).__name__}, not GroupedExperts")
         if routing_scope(router) == "local_batch":
             batch_dependent.append(f"{name} ({type(router).__name__})")
-        moe.experts = ExpertParallelExperts(moe.experts, groups)
+        moe.experts = ExpertParallelExperts(moe.experts, groups)  # type: ignore[assignment]
         sharded.append(name)
     if batch_dependent:
         warnings.warn(
@@ -291,20 +291,21 @@ def reduce_expert_grads(module: nn.Module, groups: ExpertParallelGroups) -> None
     params = [param for _, param in _expert_params(module) if param.requires_grad]
     if not params:
         return
+    grads = []
     for param in params:
         if param.grad is None:  # every rank must take part in the all-reduce
             param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
     if groups.num_replicas > 1:
-        flat = torch.cat([param.grad.reshape(-1) for param in params])
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
         all_reduce_(flat, groups.replica_group)
         offset = 0
-        for param in params:
-            n = param.numel()
-            param.grad.copy_(flat[offset : offset + n].view_as(param))
-            offset += n
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
     if groups.world_size > 1:
-        for param in params:
-            param.grad.div_(groups.world_size)
+        for grad in grads:
+            grad.div_(groups.world_size)
 
 
 def sync_router_observations(module: nn.Module) -> None:

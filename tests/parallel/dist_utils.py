@@ -44,3 +44,21 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
             if process.is_alive():
                 process.kill()
                 process.join(5)
+
+
+def run_ranks_expecting_failure(
+    fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 60.0
+) -> list[int | None]:
+    """Like :func:`run_ranks` but some ranks are meant to die: wait for all, return their exit codes."""
+    port = free_port()
+    context = mp.start_processes(fn, args=(world_size, port, *args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        for process in context.processes:
+            process.join(max(0.1, deadline - time.monotonic()))
+        return [process.exitcode for process in context.processes]
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)

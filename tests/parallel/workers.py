@@ -103,7 +103,7 @@ def failure_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     moe_a(x)  # a healthy step first
     report = Path(out_dir) / f"rank{rank}.txt"
     if rank == 1:
-        time.sleep(8)  # stalls past rank 0's 3 s collective timeout
+        time.sleep(5)  # stalls past rank 0's 3 s collective timeout
         dist.barrier()
         report.write_text("crashing\n")
         sys.stdout.flush()
