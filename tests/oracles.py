@@ -148,3 +148,52 @@ def routing_contrastive(x_TD: Tensor, protos_PD: Tensor, pairs: list[tuple[int, 
         logits = [(p * c).sum() / temperature for c in centroids]
         total = total - (logits[i] - torch.logsumexp(torch.stack(logits), 0))
     return total / len(used)
+
+
+def segment_moe(
+    x_BLD: Tensor,
+    segment_size: int,
+    gate_EW: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    top_k: int = 1,
+    shared: tuple[Tensor, Tensor, Tensor | None] | None = None,
+) -> tuple[Tensor, list[list[list[int]]]]:
+    """Seg-MoE one sequence and one segment at a time: concatenate w tokens (zeros past the end), softmax over
+    the gate scores of the whole segment, keep the top-k (ties to the lower index; renormalised when k > 1), and
+    give every token of the segment its slice of ``sum gate * expert(segment)`` (+ the shared expert, scaled by
+    ``sigmoid(shared gate . segment)``). Returns the output and the chosen experts per (sequence, segment).
+    """
+    batch, length, dim = x_BLD.shape
+    out_rows: list[list[Tensor]] = []
+    chosen_all: list[list[list[int]]] = []
+    for b in range(batch):
+        rows: list[Tensor] = []
+        chosen_b: list[list[int]] = []
+        for start in range(0, length, segment_size):
+            parts = [x_BLD[b, t] if t < length else x_BLD.new_zeros(dim) for t in range(start, start + segment_size)]
+            seg = torch.cat(parts)
+            scores = [(gate_EW[e].double() * seg.double()).sum() for e in range(gate_EW.shape[0])]
+            top = max(float(s) for s in scores)
+            exps = [torch.exp(s - top) for s in scores]
+            probs = [p / sum(exps) for p in exps]
+            order = sorted(range(len(probs)), key=lambda e: (-float(probs[e]), e))[:top_k]
+            total = sum(probs[e] for e in order)
+            y = seg.new_zeros(seg.shape)
+            for e in order:
+                g = probs[e] / total if top_k > 1 else probs[e]
+                y = y + g.to(seg.dtype) * expert_forward(seg, w_in[e], w_out[e], activation)
+            if shared is not None:
+                s_in, s_out, s_gate = shared
+                s = expert_forward(seg, s_in, s_out, activation)
+                if s_gate is not None:
+                    s = s / (1.0 + torch.exp(-(s_gate * seg).sum()))
+                y = y + s
+            chosen_b.append(order)
+            for i, t in enumerate(range(start, start + segment_size)):
+                if t < length:
+                    rows.append(y[i * dim : (i + 1) * dim])
+        out_rows.append(rows)
+        chosen_all.append(chosen_b)
+    return torch.stack([torch.stack(r) for r in out_rows]), chosen_all

@@ -1,0 +1,1 @@
+"""Time-series domain tests: Seg-MoE, moe_patchtst, data protocol, forecasting task."""
