@@ -1,6 +1,6 @@
 """Speech recognition: Conformer-CTC MoE on a generated multilingual, code-switched corpus or on real data."""
 
-from moezoo.tasks.speech.asr import SpeechRecognitionTask
+from moezoo.tasks.speech.asr import CPUTimeLimit, SpeechRecognitionTask
 from moezoo.tasks.speech.data import (
     CommonVoiceDataModule,
     LibriSpeechDataModule,
@@ -10,6 +10,7 @@ from moezoo.tasks.speech.data import (
 )
 
 __all__ = [
+    "CPUTimeLimit",
     "CommonVoiceDataModule",
     "LibriSpeechDataModule",
     "ManifestDataModule",

@@ -3,9 +3,11 @@ decoding and exact corpus-level CER/WER (overall and per utterance kind: ``mono`
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -152,3 +154,29 @@ class SpeechRecognitionTask(MoETask):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return {"uids": batch["uids"], "text": self.transcribe(batch["features"], batch["lengths"])}
+
+
+class CPUTimeLimit(L.Callback):
+    """Stop training once this process has used ``max_cpu_minutes`` of CPU time (user + system, all threads).
+
+    On a shared machine wall-clock limits measure the neighbours; this measures the work done.
+    """
+
+    def __init__(self, max_cpu_minutes: float) -> None:
+        if max_cpu_minutes <= 0:
+            raise ValueError(f"max_cpu_minutes must be > 0, got {max_cpu_minutes}")
+        self.max_cpu_s = 60.0 * max_cpu_minutes
+        self.start: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.process_time()
+
+    def used_s(self) -> float:
+        return 0.0 if self.start is None else time.process_time() - self.start
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.used_s() >= self.max_cpu_s:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(f"\nCPU time used by training: {self.used_s() / 60:.1f} min (limit {self.max_cpu_s / 60:.1f} min)")

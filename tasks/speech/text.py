@@ -18,7 +18,7 @@ BLANK = "<blank>"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIACRITICS = "àáâãäçèéêëìíîïñòóôõöùúûüýÿßæœ"
 DEFAULT_SYMBOLS = (BLANK, " ", "'", *LETTERS, *DIACRITICS)
-_SEPARATORS = re.compile(r"[\s\-‐–—,;:.!?\"()\[\]«»“”„/]+")
+_SEPARATORS = re.compile(r"[\s\-‐–—,;:.!?¡¿\"()\[\]«»“”„/]+")
 
 
 def normalize_text(text: str) -> str:
