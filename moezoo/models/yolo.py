@@ -214,10 +214,11 @@ class ExpertBlendRouter(nn.Module):
             nn.init.zeros_(mlp[-1].bias)
 
     def forward(self, feats_per_expert: Sequence[Sequence[Tensor]]) -> Tensor:
-        """``feats_per_expert[n][s]`` of shape ``(B, C_s, H, W)`` -> weights ``(B, S, N)`` (fp32)."""
+        """``feats_per_expert[n][s]`` of shape ``(B, C_s, H, W)`` -> weights ``(B, S, N)`` (fp32 or wider)."""
         weights = []
         for s, mlp in enumerate(self.mlps):
-            pooled_BNC = torch.stack([feats[s].float().mean((2, 3)) for feats in feats_per_expert], 1)
+            pooled_BNC = torch.stack([feats[s].mean((2, 3)) for feats in feats_per_expert], 1)
+            pooled_BNC = pooled_BNC.to(torch.promote_types(pooled_BNC.dtype, torch.float32))
             logits_BN = mlp(pooled_BNC.flatten(1)) / self.temperature
             w_BN = logits_BN.softmax(-1)
             if self.top_k is not None and self.top_k < self.num_experts:
