@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moezoo.kernels.config import INTERPRET, check_device
+from moezoo.kernels.config import check_device
 
 BLOCK_N = 128
 
@@ -174,7 +174,7 @@ def permute_fwd(expert_idx_N: Tensor, num_experts: int, block_m: int) -> ExpertL
     _permute_histogram_fwd_kernel[(pair_blocks,)](
         expert_idx_N, block_counts, num_pairs, num_experts, BLOCK_N=BLOCK_N, BLOCK_E=block_e
     )
-    chunk = max(1, min(64 if not INTERPRET else 1024, 8192 // block_e))
+    chunk = max(1, min(64, 8192 // block_e))
     _permute_scan_fwd_kernel[(1,)](
         block_counts,
         block_prefix,

@@ -9,8 +9,9 @@ Every backend implements one contract, ``expert_ffn`` (see ``reference.py``):
 The backend is chosen per call: an explicit argument wins, then the ``MOEZOO_BACKEND`` environment variable,
 then the device (``"triton"`` on CUDA tensors when it registered itself, ``"torch"`` elsewhere).
 
-The Triton backend (``triton_backend.py``) is imported at import time only where CUDA is available, otherwise
-on the first explicit request; it registers itself when triton imports, and its absence never breaks this module.
+The Triton backend (``triton_backend.py``) is imported with this module where CUDA is available or
+``TRITON_INTERPRET=1`` is set, otherwise on the first explicit request; it registers itself when triton imports,
+and its absence never breaks this module.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def expert_ffn(
     return fn(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, check_activation(activation))
 
 
-if torch.cuda.is_available():
-    _load_triton_backend()
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    _load_triton_backend()  # at import, so that torch.compile never traces the import
 
 __all__ = [
     "ACTIVATIONS",

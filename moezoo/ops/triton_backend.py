@@ -328,9 +328,10 @@ def expert_ffn_triton(
 def route_topk_op(
     logits_TE: Tensor, bias_E: Tensor | None, top_k: int, score: str, normalize: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(expert_idx_TK int64, weight_TK fp32, tokens_per_expert_E int32)``."""
+    """``(weight_TK fp32, expert_idx_TK int64, tokens_per_expert_E int32)`` (the float output first)."""
     check_runnable(logits_TE)
-    return routing_fwd(logits_TE, top_k, score, bias_E, normalize, scale)
+    idx_TK, weight_TK, counts_E = routing_fwd(logits_TE, top_k, score, bias_E, normalize, scale)
+    return weight_TK, idx_TK, counts_E
 
 
 @route_topk_op.register_fake
@@ -339,8 +340,8 @@ def _(
 ) -> tuple[Tensor, Tensor, Tensor]:
     num_tokens, num_experts = logits_TE.shape
     return (
-        logits_TE.new_empty(num_tokens, top_k, dtype=torch.int64),
         logits_TE.new_empty(num_tokens, top_k, dtype=torch.float32),
+        logits_TE.new_empty(num_tokens, top_k, dtype=torch.int64),
         logits_TE.new_empty(num_experts, dtype=torch.int32),
     )
 
@@ -362,11 +363,11 @@ def _(
 
 def _route_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     logits_TE, _, _, ctx.score, ctx.normalize, ctx.scale = inputs
-    ctx.save_for_backward(logits_TE, output[0])
-    ctx.mark_non_differentiable(output[0], output[2])
+    ctx.save_for_backward(logits_TE, output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _route_backward(ctx: Any, _didx: Tensor | None, dweight_TK: Tensor, _dcounts: Tensor | None) -> tuple:
+def _route_backward(ctx: Any, dweight_TK: Tensor, _didx: Tensor | None, _dcounts: Tensor | None) -> tuple:
     logits_TE, expert_idx_TK = ctx.saved_tensors
     dlogits = route_topk_bwd_op(dweight_TK.contiguous(), logits_TE, expert_idx_TK, ctx.score, ctx.normalize, ctx.scale)
     return dlogits, None, None, None, None, None
@@ -393,7 +394,8 @@ def route_topk(
     if logits_TE.dim() != 2 or not 1 <= top_k <= logits_TE.shape[1]:
         raise ValueError(f"expected logits (T, E) and 1 <= top_k <= E; got {tuple(logits_TE.shape)}, top_k={top_k}")
     bias = bias_E.detach() if bias_E is not None else None
-    return route_topk_op(logits_TE, bias, top_k, score, normalize, float(scale))
+    weight_TK, idx_TK, counts_E = route_topk_op(logits_TE, bias, top_k, score, normalize, float(scale))
+    return idx_TK, weight_TK, counts_E
 
 
 # ---------------------------------------------------------------------------------------------------- combine
