@@ -9,9 +9,10 @@ from moezoo.tasks.timeseries.data import (
     read_csv_series,
     split_borders,
 )
-from moezoo.tasks.timeseries.forecasting import ForecastingTask, plot_forecasts
+from moezoo.tasks.timeseries.forecasting import BestValWeights, ForecastingTask, plot_forecasts
 
 __all__ = [
+    "BestValWeights",
     "CSVForecastDataModule",
     "ElecDemandDataModule",
     "ForecastDataModule",

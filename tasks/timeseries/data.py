@@ -167,6 +167,7 @@ class ForecastDataModule(L.LightningDataModule):
         scale: standardise with the scaler fitted on the training rows.
         batch_size, num_workers: loaders.
         train_stride: use every n-th training window (1 = all, the protocol; larger for quick runs).
+        val_stride: use every n-th validation window (model selection only; the test split always uses all).
     """
 
     def __init__(
@@ -178,6 +179,7 @@ class ForecastDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         train_stride: int = 1,
+        val_stride: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("pred_len", pred_len), ("batch_size", batch_size)):
@@ -185,8 +187,9 @@ class ForecastDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if split not in SPLIT_KINDS:
             raise ValueError(f"split={split!r} is unknown; choose one of {list(SPLIT_KINDS)}")
-        if not isinstance(train_stride, int) or train_stride < 1:
-            raise ValueError(f"train_stride must be a positive integer, got {train_stride!r}")
+        for name, value in (("train_stride", train_stride), ("val_stride", val_stride)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.seq_len = seq_len
         self.pred_len = pred_len
         self.split = split
@@ -194,6 +197,7 @@ class ForecastDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_stride = train_stride
+        self.val_stride = val_stride
         self.columns: list[str] = []
         self.scaler: StandardScaler | None = None
         self.borders: dict[str, tuple[int, int]] = {}
@@ -227,7 +231,7 @@ class ForecastDataModule(L.LightningDataModule):
             values = self.scaler.transform(values)
         data = torch.from_numpy(values.astype(np.float32))
         for split_name, (start, end) in self.borders.items():
-            stride = self.train_stride if split_name == "train" else 1
+            stride = {"train": self.train_stride, "val": self.val_stride}.get(split_name, 1)
             self.datasets[split_name] = WindowDataset(data, self.seq_len, self.pred_len, start, end, stride)
 
     def _loader(self, split_name: str, shuffle: bool) -> DataLoader:
@@ -271,8 +275,9 @@ class CSVForecastDataModule(ForecastDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         train_stride: int = 1,
+        val_stride: int = 1,
     ) -> None:
-        super().__init__(seq_len, pred_len, split, scale, batch_size, num_workers, train_stride)
+        super().__init__(seq_len, pred_len, split, scale, batch_size, num_workers, train_stride, val_stride)
         if features not in FEATURES:
             raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
         self.path = path
@@ -299,8 +304,9 @@ class ElecDemandDataModule(ForecastDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         train_stride: int = 1,
+        val_stride: int = 1,
     ) -> None:
-        super().__init__(seq_len, pred_len, "ratio", scale, batch_size, num_workers, train_stride)
+        super().__init__(seq_len, pred_len, "ratio", scale, batch_size, num_workers, train_stride, val_stride)
         if features not in FEATURES:
             raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
         self.features = features

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,8 +22,8 @@ class ForecastingTask(MoETask):
 
     Args:
         loss: ``"mse"`` or ``"huber"`` (``huber_delta``); the metrics are MSE and MAE whatever the loss.
-        num_plot_windows: at the end of a test, plot this many test windows (look-back, truth, forecast of the
-            last channel, the target) into ``<log dir>/forecasts.png``; 0 plots nothing.
+        num_plot_windows: at the end of a test, plot the first window of each of the first n test batches
+            (look-back, truth, forecast of the last channel, the target) into ``<log dir>/forecasts.png``.
         (the rest as in :class:`moezoo.tasks.base.MoETask`)
     """
 
@@ -67,9 +69,8 @@ class ForecastingTask(MoETask):
             loss = F.huber_loss(pred, y, delta=self.huber_delta)
         metrics = {"mse": F.mse_loss(pred.detach(), y), "mae": F.l1_loss(pred.detach(), y)}
         if stage == "test" and len(self._plot_windows) < self.num_plot_windows:
-            take = self.num_plot_windows - len(self._plot_windows)
-            for i in range(min(take, x.shape[0])):
-                self._plot_windows.append((x[i, :, -1].cpu(), y[i, :, -1].cpu(), pred[i, :, -1].detach().cpu()))
+            # The first window of each test batch: windows spread over the test period.
+            self._plot_windows.append((x[0, :, -1].cpu(), y[0, :, -1].cpu(), pred[0, :, -1].detach().cpu()))
         return loss, auxes, metrics, x.shape[0]
 
     def on_test_epoch_start(self) -> None:
@@ -110,3 +111,21 @@ def plot_forecasts(windows: list[tuple[Tensor, Tensor, Tensor]], path: Path, tit
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+class BestValWeights(L.Callback):
+    """Keep an in-memory copy of the weights of the epoch with the lowest ``monitor`` (no checkpoint files)."""
+
+    def __init__(self, monitor: str = "val/mse") -> None:
+        self.monitor = monitor
+        self.best = float("inf")
+        self.epoch = -1
+        self.state: dict[str, Any] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if value < self.best:
+            self.best, self.epoch = value, trainer.current_epoch
+            self.state = copy.deepcopy(pl_module.state_dict())
