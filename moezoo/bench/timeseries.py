@@ -155,9 +155,9 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             per_h = [
                 [r for r in rows if r["horizon"] == h] for h in args.horizons if any(r["horizon"] == h for r in rows)
             ]
-            mse = statistics.fmean(statistics.fmean(r["mse"] for r in g) for g in per_h)
-            mae = statistics.fmean(statistics.fmean(r["mae"] for r in g) for g in per_h)
-            lines.append(f"| {variant} | {mse:.3f} | {mae:.3f} |")
+            avg_mse = statistics.fmean(statistics.fmean(r["mse"] for r in g) for g in per_h)
+            avg_mae = statistics.fmean(statistics.fmean(r["mae"] for r in g) for g in per_h)
+            lines.append(f"| {variant} | {avg_mse:.3f} | {avg_mae:.3f} |")
     return "\n".join(lines)
 
 

@@ -27,8 +27,8 @@ def _oracle(layer: SegmentMoE, x):
     )
 
 
-@pytest.mark.parametrize("segment_size", [1, 2, 3, 5])
-@pytest.mark.parametrize("length", [1, 7, 15])
+@pytest.mark.parametrize("segment_size", [1, 3, 5])
+@pytest.mark.parametrize("length", [1, 7])
 @pytest.mark.parametrize("shared", [False, True])
 def test_segment_moe_matches_oracle_forward_and_gradients(segment_size, length, shared):
     torch.manual_seed(segment_size * 100 + length)
