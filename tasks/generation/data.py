@@ -1,0 +1,92 @@
+"""Generation data: the vision DataModules with images rescaled to ``[-1, 1]`` and no augmentation by default.
+
+Diffusion and flow objectives want a fixed, symmetric pixel range; the classification modules normalise by the
+dataset's mean and std instead, so these subclasses undo that and map ``[0, 1]`` to ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Subset, TensorDataset
+
+from moezoo.tasks.vision.data import FASHION_MNIST_DEBIAN_ROOT, DigitsDataModule, FashionMNISTDataModule
+
+FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # FashionMNISTDataModule.load_split's normalisation
+DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # DigitsDataModule.setup's normalisation
+
+
+def fashion_mnist_unit_range(root: Path, split: str) -> tuple[Tensor, Tensor]:
+    """A Fashion-MNIST split with images in ``[-1, 1]``: ``(x (B, 1, 28, 28), y (B,))``."""
+    x, y = FashionMNISTDataModule.load_split(root, split)
+    return (x * FMNIST_STD + FMNIST_MEAN) * 2.0 - 1.0, y
+
+
+def _rescale(dataset: object, mean: float, std: float) -> None:
+    """In place: a TensorDataset (or a Subset of one) normalised by ``mean, std`` -> ``[-1, 1]``."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    assert isinstance(base, TensorDataset)
+    if getattr(base, "_unit_range", False):
+        return
+    images = base.tensors[0]
+    images.mul_(std).add_(mean).mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0)
+    base._unit_range = True  # type: ignore[attr-defined]
+
+
+class FashionMNISTGenerationDataModule(FashionMNISTDataModule):
+    """Fashion-MNIST 28x28 in ``[-1, 1]`` for generation (no shifts or flips unless asked)."""
+
+    def __init__(
+        self,
+        root: str = FASHION_MNIST_DEBIAN_ROOT,
+        batch_size: int = 128,
+        val_size: int = 2000,
+        train_limit: int | None = None,
+        max_shift: int = 0,
+        hflip: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(root, batch_size, val_size, train_limit, max_shift, hflip, num_workers, seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for dataset in (self.train_set, self.val_set, self.test_set):
+            _rescale(dataset, FMNIST_MEAN, FMNIST_STD)
+
+
+class DigitsGenerationDataModule(DigitsDataModule):
+    """scikit-learn's 8x8 digits in ``[-1, 1]``: the seconds-long smoke default."""
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        max_shift: int = 0,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, val_fraction, test_fraction, max_shift, num_workers, seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        _rescale(self.train_set, DIGITS_MEAN, DIGITS_STD)  # the three splits share one TensorDataset
+
+
+def real_images(datamodule: object, split: str = "test", limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """The images and labels of a generation DataModule's split (for reference statistics)."""
+    dataset = getattr(datamodule, f"{split}_set")
+    if isinstance(dataset, Subset):
+        base = dataset.dataset
+        assert isinstance(base, TensorDataset)
+        idx = torch.as_tensor(dataset.indices)
+        x, y = base.tensors[0][idx], base.tensors[1][idx]
+    else:
+        assert isinstance(dataset, TensorDataset)
+        x, y = dataset.tensors
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return x, y
