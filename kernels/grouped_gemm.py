@@ -44,9 +44,10 @@ _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 
 
 def _gemm_configs() -> list[triton.Config]:
+    # 8 warps for 128-wide tiles: SwiGLU keeps two fp32 accumulators of BLOCK_M x BLOCK_N.
     gpu = [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
     return pick_configs(gpu, triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1))
@@ -93,7 +94,7 @@ def _block_rows(sorted_pair_ptr, token_idx_ptr, pid_b, BLOCK_M: tl.constexpr):
     return pair, tok, valid
 
 
-@triton.autotune(configs=_gemm_configs(), key=["dim", "ffn_dim"])
+@triton.autotune(configs=_gemm_configs(), key=["dim", "ffn_dim", "BLOCK_M"])
 @triton.jit
 def _expert_in_fwd_kernel(
     x_ptr,  # (T, D)
@@ -153,7 +154,7 @@ def _expert_in_fwd_kernel(
     tl.store(a_ptr + pair[:, None] * ffn_dim + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["dim", "ffn_dim"], reset_to_zero=["out_ptr"])
+@triton.autotune(configs=_gemm_configs(), key=["dim", "ffn_dim", "BLOCK_M"], reset_to_zero=["out_ptr"])
 @triton.jit
 def _expert_out_fwd_kernel(
     a_ptr,  # (N, F)
@@ -196,7 +197,7 @@ def _expert_out_fwd_kernel(
     _scatter_add_rows(out_ptr, stride_out, tok, cols, acc * gate[:, None], valid[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["dim", "ffn_dim"], reset_to_zero=["dgate_ptr"])
+@triton.autotune(configs=_gemm_configs(), key=["dim", "ffn_dim", "BLOCK_M"], reset_to_zero=["dgate_ptr"])
 @triton.jit
 def _expert_out_bwd_kernel(
     dout_ptr,  # (T, D)
@@ -260,7 +261,7 @@ def _expert_out_bwd_kernel(
         tl.atomic_add(dgate_ptr + pair, tl.sum(acc * act, axis=1), mask=valid)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["dim", "hidden"], reset_to_zero=["dx_ptr"])
+@triton.autotune(configs=_gemm_configs(), key=["dim", "hidden", "BLOCK_M"], reset_to_zero=["dx_ptr"])
 @triton.jit
 def _expert_in_bwd_kernel(
     dh_ptr,  # (N, H)
@@ -498,7 +499,8 @@ def expert_out_bwd(
     num_experts, ffn_dim, dim = w_out_EFD.shape
     num_pairs, hidden = h_NH.shape
     dh_NH = torch.empty_like(h_NH)
-    dgate_N = torch.zeros(num_pairs, dtype=torch.float32, device=h_NH.device) if compute_dgate else None
+    # Allocated even when not wanted: the autotuner zeroes this argument, so it must never alias an input.
+    dgate_N = torch.zeros(num_pairs, dtype=torch.float32, device=h_NH.device)
     dw_out = torch.empty_like(w_out_EFD) if compute_dw_out else None
     if layout.block_expert_B.shape[0] and ffn_dim:
         _expert_out_bwd_kernel[_row_grid(layout, ffn_dim)](
@@ -510,7 +512,7 @@ def expert_out_bwd(
             h_NH,
             gate_N,
             dh_NH,
-            dgate_N if dgate_N is not None else gate_N,
+            dgate_N,
             dim,
             ffn_dim,
             dout_TD.stride(0),
@@ -523,7 +525,7 @@ def expert_out_bwd(
         )
     if dw_out is not None:
         _weight_grad(h_NH, dout_TD, gate_N, token_idx_N, layout, dw_out, ffn_dim, False, 2 if swiglu else 1)
-    return dh_NH, dgate_N, dw_out
+    return dh_NH, (dgate_N if compute_dgate else None), dw_out
 
 
 def expert_in_bwd(
