@@ -48,8 +48,10 @@ def _params(model: torch.nn.Module) -> tuple[int, int]:
 def run_one(variant: str, seed: int, args: argparse.Namespace, data: Any, ood: Any) -> dict[str, float]:
     from moezoo.layers import update_router_states
     from moezoo.layers.speech_routers import cross_layer_agreement
+    from moezoo.models.conformer import lengths_to_mask, subsampled_lengths
     from moezoo.tasks.base import param_groups, warmup_cosine
     from moezoo.tasks.speech import SpeechRecognitionTask
+    from moezoo.tasks.speech.asr import encoder_frame_labels
 
     torch.manual_seed(seed)
     kwargs = {"num_experts": 4, "top_k": 1, **VARIANTS[variant]}
@@ -88,8 +90,10 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, data: Any, ood: A
     with torch.no_grad():
         for batch in torch.utils.data.DataLoader(data.dataset("test"), batch_size=32, collate_fn=_collate()):
             _, auxes, metrics, _ = task.compute_loss(batch, "test")
-            if "lid_acc" in metrics:
-                valid = int((batch["lid"] >= 0).sum())
+            if "lid_acc" in metrics:  # weight by the labelled encoder frames of the batch, as the metric counts
+                lengths = subsampled_lengths(batch["lengths"])
+                labels = encoder_frame_labels(batch["lid"], int(lengths.max()))
+                valid = int(((labels >= 0) & lengths_to_mask(lengths, labels.shape[1])).sum())
                 lid_hits += float(metrics["lid_acc"]) * valid
                 lid_frames += valid
             for i, a in enumerate(auxes):
@@ -163,17 +167,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="the small corpus preset, fewer steps (minutes)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 1500, quick 150)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 1500, quick 120)")
     parser.add_argument("--size", default="tiny", choices=("debug", "tiny", "small"))
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16, quick 8")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--preset", default=None, help="corpus preset (default 'default', quick 'quick')")
     parser.add_argument("--root", default=None, help="corpus cache root")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--no-ood", action="store_true", help="skip the pocketsphinx-testdata recordings")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (150 if args.quick else 1500)
+    args.steps = args.steps or (120 if args.quick else 1500)
     args.preset = args.preset or ("quick" if args.quick else "default")
+    args.batch_size = args.batch_size or (8 if args.quick else 16)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     torch.set_num_threads(args.threads)

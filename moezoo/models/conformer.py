@@ -71,8 +71,13 @@ class ConvSubsampling(nn.Module):
         )
         self.proj = nn.Linear(channels * ((n_mels + 3) // 4), dim)
 
-    def forward(self, x_BTM: Tensor) -> Tensor:
-        h = self.conv(x_BTM.unsqueeze(1))  # (B, C, L, M/4)
+    def forward(self, x_BTM: Tensor, lengths_B: Tensor) -> Tensor:
+        """Frames past each length are zeroed after every convolution, so padding never leaks into real frames."""
+        h = x_BTM.unsqueeze(1)
+        for conv, act in ((self.conv[0], self.conv[1]), (self.conv[2], self.conv[3])):
+            lengths_B = (lengths_B + 1) // 2
+            h = act(conv(h))  # (B, C, T', M')
+            h = h * lengths_to_mask(lengths_B, h.shape[2])[:, None, :, None]
         return self.proj(h.permute(0, 2, 1, 3).flatten(2))
 
 
@@ -237,7 +242,7 @@ class MoEConformer(nn.Module):
 
     def forward_with_aux(self, x_BTM: Tensor, lengths_B: Tensor | None = None) -> tuple[CTCOutput, list[MoEAux]]:
         lengths_B = self._check_input(x_BTM, lengths_B)
-        x_BLD = self.drop(self.subsample(x_BTM))
+        x_BLD = self.drop(self.subsample(x_BTM, lengths_B))
         out_lengths_B = subsampled_lengths(lengths_B)
         mask_BL = lengths_to_mask(out_lengths_B, x_BLD.shape[1])
         x_BLD = x_BLD * mask_BL.unsqueeze(-1)
