@@ -377,22 +377,53 @@ def count_flops(model: nn.Module, img_size: int = 64, in_chans: int = 1) -> int:
     return int(counter.get_total_flops())
 
 
+def layer_flops(model: nn.Module, img_size: int = 64, in_chans: int = 1) -> int:
+    """Forward FLOPs of the Conv2d and Linear layers (forward hooks; a fast estimate for searching widths)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += 2 * output.numel() * k
+        else:
+            total += 2 * output.numel() * module.in_features  # type: ignore[operator]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, img_size, img_size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
 def equal_compute_width(expert_kwargs: dict[str, Any], width: int, num_experts: int) -> int:
-    """The integer base width whose single detector has FLOPs closest to ``num_experts`` detectors of ``width``."""
+    """The integer base width whose single detector has FLOPs closest to ``num_experts`` detectors of ``width``.
+
+    FLOPs are close to ``a * w^2 + b * w`` in the base width; two measurements give the guess, and the integers
+    around it are measured.
+    """
     in_chans = expert_kwargs["in_chans"]
+    cache: dict[int, int] = {}
 
     def flops(w: int) -> int:
-        return count_flops(_FeatureAndHead(YOLODetector(width=w, **expert_kwargs)), 64, in_chans)
+        if w not in cache:
+            cache[w] = layer_flops(_FeatureAndHead(YOLODetector(width=w, **expert_kwargs)), 64, in_chans)
+        return cache[w]
 
     target = num_experts * flops(width)
-    best, best_gap = width, abs(flops(width) - target)
-    for w in range(width + 1, 4 * width + 1):
-        gap = abs(flops(w) - target)
-        if gap >= best_gap and w > width * math.sqrt(num_experts) + 2:
-            break
-        if gap < best_gap:
-            best, best_gap = w, gap
-    return best
+    if num_experts == 1:
+        return width
+    quad = (flops(2 * width) - 2 * flops(width)) / 2  # a * width^2
+    lin = flops(width) - quad  # b * width
+    ratio = (-lin + math.sqrt(lin * lin + 4 * quad * target)) / (2 * quad) if quad > 0 else target / flops(width)
+    guess = max(1, round(ratio * width))
+    return min(range(max(1, guess - 1), guess + 2), key=lambda w: abs(flops(w) - target))
 
 
 class _FeatureAndHead(nn.Module):
