@@ -20,13 +20,11 @@ checkpoint written with any number of processes loads with any other, and in a p
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
-from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moezoo.parallel import (
@@ -41,8 +39,8 @@ from moezoo.parallel import (
     shard_optimizer_state,
     sync_router_observations,
 )
-from moezoo.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_
-from moezoo.parallel.experts import broadcast_experts, expert_modules
+from moezoo.parallel.comm import DEFAULT_TIMEOUT_S
+from moezoo.parallel.experts import broadcast_experts, clip_grad_norm_, expert_modules
 
 
 class ExpertParallelStrategy(DDPStrategy):
@@ -130,17 +128,9 @@ class ExpertParallelStrategy(DDPStrategy):
 
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: float | int) -> None:
         module = self.lightning_module
-        assert module is not None and self.groups is not None
-        expert_ids = {id(p) for _, experts in expert_modules(module) for p in experts.parameters()}
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        device = self.root_device
-        replicated = _squared_norm((p for p in params if id(p) not in expert_ids), device)
-        sharded = _squared_norm((p for p in params if id(p) in expert_ids), device)
-        all_reduce_(sharded, self.groups.ep_group, op="gradient-norm all-reduce")
-        total = (replicated + sharded).sqrt()
-        scale = (float(clip_val) / (total + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(scale.to(p.grad.dtype))
+        assert module is not None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_grad_norm_(module, params, float(clip_val))
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -164,11 +154,3 @@ class ExpertParallelStrategy(DDPStrategy):
             for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"])
         ]
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
-
-
-def _squared_norm(params: Iterable[Tensor], device: torch.device) -> Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:
-        assert p.grad is not None
-        total = total + p.grad.detach().float().pow(2).sum()
-    return total

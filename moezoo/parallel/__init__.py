@@ -14,6 +14,7 @@ from moezoo.parallel.comm import (
 from moezoo.parallel.experts import (
     ExpertParallelExperts,
     broadcast_experts,
+    clip_grad_norm_,
     common_expert_parallel_size,
     expert_parameter_names,
     full_optimizer_state,
@@ -32,6 +33,7 @@ __all__ = [
     "ExpertParallelGroups",
     "all_to_all",
     "broadcast_experts",
+    "clip_grad_norm_",
     "common_expert_parallel_size",
     "exchange_counts",
     "expert_parameter_names",

@@ -33,7 +33,7 @@ class CollectiveError(RuntimeError):
 
 @dataclass
 class CommStats:
-    """Bytes this rank sent and received through the expert-parallel exchange (forward and backward)."""
+    """Bytes this rank sent to and received from other ranks in the expert-parallel exchange (both passes)."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -125,6 +125,17 @@ def all_to_all_rows(
     return out_MD
 
 
+def _count_remote(
+    stats: CommStats, x_ND: Tensor, output_splits: Sequence[int], input_splits: Sequence[int], group: ProcessGroup
+) -> None:
+    """Add the bytes that crossed to or from other ranks (the rows a rank sends itself do not count)."""
+    me = dist.get_rank(group)
+    row_bytes = x_ND.element_size() * int(torch.Size(x_ND.shape[1:]).numel())
+    sent = (sum(input_splits) - input_splits[me]) * row_bytes
+    received = (sum(output_splits) - output_splits[me]) * row_bytes
+    stats.add(sent, received)
+
+
 class _AllToAll(torch.autograd.Function):
     """Differentiable exchange: the backward sends the gradients back along the reversed splits."""
 
@@ -142,7 +153,7 @@ class _AllToAll(torch.autograd.Function):
         ctx.stats = stats
         out_MD = all_to_all_rows(x_ND, output_splits, input_splits, group)
         if stats is not None:
-            stats.add(x_ND.numel() * x_ND.element_size(), out_MD.numel() * out_MD.element_size())
+            _count_remote(stats, x_ND, output_splits, input_splits, group)
         return out_MD
 
     @staticmethod
@@ -150,7 +161,7 @@ class _AllToAll(torch.autograd.Function):
         output_splits, input_splits = ctx.splits
         grad_ND = all_to_all_rows(grad_MD, input_splits, output_splits, ctx.group)
         if ctx.stats is not None:
-            ctx.stats.add(grad_MD.numel() * grad_MD.element_size(), grad_ND.numel() * grad_ND.element_size())
+            _count_remote(ctx.stats, grad_MD, input_splits, output_splits, ctx.group)
         return grad_ND, None, None, None, None
 
 
@@ -174,7 +185,8 @@ def exchange_counts(send_counts_PX: Tensor, group: ProcessGroup, stats: CommStat
     splits = [1] * send.shape[0]
     _run("count exchange", group, lambda: dist.all_to_all_single(recv, send, splits, splits, group=group))
     if stats is not None:
-        stats.add(send.numel() * send.element_size(), recv.numel() * recv.element_size())
+        row_bytes = send[0].numel() * send.element_size()
+        stats.add(row_bytes * (send.shape[0] - 1), row_bytes * (recv.shape[0] - 1))
     return recv
 
 

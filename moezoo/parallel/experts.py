@@ -321,3 +321,33 @@ def sync_router_observations(module: nn.Module) -> None:
             for name, buffer in sub.named_buffers(recurse=False):
                 if name.startswith("pending_"):
                     all_reduce_(buffer, None, op="router statistics all-reduce")
+
+
+def clip_grad_norm_(module: nn.Module, params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over ``params`` where sharded expert gradients count once (collective).
+
+    The norm adds every replicated gradient (the same on every rank after data parallelism's all-reduce) to the
+    sum over the expert-parallel group of each shard's squared norm, so every rank computes the same total and
+    scales by the same factor. Returns the total norm before clipping.
+    """
+    expert_ids = {id(p) for _, experts in expert_modules(module) for p in experts.parameters()}
+    groups = [experts.groups for _, experts in expert_modules(module)]
+    with_grad = [p for p in params if p.grad is not None]
+    device = with_grad[0].device if with_grad else torch.device("cpu")
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    for p in with_grad:
+        assert p.grad is not None
+        squared = p.grad.detach().float().pow(2).sum()
+        if id(p) in expert_ids:
+            sharded = sharded + squared
+        else:
+            replicated = replicated + squared
+    if groups:
+        all_reduce_(sharded, groups[0].ep_group, op="gradient-norm all-reduce")
+    total = (replicated + sharded).sqrt()
+    scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for p in with_grad:
+        assert p.grad is not None
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return total

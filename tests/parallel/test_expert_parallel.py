@@ -9,7 +9,7 @@ from moezoo.layers import MoE
 from moezoo.parallel import ExpertParallelGroups, routing_scope, shard_experts
 from tests.parallel.cases import CASES, WORLD, build, inputs, loss_of
 from tests.parallel.dist_utils import run_ranks
-from tests.parallel.workers import layer_worker
+from tests.parallel.workers import CLIP_NORM, layer_worker
 
 ATOL, RTOL = 2e-6, 1e-5  # fp32: the two paths sum the same terms in a different order
 
@@ -125,3 +125,23 @@ def test_ep_size_must_divide_num_experts():
     groups = ExpertParallelGroups(None, None, ep_size=2, ep_rank=0, num_replicas=1, world_size=2, timeout_s=1.0)
     with pytest.raises(ValueError, match="expert_parallel_size=2 must divide"):
         shard_experts(moe, groups)
+
+
+def test_gradient_norm_clipping_counts_each_expert_once(rank_results):
+    case = CASES[0]
+    oracle, expert_grads = _oracle(case)
+    expert_sq = sum(float(g.pow(2).sum()) for g in expert_grads.values())
+    scales = []
+    for rank in range(WORLD):
+        clip = rank_results[rank][case.name]["clip"]
+        total = (sum(float(g.pow(2).sum()) for g in oracle[rank]["grads"].values()) + expert_sq) ** 0.5
+        assert total > CLIP_NORM
+        torch.testing.assert_close(float(clip["total"]), total, rtol=1e-5, atol=0.0)
+        scales.append(CLIP_NORM / (total + 1e-6))
+        for name, grad in oracle[rank]["grads"].items():
+            _close(clip["grads"][name], grad * scales[rank], f"rank {rank} clipped {name}")
+    # here the router gradients (and so the scales) differ per rank; under DDP they are equal on every rank
+    local = build(case).num_experts // WORLD
+    for name, grad in expert_grads.items():
+        expected = torch.cat([grad[r * local : (r + 1) * local] * scales[r] for r in range(WORLD)])
+        _close(rank_results[0][case.name]["clip"]["expert_grads"][name], expected, f"clipped {name}")

@@ -13,7 +13,8 @@ def test_peer_stall_and_death_raise_collective_errors(tmp_path):
     exitcodes = run_ranks_expecting_failure(failure_worker, 2, args=(str(tmp_path),), timeout_s=90)
     elapsed = time.monotonic() - start
     assert exitcodes[1] == 3, f"rank 1 should have died with exit code 3, got {exitcodes}"
-    assert exitcodes[0] == 0, f"rank 0 hung or crashed instead of reporting: {exitcodes}"
+    # rank 0 re-raises the error (exit code 1; gloo's teardown with a dead peer may abort instead): it must end
+    assert exitcodes[0] not in (None, 0), f"rank 0 hung or went on as if nothing happened: {exitcodes}"
     stalled, died = (tmp_path / "rank0.txt").read_text().strip().splitlines()
     for line in (stalled, died):
         assert "expert-parallel" in line and "failed on global rank 0" in line and "Another rank" in line, line

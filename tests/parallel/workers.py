@@ -15,6 +15,7 @@ import torch.distributed as dist
 from moezoo.layers import MoE
 from moezoo.parallel import (
     CollectiveError,
+    clip_grad_norm_,
     full_optimizer_state,
     full_state_dict,
     init_expert_parallel,
@@ -24,6 +25,8 @@ from moezoo.parallel.comm import all_gather_rows
 from moezoo.parallel.experts import ExpertParallelExperts
 from tests.parallel.cases import CASES, build, inputs, loss_of
 from tests.parallel.dist_utils import dist_env
+
+CLIP_NORM = 0.5
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -81,6 +84,12 @@ def layer_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             shard_experts(reference, groups)
             with torch.no_grad():
                 results[case.name]["reload_equal"] = bool(torch.equal(other(x.detach())[0], reference(x.detach())[0]))
+            clipped = build(case)
+            shard_experts(clipped, groups)
+            loss_of(clipped, x.detach(), mask, cotangent)[1].backward()
+            total = clip_grad_norm_(clipped, list(clipped.parameters()), max_norm=CLIP_NORM)
+            clipped_grads, clipped_expert_grads = _grads(clipped)
+            results[case.name]["clip"] = dict(total=total, grads=clipped_grads, expert_grads=clipped_expert_grads)
     # EP size 1: nothing is replaced, the forward is the single-process one bit for bit
     single = init_expert_parallel(1, timeout_s=60)
     moe = build(CASES[0])
@@ -116,6 +125,36 @@ def failure_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             lines.append("no error")
         except CollectiveError as err:
             lines.append(f"{time.monotonic() - start:.1f}s {err}")
+            if moe is moe_b:
+                report.write_text("\n".join(lines) + "\n")
+                raise  # as in a real run: the error ends this rank too
         if moe is moe_a:
             dist.barrier()
     report.write_text("\n".join(lines) + "\n")
+
+
+def replica_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """EP=2 inside a world of 4: two replicas of each expert shard; gradients finished as under DDP."""
+    from moezoo.parallel import reduce_expert_grads
+
+    _init(rank, world, port)
+    groups = init_expert_parallel(2, timeout_s=60)
+    case = CASES[0]
+    moe = build(case)
+    shard_experts(moe, groups)
+    x, cotangent = replica_inputs(rank)
+    _, loss = loss_of(moe, x, None, cotangent)
+    loss.backward()
+    reduce_expert_grads(moe, groups)
+    for name, param in moe.named_parameters():  # what DDP does to the replicated parameters
+        if not name.startswith("experts.") and param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world
+    grads, expert_grads = _grads(moe)
+    torch.save(dict(grads=grads, expert_grads=expert_grads, ep_rank=groups.ep_rank), Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def replica_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(77 + rank)
+    return torch.randn(9, 12, generator=generator), torch.randn(9, 12, generator=generator)
