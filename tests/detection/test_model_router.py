@@ -63,9 +63,9 @@ def test_router_starts_uniform_and_balance_term():
 
 def test_model_outputs_routing_and_predictions():
     model = create_model("moe_yolo_debug", num_classes=3, in_chans=1, num_experts=3).eval()
-    x = torch.rand(2, 1, 64, 96)
+    x = torch.rand(2, 1, 32, 64)
     out, auxes = model.forward_with_aux(x)
-    assert [tuple(p.shape) for p in out["preds"]] == [(2, 4 * 8 + 3, 8, 12), (2, 35, 4, 6), (2, 35, 2, 3)]
+    assert [tuple(p.shape) for p in out["preds"]] == [(2, 4 * 8 + 3, 4, 8), (2, 35, 2, 4), (2, 35, 1, 2)]
     assert out["routing"].shape == (2, 3, 3)
     assert len(auxes) == 3 and all("balance" in a.losses for a in auxes)
     dets, routing = model.predict(x, conf_thres=0.0)
@@ -78,7 +78,7 @@ def test_dense_twin_has_no_router_and_neck_moe_reports_aux():
     out, auxes = dense.forward_with_aux(torch.rand(2, 1, 32, 32))
     assert out["routing"] is None and auxes == [] and len(dense.experts) == 1
     moe = create_model("moe_yolo_debug", num_classes=2, neck_moe_experts=4, neck_moe_top_k=1)
-    out, auxes = moe.forward_with_aux(torch.rand(2, 1, 64, 64))
+    out, auxes = moe.forward_with_aux(torch.rand(2, 1, 32, 32))
     assert len(auxes) == 2 + 3  # one core MoE per expert detector, one blend router aux per scale
     twin = create_model("moe_yolo_debug", num_classes=2, neck_moe_experts=4, neck_moe_top_k=1, dense=True)
     assert twin.forward_with_aux(torch.rand(2, 1, 32, 32))[1] == []
