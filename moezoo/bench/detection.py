@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "dense": dict(dense=True),
     "wide2": dict(dense=True, match_compute_of=2),
     "wide4": dict(dense=True, match_compute_of=4),
@@ -71,14 +71,16 @@ def train_and_evaluate(variant: str, seed: int, args: argparse.Namespace, data: 
     """Train one variant for ``args.steps`` steps; COCO metrics per domain, routing by domain, speed."""
     from moezoo.layers import total_aux_loss, update_router_states
     from moezoo.models import create_model
-    from moezoo.models.yolo import count_flops
+    from moezoo.models.yolo import MoEYOLO, count_flops
     from moezoo.models.yolo_boxes import postprocess
     from moezoo.tasks.detection.data import AugmentedDataset, collate
     from moezoo.tasks.detection.evaluate import DetectionEvaluator
     from moezoo.tasks.detection.losses import DetectionLoss
 
     torch.manual_seed(seed)
-    model = create_model(f"moe_yolo_{args.size}", num_classes=data.num_classes, in_chans=1, **VARIANTS[variant])
+    model: MoEYOLO = create_model(  # type: ignore[assignment]
+        f"moe_yolo_{args.size}", num_classes=data.num_classes, in_chans=1, **VARIANTS[variant]
+    )
     loss_fn = DetectionLoss(model.num_classes, model.reg_max, model.strides)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]

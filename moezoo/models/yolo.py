@@ -123,9 +123,11 @@ class DetectHead(nn.Module):
             for c in channels
         )
         for box, cls, stride in zip(self.box, self.cls, STRIDES):
-            nn.init.constant_(box[-1].bias, 1.0)
+            box_out, cls_out = box[-1], cls[-1]  # type: ignore[index]
+            assert isinstance(box_out, nn.Conv2d) and isinstance(cls_out, nn.Conv2d)
+            nn.init.constant_(box_out.bias, 1.0)  # type: ignore[arg-type]
             # Prior: about 5 objects per 640x640 image spread over the classes (YOLOv5/v8 initialisation).
-            nn.init.constant_(cls[-1].bias, math.log(5 / num_classes / (640 / stride) ** 2))
+            nn.init.constant_(cls_out.bias, math.log(5 / num_classes / (640 / stride) ** 2))  # type: ignore[arg-type]
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         return [torch.cat([box(f), cls(f)], 1) for f, box, cls in zip(feats, self.box, self.cls)]
@@ -210,8 +212,9 @@ class ExpertBlendRouter(nn.Module):
             for c in channels
         )
         for mlp in self.mlps:
-            nn.init.zeros_(mlp[-1].weight)
-            nn.init.zeros_(mlp[-1].bias)
+            last = mlp[-1]  # type: ignore[index]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, feats_per_expert: Sequence[Sequence[Tensor]]) -> Tensor:
         """``feats_per_expert[n][s]`` of shape ``(B, C_s, H, W)`` -> weights ``(B, S, N)`` (fp32 or wider)."""
@@ -320,7 +323,7 @@ class MoEYOLO(nn.Module):
         self.experts = nn.ModuleList(YOLODetector(width=width, **expert_kwargs) for _ in range(self.num_experts))
         self.router = (
             ExpertBlendRouter(
-                self.experts[0].channels,
+                self.experts[0].channels,  # type: ignore[arg-type]
                 self.num_experts,
                 router_hidden,
                 router_top_k,
@@ -340,8 +343,9 @@ class MoEYOLO(nn.Module):
     def forward_with_aux(self, x: Tensor) -> tuple[dict[str, Any], list[MoEAux]]:
         self._check_input(x)
         auxes: list[MoEAux] = []
-        feats = [expert.forward_features(x, auxes) for expert in self.experts]
-        outputs = [expert.head(f) for expert, f in zip(self.experts, feats)]
+        experts: list[YOLODetector] = list(self.experts)  # type: ignore[arg-type]
+        feats = [expert.forward_features(x, auxes) for expert in experts]
+        outputs = [expert.head(f) for expert, f in zip(experts, feats)]
         if self.router is None:
             return {"preds": outputs[0], "routing": None}, auxes
         w_BSN = self.router(feats)
@@ -387,7 +391,7 @@ def layer_flops(model: nn.Module, img_size: int = 64, in_chans: int = 1) -> int:
             k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
             total += 2 * output.numel() * k
         else:
-            total += 2 * output.numel() * module.in_features  # type: ignore[operator]
+            total += 2 * output.numel() * int(module.in_features)  # type: ignore[arg-type]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training

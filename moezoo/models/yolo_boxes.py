@@ -79,7 +79,7 @@ def decode_outputs(
     """Per-scale raw maps ``(B, 4R + C, H, W)`` -> boxes in pixels ``(B, A, 4)`` and class logits ``(B, A, C)``."""
     flat = torch.cat([p.flatten(2) for p in preds], 2).transpose(1, 2)
     dist_logits, cls_logits = flat.split([4 * reg_max, num_classes], -1)
-    points, stride = make_anchors([p.shape[2:] for p in preds], strides, flat.device)
+    points, stride = make_anchors([(p.shape[2], p.shape[3]) for p in preds], strides, flat.device)
     boxes = dist2bbox(dfl_decode(dist_logits, reg_max), points) * stride
     return boxes, cls_logits
 

@@ -125,7 +125,7 @@ def compose_canvas(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One clean canvas ``(img_size, img_size)`` in [0, 1], its boxes ``(K, 4)`` xyxy and labels ``(K,)``."""
     canvas = torch.zeros(img_size, img_size)
-    boxes: list[list[float]] = []
+    boxes: list[list[int]] = []
     labels: list[int] = []
     for _ in range(int(rng.integers(min_items, max_items + 1))):
         for _attempt in range(20):
@@ -149,7 +149,7 @@ def compose_canvas(
     return canvas, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.long)
 
 
-def _iou(a: list[float], b: list[float]) -> float:
+def _iou(a: list[int], b: list[int]) -> float:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih

@@ -24,7 +24,7 @@ def draw_detections(
     if array.shape[0] == 1:
         array = array.expand(3, -1, -1)
     img = Image.fromarray(array.permute(1, 2, 0).numpy(), "RGB")
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(img)
     for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
         colour = PALETTE[int(label) % len(PALETTE)]

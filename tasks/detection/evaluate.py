@@ -22,7 +22,9 @@ def coco_evaluate(
 
     if len(predictions) != len(ground_truths):
         raise ValueError(f"{len(predictions)} predictions for {len(ground_truths)} ground-truth images")
-    images, annotations, detections = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    detections: list[dict] = []
     for image_id, (pred, gt) in enumerate(zip(predictions, ground_truths)):
         images.append({"id": image_id})
         for box, label in zip(gt["boxes"].tolist(), gt["labels"].tolist()):

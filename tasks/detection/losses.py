@@ -138,7 +138,7 @@ class DetectionLoss:
         b = preds[0].shape[0]
         flat = torch.cat([p.flatten(2) for p in preds], 2).transpose(1, 2).float()
         dist_logits, cls_logits = flat.split([4 * self.reg_max, self.num_classes], -1)
-        points, stride = make_anchors([p.shape[2:] for p in preds], self.strides, flat.device)
+        points, stride = make_anchors([(p.shape[2], p.shape[3]) for p in preds], self.strides, flat.device)
         pred_boxes = dist2bbox(dfl_decode(dist_logits, self.reg_max), points)  # grid units
         if targets_M6.numel() and int(targets_M6[:, 1].max()) >= self.num_classes:
             raise ValueError(
