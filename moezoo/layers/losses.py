@@ -42,6 +42,5 @@ def load_cv(tokens_per_expert_E: Tensor) -> Tensor:
     """Coefficient of variation (population std / mean) of the expert load; 0 when perfectly balanced."""
     load = tokens_per_expert_E.float()
     mean = load.mean()
-    if mean <= 0:
-        return load.new_zeros(())
-    return load.std(unbiased=False) / mean
+    # branch-free (no data-dependent Python control flow), so it traces under torch.compile(fullgraph=True)
+    return torch.where(mean > 0, load.std(unbiased=False) / mean.clamp_min(1e-12), torch.zeros_like(mean))
