@@ -19,10 +19,12 @@ checkpoint written with any number of processes loads with any other, and in a p
 
 from __future__ import annotations
 
+import atexit
 import datetime
 from collections.abc import Callable
 from typing import Any
 
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
@@ -81,6 +83,7 @@ class ExpertParallelStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         """After the process group exists: build the EP groups, shard the experts, hide them from DDP."""
         super().setup_environment()
+        _destroy_at_exit()
         module = self.lightning_module
         assert module is not None
         world = self.world_size
@@ -154,3 +157,14 @@ class ExpertParallelStrategy(DDPStrategy):
             for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"])
         ]
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
+
+
+_DESTROY_REGISTERED: list[bool] = []
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process groups before interpreter shutdown (Lightning does it for NCCL only): gloo's worker
+    threads otherwise outlive the interpreter and can abort a finished run with SIGABRT at exit."""
+    if not _DESTROY_REGISTERED:
+        atexit.register(_destroy_dist_connection)
+        _DESTROY_REGISTERED.append(True)

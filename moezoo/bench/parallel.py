@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         f"MoE layer T={args.tokens}/rank D={args.dim} F={args.ffn_dim} E={args.experts} K={args.top_k} "
         f"router={args.router}, {args.world} gloo processes on 127.0.0.1, 1 thread each"
     )
-    print("| setting | ms/step (rank 0) | ms/step (slowest rank) | all_to_all MiB/step | all_reduce MiB/step |")
+    print("| setting | ms/step (rank 0) | ms/step (slowest rank) | all_to_all bytes/step | all_reduce bytes/step |")
     print("| --- | ---: | ---: | ---: | ---: |")
     table = []
     for name in order:
@@ -131,13 +131,13 @@ def main(argv: list[str]) -> int:
             setting=name,
             ms_rank0=ranks[0]["ms"],
             ms_slowest=max(r["ms"] for r in ranks),
-            all_to_all_mib=max(r["all_to_all"] for r in ranks) / 2**20,
-            all_reduce_mib=max(r["all_reduce"] for r in ranks) / 2**20,
+            all_to_all_bytes=int(max(r["all_to_all"] for r in ranks)),
+            all_reduce_bytes=int(max(r["all_reduce"] for r in ranks)),
         )
         table.append(row)
         print(
-            f"| {name} | {row['ms_rank0']:.1f} | {row['ms_slowest']:.1f} | {row['all_to_all_mib']:.3f} "
-            f"| {row['all_reduce_mib']:.3f} |"
+            f"| {name} | {row['ms_rank0']:.1f} | {row['ms_slowest']:.1f} | {row['all_to_all_bytes']:,} "
+            f"| {row['all_reduce_bytes']:,} |"
         )
     if args.json is not None:
         args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=table), indent=2))
