@@ -14,6 +14,7 @@ The task code lives in :mod:`moezoo.tasks.speech` (imported lazily, as the CLI d
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -175,7 +176,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--root", default=None, help="corpus cache root")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--no-ood", action="store_true", help="skip the pocketsphinx-testdata recordings")
+    parser.add_argument("--json", default=None, help="also write the per-run results to this JSON file")
+    parser.add_argument("--merge", nargs="+", default=None, help="only print one table from earlier --json files")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     args.steps = args.steps or (120 if args.quick else 1500)
     args.preset = args.preset or ("quick" if args.quick else "default")
     args.batch_size = args.batch_size or (8 if args.quick else 16)
@@ -215,6 +220,15 @@ def main(argv: list[str]) -> int:
                 f"WER {100 * res['test_wer']:.1f}%, {res['train_s']:.0f} s",
                 flush=True,
             )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "merge"}, "results": results}, f)
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict[str, list[dict[str, float]]]) -> None:
+    """Markdown table, mean +- std over seeds, and each variant's WER relative to Switch."""
     header = "| variant | params total / active | " + " | ".join(c[1] for c in COLUMNS) + " |"
     print("\n" + header)
     print("|" + "---|" * (len(COLUMNS) + 2))
@@ -226,6 +240,18 @@ def main(argv: list[str]) -> int:
     if "switch" in base and base["switch"] > 0:
         rel = ", ".join(f"{k} {100 * (v / base['switch'] - 1):+.1f}%" for k, v in base.items() if k != "switch")
         print(f"\nWER relative to Switch (mean over seeds): {rel}")
+
+
+def merge(paths: list[str]) -> int:
+    """Print one table from the ``--json`` files of runs made separately (e.g. one process per variant/seed)."""
+    results: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for path in paths:
+        with open(path) as f:
+            record = json.load(f)
+        print(f"{path}: {record['settings']}")
+        for variant, runs in record["results"].items():
+            results[variant].extend(runs)
+    print_table(results)
     return 0
 
 
