@@ -12,8 +12,9 @@ Printed per variant: mean +- std over seeds of mAP, mAP50 and AR100 per domain, 
 image, inference throughput (images/s, batch 32, this CPU, median of repeats; compare within one run only), and
 for mixtures the mean routing weight of each expert per domain (averaged over the three scales).
 
-``--quick``: debug-size models, 250 steps of 32, 1024 training and 300 test canvases, lr 3e-3 (about 5 CPU minutes
-for the four default variants and two seeds on one thread).
+``--quick``: debug-size models, 150 steps of 16, 512 training and 200 test canvases, lr 3e-3 (a few CPU minutes
+for the four default variants and two seeds on one thread). Runs can be split across processes (``--variants``,
+``--seeds``, ``--json``) and their tables merged with ``--merge A.json B.json ...``.
 This module needs the detection task package (``moezoo.tasks.detection``) and ``pycocotools``.
 """
 
@@ -39,7 +40,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moezoo bench detection", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="debug models, 250 steps, 1024 canvases, lr 3e-3")
+    p.add_argument("--quick", action="store_true", help="debug models, 150 steps of 16, 512/200 canvases")
     p.add_argument("--variants", default="dense,wide4,moe2,moe4", help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--size", default="nano", choices=("debug", "nano", "tiny"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -52,9 +53,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-test", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="also write every run's numbers to this file")
+    p.add_argument("--merge", nargs="+", default=None, help="print one table from the --json files of earlier runs")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.steps, args.num_train, args.num_test, args.lr = "debug", 250, 1024, 300, 3e-3
+        args.size, args.steps, args.num_train, args.num_test = "debug", 150, 512, 200
+        args.batch_size, args.lr = 16, 3e-3
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
@@ -187,6 +190,14 @@ def report(runs: list[dict[str, Any]], domains: tuple[str, ...]) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.merge:
+        runs = []
+        for path in args.merge:
+            with open(path) as f:
+                runs.extend(json.load(f)["runs"])
+        domains = tuple(dict.fromkeys(k.split("_", 1)[1] for r in runs for k in r["metrics"] if "_" in k))
+        print(report(runs, domains or ("all",)))
+        return 0
     torch.set_num_threads(args.threads)
     from moezoo.tasks.detection.data import CanvasDataModule
 
