@@ -19,6 +19,11 @@ from moezoo.tasks.base import MoETask
 from moezoo.tasks.speech.text import CharVocab, ctc_greedy_decode, edit_counts
 
 
+def _zero_counts() -> list[int]:
+    """(character edits, reference characters, word edits, reference words)."""
+    return [0, 0, 0, 0]
+
+
 def encoder_frame_labels(lid_BT: Tensor, num_frames: int) -> Tensor:
     """10 ms frame labels -> encoder-frame labels (every 4th frame, offset 1 toward the centre): (B, L)."""
     idx_L = (torch.arange(num_frames, device=lid_BT.device) * 4 + 1).clamp(max=lid_BT.shape[1] - 1)
@@ -62,7 +67,7 @@ class SpeechRecognitionTask(MoETask):
         self.augment = torchaudio.transforms.SpecAugment(
             n_time_masks=num_time_masks, time_mask_param=20, n_freq_masks=2, freq_mask_param=15, zero_masking=True
         )
-        self.errors: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self.errors: dict[str, list[int]] = defaultdict(_zero_counts)
 
     def forward(self, features: Tensor, lengths: Tensor | None = None) -> Tensor:
         return self.model(features, lengths)
