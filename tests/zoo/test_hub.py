@@ -4,6 +4,7 @@ a corrupted file rejected, offline misses, and loading through ``create_model(..
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -117,6 +118,9 @@ def test_download_success_then_cache_hit(server: tuple[str, ServerState]) -> Non
     assert path == hub.checkpoint_dir() / "w.safetensors"
     assert path.read_bytes() == PAYLOAD
     assert _cache_listing() == ["w.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert _fetch(cfg) == path
     assert len(state.requests) == 1, "a verified cache entry must not be downloaded again"
     assert _fetch(cfg, offline=True) == path
