@@ -3,8 +3,10 @@
 For each horizon H and seed, every variant is trained with the forecasting task of ``moezoo fit`` (same data
 module, loss, optimiser and schedule) on the standard protocol (12/4/4 months, scaler fitted on train, look-back
 L): the weights of the epoch with the lowest validation MSE are restored and evaluated on the whole test split.
-Printed: test MSE and MAE on the normalised scale (mean ± std over seeds), training wall time, the test expert-load
-CV (mean over MoE layers) and the parameter count, then the average over horizons.
+Printed: test MSE and MAE on the normalised scale (mean ± std over seeds), the wall time of ``fit`` (training and
+per-epoch validation), the test expert-load CV (mean over MoE layers) and the parameter count, then the average
+over horizons. On a shared, oversubscribed CPU pass ``--threads 1``: two intra-op threads that wait on each other
+cost ~10x the CPU time per step there.
 
 Variants (all ``moe_patchtst_tiny``, active FFN width 128 = PatchTST's ETTh1 ``d_ff``):
 
