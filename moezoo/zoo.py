@@ -440,7 +440,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'name':36s} {'domain':10s} {'metric':22s} {'active/total params':>22s} {'bytes':>10s}  available")
     for name in names:
         cfg = get_pretrained_cfg(name)
-        where = [u.split("://")[0] for u in cfg.urls if (p := hub.local_path(u)) is not None and p.is_file()]
+        local = [u for u in cfg.urls if (p := hub.local_path(u)) is not None and p.is_file()]
+        where = ["shipped" if u.startswith(f"{hub.PACKAGE_SCHEME}://") else "file" for u in local]
         if (hub.checkpoint_dir() / cfg.file).is_file():
             where.append("cache")
         params = f"{cfg.params.get('active', 0):,}/{cfg.params.get('total', 0):,}"

@@ -317,7 +317,9 @@ def fetch(
             failures.append(str(err))
         except DownloadError as err:
             failures.append(str(err))
-    detail = "\n  ".join(failures) or "no sources registered"
+    if not network:
+        failures.append(f"no network source is registered for it (add one with {ENV_MIRRORS}=https://host/folder)")
+    detail = "\n  ".join(failures)
     error = ChecksumError if corrupt else DownloadError
     raise error(f"could not obtain a verified copy of {cfg.file} (sha256 {cfg.sha256}):\n  {detail}")
 

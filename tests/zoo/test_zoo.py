@@ -141,6 +141,6 @@ def test_bad_names_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path
 def test_list_and_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in RELEASES) and "moezoo" in out
+    assert all(name in out for name in RELEASES) and "shipped" in out
     assert main(["info", RELEASES[0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sha256"] == get_pretrained_cfg(RELEASES[0]).sha256
