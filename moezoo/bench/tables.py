@@ -352,6 +352,68 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
             writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
 
 
+# -- released checkpoints --------------------------------------------------------------------------------------
+HEADLINE_METRICS = {  # test metric -> higher is better; the first one a release has is its quality column
+    "test/acc": True, "test/map": True, "test/mAP": True, "test/map50": True, "test/wer": False, "test/cer": False,
+    "test/mse": False, "test/mae": False, "test/fd": False, "test/fd_fmnist": False,
+}  # fmt: skip
+
+
+def zoo_rows(evaluate: bool = True) -> list[dict[str, Any]]:
+    """One row per released checkpoint; ``evaluate`` reruns ``moezoo zoo eval`` and uses (and checks) its numbers."""
+    from moezoo.models import get_pretrained_cfg, list_models
+    from moezoo.zoo import compare, run_evaluation
+
+    rows = []
+    for name in list_models(pretrained=True):
+        cfg = get_pretrained_cfg(name)
+        metrics, routing = dict(cfg.metrics), dict(cfg.routing)
+        status = "registered"
+        if evaluate:
+            metrics, evaluated = run_evaluation(cfg)
+            routing["layers"] = evaluated.get("layers", [])
+            bad = [line.split()[0] for line in compare(cfg.metrics, metrics, cfg.tolerance) if line.endswith("FAIL")]
+            status = f"eval differs from card: {bad}" if bad else "eval reproduces card"
+        key = next((k for k in HEADLINE_METRICS if k in metrics), None)
+        layers = routing.get("layers", [])
+        row: dict[str, Any] = {
+            "name": name, "domain": cfg.domain, "metric_name": key, "metric": metrics.get(key) if key else None,
+            "higher_is_better": HEADLINE_METRICS.get(key or "", True), "dense_twin": cfg.dense_twin,
+            "active_params": cfg.params.get("active"), "total_params": cfg.params.get("total"),
+            "expert_load_cv": sum(x["load_cv"] for x in layers) / len(layers) if layers else None,
+            "dropped_frac": metrics.get("test/dropped_frac") if layers else None, "status": status,
+        }  # fmt: skip
+        rows.append(row)
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        twin = by_name.get(r["dense_twin"])
+        ok = twin is not None and r["metric"] is not None and twin["metric_name"] == r["metric_name"]
+        r["dense_delta"] = float(r["metric"]) - float(twin["metric"]) if ok and twin is not None else None
+    return rows
+
+
+def zoo_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "### Released checkpoints",
+        "",
+        "Rerun by `moezoo zoo eval NAME` inside this command (weights shipped in `moezoo/weights/`, cards in "
+        "`model_cards/`).",
+        "",
+        "| release | domain | quality | dense-twin delta | active / total params | expert-load CV | dropped | eval |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        quality = "-" if r["metric"] is None else f"{r['metric_name'].split('/')[-1]} {arrow} {r['metric']:.4f}"
+        delta = "-" if r["dense_delta"] is None else f"{r['dense_delta']:+.4f}"
+        lines.append(
+            f"| `{r['name']}` | {r['domain']} | {quality} | {delta} "
+            f"| {r['active_params'] / 1e6:.3f}M / {r['total_params'] / 1e6:.3f}M | {_num(r['expert_load_cv'], '.3f')} "
+            f"| {_num(r['dropped_frac'], '.3f')} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # -- plots ------------------------------------------------------------------------------------------------------
 def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
     """Quality vs active parameters (one panel per domain), expert-load heatmaps and routing specialisation."""
@@ -418,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results/tables", help="results folder")
     parser.add_argument("--domains", default="", help="comma-separated subset of domains (default: all)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per domain benchmark")
+    parser.add_argument("--no-zoo", action="store_true", help="skip re-evaluating the released checkpoints")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "moezoo bench tables" + (" --full" if args.full else "")
     write_csv(rows, out / "tables.csv")
     text = markdown(rows, runs, missing, others, settings, command)
+    if not args.no_zoo:
+        released = zoo_rows()
+        text += "\n" + zoo_markdown(released)
+        (out / "zoo.json").write_text(json.dumps(released, indent=2) + "\n")
     figures = plot_all(runs, rows, out)
     if figures:
         text += "\n" + "\n".join(f"![{f[:-4]}]({f})" for f in figures) + "\n"

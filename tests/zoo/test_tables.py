@@ -99,3 +99,14 @@ def test_dense_model_has_no_routing_stats() -> None:
     assert (
         tables.routing_stats(model.forward_with_aux, [(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))], "ab", "c") == {}
     )
+
+
+def test_released_checkpoints_table() -> None:
+    rows = {r["name"]: r for r in tables.zoo_rows(evaluate=False)}
+    moe, dense = rows["moe_vit_tiny.digits"], rows["moe_vit_tiny.digits_dense"]
+    assert moe["metric_name"] == "test/acc" and moe["higher_is_better"]
+    assert moe["dense_delta"] == pytest.approx(moe["metric"] - dense["metric"])
+    assert dense["dense_delta"] is None and dense["expert_load_cv"] is None
+    assert moe["expert_load_cv"] > 0 and moe["active_params"] < moe["total_params"]
+    text = tables.zoo_markdown(list(rows.values()))
+    assert f"| `moe_vit_tiny.digits` | vision | acc ↑ {moe['metric']:.4f} | {moe['dense_delta']:+.4f} |" in text
