@@ -1,129 +1,380 @@
-"""``moezoo bench vision [--quick] [--tables-json PATH]``: ViT-MoE routers and their dense twin on scikit-learn digits.
+"""``moezoo bench vision [--quick|--full] [--seeds 0,1] [--tables dit,router] [--json PATH]``.
 
-Each row trains ``moe_vit_tiny`` at the settings of ``configs/vision/digits_moe_vit.yaml`` (8 experts, top-2,
-every other block; AdamW lr 2e-3, weight decay 0.05, label smoothing 0.1, batch 64, seed 0) for ``--epochs``
-epochs and reports, on the seeded test split (359 images): accuracy of the final weights, parameters active per
-token and total, training throughput (images/s over the timed optimiser steps), inference throughput (median
-images/s in eval mode, batch 256), expert-load CV, dropped fraction and the class x expert routing shares.
+Two tables on Fashion-MNIST, each row the mean +- std over the seeds:
 
-``--quick``: the top-k MoE and its dense twin, 20 epochs each. Default (full): every built-in router (top-k, expert
-choice, Sinkhorn, loss-free sigmoid, ReLU, Soft MoE) and the dense twin, 150 epochs each (the config's schedule).
-Output follows the contract of :mod:`moezoo.bench.tables`.
+(a) DiT generation: the dense twin, softmax top-2 token choice, expert choice and ProMoE ``moe_dit`` at equal
+    active FFN width per token and equal training steps (``configs/vision/dit_fmnist_{dense,topk,expert_choice,
+    promoe}.yaml``: model, objective, sampler, guidance, EMA, learning rate). Columns: FD-FMNIST (Frechet distance
+    in the feature space of the shipped Fashion-MNIST CNN, against the 10k test images; not FID), the CNN's
+    accuracy on class-conditional samples, routing purity (share of each class's tokens on its most used expert,
+    each token counted on its primary expert, averaged over the MoE layers, measured with the EMA weights on 1000
+    noisy test images at seeded random times), expert-load CV and training throughput (images/s, wall clock).
+(b) The ViT router study (``configs/vision/fmnist_vit_*.yaml``): top-k token choice, V-MoE batch-prioritized
+    routing, expert choice, Sinkhorn, sigmoid with loss-free balancing, Soft MoE and the dense twin at the same
+    active compute. Columns: test accuracy, training throughput, expert-load CV and dropped-token fraction on the
+    test images.
+
+Training loops are plain PyTorch (the tasks' ``compute_loss``, their optimiser groups and warmup-cosine schedule,
+router state updates and EMA as in ``fit``), seeded per row. ``--quick`` (the default) is a short smoke of both
+tables that fits a shared 2-core CPU; ``--full`` uses the configs' step counts. ``--json PATH`` writes table (b)
+in the ``moezoo bench tables`` format and table (a) beside it as ``PATH`` with suffix ``.dit.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
-
-from moezoo.bench.tables import BenchRow, inference_throughput, routing_stats, write_domain_json
+from torch import Tensor, nn
 
 DOMAIN = "vision"
-MODEL = "moe_vit_tiny"
-MODEL_KWARGS: dict[str, Any] = dict(
-    img_size=8, patch_size=2, in_chans=1, num_classes=10, dim=64, depth=4, num_heads=4, num_experts=8, top_k=2
-)
-QUICK_ROUTERS = ("topk", "dense")
-FULL_ROUTERS = ("topk", "expert_choice", "sinkhorn", "sigmoid_lossfree", "relu", "soft", "dense")
-QUICK_EPOCHS, FULL_EPOCHS = 20, 150
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "vision"
+DIT_VARIANTS = ("dense", "topk", "expert_choice", "promoe")
+VIT_VARIANTS = ("topk", "bpr", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense")
 
 
-def run_one(router: str, epochs: int, seed: int = 0) -> BenchRow:
-    """Train one model (a router, or ``"dense"`` for the twin) and measure it."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
+@dataclass(frozen=True)
+class Settings:
+    dit_steps: int
+    dit_batch: int
+    eval_samples: int
+    sampling_steps: int | None  # None: the config's
+    vit_steps: int | None  # None: the config's epochs
+    vit_batch: int | None  # None: the config's
+    test_images: int
+    seeds: tuple[int, ...]
 
-    from moezoo.tasks.vision import DigitsDataModule, ImageClassificationTask
-    from moezoo.zoo import count_params
 
-    class StepTimer(Callback):
-        def __init__(self) -> None:
-            self.seconds = 0.0
-            self.samples = 0
-            self._start = 0.0
+QUICK = Settings(dit_steps=200, dit_batch=32, eval_samples=300, sampling_steps=10, vit_steps=200, vit_batch=64,
+                 test_images=2000, seeds=(0, 1))  # fmt: skip
+FULL = Settings(dit_steps=1000, dit_batch=64, eval_samples=2000, sampling_steps=None, vit_steps=None, vit_batch=None,
+                test_images=10000, seeds=(0, 1, 2))  # fmt: skip
 
-        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
-            self._start = time.perf_counter()
 
-        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.seconds += time.perf_counter() - self._start
-            self.samples += int(batch[0].shape[0])
+def load_config(name: str) -> dict[str, Any]:
+    """A config of ``configs/vision`` as a plain dict (the bench runs from a source checkout)."""
+    import yaml
 
-    L.seed_everything(seed, verbose=False)
-    kwargs = dict(MODEL_KWARGS, dense=True) if router == "dense" else dict(MODEL_KWARGS, router=router)
-    task = ImageClassificationTask(MODEL, kwargs, lr=0.002, weight_decay=0.05, label_smoothing=0.1)
-    data = DigitsDataModule(batch_size=64, seed=seed)
-    timer = StepTimer()
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(task, datamodule=data)
-    model = task.model.eval()
-    assert data.test_set is not None
-    x_test, y_test = (torch.stack(t) for t in zip(*(data.test_set[i] for i in range(len(data.test_set)))))
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: `moezoo bench vision` reads the configs of a source checkout")
+    return yaml.safe_load(path.read_text())
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token): routed experts count ``top_k / num_experts`` of theirs (Soft MoE all)."""
+    from moezoo.layers import MoE
+
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        if moe.router.kind != "soft":
+            experts = sum(p.numel() for p in moe.experts.parameters())
+            inactive += experts * (1.0 - moe.top_k / moe.num_experts)
+    return total, int(round(total - inactive))
+
+
+def _optimizer(task: Any, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    from moezoo.tasks.base import param_groups, warmup_cosine
+
+    opt = torch.optim.AdamW(param_groups(task.model, task.weight_decay), lr=task.lr)
+    warmup = max(1, int(task.warmup_frac * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup, task.min_lr_ratio))
+    return opt, sched
+
+
+def _train(task: Any, sample_batch: Any, steps: int, after_step: Any) -> tuple[float, float]:
+    """Run ``steps`` optimiser steps of ``task.compute_loss``; return training images per wall second and per
+    CPU second of this process (all threads: steadier than wall time on a shared machine)."""
+    from moezoo.layers import total_aux_loss
+
+    opt, sched = _optimizer(task, steps)
+    task.train()
+    seconds, cpu_seconds, images = 0.0, 0.0, 0
+    for step in range(steps):
+        batch = sample_batch()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss, auxes, _, batch_size = task.compute_loss(batch, "train")
+        aux = total_aux_loss(auxes)
+        if aux is not None:
+            loss = loss + task.aux_loss_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        after_step()
+        if step >= min(3, steps - 1):  # the first steps warm up allocators
+            seconds += time.perf_counter() - start
+            cpu_seconds += time.process_time() - cpu_start
+            images += batch_size
+    return images / max(seconds, 1e-9), images / max(cpu_seconds, 1e-9)
+
+
+# -- (a) DiT generation ----------------------------------------------------------------------------------------------
+def run_dit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -> dict[str, float]:
+    from moezoo.layers import update_router_states
+    from moezoo.tasks.generation import ImageGenerationTask
+    from moezoo.tasks.generation.fd import classifier_outputs, frechet_distance, gaussian_stats
+    from moezoo.tasks.generation.metrics import routing_purity
+
+    init = dict(load_config(f"dit_fmnist_{variant}")["model"]["init_args"])
+    if settings.sampling_steps is not None:
+        init["num_sampling_steps"] = settings.sampling_steps
+    init.update(sample_every_n_steps=0, eval_num_samples=0, sample_seed=seed)
+    torch.manual_seed(seed)
+    task = ImageGenerationTask(**init)
+    x_train, y_train = data["train"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample_batch() -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x_train), (settings.dit_batch,), generator=gen)
+        return x_train[idx], y_train[idx]
+
+    def after_step() -> None:
+        update_router_states(task.model)
+        task.ema.update(task.model)
+
+    throughput, cpu_throughput = _train(task, sample_batch, settings.dit_steps, after_step)
+    task.eval()
+    y = torch.arange(settings.eval_samples) % task.num_classes
+    fakes = torch.cat([task.generate(chunk, seed=1000 * seed + i) for i, chunk in enumerate(y.split(250))])
+    feats, logits = classifier_outputs(data["classifier"], fakes)
+    fd = frechet_distance(*gaussian_stats(feats), *data["real_stats"])
+    acc = float((logits.argmax(-1) == y).float().mean())
+    x_test, y_test = data["test"]
+    purities, cvs = [], []
     with torch.no_grad():
-        acc = float((model(x_test).argmax(-1) == y_test).float().mean())
-    batches = list(zip(x_test.split(128), y_test.split(128)))
-    stats = routing_stats(model.forward_with_aux, batches, [str(c) for c in range(10)], "class")
-    params = count_params(model)
-    return BenchRow(
-        model=MODEL,
-        router=router,
-        metric=acc,
-        active_params=params["active"],
-        total_params=params["total"],
-        train_throughput=timer.samples / max(timer.seconds, 1e-9),
-        infer_throughput=inference_throughput(model, x_test),
-        expert_load_cv=stats.get("expert_load_cv"),
-        dropped_frac=stats.get("dropped_frac"),
-        expert_load=stats.get("expert_load"),
-        specialisation=stats.get("specialisation"),
-        extra={"epochs": epochs, "seed": seed, "test_images": int(x_test.shape[0])},
-    )
+        noise_gen = torch.Generator().manual_seed(seed)
+        for xb, yb in zip(x_test[:1000].split(250), y_test[:1000].split(250)):
+            x_t, t, _ = task.objective.training_example(xb, noise_gen)
+            _, auxes = task.ema.module.forward_with_aux(x_t, t, yb)
+            purity = routing_purity(auxes, yb, task.num_classes)
+            if purity is not None:
+                purities.append(purity)
+            cvs += [float(a.expert_load_cv) for a in auxes]
+    total, active = count_params(task.model)
+    return {
+        "fd_fmnist": fd,
+        "sample_acc": acc,
+        "routing_purity": sum(purities) / len(purities) if purities else math.nan,
+        "expert_load_cv": sum(cvs) / len(cvs) if cvs else math.nan,
+        "train_img_s": throughput,
+        "train_img_cpu_s": cpu_throughput,
+        "total_params": total,
+        "active_params": active,
+    }
+
+
+# -- (b) ViT router study --------------------------------------------------------------------------------------------
+def run_vit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -> dict[str, float]:
+    from moezoo.layers import update_router_states
+    from moezoo.tasks.vision import ImageClassificationTask
+    from moezoo.tasks.vision.data import random_shift
+
+    config = load_config(f"fmnist_vit_{variant}")
+    init = config["model"]["init_args"]
+    data_args = config["data"]["init_args"]
+    batch = settings.vit_batch or int(data_args["batch_size"])
+    x_train, y_train = data["train_vit"]
+    steps = settings.vit_steps or int(config["trainer"]["max_epochs"]) * (len(x_train) // batch)
+    torch.manual_seed(seed)
+    task = ImageClassificationTask(**init)
+    gen = torch.Generator().manual_seed(seed)
+    max_shift, hflip = int(data_args.get("max_shift", 0)), bool(data_args.get("hflip", False))
+
+    def sample_batch() -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x_train), (batch,), generator=gen)
+        xb = random_shift(x_train[idx], max_shift, gen)
+        if hflip:
+            xb = torch.where(torch.rand(batch, 1, 1, 1, generator=gen) < 0.5, xb.flip(-1), xb)
+        return xb, y_train[idx]
+
+    throughput, cpu_throughput = _train(task, sample_batch, steps, lambda: update_router_states(task.model))
+    task.eval()
+    x_test, y_test = data["test_vit"]
+    correct, cvs, dropped = 0, [], []
+    with torch.no_grad():
+        for xb, yb in zip(x_test.split(500), y_test.split(500)):
+            logits, auxes = task.model.forward_with_aux(xb)
+            correct += int((logits.argmax(-1) == yb).sum())
+            cvs += [float(a.expert_load_cv) for a in auxes]
+            dropped += [float(a.dropped_frac) for a in auxes]
+    total, active = count_params(task.model)
+    return {
+        "test_acc": correct / len(y_test),
+        "train_img_s": throughput,
+        "train_img_cpu_s": cpu_throughput,
+        "expert_load_cv": sum(cvs) / len(cvs) if cvs else math.nan,
+        "dropped_frac": sum(dropped) / len(dropped) if dropped else math.nan,
+        "total_params": total,
+        "active_params": active,
+        "steps": steps,
+    }
+
+
+# -- tables ----------------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    digits = 1 if abs(mean) >= 100 else 3
+    return f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+def render(title: str, results: dict[str, list[dict[str, float]]], columns: list[tuple[str, str]]) -> str:
+    lines = [title, "", "| variant | " + " | ".join(h for _, h in columns) + " | active / total params |"]
+    lines.append("|---" * (len(columns) + 2) + "|")
+    for variant, runs in results.items():
+        cells = [_mean_std([r[key] for r in runs]) for key, _ in columns]
+        params = f"{int(runs[0]['active_params'])} / {int(runs[0]['total_params'])}"
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {params} |")
+    return "\n".join(lines)
+
+
+def load_data(settings: Settings, root: str | None, with_classifier: bool) -> dict[str, Any]:
+    from moezoo.tasks.generation.data import fashion_mnist_unit_range
+    from moezoo.tasks.generation.fd import classifier_outputs, gaussian_stats, load_classifier
+    from moezoo.tasks.vision.data import FASHION_MNIST_DEBIAN_ROOT, FashionMNISTDataModule
+
+    folder = Path(root or FASHION_MNIST_DEBIAN_ROOT)
+    data: dict[str, Any] = {"train": fashion_mnist_unit_range(folder, "train")}
+    x_test, y_test = fashion_mnist_unit_range(folder, "test")
+    data["test"] = (x_test, y_test)
+    data["train_vit"] = FashionMNISTDataModule.load_split(folder, "train")
+    x_vit, y_vit = FashionMNISTDataModule.load_split(folder, "test")
+    data["test_vit"] = (x_vit[: settings.test_images], y_vit[: settings.test_images])
+    if with_classifier:
+        data["classifier"] = load_classifier()
+        feats, _ = classifier_outputs(data["classifier"], x_test)
+        data["real_stats"] = gaussian_stats(feats)
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moezoo bench vision", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="top-k and dense, 20 epochs (default: all, 150)")
-    parser.add_argument("--tables-json", default=None, help="write the result here (moezoo bench tables format)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the epochs of the chosen settings")
-    parser.add_argument("--routers", default=None, help="comma-separated routers (and/or 'dense') to run")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="short smoke of both tables (the default)")
+    mode.add_argument("--full", action="store_true", help="the configs' step counts, 3 seeds")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (>= 2 for a std)")
+    parser.add_argument("--tables", default="dit,router", help="which tables: dit, router or both")
+    parser.add_argument("--dit", default=",".join(DIT_VARIANTS), help=f"DiT variants, from {DIT_VARIANTS}")
+    parser.add_argument("--routers", default=",".join(VIT_VARIANTS), help=f"ViT variants, from {VIT_VARIANTS}")
+    parser.add_argument("--dit-steps", type=int, default=None, help="override the DiT training steps")
+    parser.add_argument("--vit-steps", type=int, default=None, help="override the ViT training steps")
+    parser.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per worker (1: no spin-waiting on a shared machine)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="run the (variant, seed) jobs in N processes")
+    parser.add_argument("--json", default=None, help="write table (b) here (moezoo bench tables format)")
     args = parser.parse_args(argv)
-    routers = args.routers.split(",") if args.routers else (QUICK_ROUTERS if args.quick else FULL_ROUTERS)
-    epochs = args.epochs or (QUICK_EPOCHS if args.quick else FULL_EPOCHS)
-    if epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {epochs}")
-    from moezoo.layers import ROUTERS
+    settings = FULL if args.full else QUICK
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.dit_steps is not None:
+        settings = replace(settings, dit_steps=args.dit_steps)
+    if args.vit_steps is not None:
+        settings = replace(settings, vit_steps=args.vit_steps)
+    tables = set(args.tables.split(","))
+    dit_variants, vit_variants = args.dit.split(","), args.routers.split(",")
+    for name, chosen, allowed in (("--tables", tables, ("dit", "router")), ("--dit", dit_variants, DIT_VARIANTS),
+                                  ("--routers", vit_variants, VIT_VARIANTS)):  # fmt: skip
+        unknown = sorted(set(chosen) - set(allowed))
+        if unknown:
+            raise ValueError(f"{name}: {unknown} are not allowed; choose from {list(allowed)}")
+    if min(settings.dit_steps, settings.vit_steps or 1) < 1:
+        raise ValueError(f"steps must be >= 1, got dit={settings.dit_steps}, vit={settings.vit_steps}")
+    torch.set_num_threads(args.threads)
+    mode_name = "full" if args.full else "quick"
+    print(f"moezoo bench vision ({mode_name}): {settings}", flush=True)
+    jobs = [("dit", v, s) for v in dit_variants for s in settings.seeds] if "dit" in tables else []
+    jobs += [("router", v, s) for v in vit_variants for s in settings.seeds] if "router" in tables else []
+    init = (settings, args.root, "dit" in tables, args.threads)
+    results: dict[str, dict[str, list[dict[str, float]]]] = {"dit": {}, "router": {}}
+    if args.workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    unknown = [r for r in routers if r != "dense" and r not in ROUTERS]
-    if unknown:
-        raise ValueError(f"--routers {unknown} are not registered; choose from {sorted(ROUTERS)} or 'dense'")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    rows = []
-    for router in routers:
-        start = time.perf_counter()
-        row = run_one(router, epochs)
-        rows.append(row)
-        print(
-            f"{router:18s} acc={row.metric:.4f} active/total={row.active_params}/{row.total_params} "
-            f"train={row.train_throughput:.0f}/s infer={row.infer_throughput:.0f}/s "
-            f"cv={row.expert_load_cv if row.expert_load_cv is not None else '-'} "
-            f"({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
-    if args.tables_json:
-        write_domain_json(
-            args.tables_json, DOMAIN, "quick" if args.quick else "full",
-            f"scikit-learn digits (8x8, 10 classes), seeded split, {rows[0].extra['test_images']} test images",
-            "acc", True, "images/s", rows,
-        )  # fmt: skip
+        with ProcessPoolExecutor(args.workers, mp.get_context("spawn"), _init_worker, init) as pool:
+            done = list(pool.map(_run_job, jobs))
+    else:
+        _init_worker(*init)
+        done = [_run_job(job) for job in jobs]
+    for (table, variant, _), row in zip(jobs, done):
+        results[table].setdefault(variant, []).append(row)
+    out = []
+    if "dit" in tables:
+        title = (f"(a) DiT-MoE on Fashion-MNIST: {settings.dit_steps} steps x batch {settings.dit_batch}, "
+                 f"{settings.eval_samples} samples, seeds {list(settings.seeds)}")  # fmt: skip
+        columns = [("fd_fmnist", "FD-FMNIST (lower better)"), ("sample_acc", "sample acc"),
+                   ("routing_purity", "routing purity"), ("expert_load_cv", "load CV"),
+                   ("train_img_s", "train img/s"), ("train_img_cpu_s", "train img/CPU-s")]  # fmt: skip
+        out.append(render(title, results["dit"], columns))
+        if args.json:
+            _write_json(Path(args.json).with_suffix(".dit.json"), "dit", mode_name, settings, results["dit"])
+    if "router" in tables:
+        steps = next(iter(results["router"].values()))[0]["steps"]
+        title = (f"(b) ViT router study on Fashion-MNIST: {int(steps)} steps, {settings.test_images} test images, "
+                 f"seeds {list(settings.seeds)}")  # fmt: skip
+        columns = [("test_acc", "test acc"), ("train_img_s", "train img/s"), ("train_img_cpu_s", "train img/CPU-s"),
+                   ("expert_load_cv", "load CV"), ("dropped_frac", "dropped")]  # fmt: skip
+        out.append(render(title, results["router"], columns))
+        if args.json:
+            _write_json(Path(args.json), "router", mode_name, settings, results["router"])
+    print("\n\n".join(out), flush=True)
     return 0
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(settings: Settings, root: str | None, with_classifier: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(settings=settings, data=load_data(settings, root, with_classifier))
+
+
+def _run_job(job: tuple[str, str, int]) -> dict[str, float]:
+    table, variant, seed = job
+    start = time.perf_counter()
+    run = run_dit if table == "dit" else run_vit
+    row = run(variant, seed, _WORKER["settings"], _WORKER["data"])
+    print(f"{table} {variant:16s} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items())
+          + f" ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    return row
+
+
+def _write_json(
+    path: Path, table: str, mode: str, settings: Settings, results: dict[str, list[dict[str, float]]]
+) -> None:
+    """Seed-averaged rows in the ``moezoo bench tables`` format (:func:`moezoo.bench.tables.write_domain_json`)."""
+    from moezoo.bench.tables import BenchRow, write_domain_json
+
+    metric = "test_acc" if table == "router" else "fd_fmnist"
+    rows = []
+    for variant, runs in results.items():
+        mean = {k: statistics.fmean(float(r[k]) for r in runs) for k in runs[0]}
+        cv = None if variant == "dense" or math.isnan(mean["expert_load_cv"]) else mean["expert_load_cv"]
+        dropped = mean.get("dropped_frac", 0.0)
+        dropped = None if variant == "dense" or math.isnan(dropped) else dropped
+        model = "moe_vit_tiny" if table == "router" else "moe_dit_tiny"
+        extra = {k: v for k, v in mean.items() if k not in ("total_params", "active_params")}
+        extra["seeds"] = list(settings.seeds)
+        rows.append(BenchRow(model, variant, mean[metric], int(mean["active_params"]), int(mean["total_params"]),
+                             mean["train_img_s"], None, cv, dropped, extra=extra))  # fmt: skip
+    dataset = "Fashion-MNIST (IDX files), 28x28, 10 classes"
+    if table == "router":
+        write_domain_json(path, DOMAIN, mode, dataset, "acc", True, "images/s", rows)
+    else:
+        write_domain_json(path, "vision_generation", mode, dataset, "fd_fmnist", False, "images/s", rows)
 
 
 if __name__ == "__main__":

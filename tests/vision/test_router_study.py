@@ -1,0 +1,77 @@
+"""The Fashion-MNIST router study: one config per router at equal active compute; the CPU-time budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from moezoo.bench.vision import VIT_VARIANTS, count_params, render
+from moezoo.layers import MoE
+from moezoo.models import create_model
+from moezoo.tasks.vision.study import CPUTimeBudget
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vision"
+ROUTER_KEYS = ("router", "router_kwargs", "dense")
+
+
+def _model_kwargs(variant: str) -> dict:
+    config = yaml.safe_load((CONFIGS / f"fmnist_vit_{variant}.yaml").read_text())
+    return config["model"]["init_args"]["model_kwargs"]
+
+
+def test_every_router_of_the_study_has_a_config_that_differs_only_in_routing():
+    base = {k: v for k, v in _model_kwargs("topk").items() if k not in ROUTER_KEYS}
+    routers = set()
+    for variant in VIT_VARIANTS:
+        kwargs = _model_kwargs(variant)
+        assert {k: v for k, v in kwargs.items() if k not in ROUTER_KEYS} == base, variant
+        routers.add("dense" if kwargs.get("dense") else kwargs["router"])
+    assert routers == {"topk", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense"}
+    assert _model_kwargs("bpr")["router_kwargs"]["drop_policy"] == "batch_priority"
+
+
+def test_the_study_is_at_equal_active_compute():
+    models = {v: create_model("moe_vit_tiny", **_model_kwargs(v)) for v in VIT_VARIANTS}
+    dense_active = count_params(models["dense"])[1]
+    tokens = (28 // 4) ** 2 + 1
+    for variant, model in models.items():
+        moes = [m for m in model.modules() if isinstance(m, MoE)]
+        if variant == "dense":
+            continue
+        assert len(moes) == 2
+        for moe in moes:
+            assert moe.active_ffn_dim == 2 * 128
+            if moe.router.kind == "soft":  # E * S slot passes per image vs K * L token passes for top-2
+                slots = moe.num_experts * moe.router.slots_per_expert
+                assert abs(slots - 2 * tokens) / (2 * tokens) < 0.05
+        if variant != "soft":  # the routers' gates (and bias buffers) are the only extra active weights
+            gates = sum(m.router.gate.weight.numel() for m in moes)
+            assert count_params(model)[1] - dense_active == pytest.approx(gates, abs=2)
+
+
+def test_cpu_time_budget_stops_training_and_rejects_bad_budgets():
+    budget = CPUTimeBudget(max_cpu_minutes=0.001)  # 60 ms
+    trainer = SimpleNamespace(should_stop=False, global_step=1)
+    budget.on_train_start(trainer, None)
+    budget.on_train_batch_end(trainer, None)
+    assert not trainer.should_stop
+    start = time.process_time()
+    while time.process_time() - start < 0.1:
+        sum(range(1000))
+    budget.on_train_batch_end(trainer, None)
+    assert trainer.should_stop
+    with pytest.raises(ValueError, match="max_cpu_minutes"):
+        CPUTimeBudget(0)
+
+
+def test_bench_table_reports_mean_and_std_over_seeds():
+    runs = {
+        "topk": [dict(acc=0.8, active_params=10, total_params=20), dict(acc=0.9, active_params=10, total_params=20)]
+    }
+    table = render("t", runs, [("acc", "test acc")])
+    assert f"0.850 +- {math.sqrt(0.005):.3f}" in table and "10 / 20" in table
