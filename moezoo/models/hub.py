@@ -243,6 +243,7 @@ def download_hf(url: str, dest: Path, sha256: str, num_bytes: int | None = None)
         raise ValueError(f"url {url!r} must look like hf://<owner>/<repo>[@<revision>]/<filename>")
     repo, _, revision = "/".join(parts[:2]).partition("@")
     filename = "/".join(parts[2:])
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as folder, _temporary_beside(dest) as tmp:
         try:
             got = hf_hub_download(repo, filename, revision=revision or None, local_dir=folder)

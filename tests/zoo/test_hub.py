@@ -232,3 +232,26 @@ def test_create_model_pretrained_over_http(
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=0)
     assert len(state.requests) == 1
+
+
+def test_hf_hub_source_is_verified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hf://owner/repo@rev/file`` goes through huggingface_hub (faked here: no network) and is verified."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+    body = {"data": PAYLOAD}
+
+    def fake_download(repo_id: str, filename: str, revision: str | None = None, local_dir: str = ".") -> str:
+        calls.append((repo_id, filename, revision))
+        path = Path(local_dir) / filename
+        path.write_bytes(body["data"])
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    cfg = _cfg(["hf://owner/repo@v1/w.safetensors"])
+    assert _fetch(cfg).read_bytes() == PAYLOAD
+    assert calls == [("owner/repo", "w.safetensors", "v1")]
+    (hub.checkpoint_dir() / "w.safetensors").unlink()
+    body["data"] = PAYLOAD[::-1]
+    with pytest.raises(hub.ChecksumError, match="hf://owner/repo@v1/w.safetensors"):
+        _fetch(cfg)
+    assert _cache_listing() == []
