@@ -52,8 +52,8 @@ class Settings:
     seeds: tuple[int, ...]
 
 
-QUICK = Settings(dit_steps=200, dit_batch=32, eval_samples=300, sampling_steps=10, vit_steps=200, vit_batch=64,
-                 test_images=2000, seeds=(0, 1))  # fmt: skip
+QUICK = Settings(dit_steps=100, dit_batch=32, eval_samples=200, sampling_steps=8, vit_steps=100, vit_batch=64,
+                 test_images=1000, seeds=(0, 1))  # fmt: skip
 FULL = Settings(dit_steps=1000, dit_batch=64, eval_samples=2000, sampling_steps=None, vit_steps=None, vit_batch=None,
                 test_images=10000, seeds=(0, 1, 2))  # fmt: skip
 
@@ -363,10 +363,10 @@ def _write_json(
     for variant, runs in results.items():
         mean = {k: statistics.fmean(float(r[k]) for r in runs) for k in runs[0]}
         cv = None if variant == "dense" or math.isnan(mean["expert_load_cv"]) else mean["expert_load_cv"]
-        dropped = mean.get("dropped_frac", 0.0)
-        dropped = None if variant == "dense" or math.isnan(dropped) else dropped
+        dropped_mean = mean.get("dropped_frac", 0.0)
+        dropped = None if variant == "dense" or math.isnan(dropped_mean) else dropped_mean
         model = "moe_vit_tiny" if table == "router" else "moe_dit_tiny"
-        extra = {k: v for k, v in mean.items() if k not in ("total_params", "active_params")}
+        extra: dict[str, Any] = {k: v for k, v in mean.items() if k not in ("total_params", "active_params")}
         extra["seeds"] = list(settings.seeds)
         rows.append(BenchRow(model, variant, mean[metric], int(mean["active_params"]), int(mean["total_params"]),
                              mean["train_img_s"], None, cv, dropped, extra=extra))  # fmt: skip

@@ -50,9 +50,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ffn = ffn
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
+        ada = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(ada.weight)
+        nn.init.zeros_(ada.bias)
+        self.ada = nn.Sequential(nn.SiLU(), ada)
 
     def forward(self, x_BLD: Tensor, c_BD: Tensor, auxes: list[MoEAux], side: Mapping[str, Tensor]) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c_BD).chunk(6, dim=-1)
@@ -130,11 +131,12 @@ class MoEDiT(nn.Module):
             DiTBlock(dim, num_heads, build_ffn(dim, ffn_dim, activation, self.spec, i)) for i in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        final_ada = nn.Linear(dim, 2 * dim)
+        self.final_ada = nn.Sequential(nn.SiLU(), final_ada)
         self.final = nn.Linear(dim, patch_size * patch_size * in_chans)
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.y_embed.weight, std=0.02)
-        for layer in (self.final_ada[1], self.final):
+        for layer in (final_ada, self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
