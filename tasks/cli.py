@@ -16,6 +16,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from moezoo.parallel import num_parameters
+
 
 def import_domains() -> list[str]:
     """Import every domain package of ``moezoo.tasks`` so that configs can name their classes."""
@@ -47,7 +49,7 @@ class MoEZooCLI(LightningCLI):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: on every rank
         if results and self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in results[0].items()}
-            metrics["params/total"] = float(sum(p.numel() for p in self.model.parameters()))
+            metrics["params/total"] = float(num_parameters(self.model))  # sharded experts at full size
             write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
 
 

@@ -52,6 +52,7 @@ def test_ep2_layer_equals_single_process(rank_results, case):
         assert got["sharded"] == [""], "the layer itself was not sharded"
         num_experts = build(case).num_experts
         assert got["local_expert_shape"][0] == num_experts // WORLD
+        assert got["num_parameters"] == sum(p.numel() for p in build(case).parameters())
         _close(got["y"], oracle[rank]["y"], f"rank {rank} output")
         _close(got["x_grad"], oracle[rank]["x_grad"], f"rank {rank} input gradient")
         assert got["grads"].keys() == oracle[rank]["grads"].keys()

@@ -19,6 +19,7 @@ from moezoo.parallel import (
     full_optimizer_state,
     full_state_dict,
     init_expert_parallel,
+    num_parameters,
     shard_experts,
 )
 from moezoo.parallel.comm import all_gather_rows
@@ -69,6 +70,7 @@ def layer_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             sharded=sharded,
             warned=[str(w.message) for w in caught],
             local_expert_shape=tuple(moe.experts.w_in.shape),
+            num_parameters=num_parameters(moe),
             state={k: v.clone() for k, v in full_state_dict(moe).items()},
         )
         if case is CASES[0]:
