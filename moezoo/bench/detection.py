@@ -221,8 +221,8 @@ def main(argv: list[str]) -> int:
                 flush=True,
             )
             runs.append(run)
+            if args.json:  # after every run, so that an interrupted bench keeps what it finished
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), "runs": runs}, f, indent=2)
     print(report(runs, data.domain_names))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": runs}, f, indent=2)
     return 0
