@@ -1,6 +1,6 @@
 """Train the FD-FMNIST feature classifier on the Fashion-MNIST train split and save it as safetensors.
 
-    python -m moezoo.tasks.generation.train_classifier --epochs 2
+    python -m moezoo.tasks.generation.train_classifier --epochs 1
         --out tasks/generation/weights/fd_fmnist_cnn.safetensors
 
 Images are scaled to ``[-1, 1]`` (the generation task's range). Seeded; prints the test accuracy at the end.
@@ -30,7 +30,7 @@ def accuracy(model: FMNISTClassifier, x: torch.Tensor, y: torch.Tensor) -> float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=FASHION_MNIST_DEBIAN_ROOT)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             sched.step()
             if (i + 1) % 100 == 0:
                 print(
-                    f"epoch {epoch + 1} step {i + 1}: loss {float(loss):.3f} ({time.time() - start:.0f}s)", flush=True
+                    f"epoch {epoch + 1} step {i + 1}: loss {float(loss.detach()):.3f} ({time.time() - start:.0f}s)", flush=True
                 )
         print(
             f"epoch {epoch + 1}: test acc {accuracy(model, x_test, y_test):.4f} ({time.time() - start:.0f}s)",
