@@ -37,6 +37,7 @@ import json
 import math
 import os
 import pkgutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -245,9 +246,13 @@ def run_domain(domain: str, module: str, full: bool, out: Path, timeout: float) 
     start = time.perf_counter()
     status = "ok"
     with open(log_path, "w") as log:
+        # Its own session, so that a timeout also ends the worker processes a benchmark may have started.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False).returncode
+            rc: int | None = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             rc, status = None, f"timed out after {timeout:.0f} s"
     runtime = time.perf_counter() - start
     result: dict[str, Any] = {"domain": domain, "module": module, "command": " ".join(command[2:]), "data": None}
