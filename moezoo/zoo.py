@@ -195,9 +195,6 @@ def run_evaluation(
     _quiet_lightning()
     import lightning as L
 
-    from moezoo.tasks.cli import import_domains
-
-    import_domains()
     L.seed_everything(0, verbose=False)
     task = instantiate(cfg.task)
     if model is None:
@@ -345,9 +342,6 @@ def _load_lightning_state(ckpt: Path) -> dict[str, torch.Tensor]:
 def release(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from moezoo.tasks.cli import import_domains
-
-    import_domains()
     if "." not in args.name:
         raise ValueError(f"--name must be '<model>.<tag>', got {args.name!r}")
     config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)

@@ -507,9 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, out / "tables.csv")
     text = markdown(rows, runs, missing, others, settings, command)
     if not args.no_zoo:
-        released = zoo_rows()
-        text += "\n" + zoo_markdown(released)
-        (out / "zoo.json").write_text(json.dumps(released, indent=2) + "\n")
+        try:
+            released = zoo_rows()
+            text += "\n" + zoo_markdown(released)
+            (out / "zoo.json").write_text(json.dumps(released, indent=2) + "\n")
+        except Exception as err:  # noqa: BLE001 - the domain tables are still written
+            text += f"\n### Released checkpoints\n\nCould not be re-evaluated: {type(err).__name__}: {err}\n"
     figures = plot_all(runs, rows, out)
     if figures:
         text += "\n" + "\n".join(f"![{f[:-4]}]({f})" for f in figures) + "\n"
