@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             sched.step()
             if (i + 1) % 100 == 0:
                 print(
-                    f"epoch {epoch + 1} step {i + 1}: loss {float(loss.detach()):.3f} ({time.time() - start:.0f}s)", flush=True
+                    f"epoch {epoch + 1} step {i + 1}: loss {float(loss.detach()):.3f} ({time.time() - start:.0f}s)",
+                    flush=True,
                 )
         print(
             f"epoch {epoch + 1}: test acc {accuracy(model, x_test, y_test):.4f} ({time.time() - start:.0f}s)",
