@@ -67,35 +67,20 @@ def test_uneven_expert_loads(backend, layout):
     assert_matches_oracle(backend, case, "swiglu", torch.float64)
 
 
-@pytest.fixture(params=["segments", "padded"])
-def layout(request, monkeypatch):
-    """Run a test once with each row layout of the fused path."""
-    monkeypatch.setattr(fused, "MAX_PAD_FRACTION", 0.0 if request.param == "segments" else 1e9)
-    return request.param
-
-
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_fused_layouts_with_tiny_chunks(monkeypatch, layout, activation):
-    """Tiny chunks: experts span several chunks (segments) or chunks hold few experts (padded)."""
+def test_fused_with_tiny_chunks(monkeypatch, activation):
+    """Tiny chunks: experts span several chunks and weight gradients accumulate across them."""
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 1)  # 64-row chunks
     case = make_case(100, 8, 6, 3, 3, activation, torch.float64)
     assert_matches_oracle("torch", case, activation, torch.float64)
 
 
 @pytest.mark.parametrize("num_tokens,k", [(1, 1), (7, 3), (40, 2)])
-def test_fused_layouts_uneven_loads(layout, num_tokens, k):
-    experts = torch.randint(1, 4, (num_tokens * k,))  # experts 0 and 5 empty
+def test_fused_uneven_loads(num_tokens, k):
+    experts = torch.randint(1, 4, (num_tokens * k,))  # experts 0, 4 and 5 empty
     experts[: num_tokens // 2] = 2  # one expert heavily loaded
     case = make_case(num_tokens, 8, 6, 6, k, "swiglu", torch.float64, experts=experts)
     assert_matches_oracle("torch", case, "swiglu", torch.float64)
-
-
-def test_layout_choice():
-    gate = torch.ones(8)
-    balanced = sort_by_expert(torch.arange(8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 4)
-    skewed = sort_by_expert(torch.arange(8), torch.tensor([0, 0, 0, 0, 0, 1, 2, 3]), 4)
-    assert isinstance(fused.make_layout(balanced, gate, (8, 8)), fused.PaddedLayout)
-    assert type(fused.make_layout(skewed, gate, (8, 8))) is fused.SegmentLayout
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
