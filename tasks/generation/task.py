@@ -2,7 +2,7 @@
 
 Training drops the class label with probability ``cfg_dropout`` (the model's null label, which ProMoE routes to
 its unconditional expert). Sampling uses the EMA weights. Sample grids (one row per class) are written to
-``<log dir>/samples/step_XXXXXX.png`` every ``sample_every_n_steps`` steps and at the end of training.
+``<log dir>/samples/step_<step, 6 digits>.png`` every ``sample_every_n_steps`` steps and at the end of training.
 At test time ``eval_num_samples`` class-balanced samples are scored with the shipped Fashion-MNIST classifier:
 ``test/fd_fmnist`` (Frechet distance in its feature space against the test split) and ``test/sample_acc``
 (its accuracy on the classes asked for). ``val|test/routing_purity`` is logged from the denoising forwards.
