@@ -16,7 +16,8 @@ SMOKE = str(ROOT / "configs" / "smoke" / "detection_canvas_moe_yolo.yaml")
 def test_predict_writes_images_and_routing_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "preds"
-    args = ["predict", "--config", SMOKE, "--trainer.logger", "false", "--trainer.limit_predict_batches", "1"]
+    # one batch of 8 test canvases; (--trainer.limit_predict_batches 1 can parse as the float 1.0 = 100%)
+    args = ["predict", "--config", SMOKE, "--trainer.logger", "false", "--data.init_args.num_test", "8"]
     args += ["--model.init_args.predict_dir", str(out), "--model.init_args.predict_conf", "0.0"]
     cli_main(args)
     images = sorted(out.glob("*.png"))
