@@ -30,14 +30,24 @@ def act_forward(h_NH: Tensor, activation: str) -> Tensor:
     return F.silu(gate) * up
 
 
-def act_backward(da_NF: Tensor, h_NH: Tensor, activation: str) -> Tensor:
-    """Gradient w.r.t. the pre-activation ``h`` given the gradient ``da`` w.r.t. the activation output."""
+def swiglu_parts(h_NH: Tensor) -> tuple[Tensor, Tensor]:
+    """``(silu(gate), silu(gate) * up)``: the SwiGLU output and the factor its backward reuses."""
+    gate, up = h_NH.chunk(2, dim=-1)
+    silu_NF = F.silu(gate)
+    return silu_NF, silu_NF * up
+
+
+def act_backward(da_NF: Tensor, h_NH: Tensor, activation: str, silu_NF: Tensor | None = None) -> Tensor:
+    """Gradient w.r.t. the pre-activation ``h`` given the gradient ``da`` w.r.t. the activation output.
+
+    ``silu_NF``: ``silu(gate)`` for SwiGLU when the caller has it already (saves one pass).
+    """
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(da_NF, h_NH)
     gate, up = h_NH.chunk(2, dim=-1)
     dh_NH = torch.empty_like(h_NH)
     d_gate, d_up = dh_NH.chunk(2, dim=-1)
-    torch.mul(da_NF, F.silu(gate), out=d_up)
+    torch.mul(da_NF, F.silu(gate) if silu_NF is None else silu_NF, out=d_up)
     torch.mul(da_NF, up, out=d_gate)
-    d_gate.copy_(torch.ops.aten.silu_backward(d_gate, gate))
+    torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
     return dh_NH

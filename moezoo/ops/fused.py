@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moezoo.ops.activations import act_backward, act_forward
+from moezoo.ops.activations import act_backward, act_forward, swiglu_parts
 from moezoo.ops.permute import Permutation, sort_by_expert
 
 # Elements of the widest chunk buffer (16 MiB in fp32).
@@ -167,14 +167,18 @@ class _ExpertFFN(torch.autograd.Function):
             g_R1 = layout.gate_R1[r0:r1]
             dz_RD = torch.index_select(dout_TD, 0, tok, out=dz_buf[:n])
             da_RF = layout.mm(dz_RD, w_out_t, chunk, da_buf[:n])
-            a_RF = act_forward(h_RH[r0:r1], ctx.activation)
+            h_chunk = h_RH[r0:r1]
+            if ctx.activation == "swiglu":
+                silu_RF, a_RF = swiglu_parts(h_chunk)
+            else:
+                silu_RF, a_RF = None, act_forward(h_chunk, ctx.activation)
             if dgate_R is not None:
                 dgate_R[r0:r1] = torch.linalg.vecdot(da_RF, a_RF)
             if dw_out is not None:
                 layout.weight_grad(a_RF.mul_(g_R1), dz_RD, chunk, dw_out)
             if not (need_x or need_w_in):
                 continue
-            dh_RH = act_backward(da_RF.mul_(g_R1), h_RH[r0:r1], ctx.activation)
+            dh_RH = act_backward(da_RF.mul_(g_R1), h_chunk, ctx.activation, silu_RF)
             if dx is not None:
                 dx.index_add_(0, tok, layout.mm(dh_RH, w_in_t, chunk, dz_buf[:n]))
             if dw_in is not None:
