@@ -118,14 +118,14 @@ class MoETask(L.LightningModule):
         aux_loss = total_aux_loss(auxes)
         loss = task_loss if aux_loss is None else task_loss + self.aux_loss_coef * aux_loss
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size)
-        self.log(f"{stage}/task_loss", task_loss, on_step=on_step, on_epoch=True, batch_size=batch_size)
+        # Validation/test epoch values are averaged over processes under DDP (a no-op in one process).
+        log = dict(on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        self.log(f"{stage}/task_loss", task_loss, **log)
         for name, value in metrics.items():
-            self.log(
-                f"{stage}/{name}", value, prog_bar=name == "acc", on_step=on_step, on_epoch=True, batch_size=batch_size
-            )
+            self.log(f"{stage}/{name}", value, prog_bar=name == "acc", **log)
         for name, scalar in summarize_aux(auxes).items():
-            self.log(f"{stage}/{name}", scalar, on_step=on_step, on_epoch=True, batch_size=batch_size)
+            self.log(f"{stage}/{name}", scalar, **log)
         if stage == "test":
             self.routing_summary.update(auxes)
         return loss

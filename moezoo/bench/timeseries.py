@@ -58,6 +58,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="moe_patchtst_tiny")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write every run's numbers to this JSON file")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --json and skip them")
     args = p.parse_args(argv)
     quick = args.quick
     args.horizons = args.horizons or ([96] if quick else [96, 192, 336, 720])
@@ -163,6 +164,13 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     if not Path(args.data).is_file():
@@ -173,9 +181,19 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs: list[dict[str, Any]] = []
+    if args.resume:
+        if not args.json:
+            print("moezoo bench timeseries: --resume needs --json FILE (the runs to keep)")
+            return 2
+        if Path(args.json).is_file():
+            runs = json.loads(Path(args.json).read_text())["runs"]
+            print(f"resuming: {len(runs)} runs kept from {args.json}")
+    done = {(r["variant"], r["horizon"], r["seed"]) for r in runs}
     for horizon in args.horizons:
         for seed in args.seeds:
             for variant in args.variants:
+                if (variant, horizon, seed) in done:
+                    continue
                 metrics = run_one(args, variant, horizon, seed)
                 runs.append({"variant": variant, "horizon": horizon, "seed": seed, **metrics})
                 print(
@@ -184,7 +202,7 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
                 if args.json:
-                    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+                    _write_atomic(Path(args.json), json.dumps({"args": vars(args), "runs": runs}, indent=1))
     print()
     print(summarize(runs, args))
     return 0
