@@ -12,9 +12,16 @@ Printed per variant: mean +- std over seeds of mAP, mAP50 and AR100 per domain, 
 image, inference throughput (images/s, batch 32, this CPU, median of repeats; compare within one run only), and
 for mixtures the mean routing weight of each expert per domain (averaged over the three scales).
 
+``--full`` (the default): nano models, 1000 steps of 32, 4000 training and 1000 test canvases, lr 2e-3.
 ``--quick``: debug-size models, 150 steps of 16, 512 training and 200 test canvases, lr 3e-3 (a few CPU minutes
-for the four default variants and two seeds on one thread). Runs can be split across processes (``--variants``,
-``--seeds``, ``--json``) and their tables merged with ``--merge A.json B.json ...``.
+for the four default variants and two seeds on one thread). Options given explicitly override either; the
+result then records the settings ``"custom"``. Runs can be split across processes (``--variants``, ``--seeds``,
+``--json``) and their tables merged with ``--merge A.json B.json ... [--json OUT]``.
+
+``--json PATH`` writes the ``moezoo bench tables`` format (domain ``detection``, rewritten atomically after every
+run): one row per variant, metric ``map`` = COCO mAP@[.5:.95] on the clean test canvases (mean over seeds),
+``expert_load`` = mean routing weight per expert at each of the 3 blending scales, ``specialisation`` = mean
+routing weight per expert per visual domain (mean over the scales); the raw per-run records stay under ``runs``.
 This module needs the detection task package (``moezoo.tasks.detection``) and ``pycocotools``.
 """
 
@@ -25,9 +32,16 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from moezoo.bench.tables import BenchRow, write_domain_json
+
+DOMAIN = "detection"
+METRICS = ("mAP", "mAP50", "AR100")  # what the COCO evaluator reports, overall and per domain
+METRIC_DOMAIN = "clean"  # the headline metric is mAP@[.5:.95] on the clean test canvases
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "dense": dict(dense=True),
@@ -38,26 +52,45 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+QUICK: dict[str, Any] = dict(size="debug", steps=150, batch_size=16, lr=3e-3, num_train=512, num_test=200)
+FULL: dict[str, Any] = dict(size="nano", steps=1000, batch_size=32, lr=2e-3, num_train=4000, num_test=1000)
+SHARED: dict[str, Any] = dict(source="digits", img_size=64)  # the same in both settings
+
+
+def settings_of(args: dict[str, Any]) -> str:
+    """``"quick"`` or ``"full"`` when ``args`` (``vars`` of the parsed arguments) are exactly those settings, else
+    ``"custom"``. Variants, seeds and threads do not change the settings."""
+    for name, preset in (("quick", QUICK), ("full", FULL)):
+        if all(args.get(k) == v for k, v in {**preset, **SHARED}.items()):
+            return name
+    return "custom"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moezoo bench detection", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="debug models, 150 steps of 16, 512/200 canvases")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="debug models, 150 steps of 16, 512/200 canvases")
+    mode.add_argument("--full", action="store_true", help="nano models, 1000 steps of 32, 4000/1000 canvases (default)")
     p.add_argument("--variants", default="dense,wide4,moe2,moe4", help=f"comma list of {sorted(VARIANTS)}")
-    p.add_argument("--size", default="nano", choices=("debug", "nano", "tiny"))
+    p.add_argument("--size", default=None, choices=("debug", "nano", "tiny"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--source", default="digits", choices=("digits", "fashion_mnist"))
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--num-train", type=int, default=4000)
-    p.add_argument("--num-test", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--source", default=SHARED["source"], choices=("digits", "fashion_mnist"))
+    p.add_argument("--img-size", type=int, default=SHARED["img_size"])
+    p.add_argument("--num-train", type=int, default=None)
+    p.add_argument("--num-test", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--json", default=None, help="also write every run's numbers to this file")
-    p.add_argument("--merge", nargs="+", default=None, help="print one table from the --json files of earlier runs")
+    p.add_argument("--json", default=None, help="write the tables format plus every run's numbers to this file")
+    p.add_argument("--merge", nargs="+", default=None, help="one table from the --json files of earlier runs")
     args = p.parse_args(argv)
-    if args.quick:
-        args.size, args.steps, args.num_train, args.num_test = "debug", 150, 512, 200
-        args.batch_size, args.lr = 16, 3e-3
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("steps", "batch_size", "num_train", "num_test", "img_size"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
@@ -139,6 +172,10 @@ def train_and_evaluate(variant: str, seed: int, args: argparse.Namespace, data: 
     return {
         "variant": variant,
         "seed": seed,
+        "model": f"moe_yolo_{args.size}",
+        "train_images": args.steps * args.batch_size,
+        # (S, N): mean routing weight of each expert at each blending scale over all test images
+        "routing_load": torch.cat(evaluator.routing).mean(0).tolist() if evaluator.routing else None,
         "metrics": metrics,
         "routing": routing,
         "params": sum(p.numel() for p in model.parameters()),
@@ -188,16 +225,121 @@ def report(runs: list[dict[str, Any]], domains: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def describe(variant: str, width: int) -> str:
+    """What a variant is, for the tables' ``extra``."""
+    spec = VARIANTS[variant]
+    if "match_compute_of" in spec:
+        return (f"one detector widened to base width {width} so that its forward FLOPs match "
+                f"{spec['match_compute_of']} experts: the mixture's total compute in a single detector")  # fmt: skip
+    if spec.get("dense"):
+        return f"one detector of base width {width}: the single-expert baseline (the dense twin)"
+    return (f"{spec['num_experts']} detectors of base width {width} blended per scale by a learned per-image router; "
+            "every expert runs on every image, so all parameters are active")  # fmt: skip
+
+
+def bench_rows(runs: list[dict[str, Any]], domains: tuple[str, ...]) -> list[BenchRow]:
+    """One tables-format row per (model, variant): seed means of what :func:`train_and_evaluate` recorded."""
+    rows = []
+    for model, variant in dict.fromkeys((r["model"], r["variant"]) for r in runs):
+        rs = [r for r in runs if r["model"] == model and r["variant"] == variant]
+        split = METRIC_DOMAIN if f"mAP_{METRIC_DOMAIN}" in rs[0]["metrics"] else None
+        extra: dict[str, Any] = {
+            "description": describe(variant, rs[0]["width"]),
+            "metric_split": split or "all test canvases",
+            "seeds": [r["seed"] for r in rs],
+            "width": rs[0]["width"],
+            "mflops_per_image": rs[0]["mflops"],
+            "train_cpu_s": _mean([r["train_cpu_s"] for r in rs]),
+            "train_images_per_cpu_s": _mean([r["train_images"] / r["train_cpu_s"] for r in rs]),
+        }
+        for key in [*METRICS, *(f"{m}_{d}" for d in domains for m in METRICS)]:
+            values = [r["metrics"][key] for r in rs if key in r["metrics"]]
+            if values:
+                extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
+        metric = _mean([r["metrics"].get(f"mAP_{split}" if split else "mAP", math.nan) for r in rs])
+        loads = [torch.tensor(r["routing_load"], dtype=torch.float64) for r in rs if r.get("routing_load")]
+        routed = [r for r in rs if r["routing"]]
+        expert_load = cv = dropped = specialisation = None
+        if loads:
+            expert_load = torch.stack(loads).mean(0).tolist()
+            cv = _mean([float((w_SN.std(-1, unbiased=False) / w_SN.mean(-1)).mean()) for w_SN in loads])
+            dropped = 0.0  # blending weights every expert's output; no image or token is dropped
+        if routed:
+            groups = [d for d in domains if all(d in r["routing"] for r in routed)]
+            share = [torch.tensor([r["routing"][d] for r in routed]).mean(0).tolist() for d in groups]
+            specialisation = {"by": "domain", "layer": "mean of the 3 scales", "groups": groups, "share": share}
+            if len(groups) > 1:
+                tv = [0.5 * sum(abs(a - b) for a, b in zip(r["routing"][groups[0]], r["routing"][groups[1]]))
+                      for r in routed]  # fmt: skip
+                extra[f"routing_tv_{groups[0]}_{groups[1]}"] = _mean(tv)
+        rows.append(
+            BenchRow(
+                model=model,
+                router="dense" if variant == "dense" else variant,
+                metric=metric,
+                active_params=rs[0]["params"],
+                total_params=rs[0]["params"],
+                train_throughput=_mean([r["train_images"] / r["train_wall_s"] for r in rs]),
+                infer_throughput=_mean([r["img_per_s"] for r in rs]),
+                expert_load_cv=cv,
+                dropped_frac=dropped,
+                expert_load=expert_load,
+                specialisation=specialisation,
+                extra=extra,
+            )
+        )
+    return rows
+
+
+def write_json(path: str | Path, runs: list[dict[str, Any]], settings: str, dataset: str,
+               domains: tuple[str, ...], extra: dict[str, Any]) -> None:  # fmt: skip
+    """The tables format of ``runs`` plus the raw runs (key ``runs``, which ``--merge`` reads)."""
+    rows = bench_rows(runs, domains)
+    write_domain_json(path, DOMAIN, settings, dataset, "map", True, "images/s", rows, {**extra, "runs": runs})
+
+
+def _dataset(args: dict[str, Any]) -> str:
+    return (f"{args['source']} canvases {args['img_size']}px ({args['num_train']} train / {args['num_test']} test, "
+            "half clean, half degraded; test items from a disjoint pool)")  # fmt: skip
+
+
+def merge(paths: list[str], out: str | None) -> int:
+    """Print one table from earlier ``--json`` files; with ``out``, write their merged tables-format file."""
+    runs, settings, datasets = [], [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        file_args = data.get("args", {})
+        settings.append(data.get("settings") or settings_of(file_args))
+        if file_args:
+            datasets.append(data.get("dataset") or _dataset(file_args))
+        for run in data["runs"]:  # records of files written before these keys existed
+            run.setdefault("model", f"moe_yolo_{file_args.get('size', 'nano')}")
+            run.setdefault("train_images", file_args.get("steps", 0) * file_args.get("batch_size", 0))
+            runs.append(run)
+    domains = tuple(dict.fromkeys(k.split("_", 1)[1] for r in runs for k in r["metrics"] if "_" in k))
+    print(report(runs, domains or ("all",)))
+    if out:
+        merged_settings = settings[0] if len(set(settings)) == 1 else "mixed"
+        dataset = datasets[0] if len(set(datasets)) == 1 else "; ".join(dict.fromkeys(datasets))
+        write_json(out, runs, merged_settings, dataset, domains, {"merged_from": list(paths)})
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    start = time.perf_counter()
     args = parse_args(argv)
     if args.merge:
-        runs = []
-        for path in args.merge:
-            with open(path) as f:
-                runs.extend(json.load(f)["runs"])
-        domains = tuple(dict.fromkeys(k.split("_", 1)[1] for r in runs for k in r["metrics"] if "_" in k))
-        print(report(runs, domains or ("all",)))
-        return 0
+        return merge(args.merge, args.json)
     torch.set_num_threads(args.threads)
     from moezoo.tasks.detection.data import CanvasDataModule
 
@@ -205,9 +347,11 @@ def main(argv: list[str]) -> int:
         source=args.source, img_size=args.img_size, num_train=args.num_train, num_val=1, num_test=args.num_test
     )
     data.setup()
+    settings = settings_of(vars(args))
     print(
-        f"detection bench: {args.size} models, {args.steps} steps x batch {args.batch_size}, seeds {args.seeds}, "
-        f"{args.source} canvases {args.img_size}px: {args.num_train} train / {args.num_test} test (half degraded)",
+        f"detection bench ({settings}): {args.size} models, {args.steps} steps x batch {args.batch_size}, seeds "
+        f"{args.seeds}, {args.source} canvases {args.img_size}px: {args.num_train} train / {args.num_test} test "
+        "(half degraded)",
         flush=True,
     )
     runs = []
@@ -222,7 +366,7 @@ def main(argv: list[str]) -> int:
             )
             runs.append(run)
             if args.json:  # after every run, so that an interrupted bench keeps what it finished
-                with open(args.json, "w") as f:
-                    json.dump({"args": vars(args), "runs": runs}, f, indent=2)
+                extra = {"args": vars(args), "runtime_s": round(time.perf_counter() - start, 1)}
+                write_json(args.json, runs, settings, _dataset(vars(args)), data.domain_names, extra)
     print(report(runs, data.domain_names))
     return 0

@@ -25,7 +25,14 @@ A row whose ``router`` is ``"dense"`` is the dense twin of the MoE rows with the
 
 Each benchmark runs in its own process (a crash or a timeout marks that domain and the others go on). Output in
 ``--out`` (default ``bench_results/tables``): ``tables.csv``, ``tables.md``, ``quality_vs_active.png``,
-``expert_load_<domain>.png``, ``specialisation_<domain>.png``, ``runs.json`` and one log per domain.
+``expert_load_<domain>.png``, ``specialisation_<domain>.png``, ``runs.json``, one log per domain and each domain's
+JSON in ``raw/<domain>.json``. A benchmark may record its own wall time as a top-level ``runtime_s``.
+
+``--reuse`` keeps a domain's ``raw/<domain>.json`` instead of rerunning it when that file validates and has the
+requested settings, so that long full benchmarks can run on their own (``moezoo bench timeseries --full --json
+bench_results/tables/raw/timeseries.json``) and be assembled by ``moezoo bench tables --full --reuse``.
+``--readme PATH`` puts the generated Markdown between the lines ``<!-- moezoo-bench-tables:begin -->`` and
+``<!-- moezoo-bench-tables:end -->`` of PATH.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ CSV_COLUMNS = (
     "settings",
 )  # fmt: skip
 NOT_DOMAIN_BENCHES = ("tables",)
+README_BEGIN = "<!-- moezoo-bench-tables:begin -->"
+README_END = "<!-- moezoo-bench-tables:end -->"
 
 
 # -- helpers for domain benchmarks ------------------------------------------------------------------------------
@@ -92,16 +101,28 @@ def write_domain_json(
     higher_is_better: bool,
     throughput_unit: str,
     rows: Sequence[BenchRow],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a domain benchmark's result in the format ``moezoo bench tables`` reads (atomically)."""
-    path = Path(path)
-    data = {
+    """Write a domain benchmark's result in the format ``moezoo bench tables`` reads (atomically).
+
+    ``extra`` adds top-level keys (a benchmark's raw runs, ``runtime_s`` ...); they may not shadow the format's.
+    """
+    data: dict[str, Any] = {
         "domain": domain, "settings": settings, "dataset": dataset, "metric": metric,
         "higher_is_better": higher_is_better, "throughput_unit": throughput_unit, "rows": [asdict(r) for r in rows],
     }  # fmt: skip
+    clash = sorted(set(extra or {}) & set(data))
+    if clash:
+        raise ValueError(f"extra keys {clash} would overwrite keys of the tables format")
+    data.update(extra or {})
+    write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -278,6 +299,51 @@ def run_domain(domain: str, module: str, full: bool, out: Path, timeout: float) 
     return {**result, "status": status, "runtime_s": round(runtime, 1)}
 
 
+def reuse_domain(domain: str, module: str, settings: str, out: Path) -> tuple[dict[str, Any] | None, str]:
+    """The run of an earlier ``raw/<domain>.json`` when it validates and has ``settings``; else ``(None, why not)``."""
+    json_path = out / "raw" / f"{domain}.json"
+    if not json_path.is_file():
+        return None, f"no {json_path}"
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{json_path} is not valid JSON ({err})"
+    problems = validate(data, domain)
+    if problems:
+        return None, f"{json_path} is not in the tables format: " + "; ".join(problems[:3])
+    if data.get("settings") != settings:
+        return None, f"{json_path} has settings {data.get('settings')!r}, not {settings!r}"
+    if data.get("domain", domain) != domain:
+        return None, f"{json_path} is for domain {data.get('domain')!r}, not {domain!r}"
+    runtime = data.get("runtime_s")
+    run = {
+        "domain": domain, "module": module, "command": f"bench {module} --{settings} --json {json_path}",
+        "data": data, "status": f"reused {json_path}",
+        "runtime_s": round(float(runtime), 1) if isinstance(runtime, (int, float)) else None,
+    }  # fmt: skip
+    return run, ""
+
+
+def replace_readme_block(text: str, block: str) -> str:
+    """``text`` with the lines between the README markers replaced by ``block`` (the markers stay)."""
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < 0:
+        absent = [m for m, i in ((README_BEGIN, begin), (README_END, end)) if i < 0]
+        raise ValueError(f"--readme: the marker line(s) {absent} are missing; add {README_BEGIN} and {README_END}")
+    if text.count(README_BEGIN) > 1 or text.count(README_END) > 1 or end < begin:
+        raise ValueError(f"--readme: expected one {README_BEGIN} followed by one {README_END}")
+    head = text[: begin + len(README_BEGIN)]
+    return head + "\n\n" + block.strip("\n") + "\n\n" + text[end:]
+
+
+def readme_markdown(text: str, figures: Sequence[str], out: Path, readme: Path) -> str:
+    """The tables' Markdown with figure links relative to the README's folder instead of ``out``."""
+    for name in figures:
+        rel = os.path.relpath(out / name, readme.resolve().parent)
+        text = text.replace(f"]({name})", f"]({Path(rel).as_posix()})")
+    return text
+
+
 # -- tables -----------------------------------------------------------------------------------------------------
 def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per (domain, model, router) with the dense-twin delta filled in."""
@@ -341,7 +407,8 @@ def markdown(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], mis
         )
     lines += ["", "| domain | benchmark | status | runtime (s) |", "| --- | --- | --- | --- |"]
     for run in runs:
-        lines.append(f"| {run['domain']} | `moezoo bench {run['module']}` | {run['status']} | {run['runtime_s']} |")
+        runtime = "-" if run["runtime_s"] is None else run["runtime_s"]
+        lines.append(f"| {run['domain']} | `moezoo bench {run['module']}` | {run['status']} | {runtime} |")
     for domain in missing:
         lines.append(f"| {domain} | - | no benchmark yet (no moezoo/bench/{domain}.py) | - |")
     if others:
@@ -468,7 +535,8 @@ def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out
                 share_GE = torch.tensor(spec["share"]) * 100
                 image = ax.imshow(share_GE.numpy(), aspect="auto", cmap="magma")
                 ax.set_yticks(range(len(spec["groups"])), spec["groups"], fontsize=6)
-                ax.set(title=f"{r['router']} (layer {spec['layer']})", xlabel="expert", ylabel=spec["by"])
+                layer = f"layer {spec['layer']}" if isinstance(spec["layer"], int) else spec["layer"]
+                ax.set(title=f"{r['router']} ({layer})", xlabel="expert", ylabel=spec["by"])
                 fig.colorbar(image, ax=ax, label=f"% of a {spec['by']}'s pairs")
             fig.suptitle(f"{run['domain']}: routing specialisation per {spec_rows[0]['specialisation']['by']}")
             fig.tight_layout()
@@ -486,24 +554,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domains", default="", help="comma-separated subset of domains (default: all)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per domain benchmark")
     parser.add_argument("--no-zoo", action="store_true", help="skip re-evaluating the released checkpoints")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep a domain's valid raw/<domain>.json of these settings, do not rerun"
+    )
+    parser.add_argument("--readme", default=None, help="replace the text between the bench-table markers of this file")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = "full" if args.full else "quick"
     start = time.perf_counter()
+    readme = Path(args.readme) if args.readme else None
     try:
         benches, missing, others = discover([d for d in args.domains.split(",") if d])
-    except ValueError as err:
+        if readme is not None:  # fail before hours of benchmarks, not after
+            replace_readme_block(readme.read_text(), "")
+    except (ValueError, OSError) as err:
         print(f"moezoo bench tables: {err}", file=sys.stderr)
         return 2
+    out.mkdir(parents=True, exist_ok=True)
     runs = []
     for domain, module in benches.items():
-        print(f"[tables] {domain}: moezoo bench {module} ({settings}) ...", flush=True)
-        run = run_domain(domain, module, args.full, out, args.timeout)
-        print(f"[tables] {domain}: {run['status']} in {run['runtime_s']} s", flush=True)
+        run = None
+        if args.reuse:
+            run, why_not = reuse_domain(domain, module, settings, out)
+            if run is None:
+                print(f"[tables] {domain}: not reused: {why_not}", flush=True)
+        if run is None:
+            print(f"[tables] {domain}: moezoo bench {module} ({settings}) ...", flush=True)
+            run = run_domain(domain, module, args.full, out, args.timeout)
+        took = "" if run["runtime_s"] is None else f" in {run['runtime_s']} s"
+        print(f"[tables] {domain}: {run['status']}{took}", flush=True)
         runs.append(run)
     rows = table_rows(runs)
-    command = "moezoo bench tables" + (" --full" if args.full else "")
+    command = "moezoo bench tables" + (" --full" if args.full else "") + (" --reuse" if args.reuse else "")
     write_csv(rows, out / "tables.csv")
     text = markdown(rows, runs, missing, others, settings, command)
     if not args.no_zoo:
@@ -517,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     if figures:
         text += "\n" + "\n".join(f"![{f[:-4]}]({f})" for f in figures) + "\n"
     (out / "tables.md").write_text(text)
+    if readme is not None:
+        write_text_atomic(readme, replace_readme_block(readme.read_text(), readme_markdown(text, figures, out, readme)))
+        print(f"[tables] replaced the bench tables of {readme}")
     total = time.perf_counter() - start
     summary = {"settings": settings, "runtime_s": round(total, 1), "runs": runs, "missing": missing, "others": others}
     (out / "runs.json").write_text(json.dumps(summary, indent=2) + "\n")

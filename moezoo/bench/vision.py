@@ -17,7 +17,8 @@ Two tables on Fashion-MNIST, each row the mean +- std over the seeds:
 Training loops are plain PyTorch (the tasks' ``compute_loss``, their optimiser groups and warmup-cosine schedule,
 router state updates and EMA as in ``fit``), seeded per row. ``--quick`` (the default) is a short smoke of both
 tables that fits a shared 2-core CPU; ``--full`` uses the configs' step counts. ``--json PATH`` writes table (b)
-in the ``moezoo bench tables`` format and table (a) beside it as ``PATH`` with suffix ``.dit.json``.
+in the ``moezoo bench tables`` format (domain ``vision``); table (a) in that format is the ``generation`` domain's,
+written by ``moezoo bench generation --json PATH`` (:mod:`moezoo.bench.generation` reuses :func:`run_dit`).
 """
 
 from __future__ import annotations
@@ -118,11 +119,15 @@ def _train(task: Any, sample_batch: Any, steps: int, after_step: Any) -> tuple[f
 
 
 # -- (a) DiT generation ----------------------------------------------------------------------------------------------
-def run_dit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -> dict[str, float]:
+def run_dit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -> dict[str, Any]:
+    """One DiT row: the numbers of table (a), sampling throughput and (key ``routing``) the
+    :func:`moezoo.bench.tables.routing_stats` of the EMA model on noisy test images, grouped by class."""
+    from moezoo.bench.tables import routing_stats
     from moezoo.layers import update_router_states
     from moezoo.tasks.generation import ImageGenerationTask
     from moezoo.tasks.generation.fd import classifier_outputs, frechet_distance, gaussian_stats
     from moezoo.tasks.generation.metrics import routing_purity
+    from moezoo.tasks.vision.data import FASHION_MNIST_CLASSES
 
     init = dict(load_config(f"dit_fmnist_{variant}")["model"]["init_args"])
     if settings.sampling_steps is not None:
@@ -144,31 +149,42 @@ def run_dit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -
     throughput, cpu_throughput = _train(task, sample_batch, settings.dit_steps, after_step)
     task.eval()
     y = torch.arange(settings.eval_samples) % task.num_classes
+    sample_start = time.perf_counter()
     fakes = torch.cat([task.generate(chunk, seed=1000 * seed + i) for i, chunk in enumerate(y.split(250))])
+    sample_img_s = settings.eval_samples / (time.perf_counter() - sample_start)
     feats, logits = classifier_outputs(data["classifier"], fakes)
     fd = frechet_distance(*gaussian_stats(feats), *data["real_stats"])
     acc = float((logits.argmax(-1) == y).float().mean())
     x_test, y_test = data["test"]
-    purities, cvs = [], []
+    x_test, y_test = x_test[:1000], y_test[:1000]
     with torch.no_grad():
         noise_gen = torch.Generator().manual_seed(seed)
-        for xb, yb in zip(x_test[:1000].split(250), y_test[:1000].split(250)):
-            x_t, t, _ = task.objective.training_example(xb, noise_gen)
-            _, auxes = task.ema.module.forward_with_aux(x_t, t, yb)
-            purity = routing_purity(auxes, yb, task.num_classes)
-            if purity is not None:
-                purities.append(purity)
-            cvs += [float(a.expert_load_cv) for a in auxes]
+        noisy = [task.objective.training_example(xb, noise_gen)[:2] for xb in x_test.split(250)]
+    x_t, t = torch.cat([n[0] for n in noisy]), torch.cat([n[1] for n in noisy])
+    purities = []
+
+    def forward_with_aux(idx_B: Tensor) -> tuple[Tensor, list[Any]]:
+        out, auxes = task.ema.module.forward_with_aux(x_t[idx_B], t[idx_B], y_test[idx_B])
+        purity = routing_purity(auxes, y_test[idx_B], task.num_classes)
+        if purity is not None:
+            purities.append(purity)
+        return out, auxes
+
+    batches = [(idx_B, y_test[idx_B]) for idx_B in torch.arange(len(y_test)).split(250)]
+    routing = routing_stats(forward_with_aux, batches, FASHION_MNIST_CLASSES, "class")
     total, active = count_params(task.model)
     return {
         "fd_fmnist": fd,
         "sample_acc": acc,
         "routing_purity": sum(purities) / len(purities) if purities else math.nan,
-        "expert_load_cv": sum(cvs) / len(cvs) if cvs else math.nan,
+        "expert_load_cv": routing.get("expert_load_cv", math.nan),
+        "dropped_frac": routing.get("dropped_frac", math.nan),
         "train_img_s": throughput,
         "train_img_cpu_s": cpu_throughput,
+        "sample_img_s": sample_img_s,
         "total_params": total,
         "active_params": active,
+        "routing": routing,
     }
 
 
@@ -319,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
                    ("routing_purity", "routing purity"), ("expert_load_cv", "load CV"),
                    ("train_img_s", "train img/s"), ("train_img_cpu_s", "train img/CPU-s")]  # fmt: skip
         out.append(render(title, results["dit"], columns))
-        if args.json:
-            _write_json(Path(args.json).with_suffix(".dit.json"), "dit", mode_name, settings, results["dit"])
     if "router" in tables:
         steps = next(iter(results["router"].values()))[0]["steps"]
         title = (f"(b) ViT router study on Fashion-MNIST: {int(steps)} steps, {settings.test_images} test images, "
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                    ("expert_load_cv", "load CV"), ("dropped_frac", "dropped")]  # fmt: skip
         out.append(render(title, results["router"], columns))
         if args.json:
-            _write_json(Path(args.json), "router", mode_name, settings, results["router"])
+            _write_json(Path(args.json), mode_name, settings, results["router"])
     print("\n\n".join(out), flush=True)
     return 0
 
@@ -342,39 +356,34 @@ def _init_worker(settings: Settings, root: str | None, with_classifier: bool, th
     _WORKER.update(settings=settings, data=load_data(settings, root, with_classifier))
 
 
-def _run_job(job: tuple[str, str, int]) -> dict[str, float]:
+def _run_job(job: tuple[str, str, int]) -> dict[str, Any]:
     table, variant, seed = job
     start = time.perf_counter()
     run = run_dit if table == "dit" else run_vit
     row = run(variant, seed, _WORKER["settings"], _WORKER["data"])
-    print(f"{table} {variant:16s} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items())
+    numbers = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, (int, float)))
+    print(f"{table} {variant:16s} seed {seed}: " + numbers
           + f" ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     return row
 
 
-def _write_json(
-    path: Path, table: str, mode: str, settings: Settings, results: dict[str, list[dict[str, float]]]
-) -> None:
-    """Seed-averaged rows in the ``moezoo bench tables`` format (:func:`moezoo.bench.tables.write_domain_json`)."""
+def _write_json(path: Path, mode: str, settings: Settings, results: dict[str, list[dict[str, float]]]) -> None:
+    """Seed-averaged rows of table (b) in the ``moezoo bench tables`` format (``tables.write_domain_json``)."""
     from moezoo.bench.tables import BenchRow, write_domain_json
 
-    metric = "test_acc" if table == "router" else "fd_fmnist"
     rows = []
     for variant, runs in results.items():
         mean = {k: statistics.fmean(float(r[k]) for r in runs) for k in runs[0]}
         cv = None if variant == "dense" or math.isnan(mean["expert_load_cv"]) else mean["expert_load_cv"]
         dropped_mean = mean.get("dropped_frac", 0.0)
         dropped = None if variant == "dense" or math.isnan(dropped_mean) else dropped_mean
-        model = "moe_vit_tiny" if table == "router" else "moe_dit_tiny"
+        model = "moe_vit_tiny"
         extra: dict[str, Any] = {k: v for k, v in mean.items() if k not in ("total_params", "active_params")}
         extra["seeds"] = list(settings.seeds)
-        rows.append(BenchRow(model, variant, mean[metric], int(mean["active_params"]), int(mean["total_params"]),
+        rows.append(BenchRow(model, variant, mean["test_acc"], int(mean["active_params"]), int(mean["total_params"]),
                              mean["train_img_s"], None, cv, dropped, extra=extra))  # fmt: skip
     dataset = "Fashion-MNIST (IDX files), 28x28, 10 classes"
-    if table == "router":
-        write_domain_json(path, DOMAIN, mode, dataset, "acc", True, "images/s", rows)
-    else:
-        write_domain_json(path, "vision_generation", mode, dataset, "fd_fmnist", False, "images/s", rows)
+    write_domain_json(path, DOMAIN, mode, dataset, "acc", True, "images/s", rows)
 
 
 if __name__ == "__main__":
