@@ -339,7 +339,7 @@ def replace_readme_block(text: str, block: str) -> str:
 def readme_markdown(text: str, figures: Sequence[str], out: Path, readme: Path) -> str:
     """The tables' Markdown with figure links relative to the README's folder instead of ``out``."""
     for name in figures:
-        rel = os.path.relpath(out / name, readme.resolve().parent)
+        rel = os.path.relpath((out / name).resolve(), readme.resolve().parent)
         text = text.replace(f"]({name})", f"]({Path(rel).as_posix()})")
     return text
 
