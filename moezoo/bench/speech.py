@@ -294,7 +294,11 @@ def main(argv: list[str]) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("merge", "resume")}
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
     if args.resume and Path(args.json).is_file():
-        saved, kept = load_record(args.json)
+        try:
+            saved, kept = load_record(args.json)
+        except ValueError as err:
+            print(f"moezoo bench speech: --resume: {err}")
+            return 2
         differ = [f"{k}={saved[k]!r} (now {settings[k]!r})" for k in TRAINING_KEYS if saved.get(k) != settings[k]]
         if differ:
             print(f"moezoo bench speech: --resume: {args.json} was run with other settings: {', '.join(differ)}")
@@ -334,7 +338,9 @@ def main(argv: list[str]) -> int:
         for seed in args.seeds:
             if (variant, seed) in done:
                 continue
+            start = time.perf_counter()
             res = run_one(variant, seed, args, data, ood)
+            res["wall_s"] = time.perf_counter() - start
             results[variant].append(res)
             print(
                 f"  {variant:7s} seed {seed}: CER {100 * res['test_cer']:.1f}% (mono "
@@ -447,25 +453,17 @@ def table_rows(results: dict[str, list[dict[str, Any]]], size: str) -> list[Any]
 def write_record(
     path: str, settings: dict[str, Any], results: dict[str, list[dict[str, Any]]], dataset: str, mode: str = ""
 ) -> None:
-    """The ``moezoo bench tables`` object plus the raw ``args`` and ``results``, written atomically."""
-    from dataclasses import asdict
+    """The ``moezoo bench tables`` object plus the raw ``args`` and ``results`` and, when every run recorded its
+    wall time, ``runtime_s`` (their sum), written atomically by :func:`~moezoo.bench.tables.write_domain_json`."""
+    from moezoo.bench.tables import write_domain_json
 
-    record = {
-        "domain": "speech",
-        "settings": mode or ("quick" if settings.get("quick") else "full"),
-        "dataset": dataset,
-        "metric": "cer",
-        "higher_is_better": False,
-        "throughput_unit": "utterances/s",
-        "rows": [asdict(r) for r in table_rows(results, str(settings["size"]))],
-        "args": settings,
-        "results": results,
-    }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(target)
+    runs = [r for variant_runs in results.values() for r in variant_runs]
+    extra: dict[str, Any] = {"args": settings, "results": results}
+    if all("wall_s" in r for r in runs):
+        extra["runtime_s"] = round(sum(r["wall_s"] for r in runs), 1)
+    rows = table_rows(results, str(settings["size"]))
+    settings_name = mode or ("quick" if settings.get("quick") else "full")
+    write_domain_json(path, "speech", settings_name, dataset, "cer", False, "utterances/s", rows, extra=extra)
 
 
 def merge(paths: list[str], out: str | None = None) -> int:
@@ -475,7 +473,11 @@ def merge(paths: list[str], out: str | None = None) -> int:
     first: dict[str, Any] | None = None
     datasets, modes = [], set()
     for path in paths:
-        settings, kept = load_record(path)
+        try:
+            settings, kept = load_record(path)
+        except (OSError, ValueError) as err:
+            print(f"moezoo bench speech: --merge: {err}")
+            return 2
         print(f"{path}: {settings}")
         if first is None:
             first = settings

@@ -363,7 +363,8 @@ def table_rows(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[Any
 
 
 def tables_data(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """The ``moezoo bench tables`` object plus the raw ``args`` and ``runs`` (what ``--resume`` reads)."""
+    """The ``moezoo bench tables`` object plus the raw ``args`` and ``runs`` (what ``--resume`` reads) and, when
+    every run recorded its wall time, ``runtime_s`` (their sum)."""
     from dataclasses import asdict
 
     horizons = sorted({r["horizon"] for r in runs})
@@ -381,7 +382,18 @@ def tables_data(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
         "rows": [asdict(r) for r in table_rows(runs, args)],
         "args": vars(args),
         "runs": runs,
+        **({"runtime_s": round(sum(r["wall_s"] for r in runs), 1)} if all("wall_s" in r for r in runs) else {}),
     }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write :func:`tables_data` atomically with :func:`~moezoo.bench.tables.write_domain_json`."""
+    from moezoo.bench.tables import BenchRow, write_domain_json
+
+    header = ("domain", "settings", "dataset", "metric", "higher_is_better", "throughput_unit")
+    rows = [BenchRow(**r) for r in data["rows"]]
+    extra = {k: v for k, v in data.items() if k not in (*header, "rows")}
+    write_domain_json(path, *(data[k] for k in header), rows, extra=extra)
 
 
 def rows_markdown(data: dict[str, Any]) -> str:
@@ -404,13 +416,6 @@ def rows_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _from_json(args: argparse.Namespace) -> int:
     """Rebuild the tables (and ``--json``) from a raw file: its own ``args`` and ``runs``, no training."""
     raw_path = Path(args.from_json)
@@ -431,7 +436,7 @@ def _from_json(args: argparse.Namespace) -> int:
     print()
     print(rows_markdown(data))
     if args.json:
-        _write_atomic(Path(args.json), json.dumps(data, indent=1))
+        write_json(Path(args.json), data)
         print(f"wrote {args.json}")
     return 0
 
@@ -461,15 +466,17 @@ def main(argv: list[str]) -> int:
             for variant in args.variants:
                 if (variant, horizon, seed) in done:
                     continue
+                start = time.perf_counter()
                 metrics = run_one(args, variant, horizon, seed)
-                runs.append({"variant": variant, "horizon": horizon, "seed": seed, **metrics})
+                wall_s = time.perf_counter() - start
+                runs.append({"variant": variant, "horizon": horizon, "seed": seed, **metrics, "wall_s": wall_s})
                 print(
                     f"H={horizon} seed={seed} {variant:8s} mse={metrics['mse']:.4f} mae={metrics['mae']:.4f} "
                     f"train={metrics['train_s']:.0f}s epochs={metrics['epochs']:.0f} load_cv={metrics['load_cv']:.3f}",
                     flush=True,
                 )
                 if args.json:
-                    _write_atomic(Path(args.json), json.dumps(tables_data(runs, args), indent=1))
+                    write_json(Path(args.json), tables_data(runs, args))
     print()
     print(summarize(runs, args))
     if runs:

@@ -18,7 +18,7 @@ from moezoo.tasks.speech.corpus import missing_engines
 
 needs_tts = pytest.mark.skipif(bool(missing_engines()), reason=f"TTS programs {missing_engines()} not installed")
 SMOKE = ["--preset", "smoke", "--steps", "2", "--size", "debug", "--batch-size", "4", "--no-ood"]
-NEW_FIELDS = ("seed", "infer_utt_per_s", "dropped_frac", "expert_load", "specialisation")
+NEW_FIELDS = ("seed", "infer_utt_per_s", "dropped_frac", "expert_load", "specialisation", "wall_s")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,8 @@ def test_json_follows_the_tables_contract(seed0: Path) -> None:
     assert tables.validate(data, "speech") == []
     assert data["metric"] == "cer" and data["higher_is_better"] is False and data["settings"] == "full"
     assert data["args"]["steps"] == 2 and set(data["results"]) == {"switch", "dense"}
+    runs = [data["results"][v][0] for v in ("switch", "dense")]
+    assert data["runtime_s"] == pytest.approx(sum(r["wall_s"] for r in runs), abs=0.05)
     switch, dense = data["rows"]
     assert (switch["router"], dense["router"]) == ("topk", "dense")
     assert switch["model"] == dense["model"] == "moe_conformer_debug"
@@ -81,6 +83,7 @@ def test_merge_writes_the_merged_rows_also_from_old_files(seed0: Path, tmp_path:
     assert speech.main(["--merge", str(seed0), str(old), "--json", str(out)]) == 0
     merged = json.loads(out.read_text())
     assert tables.validate(merged, "speech") == [] and merged["args"]["seeds"] == [0, 1]
+    assert "runtime_s" not in merged  # the old file's runs have no wall time
     runs = json.loads(seed0.read_text())["results"]["switch"] + new["results"]["switch"]
     switch = merged["rows"][0]
     assert switch["router"] == "topk" and switch["extra"]["seeds"] == [0, 1]

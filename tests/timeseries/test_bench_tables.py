@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not ETTH1.is_file(), reason=f"{ETTH1} not presen
 TINY = ["--data", str(ETTH1), "--seq-len", "48", "--horizons", "8", "--seeds", "0", "--epochs", "1",
         "--train-stride", "200", "--val-stride", "100", "--batch-size", "64", "--threads", "1"]  # fmt: skip
 NEW_FIELDS = ("train_windows", "train_throughput", "infer_throughput", "active_params", "total_params",
-              "num_channels", "expert_load", "expert_load_cv", "dropped_frac", "specialisation")  # fmt: skip
+              "num_channels", "expert_load", "expert_load_cv", "dropped_frac", "specialisation", "wall_s")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def test_json_follows_the_tables_contract(raw_file: Path) -> None:
     assert tables.validate(data, "timeseries") == []
     assert data["metric"] == "mse" and data["higher_is_better"] is False and data["settings"] == "full"
     assert set(data["args"]) >= {"horizons", "seeds", "variants", "seq_len"} and len(data["runs"]) == 2
+    assert data["runtime_s"] == pytest.approx(sum(r["wall_s"] for r in data["runs"]), abs=0.05)
+    assert all(r["wall_s"] > r["train_s"] for r in data["runs"])
     dense, seg = data["rows"]
     assert (dense["router"], seg["router"]) == ("dense", "segment")
     assert dense["model"] == seg["model"] == "moe_patchtst_tiny"
@@ -100,7 +102,7 @@ def test_from_json_rebuilds_rows_also_of_old_runs(raw_file: Path, tmp_path: Path
     old.write_text(json.dumps({"args": data["args"], "runs": old_runs}))
     assert bench.main(["--from-json", str(old), "--json", str(out)]) == 0
     rebuilt = json.loads(out.read_text())
-    assert tables.validate(rebuilt, "timeseries") == []
+    assert tables.validate(rebuilt, "timeseries") == [] and "runtime_s" not in rebuilt
     for new, row in zip(rebuilt["rows"], data["rows"]):
         # Parameter counts and training windows follow from the architecture and the split: the same numbers.
         assert (new["active_params"], new["total_params"]) == (row["active_params"], row["total_params"])
