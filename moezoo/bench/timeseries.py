@@ -393,7 +393,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     header = ("domain", "settings", "dataset", "metric", "higher_is_better", "throughput_unit")
     rows = [BenchRow(**r) for r in data["rows"]]
     extra = {k: v for k, v in data.items() if k not in (*header, "rows")}
-    write_domain_json(path, *(data[k] for k in header), rows, extra=extra)
+    write_domain_json(
+        path, DOMAIN, data["settings"], data["dataset"], "mse", False, data["throughput_unit"], rows, extra=extra
+    )
 
 
 def rows_markdown(data: dict[str, Any]) -> str:
