@@ -350,6 +350,8 @@ def main(argv: list[str]) -> int:
             )
             if args.json:
                 write_record(args.json, settings, results, dataset)
+    if args.json and results and done >= {(v, s) for v in args.variants for s in args.seeds}:
+        write_record(args.json, settings, results, dataset)  # all resumed: the file in this format all the same
     print_table(results)
     return 0
 

@@ -479,6 +479,8 @@ def main(argv: list[str]) -> int:
                 )
                 if args.json:
                     write_json(Path(args.json), tables_data(runs, args))
+    if args.json and runs and done >= {(v, h, s) for h in args.horizons for s in args.seeds for v in args.variants}:
+        write_json(Path(args.json), tables_data(runs, args))  # all resumed: the file in this format all the same
     print()
     print(summarize(runs, args))
     if runs:

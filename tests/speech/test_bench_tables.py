@@ -92,6 +92,11 @@ def test_merge_writes_the_merged_rows_also_from_old_files(seed0: Path, tmp_path:
     assert switch["infer_throughput"] == pytest.approx(runs[0]["infer_utt_per_s"])  # seed 1's is unknown
     assert switch["extra"]["routing_seed"] == 0
     assert speech.main(["--merge", str(seed0), str(seed0)]) == 2  # the same (variant, seed) twice
+    # --resume of the old file with every run done trains nothing and rewrites it in the tables format.
+    assert speech.main([*SMOKE, "--variants", "switch", "dense", "--seeds", "1", "--json", str(old), "--resume"]) == 0
+    resumed = json.loads(old.read_text())
+    assert tables.validate(resumed, "speech") == [] and resumed["results"]["switch"][0]["seed"] == 1
+    assert resumed["rows"][0]["metric"] == pytest.approx(new["rows"][0]["metric"])
 
 
 def test_language_counts_of_a_padded_batch_match_per_utterance_forwards() -> None:

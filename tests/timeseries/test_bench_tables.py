@@ -111,6 +111,10 @@ def test_from_json_rebuilds_rows_also_of_old_runs(raw_file: Path, tmp_path: Path
     seg = rebuilt["rows"][1]
     assert seg["expert_load_cv"] == pytest.approx(data["runs"][1]["load_cv"]) and seg["dropped_frac"] is None
     assert seg["extra"]["train_throughput_derived_runs"] == 1
+    # --resume of such a file with every run done trains nothing and rewrites it in the tables format.
+    assert bench.main([*TINY, "--variants", "dense", "segmoe", "--json", str(old), "--resume"]) == 0
+    resumed = json.loads(old.read_text())
+    assert resumed["runs"] == old_runs and resumed["rows"] == rebuilt["rows"]
 
 
 def test_channel_grouping_matches_a_per_window_count() -> None:
