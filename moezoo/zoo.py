@@ -47,6 +47,20 @@ FAMILY_CITATIONS = {
         "Dosovitskiy et al., An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale, ICLR 2021, "
         "arXiv:2010.11929",
     ],
+    "moe_conformer": [
+        "Gulati et al., Conformer: Convolution-augmented Transformer for Speech Recognition, Interspeech 2020, "
+        "arXiv:2005.08100",
+        "Graves et al., Connectionist Temporal Classification: Labelling Unsegmented Sequence Data with Recurrent "
+        "Neural Networks, ICML 2006",
+    ],
+    "moe_patchtst": [
+        "Nie et al., A Time Series is Worth 64 Words: Long-term Forecasting with Transformers (PatchTST), ICLR 2023, "
+        "arXiv:2211.14730",
+        "Kim et al., Reversible Instance Normalization for Accurate Time-Series Forecasting against Distribution "
+        "Shift (RevIN), ICLR 2022",
+    ],
+    "moe_dit": ["Peebles and Xie, Scalable Diffusion Models with Transformers (DiT), ICCV 2023, arXiv:2212.09748"],
+    "moe_yolo": ["Redmon et al., You Only Look Once: Unified, Real-Time Object Detection, CVPR 2016"],
 }
 ROUTER_CITATIONS = {
     "topk": [
@@ -70,6 +84,14 @@ ROUTER_CITATIONS = {
         "DeepSeek-AI, DeepSeek-V3 Technical Report, arXiv:2412.19437 (2024)",
     ],
     "soft": ["Puigcerver et al., From Sparse to Soft Mixtures of Experts, ICLR 2024, arXiv:2308.00951"],
+    "omni": ["Gu et al., Omni-Router: sharing one router across the MoE layers of a speech recogniser, 2025"],
+    "language": [
+        "Wang et al., Language-Routing Mixture of Experts for Multilingual and Code-Switching Speech Recognition "
+        "(LR-MoE), Interspeech 2023"
+    ],
+    "global_embedding": ["You et al., SpeechMoE2: Mixture-of-Experts Model with Improved Routing, ICASSP 2022"],
+    "segment": ["Ortigossa and Segal, Seg-MoE: segment-wise routing for time-series forecasting, 2026"],
+    "promoe": ["Wei et al., ProMoE: prototypical routing for diffusion transformers, 2025"],
 }
 
 
@@ -352,7 +374,9 @@ def release(args: argparse.Namespace) -> int:
     base, tag = split_name(args.name)
     if base != model_name:
         raise ValueError(f"--name {args.name!r} must start with the config's model name {model_name!r}")
-    model_kwargs = dict(task_spec["init_args"].get("model_kwargs") or {})
+    # The task builds the model: some tasks complete its kwargs (e.g. the speech task adds the vocabulary size).
+    task = instantiate(task_spec)
+    model_kwargs = dict(getattr(task, "model_kwargs", None) or task_spec["init_args"].get("model_kwargs") or {})
     model = create_model(model_name, **model_kwargs)
     model.load_state_dict(_load_lightning_state(Path(args.ckpt)), strict=True)
 

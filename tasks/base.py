@@ -104,7 +104,8 @@ class MoETask(L.LightningModule):
         self.warmup_frac = warmup_frac
         self.min_lr_ratio = min_lr_ratio
         self.aux_loss_coef = aux_loss_coef
-        self.model = create_model(model, **(model_kwargs or {}))
+        self.model_kwargs = dict(model_kwargs or {})  # as passed to create_model (releases record these)
+        self.model = create_model(model, **self.model_kwargs)
         self.routing_summary = RoutingSummary()
 
     # -- to implement in domain tasks ---------------------------------------------------------------

@@ -16,6 +16,14 @@ from moezoo.zoo import MAX_FILE_BYTES, MAX_TOTAL_BYTES, compare, count_params, m
 ROOT = Path(__file__).resolve().parents[2]
 CARDS = ROOT / "model_cards"
 RELEASES = list_models(pretrained=True)
+# Model kwargs that only concern routing: a dense twin may set them differently (it has no router).
+ROUTING_KWARGS = {"router", "router_kwargs", "dense", "segment_sizes", "lid_layer"}
+# Domains whose evaluation data must be generated first (minutes): their eval runs in the slow tier.
+SLOW_EVAL_DOMAINS = {"speech"}
+
+
+def _slow_eval(name: str) -> bool:
+    return get_pretrained_cfg(name).domain in SLOW_EVAL_DOMAINS
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +66,9 @@ def test_release_is_complete_and_shipped(name: str) -> None:
     assert is_moe == (not cfg.model_kwargs.get("dense", False))
     if is_moe:
         twin = get_pretrained_cfg(cfg.dense_twin)
-        assert twin.model_kwargs == {**cfg.model_kwargs, "dense": True}
+        assert twin.model_kwargs["dense"] is True
+        same = {k: v for k, v in cfg.model_kwargs.items() if k not in ROUTING_KWARGS}
+        assert {k: twin.model_kwargs.get(k) for k in same} == same, "the dense twin differs beyond routing"
         assert twin.params["active"] == pytest.approx(cfg.params["active"], rel=0.05)
 
 
@@ -67,9 +77,12 @@ def test_total_shipped_size() -> None:
     assert total <= MAX_TOTAL_BYTES
 
 
-def test_eval_reproduces_every_card(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if _slow_eval(n) else n for n in RELEASES]
+)
+def test_eval_reproduces_the_card(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The done criterion: offline, from a fresh cache, every release reproduces its card's metrics."""
-    assert main(["eval", "--all", "--offline"]) == 0, capsys.readouterr().out
+    assert main(["eval", name, "--offline"]) == 0, capsys.readouterr().out
 
 
 def test_count_params_oracle() -> None:
