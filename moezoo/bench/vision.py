@@ -17,8 +17,9 @@ Two tables on Fashion-MNIST, each row the mean +- std over the seeds:
 Training loops are plain PyTorch (the tasks' ``compute_loss``, their optimiser groups and warmup-cosine schedule,
 router state updates and EMA as in ``fit``), seeded per row. ``--quick`` (the default) is a short smoke of both
 tables that fits a shared 2-core CPU; ``--full`` uses the configs' step counts. ``--json PATH`` writes table (b)
-in the ``moezoo bench tables`` format (domain ``vision``); table (a) in that format is the ``generation`` domain's,
-written by ``moezoo bench generation --json PATH`` (:mod:`moezoo.bench.generation` reuses :func:`run_dit`).
+in the ``moezoo bench tables`` format (domain ``vision``) and, unless ``--tables`` says otherwise, runs only table
+(b); table (a) in that format is the ``generation`` domain's, written by ``moezoo bench generation --json PATH``
+(:mod:`moezoo.bench.generation` reuses :func:`run_dit`), so ``moezoo bench tables`` trains each table once.
 """
 
 from __future__ import annotations
@@ -281,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="short smoke of both tables (the default)")
     mode.add_argument("--full", action="store_true", help="the configs' step counts, 3 seeds")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (>= 2 for a std)")
-    parser.add_argument("--tables", default="dit,router", help="which tables: dit, router or both")
+    parser.add_argument(
+        "--tables",
+        default=None,
+        help="which tables: dit, router or both (default: both; only router with --json, whose file holds table (b))",
+    )
     parser.add_argument("--dit", default=",".join(DIT_VARIANTS), help=f"DiT variants, from {DIT_VARIANTS}")
     parser.add_argument("--routers", default=",".join(VIT_VARIANTS), help=f"ViT variants, from {VIT_VARIANTS}")
     parser.add_argument("--dit-steps", type=int, default=None, help="override the DiT training steps")
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, dit_steps=args.dit_steps)
     if args.vit_steps is not None:
         settings = replace(settings, vit_steps=args.vit_steps)
-    tables = set(args.tables.split(","))
+    tables = set((args.tables or ("router" if args.json else "dit,router")).split(","))
     dit_variants, vit_variants = args.dit.split(","), args.routers.split(",")
     for name, chosen, allowed in (("--tables", tables, ("dit", "router")), ("--dit", dit_variants, DIT_VARIANTS),
                                   ("--routers", vit_variants, VIT_VARIANTS)):  # fmt: skip
