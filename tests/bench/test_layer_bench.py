@@ -1,0 +1,29 @@
+"""``moezoo bench layer`` end to end on a tiny shape, and its argument errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from moezoo.bench import layer
+
+
+def test_layer_bench_prints_every_column(capsys: pytest.CaptureFixture[str]) -> None:
+    assert layer.main(["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| (T, D, F, E, K)"))
+    for column in ("moezoo/dense", "reference/dense", "naive/dense", "dense MiB", "expert GEMMs / one GEMM"):
+        assert column in header
+    row = next(line for line in out.splitlines() if line.startswith("| (64, 16, 8, 4, 2)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(header.strip("|").split("|"))
+    assert all(c.endswith("x") and float(c[:-1]) > 0 for c in cells if c.endswith("x"))
+
+
+def test_gemm_floor_is_a_positive_ratio() -> None:
+    assert layer.gemm_floor((256, 32, 16, 8, 2), "gelu", repeats=1) > 0
+
+
+@pytest.mark.parametrize("shape", ["1,2,3", "a,b,c,d,e"])
+def test_bad_shape_is_a_clear_error(shape: str) -> None:
+    with pytest.raises(SystemExit, match="five integers T,D,F,E,K"):
+        layer.main(["--shape", shape])
