@@ -369,7 +369,8 @@ def tables_data(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
 
     horizons = sorted({r["horizon"] for r in runs})
     dataset = (
-        f"{Path(args.data).name}, multivariate, look-back {args.seq_len}, horizons {horizons}, "
+        f"{Path(args.data).name}, multivariate, look-back {args.seq_len}, horizons {horizons}, train/val window "
+        f"stride {args.train_stride}/{args.val_stride}, <= {args.epochs} epochs (patience {args.patience}), "
         f"test MSE on the normalised scale (mean over horizons of the mean over seeds)"
     )
     return {
