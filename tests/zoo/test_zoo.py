@@ -28,13 +28,19 @@ def _compute_matched_active(model: torch.nn.Module) -> float:
 
     For routed MoE this is ``count_params(model)["active"]`` less the (small) router weights; for Soft MoE, whose
     every expert touches every token (all parameters active), it is the top-k compute its slots are sized to, which
-    the dense twin matches. Routers are left out: the dense twin has none, and Soft MoE's slot embeddings are large.
+    the dense twin matches; for Seg-MoE, segment experts count 1/w (their FLOPs per token). Routers are left out:
+    the dense twin has none, and Soft MoE's slot embeddings and Seg-MoE's segment gates are large.
     """
     total = sum(p.numel() for p in model.parameters())
     inactive = 0.0
     routers = {}  # a router may be shared by several layers (Omni-router): count it once
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        inactive += sum(p.numel() for p in moe.experts.parameters()) * (1.0 - moe.top_k / moe.num_experts)
+        experts = sum(p.numel() for p in moe.experts.parameters())
+        inactive += experts * (1.0 - moe.top_k / moe.num_experts)
+        # Seg-MoE experts (and its shared expert) see w concatenated tokens: per token they cost 1/w of their weights.
+        shared = sum(p.numel() for p in moe.shared.parameters()) if moe.shared is not None else 0
+        segment = getattr(moe, "segment_size", 1)
+        inactive += (experts * moe.top_k / moe.num_experts + shared) * (1.0 - 1.0 / segment)
         routers[id(moe.router)] = sum(p.numel() for p in moe.router.parameters())
     return total - inactive - sum(routers.values())
 
