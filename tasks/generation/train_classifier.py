@@ -1,6 +1,6 @@
 """Train the FD-FMNIST feature classifier on the Fashion-MNIST train split and save it as safetensors.
 
-    python -m moezoo.tasks.generation.train_classifier --epochs 1
+    python -m moezoo.tasks.generation.train_classifier --epochs 5
         --out tasks/generation/weights/fd_fmnist_cnn.safetensors
 
 Images are scaled to ``[-1, 1]`` (the generation task's range). Seeded; prints the test accuracy at the end.
@@ -30,7 +30,7 @@ def accuracy(model: FMNISTClassifier, x: torch.Tensor, y: torch.Tensor) -> float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=FASHION_MNIST_DEBIAN_ROOT)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
