@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -224,15 +225,18 @@ def run_evaluation(
     else:
         task.model.load_state_dict(model.state_dict(), strict=True)
     data = instantiate(cfg.data)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    results = trainer.test(task, datamodule=data, verbose=False)
+    # Whatever a task writes beside its metrics (forecast plots, sample grids) goes to a scratch folder, not the cwd.
+    with tempfile.TemporaryDirectory(prefix="moezoo-eval-") as scratch:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            default_root_dir=scratch,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        results = trainer.test(task, datamodule=data, verbose=False)
     metrics = {k: round(float(v), 6) for k, v in results[0].items()}
     return metrics, _routing_stats(task)
 

@@ -102,8 +102,11 @@ def test_total_shipped_size() -> None:
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if _slow_eval(n) else n for n in RELEASES])
 def test_eval_reproduces_the_card(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """The done criterion: offline, from a fresh cache, every release reproduces its card's metrics."""
+    """The done criterion: offline, from a fresh cache, every release reproduces its card's metrics; and the
+    evaluation writes nothing into the working directory (e.g. the forecasting task's plot)."""
+    before = set(Path.cwd().iterdir())
     assert main(["eval", name, "--offline"]) == 0, capsys.readouterr().out
+    assert set(Path.cwd().iterdir()) == before
 
 
 def test_count_params_oracle() -> None:
