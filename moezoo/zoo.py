@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from moezoo.layers import MoE
-from moezoo.models import PretrainedCfg, create_model, get_pretrained_cfg, hub, list_models
+from moezoo.models import PretrainedCfg, get_pretrained_cfg, hub, list_models
 from moezoo.models.registry import split_name
 
 DEFAULT_TOLERANCE = 1e-4
@@ -381,7 +381,7 @@ def release(args: argparse.Namespace) -> int:
     # The task builds the model: some tasks complete its kwargs (e.g. the speech task adds the vocabulary size).
     task = instantiate(task_spec)
     model_kwargs = dict(getattr(task, "model_kwargs", None) or task_spec["init_args"].get("model_kwargs") or {})
-    model = create_model(model_name, **model_kwargs)
+    model = task.model
     model.load_state_dict(_load_lightning_state(Path(args.ckpt)), strict=True)
 
     weights_dir = Path(args.weights_dir) if args.weights_dir else hub.package_weights_dir()

@@ -23,18 +23,17 @@ def hidden_width(activation: str, ffn_dim: int) -> int:
     return 2 * ffn_dim if check_activation(activation) == "swiglu" else ffn_dim
 
 
-def act_forward(h_NH: Tensor, activation: str) -> Tensor:
+def act_forward_parts(h_NH: Tensor, activation: str) -> tuple[Tensor | None, Tensor]:
+    """``(silu(gate) for SwiGLU else None, activation output)``: the output and the factor its backward reuses."""
     if activation == "gelu":
-        return F.gelu(h_NH)
-    gate, up = h_NH.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def swiglu_parts(h_NH: Tensor) -> tuple[Tensor, Tensor]:
-    """``(silu(gate), silu(gate) * up)``: the SwiGLU output and the factor its backward reuses."""
+        return None, F.gelu(h_NH)
     gate, up = h_NH.chunk(2, dim=-1)
     silu_NF = F.silu(gate)
     return silu_NF, silu_NF * up
+
+
+def act_forward(h_NH: Tensor, activation: str) -> Tensor:
+    return act_forward_parts(h_NH, activation)[1]
 
 
 def act_backward(da_NF: Tensor, h_NH: Tensor, activation: str, silu_NF: Tensor | None = None) -> Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moezoo.ops.activations import act_backward, act_forward, swiglu_parts
+from moezoo.ops.activations import act_backward, act_forward, act_forward_parts
 from moezoo.ops.permute import Permutation, sort_by_expert
 
 # Elements of the widest chunk buffer (16 MiB in fp32).
@@ -168,10 +168,7 @@ class _ExpertFFN(torch.autograd.Function):
             dz_RD = torch.index_select(dout_TD, 0, tok, out=dz_buf[:n])
             da_RF = layout.mm(dz_RD, w_out_t, chunk, da_buf[:n])
             h_chunk = h_RH[r0:r1]
-            if ctx.activation == "swiglu":
-                silu_RF, a_RF = swiglu_parts(h_chunk)
-            else:
-                silu_RF, a_RF = None, act_forward(h_chunk, ctx.activation)
+            silu_RF, a_RF = act_forward_parts(h_chunk, ctx.activation)
             if dgate_R is not None:
                 dgate_R[r0:r1] = torch.linalg.vecdot(da_RF, a_RF)
             if dw_out is not None:
