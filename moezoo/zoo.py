@@ -222,8 +222,8 @@ def run_evaluation(
     task = instantiate(cfg.task)
     if model is None:
         hub.load_pretrained(task.model, cfg, offline=offline, progress=False)
-    else:
-        task.model.load_state_dict(model.state_dict(), strict=True)
+        model = task.model
+    _load_release_weights(task, model.state_dict())  # tasks may keep another copy (the DiT task's EMA)
     data = instantiate(cfg.data)
     # Whatever a task writes beside its metrics (forecast plots, sample grids) goes to a scratch folder, not the cwd.
     with tempfile.TemporaryDirectory(prefix="moezoo-eval-") as scratch:
@@ -353,16 +353,25 @@ def card_path(name: str, cards_dir: Path = CARDS_DIR) -> Path:
 
 
 # -- release ---------------------------------------------------------------------------------------------------
-def _load_lightning_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def _load_lightning_state(ckpt: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The weights under ``prefix`` (the task's ``release_prefix``) in a Lightning checkpoint, prefix removed."""
     try:
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises several types for a bad file
         raise ValueError(f"--ckpt {ckpt}: cannot read it as a checkpoint: {err}") from err
     state = checkpoint.get("state_dict", checkpoint)
-    model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    model_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not model_state:
-        raise ValueError(f"--ckpt {ckpt}: no 'model.*' weights in its state_dict (keys: {list(state)[:5]} ...)")
+        raise ValueError(f"--ckpt {ckpt}: no '{prefix}*' weights in its state_dict (keys: {list(state)[:5]} ...)")
     return model_state
+
+
+def _load_release_weights(task: Any, state: dict[str, torch.Tensor]) -> None:
+    loader = getattr(task, "load_release_weights", None)
+    if loader is None:
+        task.model.load_state_dict(state, strict=True)
+    else:
+        loader(state)
 
 
 def release(args: argparse.Namespace) -> int:
@@ -382,7 +391,7 @@ def release(args: argparse.Namespace) -> int:
     task = instantiate(task_spec)
     model_kwargs = dict(getattr(task, "model_kwargs", None) or task_spec["init_args"].get("model_kwargs") or {})
     model = task.model
-    model.load_state_dict(_load_lightning_state(Path(args.ckpt)), strict=True)
+    _load_release_weights(task, _load_lightning_state(Path(args.ckpt), getattr(task, "release_prefix", "model.")))
 
     weights_dir = Path(args.weights_dir) if args.weights_dir else hub.package_weights_dir()
     weights_dir.mkdir(parents=True, exist_ok=True)
@@ -564,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_card)
     p = sub.add_parser("release", help="turn a trained Lightning checkpoint into a release")
     p.add_argument("--config", required=True, help="the training YAML (configs/...)")
-    p.add_argument("--ckpt", required=True, help="the Lightning checkpoint to release")
+    p.add_argument(
+        "--ckpt", required=True, help="the Lightning checkpoint to release (its model.* weights; the EMA copy for DiT)"
+    )
     p.add_argument("--name", required=True, help="<model>.<tag>")
     p.add_argument("--domain", required=True)
     p.add_argument("--dataset", required=True, help="what the data is, its source and license")

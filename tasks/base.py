@@ -7,11 +7,14 @@ Domain tasks subclass :class:`MoETask` and implement :meth:`MoETask.compute_loss
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
@@ -69,6 +72,30 @@ class RoutingSummary:
         return "\n".join(lines)
 
 
+def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
+    """Write each ``save_last`` checkpoint callback's ``last.ckpt`` at the end of fit.
+
+    A run that stops on ``max_steps`` or ``max_time`` between two checkpoint events would otherwise keep only the
+    weights of the last validation. Written through a temporary file and a rename; returns the paths written.
+    """
+    written = []
+    if trainer.interrupted or trainer.sanity_checking:
+        return written
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.dirpath:
+            continue
+        if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+            continue  # already saved at this step
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        tmp = path.with_name(path.name + ".tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        trainer.strategy.barrier("save_final_checkpoint")
+        written.append(path)
+    return written
+
+
 class MoETask(L.LightningModule):
     """Shared training logic for every domain.
 
@@ -108,6 +135,13 @@ class MoETask(L.LightningModule):
         self.model = create_model(model, **self.model_kwargs)
         self.routing_summary = RoutingSummary()
 
+    #: where, in a Lightning checkpoint's ``state_dict``, the weights a zoo release ships start
+    release_prefix = "model."
+
+    def load_release_weights(self, state: dict[str, Tensor]) -> None:
+        """Load released weights (a state dict of ``self.model``); tasks holding another copy update it too."""
+        self.model.load_state_dict(state, strict=True)
+
     # -- to implement in domain tasks ---------------------------------------------------------------
     def compute_loss(self, batch: Any, stage: str) -> tuple[Tensor, list[MoEAux], dict[str, Tensor], int]:
         """Return ``(task loss, MoE aux results, extra metrics to log, batch size)``."""
@@ -142,6 +176,9 @@ class MoETask(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         update_router_states(self.model)
+
+    def on_train_end(self) -> None:
+        save_final_checkpoint(self.trainer)
 
     def on_test_epoch_start(self) -> None:
         self.routing_summary.reset()

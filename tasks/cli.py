@@ -1,7 +1,8 @@
 """``moezoo fit|validate|test|predict --config FILE``: LightningCLI in omegaconf mode.
 
 The model and data are given by ``class_path`` in the config (subclass mode), so one entry point serves
-every domain. After ``fit``, the test set is evaluated on the best checkpoint unless ``--test_after_fit false``.
+every domain. After ``fit``, the test set is evaluated on the best checkpoint (the final weights when the
+checkpoint callback monitors no metric) unless ``--test_after_fit false``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class MoEZooCLI(LightningCLI):
         if datamodule is None or not hasattr(datamodule, "test_dataloader"):
             return
         checkpoint = self.trainer.checkpoint_callback
-        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
-        ckpt_path = "best" if best else None
+        # "best" only means something when a metric is monitored; otherwise test the final weights (in memory).
+        monitored = isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor is not None
+        ckpt_path = "best" if monitored and checkpoint.best_model_path else None
         results = self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: on every rank
         if results and self.trainer.is_global_zero:

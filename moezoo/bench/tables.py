@@ -31,8 +31,12 @@ JSON in ``raw/<domain>.json``. A benchmark may record its own wall time as a top
 ``--reuse`` keeps a domain's ``raw/<domain>.json`` instead of rerunning it when that file validates and has the
 requested settings, so that long full benchmarks can run on their own (``moezoo bench timeseries --full --json
 bench_results/tables/raw/timeseries.json``) and be assembled by ``moezoo bench tables --full --reuse``.
+``--reuse-custom`` also keeps files whose settings are ``"custom"`` (a benchmark run with options of its own, e.g.
+more steps); their status in the table says so. A raw file that is rerun is first renamed to
+``raw/<domain>.replaced-<UTC time>.json``, so no earlier result is lost.
 ``--readme PATH`` puts the generated Markdown between the lines ``<!-- moezoo-bench-tables:begin -->`` and
-``<!-- moezoo-bench-tables:end -->`` of PATH.
+``<!-- moezoo-bench-tables:end -->`` of PATH. The figures are linked from there only with ``--readme-figures DIR``,
+which copies them to DIR (a tracked folder; ``--out`` is usually git-ignored).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import json
 import math
 import os
 import pkgutil
+import shutil
 import signal
 import statistics
 import subprocess
@@ -261,7 +266,11 @@ def run_domain(domain: str, module: str, full: bool, out: Path, timeout: float) 
     log_path = out / "logs" / f"{domain}.log"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.unlink(missing_ok=True)
+    if json_path.exists():  # an earlier result (perhaps hours of work) is kept under another name, not deleted
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(json_path.stat().st_mtime))
+        kept = json_path.with_name(f"{domain}.replaced-{stamp}.json")
+        os.replace(json_path, kept)
+        print(f"[tables] {domain}: kept the earlier {json_path.name} as {kept.name}", flush=True)
     settings_flag = "--full" if full else "--quick"
     command = [sys.executable, "-m", "moezoo.cli", "bench", module, settings_flag, "--json", str(json_path)]
     start = time.perf_counter()
@@ -299,8 +308,11 @@ def run_domain(domain: str, module: str, full: bool, out: Path, timeout: float) 
     return {**result, "status": status, "runtime_s": round(runtime, 1)}
 
 
-def reuse_domain(domain: str, module: str, settings: str, out: Path) -> tuple[dict[str, Any] | None, str]:
-    """The run of an earlier ``raw/<domain>.json`` when it validates and has ``settings``; else ``(None, why not)``."""
+def reuse_domain(
+    domain: str, module: str, settings: str, out: Path, custom: bool = False
+) -> tuple[dict[str, Any] | None, str]:
+    """The run of an earlier ``raw/<domain>.json`` when it validates and has ``settings`` (or ``"custom"`` settings
+    when ``custom``); else ``(None, why not)``."""
     json_path = out / "raw" / f"{domain}.json"
     if not json_path.is_file():
         return None, f"no {json_path}"
@@ -311,14 +323,17 @@ def reuse_domain(domain: str, module: str, settings: str, out: Path) -> tuple[di
     problems = validate(data, domain)
     if problems:
         return None, f"{json_path} is not in the tables format: " + "; ".join(problems[:3])
-    if data.get("settings") != settings:
-        return None, f"{json_path} has settings {data.get('settings')!r}, not {settings!r}"
+    accepted = (settings, "custom") if custom else (settings,)
+    if data.get("settings") not in accepted:
+        hint = " (--reuse-custom accepts 'custom')" if data.get("settings") == "custom" else ""
+        return None, f"{json_path} has settings {data.get('settings')!r}, not {settings!r}{hint}"
     if data.get("domain", domain) != domain:
         return None, f"{json_path} is for domain {data.get('domain')!r}, not {domain!r}"
     runtime = data.get("runtime_s")
+    note = " (custom settings)" if data.get("settings") == "custom" else ""
     run = {
         "domain": domain, "module": module, "command": f"bench {module} --{settings} --json {json_path}",
-        "data": data, "status": f"reused {json_path}",
+        "data": data, "status": f"reused {json_path}{note}",
         "runtime_s": round(float(runtime), 1) if isinstance(runtime, (int, float)) else None,
     }  # fmt: skip
     return run, ""
@@ -336,10 +351,19 @@ def replace_readme_block(text: str, block: str) -> str:
     return head + "\n\n" + block.strip("\n") + "\n\n" + text[end:]
 
 
-def readme_markdown(text: str, figures: Sequence[str], out: Path, readme: Path) -> str:
-    """The tables' Markdown with figure links relative to the README's folder instead of ``out``."""
+def readme_markdown(text: str, figures: Sequence[str], out: Path, readme: Path, figures_dir: Path | None) -> str:
+    """The tables' Markdown for the README: figures copied to ``figures_dir`` and linked relative to the README's
+    folder, or, without ``figures_dir``, left out (``out`` is not meant to be committed)."""
     for name in figures:
-        rel = os.path.relpath((out / name).resolve(), readme.resolve().parent)
+        link = f"![{name[:-4]}]({name})"
+        if figures_dir is None:
+            text = text.replace(link + "\n", "").replace(link, "")
+            continue
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        tmp = figures_dir / f".{name}.tmp"
+        shutil.copyfile(out / name, tmp)
+        os.replace(tmp, figures_dir / name)
+        rel = os.path.relpath((figures_dir / name).resolve(), readme.resolve().parent)
         text = text.replace(f"]({name})", f"]({Path(rel).as_posix()})")
     return text
 
@@ -557,8 +581,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse", action="store_true", help="keep a domain's valid raw/<domain>.json of these settings, do not rerun"
     )
+    parser.add_argument(
+        "--reuse-custom", action="store_true", help="--reuse, also accepting raw files of 'custom' settings"
+    )
     parser.add_argument("--readme", default=None, help="replace the text between the bench-table markers of this file")
+    parser.add_argument(
+        "--readme-figures", default=None, help="copy the figures to this folder and link them from --readme"
+    )
     args = parser.parse_args(argv)
+    if args.readme_figures and not args.readme:
+        parser.error("--readme-figures needs --readme")
+    args.reuse = args.reuse or args.reuse_custom
     out = Path(args.out)
     settings = "full" if args.full else "quick"
     start = time.perf_counter()
@@ -575,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     for domain, module in benches.items():
         run = None
         if args.reuse:
-            run, why_not = reuse_domain(domain, module, settings, out)
+            run, why_not = reuse_domain(domain, module, settings, out, custom=args.reuse_custom)
             if run is None:
                 print(f"[tables] {domain}: not reused: {why_not}", flush=True)
         if run is None:
@@ -585,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tables] {domain}: {run['status']}{took}", flush=True)
         runs.append(run)
     rows = table_rows(runs)
-    command = "moezoo bench tables" + (" --full" if args.full else "") + (" --reuse" if args.reuse else "")
+    reuse_flag = " --reuse-custom" if args.reuse_custom else " --reuse" if args.reuse else ""
+    command = "moezoo bench tables" + (" --full" if args.full else "") + reuse_flag
     write_csv(rows, out / "tables.csv")
     text = markdown(rows, runs, missing, others, settings, command)
     if not args.no_zoo:
@@ -600,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n" + "\n".join(f"![{f[:-4]}]({f})" for f in figures) + "\n"
     (out / "tables.md").write_text(text)
     if readme is not None:
-        write_text_atomic(readme, replace_readme_block(readme.read_text(), readme_markdown(text, figures, out, readme)))
+        figures_dir = Path(args.readme_figures) if args.readme_figures else None
+        block = readme_markdown(text, figures, out, readme, figures_dir)
+        write_text_atomic(readme, replace_readme_block(readme.read_text(), block))
         print(f"[tables] replaced the bench tables of {readme}")
     total = time.perf_counter() - start
     summary = {"settings": settings, "runtime_s": round(total, 1), "runs": runs, "missing": missing, "others": others}

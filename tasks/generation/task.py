@@ -123,6 +123,13 @@ class ImageGenerationTask(MoETask):
         self._classifier: FMNISTClassifier | None = None
         self._real_stats: tuple[np.ndarray, np.ndarray] | None = None
 
+    #: releases ship the averaged (EMA) weights: the ones samples and FD-FMNIST are computed with
+    release_prefix = "ema.module."
+
+    def load_release_weights(self, state: dict[str, Tensor]) -> None:
+        super().load_release_weights(state)
+        self.ema.module.load_state_dict(state, strict=True)
+
     @property
     def num_classes(self) -> int:
         return int(self.model.num_classes)
@@ -155,6 +162,7 @@ class ImageGenerationTask(MoETask):
             self.save_samples(f"step_{step:06d}")
 
     def on_train_end(self) -> None:
+        super().on_train_end()
         if self.trainer.is_global_zero:
             self.save_samples(f"step_{self.trainer.global_step:06d}_final")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moezoo.cli import main
 from moezoo.tasks.cli import cli_main
@@ -67,6 +68,29 @@ def test_fit_writes_checkpoints_tests_and_resumes(tmp_path, monkeypatch, capsys)
     resumed = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
     state = torch.load(resumed, map_location="cpu", weights_only=False)
     assert state["epoch"] == 2 and state["global_step"] == 3 * 4  # continued to epoch 3 at 4 batches an epoch
+
+
+def test_fit_that_stops_between_checkpoints_still_saves_its_final_weights(tmp_path, monkeypatch):
+    """max_steps=6 with a validation (and so a checkpoint) every 4 steps: last.ckpt must hold step 6, not 4."""
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / "configs" / "smoke" / "vision_digits_moe_vit.yaml")
+    args = ["--config", config, "--trainer.logger", "false", "--trainer.max_epochs", "-1"]
+    args += ["--trainer.max_steps", "6", "--trainer.limit_train_batches", "10", "--trainer.val_check_interval", "4"]
+    args += ["--trainer.enable_checkpointing", "true"]
+    cli = cli_main(args, run=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ModelCheckpoint)] + [checkpoint]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    steps = {
+        p.name: torch.load(p, map_location="cpu", weights_only=False)["global_step"]
+        for p in (tmp_path / "ckpt").glob("*.ckpt")
+    }
+    assert steps["last.ckpt"] == 6, steps
+    assert steps["epoch=0-step=4.ckpt"] == 4, steps  # the validation-time checkpoint is still there
+    assert not list((tmp_path / "ckpt").glob("*.tmp")), "a temporary file was left behind"
+    final = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for name, value in cli.model.state_dict().items():
+        torch.testing.assert_close(final[name], value, msg=f"last.ckpt is not the final weights: {name}")
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path, monkeypatch, capsys):

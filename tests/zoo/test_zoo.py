@@ -163,6 +163,46 @@ def test_release_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     assert "test/acc" in capsys.readouterr().out
 
 
+def test_generation_release_ships_the_ema_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A DiT samples with its EMA copy: the release holds those weights, and eval loads them into both copies."""
+    from moezoo.tasks.generation import ImageGenerationTask
+    from moezoo.zoo import run_evaluation
+
+    config = ROOT / "configs/smoke/vision_dit_digits_promoe.yaml"
+    kwargs = {
+        "img_size": 8,
+        "patch_size": 2,
+        "num_classes": 10,
+        "num_experts": 5,
+        "top_k": 1,
+        "num_shared_experts": 1,
+        "router": "promoe",
+        "router_kwargs": {"temperature": 0.07, "contrastive_coef": 0.01},
+    }
+    torch.manual_seed(0)
+    task = ImageGenerationTask("moe_dit_debug", kwargs, num_sampling_steps=8, samples_per_class=2)
+    with torch.no_grad():
+        for p in task.ema.module.parameters():
+            p.add_(torch.randn_like(p))  # the averaged copy now differs from the trained one
+    torch.save({"state_dict": task.state_dict()}, tmp_path / "t.ckpt")
+    weights, cards = tmp_path / "weights", tmp_path / "cards"
+    args = ["release", "--config", str(config), "--ckpt", str(tmp_path / "t.ckpt"), "--name", "moe_dit_debug.ema"]
+    args += ["--domain", "generation", "--dataset", "digits", "--weights-dir", str(weights), "--cards-dir", str(cards)]
+    assert main(args) == 0, capsys.readouterr().err
+    monkeypatch.setitem(registry._PRETRAINED, "moe_dit_debug", {})
+    register_record(weights / "moe_dit_debug.ema.json")
+    cfg = get_pretrained_cfg("moe_dit_debug.ema")
+    cfg.urls = [(weights / cfg.file).as_uri()]
+    model = create_model("moe_dit_debug.ema", pretrained=True)
+    for key, value in task.ema.module.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in task.model.state_dict().items())
+    metrics, _ = run_evaluation(cfg, offline=True)
+    assert metrics == cfg.metrics  # the card's metrics are those of the EMA weights, reproduced from the file
+
+
 def test_bad_names_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["info", "moe_vit_tiny.nope"]) == 1
     assert "no weights tagged 'nope'" in capsys.readouterr().err
