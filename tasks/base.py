@@ -78,7 +78,7 @@ def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
     A run that stops on ``max_steps`` or ``max_time`` between two checkpoint events would otherwise keep only the
     weights of the last validation. Written through a temporary file and a rename; returns the paths written.
     """
-    written = []
+    written: list[Path] = []
     if trainer.interrupted or trainer.sanity_checking:
         return written
     for callback in trainer.checkpoint_callbacks:
@@ -154,7 +154,7 @@ class MoETask(L.LightningModule):
         loss = task_loss if aux_loss is None else task_loss + self.aux_loss_coef * aux_loss
         on_step = stage == "train"
         # Validation/test epoch values are averaged over processes under DDP (a no-op in one process).
-        log = dict(on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
+        log: dict[str, Any] = dict(on_step=on_step, on_epoch=True, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
         self.log(f"{stage}/task_loss", task_loss, **log)
         for name, value in metrics.items():

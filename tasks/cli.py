@@ -46,7 +46,9 @@ class MoEZooCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         # "best" only means something when a metric is monitored; otherwise test the final weights (in memory).
         monitored = isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor is not None
-        ckpt_path = "best" if monitored and checkpoint.best_model_path else None
+        ckpt_path = (
+            "best" if isinstance(checkpoint, ModelCheckpoint) and monitored and checkpoint.best_model_path else None
+        )
         results = self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: on every rank
         if results and self.trainer.is_global_zero:
