@@ -278,7 +278,7 @@ def render_card(name: str, cfg: PretrainedCfg) -> str:
         f'| Load | `moezoo.create_model("{name}", pretrained=True)` |',
         f"| Domain | {cfg.domain or '-'} |",
         f"| Parameters | {cfg.params.get('total', 0):,} total, {cfg.params.get('active', 0):,} active per token |",
-        f"| Weights | `{cfg.file}` (safetensors, {cfg.num_bytes or 0:,} bytes) |",
+        f"| Weights | `{cfg.file}` (safetensors, {cfg.storage_dtype}, {cfg.num_bytes or 0:,} bytes) |",
         f"| sha256 | `{cfg.sha256}` |",
         f"| Sources | {', '.join(f'`{u}`' for u in cfg.urls) or '-'} |",
         f"| License | {cfg.license or '-'} |",
@@ -392,6 +392,13 @@ def release(args: argparse.Namespace) -> int:
     model_kwargs = dict(getattr(task, "model_kwargs", None) or task_spec["init_args"].get("model_kwargs") or {})
     model = task.model
     _load_release_weights(task, _load_lightning_state(Path(args.ckpt), getattr(task, "release_prefix", "model.")))
+    state = model.state_dict()
+    if args.storage_dtype != "float32":
+        # Floating tensors are stored rounded; the model takes the rounded values too, so that the card's metrics
+        # are those of the shipped file.
+        dtype = getattr(torch, args.storage_dtype)
+        state = {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in state.items()}
+        _load_release_weights(task, {k: v.to(torch.float32) if v.dtype == dtype else v for k, v in state.items()})
 
     weights_dir = Path(args.weights_dir) if args.weights_dir else hub.package_weights_dir()
     weights_dir.mkdir(parents=True, exist_ok=True)
@@ -399,8 +406,8 @@ def release(args: argparse.Namespace) -> int:
     config_path = Path(os.path.relpath(Path(args.config).resolve(), Path.cwd().resolve())).as_posix()
     if config_path.startswith(".."):
         config_path = Path(args.config).as_posix()
-    metadata = {"name": args.name, "config": config_path, "format": "pt"}
-    hub.save_state_dict(model.state_dict(), weights_dir / file, metadata)
+    metadata = {"name": args.name, "config": config_path, "format": "pt", "storage_dtype": args.storage_dtype}
+    hub.save_state_dict(state, weights_dir / file, metadata)
     size = (weights_dir / file).stat().st_size
     others = sum(p.stat().st_size for p in weights_dir.glob("*.safetensors") if p.name != file)
     if size > MAX_FILE_BYTES or size + others > MAX_TOTAL_BYTES:
@@ -425,6 +432,7 @@ def release(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         config=config_path,
         checkpoint=Path(args.ckpt).name,
+        storage_dtype=args.storage_dtype,
         model_kwargs=model_kwargs,
         domain=args.domain,
         description=args.description,
@@ -586,6 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limitation", action="append", default=[])
     p.add_argument("--cite", action="append", default=[], help="extra citation (family/router ones are added)")
     p.add_argument("--tolerance", action="append", default=[], help=f"METRIC=ABS (default {DEFAULT_TOLERANCE})")
+    p.add_argument(
+        "--storage-dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="store floating weights in this dtype (half the size; the card is evaluated with the rounded weights)",
+    )
     p.add_argument("--weights-dir", default=None, help="default: the package's moezoo/weights")
     p.add_argument("--cards-dir", default=str(CARDS_DIR))
     p.set_defaults(func=release)

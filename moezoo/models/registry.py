@@ -41,6 +41,7 @@ class PretrainedCfg:
     routing: dict[str, Any] = field(default_factory=dict)  # routing statistics of the evaluation run
     dense_twin: str = ""  # "name.tag" of the dense twin's release, on an MoE release
     checkpoint: str = ""  # the training checkpoint the weights were taken from (file name)
+    storage_dtype: str = "float32"  # how the file stores floating tensors; they load into the model's dtype
     limitations: list[str] = field(default_factory=list)
     citations: list[str] = field(default_factory=list)
 

@@ -203,6 +203,38 @@ def test_generation_release_ships_the_ema_weights(
     assert metrics == cfg.metrics  # the card's metrics are those of the EMA weights, reproduced from the file
 
 
+def test_half_precision_release_is_evaluated_with_the_weights_it_ships(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from safetensors.torch import load_file
+
+    from moezoo.tasks.vision import ImageClassificationTask
+    from moezoo.zoo import run_evaluation
+
+    torch.manual_seed(0)
+    task = ImageClassificationTask("moe_vit_debug", {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10})
+    torch.save({"state_dict": task.state_dict()}, tmp_path / "t.ckpt")
+    weights = tmp_path / "weights"
+    args = ["release", "--config", str(ROOT / "configs/smoke/vision_digits_moe_vit.yaml"), "--ckpt"]
+    args += [str(tmp_path / "t.ckpt"), "--name", "moe_vit_debug.half", "--domain", "vision", "--dataset", "digits"]
+    args += ["--weights-dir", str(weights), "--cards-dir", str(tmp_path / "cards"), "--storage-dtype", "float16"]
+    assert main(args) == 0, capsys.readouterr().err
+    stored = load_file(weights / "moe_vit_debug.half.safetensors")
+    full = task.model.state_dict()
+    assert all(v.dtype == torch.float16 for k, v in stored.items() if full[k].is_floating_point())
+    monkeypatch.setitem(registry._PRETRAINED, "moe_vit_debug", {})
+    register_record(weights / "moe_vit_debug.half.json")
+    cfg = get_pretrained_cfg("moe_vit_debug.half")
+    cfg.urls = [(weights / cfg.file).as_uri()]
+    assert cfg.storage_dtype == "float16" and "float16" in (tmp_path / "cards" / "moe_vit_debug.half.md").read_text()
+    model = create_model("moe_vit_debug.half", pretrained=True)
+    for key, value in model.state_dict().items():
+        assert value.dtype == full[key].dtype  # loaded back into the model's own dtype
+        torch.testing.assert_close(value, full[key].half().to(full[key].dtype), rtol=0, atol=0)
+    metrics, _ = run_evaluation(cfg, offline=True)
+    assert metrics == cfg.metrics
+
+
 def test_bad_names_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["info", "moe_vit_tiny.nope"]) == 1
     assert "no weights tagged 'nope'" in capsys.readouterr().err
