@@ -450,7 +450,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 # -- released checkpoints --------------------------------------------------------------------------------------
 HEADLINE_METRICS = {  # test metric -> higher is better; the first one a release has is its quality column
-    "test/acc": True, "test/map": True, "test/mAP": True, "test/map50": True, "test/wer": False, "test/cer": False,
+    "test/acc": True, "test/map": True, "test/mAP": True, "test/map50": True, "test/cer": False, "test/wer": False,
     "test/mse": False, "test/mae": False, "test/fd": False, "test/fd_fmnist": False,
 }  # fmt: skip
 
