@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# The real aerial tree images with boxes for detection: only deepforest's data files are read (no import),
+	# so none of its heavy dependencies are installed.
+	$(PY) -m pip install -q --no-deps deepforest==2.1.0 || echo "warning: deepforest could not be installed; its tree images will be unavailable"
 	touch $@
 
 system-deps:
