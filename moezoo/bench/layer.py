@@ -20,10 +20,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+import moezoo.ops.fused as fused
 from moezoo.layers import FeedForward, MoE
 from moezoo.ops.activations import act_forward
 
@@ -119,8 +121,30 @@ def measure(module: nn.Module, x: Tensor, repeats: int, warmup: int = 1) -> Meas
     return Measurement(statistics.median(times), saved / 2**20)
 
 
+class _WithLayout(nn.Module):
+    """Runs an MoE with the fused CPU path's row layout ``layout`` (``moezoo.ops.fused.LAYOUT``)."""
+
+    def __init__(self, moe: nn.Module, layout: str) -> None:
+        super().__init__()
+        self.moe = moe
+        self.layout = layout
+
+    def forward(self, x: Tensor) -> Any:
+        previous = fused.LAYOUT
+        fused.LAYOUT = self.layout
+        try:
+            return self.moe(x)  # the layout is fixed in forward and kept for backward
+        finally:
+            fused.LAYOUT = previous
+
+
 def bench_shape(
-    shape: tuple[int, int, int, int, int], activation: str, repeats: int, with_naive: bool = True, seed: int = 0
+    shape: tuple[int, int, int, int, int],
+    activation: str,
+    repeats: int,
+    with_naive: bool = True,
+    seed: int = 0,
+    layouts: tuple[str, ...] = (),
 ) -> dict[str, Measurement]:
     tokens, dim, ffn_dim, num_experts, top_k = shape
     torch.manual_seed(seed)
@@ -128,6 +152,8 @@ def bench_shape(
     dense = FeedForward(dim, top_k * ffn_dim, activation)
     x = torch.randn(tokens, dim, requires_grad=True)
     candidates: dict[str, nn.Module] = {"dense": dense, "moezoo": moe}
+    for layout in layouts:
+        candidates[f"moezoo[{layout}]"] = _WithLayout(moe, layout)
     reference = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="reference")
     reference.load_state_dict(moe.state_dict())
     candidates["reference"] = reference
@@ -210,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    parser.add_argument(
+        "--layouts",
+        default="",
+        help="also time the fused CPU path with these row layouts (comma list of segment,bucket; default layout: "
+        f"{fused.LAYOUT})",
+    )
     args = parser.parse_args(argv)
     shapes = DEFAULT_SHAPES
     if args.shape:
@@ -219,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--shape must be five integers T,D,F,E,K: {err}") from err
         if any(len(s) != 5 for s in shapes):
             raise SystemExit("--shape must be five integers T,D,F,E,K")
+    layouts = tuple(v for v in args.layouts.split(",") if v)
+    if any(v not in ("segment", "bucket") for v in layouts):
+        raise SystemExit(f"--layouts takes segment and/or bucket, got {args.layouts!r}")
     torch.set_num_threads(args.threads)
     print(
         f"moezoo bench layer: CPU fp32, {torch.get_num_threads()} threads, {args.activation}, "
@@ -227,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     floors = {}
     for shape in shapes:
-        results[shape] = bench_shape(shape, args.activation, args.repeats, with_naive=not args.no_naive)
+        results[shape] = bench_shape(shape, args.activation, args.repeats, not args.no_naive, layouts=layouts)
         floors[shape] = gemm_floor(shape, args.activation, args.repeats)
         print(f"done {shape}", flush=True)
     print(format_table(results, floors))

@@ -21,6 +21,7 @@ benchmark shapes, and chunks of 16 MiB beat both 4 MiB and 64 MiB chunks.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +95,116 @@ class SegmentLayout:
         return dgate
 
 
-def make_layout(perm: Permutation, gate_sorted_N: Tensor, widths: tuple[int, int]) -> SegmentLayout:
-    return SegmentLayout(perm, gate_sorted_N, max(64, CHUNK_ELEMENTS // max(widths)))
+@dataclass
+class BucketChunk:
+    r0: int  # first row (in the padded row space)
+    r1: int
+    bucket: int
+    slots: int  # experts in the bucket (the bmm batch)
+    rows: int  # rows per expert in this chunk (a capacity slice of the bucket)
+    first: bool  # first chunk of its bucket
+    last: bool  # last chunk of its bucket
+
+
+class BucketLayout:
+    """Experts grouped into buckets of ``bucket_size`` experts with similar row counts; each bucket is padded to its
+    largest count, so that one ``bmm`` per chunk replaces one ``mm`` per expert.
+
+    Row space: bucket -> capacity slice (chunk) -> expert slot -> row, so every chunk is a contiguous
+    ``(slots, rows, .)`` block. Padding rows read token 0 with gate 0: their outputs, weight-gradient and input-
+    gradient contributions are exactly zero (their gate gradient is discarded).
+    """
+
+    def __init__(self, perm: Permutation, gate_sorted_N: Tensor, chunk_rows: int, bucket_size: int) -> None:
+        counts = perm.counts
+        self.counts = counts
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        by_count = sorted((e for e in range(len(counts)) if counts[e]), key=lambda e: counts[e])
+        self.buckets = [by_count[i : i + bucket_size] for i in range(0, len(by_count), bucket_size)]
+        device = perm.order_N.device
+        self.bucket_ids = [torch.tensor(b, dtype=torch.long, device=device) for b in self.buckets]
+        sources = []  # per padded row: its row in the expert-sorted order, or -1 for padding
+        self._chunks: list[BucketChunk] = []
+        r0 = 0
+        for b, experts in enumerate(self.buckets):
+            capacity = max(counts[e] for e in experts)
+            step = max(1, min(capacity, chunk_rows // len(experts)))
+            for c0 in range(0, capacity, step):
+                c1 = min(capacity, c0 + step)
+                block = torch.full((len(experts), c1 - c0), -1, dtype=torch.long)
+                for j, e in enumerate(experts):
+                    n = max(0, min(c1, counts[e]) - c0)
+                    block[j, :n] = torch.arange(starts[e] + c0, starts[e] + c0 + n)
+                sources.append(block.flatten())
+                r1 = r0 + block.numel()
+                self._chunks.append(BucketChunk(r0, r1, b, len(experts), c1 - c0, c0 == 0, c1 == capacity))
+                r0 = r1
+        source_R = torch.cat(sources).to(device) if sources else torch.zeros(0, dtype=torch.long, device=device)
+        self.valid_R = source_R >= 0
+        self.source_R = source_R.clamp_min(0)
+        self.token_R = torch.where(self.valid_R, perm.token_sorted_N[self.source_R], 0) if r0 else source_R
+        gate_R = gate_sorted_N[self.source_R] if r0 else gate_sorted_N.new_zeros(0)
+        self.gate_R1 = torch.where(self.valid_R, gate_R, 0).unsqueeze(-1)
+        self.num_rows = r0
+        self._weights: dict[tuple[int, int], Tensor] = {}
+        self._grads: dict[int, Tensor] = {}
+
+    def chunks(self) -> list[BucketChunk]:
+        return self._chunks
+
+    def _bucket_weight(self, w_EKM: Tensor, b: int) -> Tensor:
+        """The bucket's experts' weights: a copy made once per weight and bucket, which the transposed view used by
+        the backward shares (``bmm`` takes transposed matrices as they are)."""
+        transposed = w_EKM.stride(1) < w_EKM.stride(2)
+        base = w_EKM.transpose(1, 2) if transposed else w_EKM
+        key = (base.untyped_storage().data_ptr(), b)
+        if key not in self._weights:
+            self._weights[key] = base.index_select(0, self.bucket_ids[b])
+        w = self._weights[key]
+        return w.transpose(1, 2) if transposed else w
+
+    def mm(self, a_RK: Tensor, w_EKM: Tensor, chunk: BucketChunk, out_RM: Tensor) -> Tensor:
+        k, m = a_RK.shape[1], out_RM.shape[1]
+        a = a_RK.view(chunk.slots, chunk.rows, k)
+        torch.bmm(a, self._bucket_weight(w_EKM, chunk.bucket), out=out_RM.view(chunk.slots, chunk.rows, m))
+        return out_RM
+
+    def weight_grad(self, a_RK: Tensor, g_RM: Tensor, chunk: BucketChunk, out_EKM: Tensor) -> None:
+        k, m = a_RK.shape[1], g_RM.shape[1]
+        a = a_RK.view(chunk.slots, chunk.rows, k).transpose(1, 2)
+        g = g_RM.view(chunk.slots, chunk.rows, m)
+        key = id(out_EKM)
+        if chunk.first:
+            self._grads[key] = torch.bmm(a, g)
+        else:
+            self._grads[key].baddbmm_(a, g)
+        if chunk.last:
+            out_EKM.index_copy_(0, self.bucket_ids[chunk.bucket], self._grads.pop(key))
+
+    def empty_experts(self) -> list[int]:
+        return [e for e, count in enumerate(self.counts) if count == 0]
+
+    def gate_grad_to_pairs(self, dgate_R: Tensor, order_N: Tensor, dtype: torch.dtype) -> Tensor:
+        dgate = torch.empty(order_N.shape[0], dtype=dtype, device=order_N.device)
+        dgate[order_N[self.source_R[self.valid_R]]] = dgate_R[self.valid_R].to(dtype)
+        return dgate
+
+
+# "segment" (one mm per expert segment) or "bucket" (one bmm per bucket of experts); MOEZOO_CPU_LAYOUT overrides.
+LAYOUT = "segment"
+BUCKET_SIZE = 8
+
+
+def make_layout(perm: Permutation, gate_sorted_N: Tensor, widths: tuple[int, int]) -> SegmentLayout | BucketLayout:
+    chunk_rows = max(64, CHUNK_ELEMENTS // max(widths))
+    layout = os.environ.get("MOEZOO_CPU_LAYOUT", LAYOUT)
+    if layout == "bucket":
+        return BucketLayout(perm, gate_sorted_N, chunk_rows, BUCKET_SIZE)
+    if layout != "segment":
+        raise ValueError(f"MOEZOO_CPU_LAYOUT={layout!r} is unknown; choose 'segment' or 'bucket'")
+    return SegmentLayout(perm, gate_sorted_N, chunk_rows)
 
 
 def _weight_grad_buffer(weight_EKM: Tensor, empty_experts: list[int]) -> Tensor:
@@ -124,7 +233,7 @@ class _ExpertFFN(torch.autograd.Function):
         layout = make_layout(perm, gate_sorted_N, (dim, hidden))
         h_RH = x_TD.new_empty(layout.num_rows, hidden)
         out_TD = x_TD.new_zeros(x_TD.shape)
-        chunks = layout.chunks()
+        chunks: list[Any] = list(layout.chunks())  # Chunk or BucketChunk, matching the layout
         max_rows = max((c.r1 - c.r0 for c in chunks), default=0)
         x_buf = x_TD.new_empty(max_rows, dim)
         y_buf = x_TD.new_empty(max_rows, dim)
@@ -145,7 +254,7 @@ class _ExpertFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout_TD: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x_TD, h_RH, w_in_EDH, w_out_EFD, order_N = ctx.saved_tensors
-        layout: SegmentLayout = ctx.layout
+        layout: SegmentLayout | BucketLayout = ctx.layout
         need_x, need_gate, need_w_in, need_w_out = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         dim, ffn_dim = x_TD.shape[1], w_out_EFD.shape[1]
         dout_TD = dout_TD.contiguous()

@@ -10,6 +10,17 @@ from moezoo.ops import BACKENDS, expert_ffn, sort_by_expert
 from tests import oracles
 
 CPU_BACKENDS = ["reference", "torch"]
+
+
+@pytest.fixture(params=["segment", "bucket"], autouse=True)
+def cpu_layout(request, monkeypatch):
+    """The fused backend's two row layouts (one mm per expert segment, one bmm per bucket of experts) both pass."""
+    monkeypatch.setattr(fused, "LAYOUT", request.param)
+    monkeypatch.setattr(fused, "BUCKET_SIZE", 2)  # several buckets even with few experts
+    monkeypatch.delenv("MOEZOO_CPU_LAYOUT", raising=False)
+    return request.param
+
+
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
 
