@@ -61,7 +61,13 @@ FAMILY_CITATIONS = {
         "Shift (RevIN), ICLR 2022",
     ],
     "moe_dit": ["Peebles and Xie, Scalable Diffusion Models with Transformers (DiT), ICCV 2023, arXiv:2212.09748"],
-    "moe_yolo": ["Redmon et al., You Only Look Once: Unified, Real-Time Object Detection, CVPR 2016"],
+    "moe_yolo": [
+        "Redmon et al., You Only Look Once: Unified, Real-Time Object Detection, CVPR 2016",
+        "Li et al., Generalized Focal Loss (distribution focal loss), NeurIPS 2020, arXiv:2006.04388",
+        "Feng et al., TOOD: Task-aligned One-stage Object Detection, ICCV 2021, arXiv:2108.07755",
+        "Meiraz, Shalev and Weizman, YOLO Meets Mixture-of-Experts: Adaptive Expert Routing for Robust Object "
+        "Detection, 2025, arXiv:2511.13344",
+    ],
 }
 ROUTER_CITATIONS = {
     "topk": [
@@ -142,7 +148,19 @@ def router_summary(model: nn.Module) -> dict[str, Any]:
         entry = {"class": type(router).__name__, "top_k": moe.top_k, "settings": settings}
         key = json.dumps(entry, sort_keys=True)
         groups.setdefault(key, {**entry, "count": 0})["count"] += 1
-    return {"num_moe_layers": len(moes), "routers": list(groups.values())}
+    # Whole-model mixtures (YOLO-MoE) blend complete experts' outputs with one router per output scale.
+    blends = [m for m in model.modules() if getattr(m, "blends_expert_outputs", False)]
+    for blend in blends:
+        settings = {
+            k: v
+            for k, v in sorted(vars(blend).items())
+            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
+        }
+        top_k = blend.top_k or blend.num_experts
+        entry = {"class": type(blend).__name__, "top_k": top_k, "settings": settings, "count": 1}
+        groups[f"blend-{id(blend)}"] = entry
+    num_layers = len(moes) + sum(getattr(r, "num_scales", 1) for r in blends)
+    return {"num_moe_layers": num_layers, "routers": list(groups.values())}
 
 
 # -- building the evaluation -----------------------------------------------------------------------------------
@@ -418,7 +436,7 @@ def release(args: argparse.Namespace) -> int:
         )
     routers = router_summary(model)
     citations = list(FAMILY_CITATIONS.get(base.rsplit("_", 1)[0], []))
-    if routers["num_moe_layers"]:
+    if any(isinstance(m, MoE) for m in model.modules()):  # the core layers' router (not YOLO-MoE's blending)
         router_name = model_kwargs.get("router", "topk")
         citations += ROUTER_CITATIONS.get(router_name if isinstance(router_name, str) else "", [])
     citations += [c for c in args.cite if c not in citations]

@@ -187,6 +187,8 @@ class ExpertBlendRouter(nn.Module):
     choices.
     """
 
+    blends_expert_outputs = True  # one router blending whole experts' outputs (see moezoo.zoo.router_summary)
+
     def __init__(
         self,
         channels: Sequence[int],
@@ -204,6 +206,7 @@ class ExpertBlendRouter(nn.Module):
         if balance_coef < 0:
             raise ValueError(f"balance_coef must be >= 0, got {balance_coef}")
         self.num_experts = num_experts
+        self.num_scales = len(channels)
         self.top_k = top_k
         self.temperature = temperature
         self.balance_coef = balance_coef

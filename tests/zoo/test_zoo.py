@@ -11,6 +11,7 @@ import torch
 from moezoo.layers import MoE
 from moezoo.models import create_model, get_pretrained_cfg, hub, list_models, registry
 from moezoo.models.pretrained import register_record
+from moezoo.models.registry import split_name
 from moezoo.zoo import MAX_FILE_BYTES, MAX_TOTAL_BYTES, compare, count_params, main, render_card
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,9 +86,18 @@ def test_release_is_complete_and_shipped(name: str) -> None:
     assert (ROOT / cfg.config).is_file(), f"training config {cfg.config} is missing"
     model = create_model(name, pretrained=True)
     assert count_params(model) == cfg.params
-    is_moe = any(isinstance(m, MoE) for m in model.modules())
+    blends = any(getattr(m, "blends_expert_outputs", False) for m in model.modules())
+    is_moe = blends or any(isinstance(m, MoE) for m in model.modules())
     assert is_moe == (not cfg.model_kwargs.get("dense", False))
-    if is_moe:
+    if blends:  # a whole-model mixture (YOLO-MoE): its twin is one detector widened to the mixture's FLOPs
+        from moezoo.models.yolo import count_flops
+
+        twin = get_pretrained_cfg(cfg.dense_twin)
+        assert twin.model_kwargs["dense"] is True
+        twin_model = create_model(split_name(cfg.dense_twin)[0], **twin.model_kwargs)
+        size, chans = cfg.data["init_args"]["img_size"], cfg.model_kwargs.get("in_chans", 3)
+        assert count_flops(twin_model, size, chans) == pytest.approx(count_flops(model, size, chans), rel=0.05)
+    elif is_moe:
         twin = get_pretrained_cfg(cfg.dense_twin)
         assert twin.model_kwargs["dense"] is True
         same = {k: v for k, v in cfg.model_kwargs.items() if k not in ROUTING_KWARGS}
