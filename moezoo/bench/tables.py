@@ -517,6 +517,7 @@ def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     written = []
     domains = sorted({r["domain"] for r in rows})
@@ -527,7 +528,13 @@ def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out
                 marker = "s" if r["router"] == "dense" else "o"
                 ax.scatter(r["active_params"], r["metric"], marker=marker, label=f"{r['model']} {r['router']}")
             metric = next(r["metric_name"] for r in rows if r["domain"] == domain)
-            ax.set(title=domain, xlabel="active parameters per token", ylabel=metric, xscale="log")
+            active = [r["active_params"] for r in rows if r["domain"] == domain]
+            # A log axis only when the sizes span a decade; millions on the ticks either way (no minor labels).
+            scale = "log" if max(active) > 10 * max(1, min(active)) else "linear"
+            ax.set(title=domain, xlabel="active parameters per token (millions)", ylabel=metric, xscale=scale)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.3g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="x", labelsize=7)
             ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "quality_vs_active.png", dpi=120)
