@@ -278,7 +278,7 @@ def compare(expected: Mapping[str, float], got: Mapping[str, float], tolerance: 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
-    return f"`{json.dumps(value)}`" if isinstance(value, (dict, list)) else f"`{value}`"
+    return f"`{json.dumps(value, sort_keys=True)}`" if isinstance(value, (dict, list)) else f"`{value}`"
 
 
 def render_card(name: str, cfg: PretrainedCfg) -> str:

@@ -17,8 +17,9 @@ from moezoo.zoo import MAX_FILE_BYTES, MAX_TOTAL_BYTES, compare, count_params, m
 ROOT = Path(__file__).resolve().parents[2]
 CARDS = ROOT / "model_cards"
 RELEASES = list_models(pretrained=True)
-# Model kwargs that only concern routing: a dense twin may set them differently (it has no router).
-ROUTING_KWARGS = {"router", "router_kwargs", "dense", "segment_sizes", "lid_layer"}
+# Model kwargs that only concern routing, or how the active width splits into routed and shared experts: a dense
+# twin may set them differently (it has no router); the active-parameter check still has to hold.
+ROUTING_KWARGS = {"router", "router_kwargs", "dense", "segment_sizes", "lid_layer", "top_k", "num_shared_experts"}
 # Domains whose evaluation data must be generated first (minutes): their eval runs in the slow tier.
 SLOW_EVAL_DOMAINS = {"speech"}
 
