@@ -130,6 +130,15 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"total": int(total), "active": int(round(total - inactive))}
 
 
+def _scalar_settings(module: nn.Module) -> dict[str, Any]:
+    """A router's public scalar attributes (its settings), sorted by name."""
+    return {
+        k: v
+        for k, v in sorted(vars(module).items())
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
+    }
+
+
 def router_summary(model: nn.Module) -> dict[str, Any]:
     """Router class and its scalar settings for each distinct router (shared routers counted once)."""
     moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -140,24 +149,14 @@ def router_summary(model: nn.Module) -> dict[str, Any]:
         if id(router) in seen:
             continue
         seen.add(id(router))
-        settings = {
-            k: v
-            for k, v in sorted(vars(router).items())
-            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
-        }
-        entry = {"class": type(router).__name__, "top_k": moe.top_k, "settings": settings}
+        entry = {"class": type(router).__name__, "top_k": moe.top_k, "settings": _scalar_settings(router)}
         key = json.dumps(entry, sort_keys=True)
         groups.setdefault(key, {**entry, "count": 0})["count"] += 1
     # Whole-model mixtures (YOLO-MoE) blend complete experts' outputs with one router per output scale.
     blends = [m for m in model.modules() if getattr(m, "blends_expert_outputs", False)]
     for blend in blends:
-        settings = {
-            k: v
-            for k, v in sorted(vars(blend).items())
-            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
-        }
         top_k = blend.top_k or blend.num_experts
-        entry = {"class": type(blend).__name__, "top_k": top_k, "settings": settings, "count": 1}
+        entry = {"class": type(blend).__name__, "top_k": top_k, "settings": _scalar_settings(blend), "count": 1}
         groups[f"blend-{id(blend)}"] = entry
     num_layers = len(moes) + sum(getattr(r, "num_scales", 1) for r in blends)
     return {"num_moe_layers": num_layers, "routers": list(groups.values())}
