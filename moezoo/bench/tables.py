@@ -532,7 +532,7 @@ def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out
             # A log axis only when the sizes span a decade; millions on the ticks either way (no minor labels).
             scale = "log" if max(active) > 10 * max(1, min(active)) else "linear"
             ax.set(title=domain, xlabel="active parameters per token (millions)", ylabel=metric, xscale=scale)
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.3g}"))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.4g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.tick_params(axis="x", labelsize=7)
             ax.legend(fontsize=6)
@@ -550,6 +550,8 @@ def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out
             for ax, r in zip(axes[0], moe_rows):
                 load_LE = torch.tensor(r["expert_load"]) * 100
                 image = ax.imshow(load_LE.numpy(), aspect="auto", cmap="viridis")
+                if load_LE.shape[1] <= 16:
+                    ax.set_xticks(range(load_LE.shape[1]))
                 ax.set(title=f"{r['model']} {r['router']}", xlabel="expert", ylabel="MoE layer")
                 fig.colorbar(image, ax=ax, label="% of routed pairs")
             fig.suptitle(f"{run['domain']}: expert load")
@@ -565,6 +567,8 @@ def plot_all(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], out
                 spec = r["specialisation"]
                 share_GE = torch.tensor(spec["share"]) * 100
                 image = ax.imshow(share_GE.numpy(), aspect="auto", cmap="magma")
+                if share_GE.shape[1] <= 16:
+                    ax.set_xticks(range(share_GE.shape[1]))
                 ax.set_yticks(range(len(spec["groups"])), spec["groups"], fontsize=6)
                 layer = f"layer {spec['layer']}" if isinstance(spec["layer"], int) else spec["layer"]
                 ax.set(title=f"{r['router']} ({layer})", xlabel="expert", ylabel=spec["by"])
