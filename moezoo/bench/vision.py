@@ -190,10 +190,13 @@ def run_dit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -
 
 
 # -- (b) ViT router study --------------------------------------------------------------------------------------------
-def run_vit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -> dict[str, float]:
+def run_vit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -> dict[str, Any]:
+    """One row of table (b); key ``routing``: :func:`moezoo.bench.tables.routing_stats` on the test images, grouped
+    by class (empty for the dense model)."""
+    from moezoo.bench.tables import routing_stats
     from moezoo.layers import update_router_states
     from moezoo.tasks.vision import ImageClassificationTask
-    from moezoo.tasks.vision.data import random_shift
+    from moezoo.tasks.vision.data import FASHION_MNIST_CLASSES, random_shift
 
     config = load_config(f"fmnist_vit_{variant}")
     init = config["model"]["init_args"]
@@ -216,13 +219,24 @@ def run_vit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -
     throughput, cpu_throughput = _train(task, sample_batch, steps, lambda: update_router_states(task.model))
     task.eval()
     x_test, y_test = data["test_vit"]
-    correct, cvs, dropped = 0, [], []
+    correct = 0
+    cvs: list[float] = []
+    dropped: list[float] = []
+
+    def forward_with_aux(idx_B: Tensor) -> tuple[Tensor, list[Any]]:
+        nonlocal correct
+        logits, auxes = task.model.forward_with_aux(x_test[idx_B])
+        correct += int((logits.argmax(-1) == y_test[idx_B]).sum())
+        cvs.extend(float(a.expert_load_cv) for a in auxes)
+        dropped.extend(float(a.dropped_frac) for a in auxes)
+        return logits, auxes
+
+    batches = [(idx_B, y_test[idx_B]) for idx_B in torch.arange(len(y_test)).split(500)]
     with torch.no_grad():
-        for xb, yb in zip(x_test.split(500), y_test.split(500)):
-            logits, auxes = task.model.forward_with_aux(xb)
-            correct += int((logits.argmax(-1) == yb).sum())
-            cvs += [float(a.expert_load_cv) for a in auxes]
-            dropped += [float(a.dropped_frac) for a in auxes]
+        routing = routing_stats(forward_with_aux, batches, FASHION_MNIST_CLASSES, "class")
+        if not routing:  # a dense model: routing_stats stops at the first batch
+            for idx_B, _ in batches[1:]:
+                forward_with_aux(idx_B)
     total, active = count_params(task.model)
     return {
         "test_acc": correct / len(y_test),
@@ -233,6 +247,7 @@ def run_vit(variant: str, seed: int, settings: Settings, data: dict[str, Any]) -
         "total_params": total,
         "active_params": active,
         "steps": steps,
+        "routing": routing,
     }
 
 
@@ -372,13 +387,21 @@ def _run_job(job: tuple[str, str, int]) -> dict[str, Any]:
     return row
 
 
-def _write_json(path: Path, mode: str, settings: Settings, results: dict[str, list[dict[str, float]]]) -> None:
+def _write_json(path: Path, mode: str, settings: Settings, results: dict[str, list[dict[str, Any]]]) -> None:
     """Seed-averaged rows of table (b) in the ``moezoo bench tables`` format (``tables.write_domain_json``)."""
     from moezoo.bench.tables import BenchRow, write_domain_json
 
     rows = []
     for variant, runs in results.items():
-        mean = {k: statistics.fmean(float(r[k]) for r in runs) for k in runs[0]}
+        mean = {k: statistics.fmean(float(r[k]) for r in runs) for k in runs[0] if k != "routing"}
+        routed = [r["routing"] for r in runs if r.get("routing")]
+        expert_load = specialisation = None
+        if routed:  # averaged over seeds (expert indices of different seeds need not match; the load shape does)
+            expert_load = torch.tensor([r["expert_load"] for r in routed]).mean(0).tolist()
+            spec = routed[0].get("specialisation")
+            if spec is not None:
+                share = torch.tensor([r["specialisation"]["share"] for r in routed]).mean(0).tolist()
+                specialisation = {**spec, "share": share}
         cv = None if variant == "dense" or math.isnan(mean["expert_load_cv"]) else mean["expert_load_cv"]
         dropped_mean = mean.get("dropped_frac", 0.0)
         dropped = None if variant == "dense" or math.isnan(dropped_mean) else dropped_mean
@@ -386,7 +409,8 @@ def _write_json(path: Path, mode: str, settings: Settings, results: dict[str, li
         extra: dict[str, Any] = {k: v for k, v in mean.items() if k not in ("total_params", "active_params")}
         extra["seeds"] = list(settings.seeds)
         rows.append(BenchRow(model, variant, mean["test_acc"], int(mean["active_params"]), int(mean["total_params"]),
-                             mean["train_img_s"], None, cv, dropped, extra=extra))  # fmt: skip
+                             mean["train_img_s"], None, cv, dropped, expert_load, specialisation,
+                             extra=extra))  # fmt: skip
     dataset = "Fashion-MNIST (IDX files), 28x28, 10 classes"
     write_domain_json(path, DOMAIN, mode, dataset, "acc", True, "images/s", rows)
 

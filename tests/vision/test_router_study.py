@@ -75,3 +75,30 @@ def test_bench_table_reports_mean_and_std_over_seeds():
     }
     table = render("t", runs, [("acc", "test acc")])
     assert f"0.850 +- {math.sqrt(0.005):.3f}" in table and "10 / 20" in table
+
+
+def test_router_table_json_carries_seed_averaged_load_and_specialisation(tmp_path):
+    import json
+
+    from moezoo.bench.tables import validate
+    from moezoo.bench.vision import FULL, _write_json
+
+    def run(acc, load, share):
+        spec = {"by": "class", "layer": 3, "groups": ["a", "b"], "share": share}
+        routing = {"expert_load": load, "specialisation": spec} if load else {}
+        base = dict(test_acc=acc, train_img_s=1.0, train_img_cpu_s=1.0, dropped_frac=0.0, steps=5)
+        return {**base, "expert_load_cv": 0.1 if load else math.nan, "total_params": 20, "active_params": 10,
+                "routing": routing}  # fmt: skip
+
+    results = {
+        "topk": [run(0.8, [[0.2, 0.8]], [[1.0, 0.0], [0.5, 0.5]]), run(0.9, [[0.4, 0.6]], [[0.0, 1.0], [0.5, 0.5]])],
+        "dense": [run(0.7, None, None), run(0.7, None, None)],
+    }
+    path = tmp_path / "vision.json"
+    _write_json(path, "full", FULL, results)
+    data = json.loads(path.read_text())
+    assert validate(data, "vision") == []
+    topk, dense = data["rows"]
+    assert topk["expert_load"][0] == pytest.approx([0.3, 0.7])
+    assert topk["specialisation"]["share"] == [[0.5, 0.5], [0.5, 0.5]] and topk["specialisation"]["by"] == "class"
+    assert dense["expert_load"] is None and dense["specialisation"] is None and dense["expert_load_cv"] is None
