@@ -110,12 +110,17 @@ kept
 """
 
 
-def test_readme_block_is_replaced_and_figures_are_copied_next_to_it(tmp_path: Path, reruns: list) -> None:
+def _readme_case(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A reusable quick detection result in ``results/tables`` and a README with the markers: (out, readme, args)."""
     out = tmp_path / "results" / "tables"
     _write(out, "detection", _domain_json("quick"))
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    args = ["--reuse", "--no-zoo", "--domains", "detection", "--out", str(out), "--readme", str(readme)]
+    return out, readme, ["--reuse", "--no-zoo", "--domains", "detection", "--out", str(out), "--readme", str(readme)]
+
+
+def test_readme_block_is_replaced_and_figures_are_copied_next_to_it(tmp_path: Path, reruns: list) -> None:
+    out, readme, args = _readme_case(tmp_path)
     args += ["--readme-figures", str(tmp_path / "docs" / "figures")]
     assert tables.main(args) == 0
     text = readme.read_text()
@@ -135,11 +140,7 @@ def test_readme_block_is_replaced_and_figures_are_copied_next_to_it(tmp_path: Pa
 
 
 def test_readme_without_a_figures_folder_links_no_figures(tmp_path: Path, reruns: list) -> None:
-    out = tmp_path / "results" / "tables"
-    _write(out, "detection", _domain_json("quick"))
-    readme = tmp_path / "README.md"
-    readme.write_text(README)
-    args = ["--reuse", "--no-zoo", "--domains", "detection", "--out", str(out), "--readme", str(readme)]
+    out, readme, args = _readme_case(tmp_path)
     assert tables.main(args) == 0
     block = readme.read_text().split(tables.README_BEGIN)[1].split(tables.README_END)[0]
     generated = (out / "tables.md").read_text()
