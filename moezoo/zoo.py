@@ -237,10 +237,13 @@ def run_evaluation(
 
     L.seed_everything(0, verbose=False)
     task = instantiate(cfg.task)
-    if model is None:
-        hub.load_pretrained(task.model, cfg, offline=offline, progress=False)
-        model = task.model
-    _load_release_weights(task, model.state_dict())  # tasks may keep another copy (the DiT task's EMA)
+    # The task loads them: it may keep another copy (the DiT task's EMA).
+    state = (
+        model.state_dict()
+        if model is not None
+        else hub.load_state_dict(hub.fetch(cfg, offline=offline, progress=False))
+    )
+    _load_release_weights(task, state)
     data = instantiate(cfg.data)
     # Whatever a task writes beside its metrics (forecast plots, sample grids) goes to a scratch folder, not the cwd.
     with tempfile.TemporaryDirectory(prefix="moezoo-eval-") as scratch:

@@ -46,9 +46,8 @@ class MoEZooCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         # "best" only means something when a metric is monitored; otherwise test the final weights (in memory).
         monitored = isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor is not None
-        ckpt_path = (
-            "best" if isinstance(checkpoint, ModelCheckpoint) and monitored and checkpoint.best_model_path else None
-        )
+        best = checkpoint.best_model_path if monitored else ""  # type: ignore[union-attr]
+        ckpt_path = "best" if best else None
         results = self.trainer.test(self.model, datamodule=datamodule, ckpt_path=ckpt_path)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: on every rank
         if results and self.trainer.is_global_zero:

@@ -195,18 +195,18 @@ class BucketLayout:
         return dgate
 
 
-# "segment" (one mm per expert segment) or "bucket" (one bmm per bucket of experts); MOEZOO_CPU_LAYOUT overrides.
-LAYOUT = "segment"
+# "segment" (one mm per expert segment) or "bucket" (one bmm per bucket of experts); the environment variable
+# MOEZOO_CPU_LAYOUT sets it at import (read once, not on every forward).
+LAYOUT = os.environ.get("MOEZOO_CPU_LAYOUT", "segment")
 BUCKET_SIZE = 8
 
 
 def make_layout(perm: Permutation, gate_sorted_N: Tensor, widths: tuple[int, int]) -> SegmentLayout | BucketLayout:
     chunk_rows = max(64, CHUNK_ELEMENTS // max(widths))
-    layout = os.environ.get("MOEZOO_CPU_LAYOUT", LAYOUT)
-    if layout == "bucket":
+    if LAYOUT == "bucket":
         return BucketLayout(perm, gate_sorted_N, chunk_rows, BUCKET_SIZE)
-    if layout != "segment":
-        raise ValueError(f"MOEZOO_CPU_LAYOUT={layout!r} is unknown; choose 'segment' or 'bucket'")
+    if LAYOUT != "segment":
+        raise ValueError(f"MOEZOO_CPU_LAYOUT={LAYOUT!r} is unknown; choose 'segment' or 'bucket'")
     return SegmentLayout(perm, gate_sorted_N, chunk_rows)
 
 

@@ -17,7 +17,6 @@ def cpu_layout(request, monkeypatch):
     """The fused backend's two row layouts (one mm per expert segment, one bmm per bucket of experts) both pass."""
     monkeypatch.setattr(fused, "LAYOUT", request.param)
     monkeypatch.setattr(fused, "BUCKET_SIZE", 2)  # several buckets even with few experts
-    monkeypatch.delenv("MOEZOO_CPU_LAYOUT", raising=False)
     return request.param
 
 
