@@ -197,6 +197,156 @@ def gemm_floor(shape: tuple[int, int, int, int, int], activation: str, repeats: 
     return median_ms(experts) / median_ms(dense)
 
 
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(max(repeats, 3) * 4):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+BREAKDOWN_PARTS = ("router", "expert GEMMs", "expert other", "layer other")
+
+
+def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: int, seed: int = 0) -> dict[str, float]:
+    """Where the MoE layer's forward+backward time goes, in milliseconds, next to the dense FFN's.
+
+    ``router``: the router's forward and backward (gate, softmax, top-k, balance loss); ``expert GEMMs``: the six
+    GEMM roles of the expert FFN's forward and backward (two forward, two input-gradient, two weight-gradient) as
+    one ``mm`` per expert with this batch's real row counts, the calls the fused path makes; ``expert other``: the
+    rest of the expert FFN (sort, gathers, scatters, activations, gate gradient); ``layer other``: what the layer
+    adds around both (input checks, statistics). ``dense GEMMs``: the dense FFN's six GEMMs alone. ``balanced bmm``:
+    the experts' six GEMMs as one ``bmm`` each over equal row counts, what a grouped GEMM without per-expert calls
+    or padding would cost (no PyTorch CPU op does this for unequal counts).
+    """
+    tokens, dim, ffn_dim, num_experts, top_k = shape
+    torch.manual_seed(seed)
+    moe = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="torch")
+    dense = FeedForward(dim, top_k * ffn_dim, activation)
+    x = torch.randn(tokens, dim, requires_grad=True)
+    grad = torch.randn(tokens, dim)
+    params = [x, *moe.parameters(), *dense.parameters()]
+
+    def zero_grads() -> None:
+        for p in params:
+            p.grad = None
+
+    def dense_step() -> None:
+        zero_grads()
+        dense(x).backward(grad)
+
+    def moe_step() -> None:
+        zero_grads()
+        moe(x)[0].backward(grad)
+
+    def router_step() -> None:
+        zero_grads()
+        routing = moe.router(x)
+        sum(routing.losses.values(), routing.gate_N.sum()).backward()
+
+    with torch.no_grad():
+        routing = moe.router(x)
+    gate = routing.gate_N.detach().requires_grad_()
+    experts = moe.experts
+
+    def experts_step() -> None:
+        zero_grads()
+        gate.grad = None
+        y = fused.expert_ffn_fused(
+            x, routing.token_idx_N, routing.expert_idx_N, gate, experts.w_in, experts.w_out, activation
+        )
+        y.backward(grad)
+
+    hidden = experts.w_in.shape[2]
+    counts = torch.bincount(routing.expert_idx_N, minlength=num_experts).tolist()
+    bounds = [(e, sum(counts[:e]), sum(counts[: e + 1])) for e in range(num_experts) if counts[e]]
+    rows = sum(counts)
+    w_in, w_out = experts.w_in.detach(), experts.w_out.detach()
+    x_ND, h_NH, a_NF, y_ND = (
+        torch.randn(rows, dim),
+        torch.empty(rows, hidden),
+        torch.randn(rows, ffn_dim),
+        torch.empty(rows, dim),
+    )
+    dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
+
+    def expert_gemms() -> None:
+        for e, s0, s1 in bounds:
+            torch.mm(x_ND[s0:s1], w_in[e], out=h_NH[s0:s1])  # forward
+            torch.mm(a_NF[s0:s1], w_out[e], out=y_ND[s0:s1])
+            torch.mm(y_ND[s0:s1], w_out[e].t(), out=a_NF[s0:s1])  # input gradients
+            torch.mm(h_NH[s0:s1], w_in[e].t(), out=x_ND[s0:s1])
+            torch.mm(a_NF[s0:s1].t(), y_ND[s0:s1], out=dw_out[e])  # weight gradients
+            torch.mm(x_ND[s0:s1].t(), h_NH[s0:s1], out=dw_in[e])
+
+    width = top_k * ffn_dim
+    d_in, d_out = dense.fc_in.weight.detach().t().contiguous(), dense.fc_out.weight.detach().t().contiguous()
+    x_TD, h_TH, a_TF, y_TD = (
+        torch.randn(tokens, dim),
+        torch.empty(tokens, d_in.shape[1]),
+        torch.randn(tokens, width),
+        torch.empty(tokens, dim),
+    )
+    dd_in, dd_out = torch.empty_like(d_in), torch.empty_like(d_out)
+
+    def dense_gemms() -> None:
+        torch.mm(x_TD, d_in, out=h_TH)
+        torch.mm(a_TF, d_out, out=y_TD)
+        torch.mm(y_TD, d_out.t(), out=a_TF)
+        torch.mm(h_TH, d_in.t(), out=x_TD)
+        torch.mm(a_TF.t(), y_TD, out=dd_out)
+        torch.mm(x_TD.t(), h_TH, out=dd_in)
+
+    per = max(1, rows // num_experts)  # balanced rows per expert
+    x_b, h_b, a_b, y_b = (t[: per * num_experts].view(num_experts, per, -1) for t in (x_ND, h_NH, a_NF, y_ND))
+
+    def balanced_bmm() -> None:
+        torch.bmm(x_b, w_in, out=h_b)
+        torch.bmm(a_b, w_out, out=y_b)
+        torch.bmm(y_b, w_out.transpose(1, 2), out=a_b)
+        torch.bmm(h_b, w_in.transpose(1, 2), out=x_b)
+        torch.bmm(a_b.transpose(1, 2), y_b, out=dw_out)
+        torch.bmm(x_b.transpose(1, 2), h_b, out=dw_in)
+
+    with torch.no_grad():
+        gemm_ms = _median_ms(expert_gemms, repeats)
+        bmm_ms = _median_ms(balanced_bmm, repeats)
+        dense_gemm_ms = _median_ms(dense_gemms, repeats)
+    dense_ms, moe_ms = _median_ms(dense_step, repeats), _median_ms(moe_step, repeats)
+    router_ms, experts_ms = _median_ms(router_step, repeats), _median_ms(experts_step, repeats)
+    return {
+        "dense": dense_ms,
+        "dense GEMMs": dense_gemm_ms,
+        "balanced bmm": bmm_ms,
+        "moezoo": moe_ms,
+        "router": router_ms,
+        "expert GEMMs": gemm_ms,
+        "expert other": experts_ms - gemm_ms,
+        "layer other": moe_ms - experts_ms - router_ms,
+    }
+
+
+def format_breakdown(rows: dict[tuple[int, int, int, int, int], dict[str, float]]) -> str:
+    head = [
+        "(T, D, F, E, K)",
+        "dense ms",
+        "moezoo/dense",
+        *(f"{p}/dense" for p in BREAKDOWN_PARTS),
+        "dense GEMMs/dense",
+        "balanced bmm/dense",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape, row in rows.items():
+        dense = row["dense"]
+        parts = [row["moezoo"], *(row[p] for p in BREAKDOWN_PARTS), row["dense GEMMs"], row["balanced bmm"]]
+        lines.append(
+            "| " + " | ".join([str(tuple(shape)), f"{dense:.1f}", *(f"{v / dense:.2f}x" for v in parts)]) + " |"
+        )
+    return "\n".join(lines)
+
+
 class _Reshape3d(nn.Module):
     """transformers blocks take ``(B, L, D)``."""
 
@@ -242,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the fused CPU path with these row layouts (comma list of segment,bucket; default layout: "
         f"{fused.LAYOUT})",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of the comparison, split the MoE layer's time into router, expert GEMMs, other expert work "
+        "and other layer work (each over the dense FFN measured in the same run)",
+    )
     args = parser.parse_args(argv)
     shapes = DEFAULT_SHAPES
     if args.shape:
@@ -255,6 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     if any(v not in ("segment", "bucket") for v in layouts):
         raise SystemExit(f"--layouts takes segment and/or bucket, got {args.layouts!r}")
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        print(f"moezoo bench layer --breakdown: CPU fp32, {torch.get_num_threads()} threads, {args.activation}")
+        parts = {shape: breakdown(shape, args.activation, args.repeats) for shape in shapes}
+        print(format_breakdown(parts))
+        print(
+            "moezoo = router + expert GEMMs + expert other + layer other (each part timed on its own; the sum need "
+            "not equal moezoo exactly). expert GEMMs: one mm per expert with this batch's row counts, 6 GEMM roles; "
+            "balanced bmm: the same 6 roles as one bmm each over equal row counts (an ideal grouped GEMM)."
+        )
+        return 0
     print(
         f"moezoo bench layer: CPU fp32, {torch.get_num_threads()} threads, {args.activation}, "
         f"median of {args.repeats}, forward+backward"

@@ -27,3 +27,16 @@ def test_gemm_floor_is_a_positive_ratio() -> None:
 def test_bad_shape_is_a_clear_error(shape: str) -> None:
     with pytest.raises(SystemExit, match="five integers T,D,F,E,K"):
         layer.main(["--shape", shape])
+
+
+def test_breakdown_parts_account_for_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    parts = layer.breakdown((256, 32, 16, 8, 2), "swiglu", repeats=1)
+    assert set(parts) == {"dense", "dense GEMMs", "balanced bmm", "moezoo", *layer.BREAKDOWN_PARTS}
+    assert all(parts[k] > 0 for k in ("dense", "dense GEMMs", "balanced bmm", "moezoo", "router", "expert GEMMs"))
+    assert layer.breakdown((128, 16, 8, 4, 2), "gelu", repeats=1)["expert GEMMs"] > 0
+    assert layer.main(["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--breakdown"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| (T, D, F, E, K)"))
+    assert "expert GEMMs/dense" in header and "router/dense" in header
+    row = next(line for line in out.splitlines() if line.startswith("| (64, 16, 8, 4, 2)"))
+    assert len(row.strip("|").split("|")) == len(header.strip("|").split("|"))

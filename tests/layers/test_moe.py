@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moezoo.layers import FeedForward, MoE, TopKRouter, update_router_states
+from moezoo.layers.moe import all_finite
 from tests import oracles
 
 SPARSE_ROUTERS = ["topk", "sigmoid_lossfree", "expert_choice", "sinkhorn", "relu"]
@@ -233,3 +234,15 @@ def test_bad_input():
         moe(torch.full((2, 8), float("inf")))
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         moe(torch.randn(2, 3, 8), mask=torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_one_bad_value_anywhere(dtype, bad):
+    x = torch.randn(37, 19).to(dtype)
+    assert all_finite(x)
+    for flat in (0, 5, 300, x.numel() - 1):
+        y = x.clone()
+        y.view(-1)[flat] = bad
+        assert not all_finite(y), (flat, bad)
+    assert all_finite(x[:0])
