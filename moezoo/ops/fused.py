@@ -17,9 +17,9 @@ Rows stay expert-contiguous without padding and each chunk runs one ``mm`` per e
 through experts; weight gradients accumulate over the chunks an expert spans). Measured on the project's
 2-core CPU, an index-space padded ``bmm`` layout and ``torch._grouped_mm`` were no faster than this loop at the
 benchmark shapes, and chunks of 16 MiB beat both 4 MiB and 64 MiB chunks. :class:`BucketLayout`
-(``MOEZOO_CPU_LAYOUT=bucket``) pads groups of experts with similar loads and runs one ``bmm`` per group: faster
-at many mid-sized experts (64 experts of 512 rows), slower at few large ones, so it is not the default
-(``moezoo bench layer --layouts segment,bucket``).
+(``MOEZOO_CPU_LAYOUT=bucket``) pads groups of experts with similar loads and runs one ``bmm`` per group: within
+noise of this layout at many experts, slower at few large ones, so it is not the default (``moezoo bench layer
+--layouts segment,bucket``; ``--breakdown`` splits the layer's time into router, GEMMs and the rest).
 """
 
 from __future__ import annotations
