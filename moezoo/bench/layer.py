@@ -165,6 +165,17 @@ def bench_shape(
     return {name: measure(module, x, repeats) for name, module in candidates.items()}
 
 
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``4 * max(repeats, 3)`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(max(repeats, 3) * 4):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def gemm_floor(shape: tuple[int, int, int, int, int], activation: str, repeats: int) -> float:
     """Time of the experts' first-projection GEMMs as one ``mm`` per expert (balanced rows) over one ``mm`` of
     the same FLOPs (the dense FFN's first projection): the share of the ratio that no dispatch code can remove
@@ -185,26 +196,7 @@ def gemm_floor(shape: tuple[int, int, int, int, int], activation: str, repeats: 
     def dense() -> None:
         torch.mm(x_TD, w_DK, out=h_TK)
 
-    def median_ms(fn: Callable[[], None]) -> float:
-        fn()
-        times = []
-        for _ in range(max(repeats, 3) * 4):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    return median_ms(experts) / median_ms(dense)
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(max(repeats, 3) * 4):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return _median_ms(experts, repeats) / _median_ms(dense, repeats)
 
 
 BREAKDOWN_PARTS = ("router", "expert GEMMs", "expert other", "layer other")
