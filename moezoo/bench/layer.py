@@ -199,6 +199,28 @@ def gemm_floor(shape: tuple[int, int, int, int, int], activation: str, repeats: 
     return _median_ms(experts, repeats) / _median_ms(dense, repeats)
 
 
+def _gemm_operands(rows: int, dim: int, hidden: int, ffn_dim: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Random inputs ``x (rows, D), a (rows, F), dy (rows, D), dh (rows, H)`` and outputs ``h, y, da, dx``."""
+    ins = [torch.randn(rows, dim), torch.randn(rows, ffn_dim), torch.randn(rows, dim), torch.randn(rows, hidden)]
+    outs = [torch.empty(rows, hidden), torch.empty(rows, dim), torch.empty(rows, ffn_dim), torch.empty(rows, dim)]
+    return ins, outs
+
+
+def _six_gemms(
+    ins: list[Tensor], outs: list[Tensor], w_in: Tensor, w_out: Tensor, dw_in: Tensor, dw_out: Tensor
+) -> None:
+    """The FFN's GEMMs: two forward, two input-gradient, two weight-gradient (``mm``, or ``bmm`` on batches);
+    ``ins``/``outs`` as made by :func:`_gemm_operands`."""
+    (x, a, dy, dh), (h, y, da, dx) = ins, outs
+    mm = torch.bmm if x.dim() == 3 else torch.mm
+    mm(x, w_in, out=h)
+    mm(a, w_out, out=y)
+    mm(dy, w_out.transpose(-1, -2), out=da)
+    mm(dh, w_in.transpose(-1, -2), out=dx)
+    mm(a.transpose(-1, -2), dy, out=dw_out)
+    mm(x.transpose(-1, -2), dh, out=dw_in)
+
+
 BREAKDOWN_PARTS = ("router", "expert GEMMs", "expert other", "layer other")
 
 
@@ -211,7 +233,9 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
     rest of the expert FFN (sort, gathers, scatters, activations, gate gradient); ``layer other``: what the layer
     adds around both (input checks, statistics). ``dense GEMMs``: the dense FFN's six GEMMs alone. ``balanced bmm``:
     the experts' six GEMMs as one ``bmm`` each over equal row counts, what a grouped GEMM without per-expert calls
-    or padding would cost (no PyTorch CPU op does this for unequal counts).
+    or padding would cost (no PyTorch CPU op does this for unequal counts). ``gather/scatter``: the four row moves
+    any gather-based dispatch makes (gather the inputs and scatter-add the outputs forward, gather the output
+    gradients and scatter-add the input gradients backward), as one ``index_select``/``index_add_`` each.
     """
     tokens, dim, ffn_dim, num_experts, top_k = shape
     torch.manual_seed(seed)
@@ -251,58 +275,47 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
         )
         y.backward(grad)
 
-    hidden = experts.w_in.shape[2]
     counts = torch.bincount(routing.expert_idx_N, minlength=num_experts).tolist()
     bounds = [(e, sum(counts[:e]), sum(counts[: e + 1])) for e in range(num_experts) if counts[e]]
-    rows = sum(counts)
     w_in, w_out = experts.w_in.detach(), experts.w_out.detach()
-    x_ND, h_NH, a_NF, y_ND = (
-        torch.randn(rows, dim),
-        torch.empty(rows, hidden),
-        torch.randn(rows, ffn_dim),
-        torch.empty(rows, dim),
-    )
     dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
+    # inputs are random and never written (chained outputs would shrink towards denormals, which are slow)
+    ins, outs = _gemm_operands(sum(counts), dim, w_in.shape[2], ffn_dim)
 
     def expert_gemms() -> None:
         for e, s0, s1 in bounds:
-            torch.mm(x_ND[s0:s1], w_in[e], out=h_NH[s0:s1])  # forward
-            torch.mm(a_NF[s0:s1], w_out[e], out=y_ND[s0:s1])
-            torch.mm(y_ND[s0:s1], w_out[e].t(), out=a_NF[s0:s1])  # input gradients
-            torch.mm(h_NH[s0:s1], w_in[e].t(), out=x_ND[s0:s1])
-            torch.mm(a_NF[s0:s1].t(), y_ND[s0:s1], out=dw_out[e])  # weight gradients
-            torch.mm(x_ND[s0:s1].t(), h_NH[s0:s1], out=dw_in[e])
+            rows_in, rows_out = [t[s0:s1] for t in ins], [t[s0:s1] for t in outs]
+            _six_gemms(rows_in, rows_out, w_in[e], w_out[e], dw_in[e], dw_out[e])
 
-    width = top_k * ffn_dim
     d_in, d_out = dense.fc_in.weight.detach().t().contiguous(), dense.fc_out.weight.detach().t().contiguous()
-    x_TD, h_TH, a_TF, y_TD = (
-        torch.randn(tokens, dim),
-        torch.empty(tokens, d_in.shape[1]),
-        torch.randn(tokens, width),
-        torch.empty(tokens, dim),
-    )
+    dense_ins, dense_outs = _gemm_operands(tokens, dim, d_in.shape[1], top_k * ffn_dim)
     dd_in, dd_out = torch.empty_like(d_in), torch.empty_like(d_out)
 
     def dense_gemms() -> None:
-        torch.mm(x_TD, d_in, out=h_TH)
-        torch.mm(a_TF, d_out, out=y_TD)
-        torch.mm(y_TD, d_out.t(), out=a_TF)
-        torch.mm(h_TH, d_in.t(), out=x_TD)
-        torch.mm(a_TF.t(), y_TD, out=dd_out)
-        torch.mm(x_TD.t(), h_TH, out=dd_in)
+        _six_gemms(dense_ins, dense_outs, d_in, d_out, dd_in, dd_out)
 
-    per = max(1, rows // num_experts)  # balanced rows per expert
-    x_b, h_b, a_b, y_b = (t[: per * num_experts].view(num_experts, per, -1) for t in (x_ND, h_NH, a_NF, y_ND))
+    per = max(1, sum(counts) // num_experts)  # balanced rows per expert
+    bal_ins, bal_outs = _gemm_operands(num_experts * per, dim, w_in.shape[2], ffn_dim)
 
     def balanced_bmm() -> None:
-        torch.bmm(x_b, w_in, out=h_b)
-        torch.bmm(a_b, w_out, out=y_b)
-        torch.bmm(y_b, w_out.transpose(1, 2), out=a_b)
-        torch.bmm(h_b, w_in.transpose(1, 2), out=x_b)
-        torch.bmm(a_b.transpose(1, 2), y_b, out=dw_out)
-        torch.bmm(x_b.transpose(1, 2), h_b, out=dw_in)
+        def batched(ts: list[Tensor]) -> list[Tensor]:
+            return [t.view(num_experts, per, -1) for t in ts]
+
+        _six_gemms(batched(bal_ins), batched(bal_outs), w_in, w_out, dw_in, dw_out)
+
+    token_N = routing.token_idx_N[torch.argsort(routing.expert_idx_N, stable=True)]  # expert-sorted row order
+    rows_x, rows_dy = torch.empty(token_N.shape[0], dim), torch.empty(token_N.shape[0], dim)
+    out_TD, dx_TD, dout_TD = torch.zeros(tokens, dim), torch.zeros(tokens, dim), torch.randn(tokens, dim)
+    x_plain = x.detach()
+
+    def gather_scatter() -> None:
+        torch.index_select(x_plain, 0, token_N, out=rows_x)  # forward: gather inputs, scatter outputs
+        out_TD.index_add_(0, token_N, rows_x)
+        torch.index_select(dout_TD, 0, token_N, out=rows_dy)  # backward: gather output grads, scatter input grads
+        dx_TD.index_add_(0, token_N, rows_dy)
 
     with torch.no_grad():
+        gather_ms = _median_ms(gather_scatter, repeats)
         gemm_ms = _median_ms(expert_gemms, repeats)
         bmm_ms = _median_ms(balanced_bmm, repeats)
         dense_gemm_ms = _median_ms(dense_gemms, repeats)
@@ -312,6 +325,7 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
         "dense": dense_ms,
         "dense GEMMs": dense_gemm_ms,
         "balanced bmm": bmm_ms,
+        "gather/scatter": gather_ms,
         "moezoo": moe_ms,
         "router": router_ms,
         "expert GEMMs": gemm_ms,
@@ -328,11 +342,18 @@ def format_breakdown(rows: dict[tuple[int, int, int, int, int], dict[str, float]
         *(f"{p}/dense" for p in BREAKDOWN_PARTS),
         "dense GEMMs/dense",
         "balanced bmm/dense",
+        "gather/scatter/dense",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape, row in rows.items():
         dense = row["dense"]
-        parts = [row["moezoo"], *(row[p] for p in BREAKDOWN_PARTS), row["dense GEMMs"], row["balanced bmm"]]
+        parts = [
+            row["moezoo"],
+            *(row[p] for p in BREAKDOWN_PARTS),
+            row["dense GEMMs"],
+            row["balanced bmm"],
+            row["gather/scatter"],
+        ]
         lines.append(
             "| " + " | ".join([str(tuple(shape)), f"{dense:.1f}", *(f"{v / dense:.2f}x" for v in parts)]) + " |"
         )
@@ -410,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "moezoo = router + expert GEMMs + expert other + layer other (each part timed on its own; the sum need "
             "not equal moezoo exactly). expert GEMMs: one mm per expert with this batch's row counts, 6 GEMM roles; "
-            "balanced bmm: the same 6 roles as one bmm each over equal row counts (an ideal grouped GEMM)."
+            "balanced bmm: the same 6 roles as one bmm each over equal row counts (an ideal grouped GEMM); "
+            "gather/scatter: the 4 row gathers and scatter-adds of a gather-based dispatch."
         )
         return 0
     print(

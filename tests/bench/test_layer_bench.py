@@ -31,8 +31,9 @@ def test_bad_shape_is_a_clear_error(shape: str) -> None:
 
 def test_breakdown_parts_account_for_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
     parts = layer.breakdown((256, 32, 16, 8, 2), "swiglu", repeats=1)
-    assert set(parts) == {"dense", "dense GEMMs", "balanced bmm", "moezoo", *layer.BREAKDOWN_PARTS}
-    assert all(parts[k] > 0 for k in ("dense", "dense GEMMs", "balanced bmm", "moezoo", "router", "expert GEMMs"))
+    assert set(parts) == {"dense", "dense GEMMs", "balanced bmm", "gather/scatter", "moezoo", *layer.BREAKDOWN_PARTS}
+    positive = ("dense", "dense GEMMs", "balanced bmm", "gather/scatter", "moezoo", "router", "expert GEMMs")
+    assert all(parts[k] > 0 for k in positive)
     assert layer.breakdown((128, 16, 8, 4, 2), "gelu", repeats=1)["expert GEMMs"] > 0
     assert layer.main(["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--breakdown"]) == 0
     out = capsys.readouterr().out
