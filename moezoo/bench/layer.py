@@ -16,6 +16,7 @@ them comparable on a shared, noisy CPU. Memory is what autograd saves for backwa
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 import moezoo.ops.fused as fused
 from moezoo.layers import FeedForward, MoE
 from moezoo.ops.activations import act_forward
+from moezoo.ops.permute import sort_by_expert
 
 DEFAULT_SHAPES = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 64, 8), (2048, 256, 128, 64, 4))
 
@@ -275,12 +277,13 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
         )
         y.backward(grad)
 
-    counts = torch.bincount(routing.expert_idx_N, minlength=num_experts).tolist()
-    bounds = [(e, sum(counts[:e]), sum(counts[: e + 1])) for e in range(num_experts) if counts[e]]
+    perm = sort_by_expert(routing.token_idx_N, routing.expert_idx_N, num_experts)  # the fused path's row order
+    starts = [0, *itertools.accumulate(perm.counts)]
+    bounds = [(e, starts[e], starts[e + 1]) for e in range(num_experts) if perm.counts[e]]
     w_in, w_out = experts.w_in.detach(), experts.w_out.detach()
     dw_in, dw_out = torch.empty_like(w_in), torch.empty_like(w_out)
     # inputs are random and never written (chained outputs would shrink towards denormals, which are slow)
-    ins, outs = _gemm_operands(sum(counts), dim, w_in.shape[2], ffn_dim)
+    ins, outs = _gemm_operands(starts[-1], dim, w_in.shape[2], ffn_dim)
 
     def expert_gemms() -> None:
         for e, s0, s1 in bounds:
@@ -294,7 +297,7 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
     def dense_gemms() -> None:
         _six_gemms(dense_ins, dense_outs, d_in, d_out, dd_in, dd_out)
 
-    per = max(1, sum(counts) // num_experts)  # balanced rows per expert
+    per = max(1, starts[-1] // num_experts)  # balanced rows per expert
     bal_ins, bal_outs = _gemm_operands(num_experts * per, dim, w_in.shape[2], ffn_dim)
 
     def balanced_bmm() -> None:
@@ -303,8 +306,8 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
 
         _six_gemms(batched(bal_ins), batched(bal_outs), w_in, w_out, dw_in, dw_out)
 
-    token_N = routing.token_idx_N[torch.argsort(routing.expert_idx_N, stable=True)]  # expert-sorted row order
-    rows_x, rows_dy = torch.empty(token_N.shape[0], dim), torch.empty(token_N.shape[0], dim)
+    token_N = perm.token_sorted_N
+    rows_x, rows_dy = torch.empty(starts[-1], dim), torch.empty(starts[-1], dim)
     out_TD, dx_TD, dout_TD = torch.zeros(tokens, dim), torch.zeros(tokens, dim), torch.randn(tokens, dim)
     x_plain = x.detach()
 
