@@ -1,0 +1,36 @@
+"""moezoo.io: writes are all-or-nothing and leave no temporary file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from moezoo.io import copy_file_atomic, temporary_beside, write_json_atomic, write_text_atomic
+
+
+def test_write_json_atomic_round_trip(tmp_path: Path) -> None:
+    path = write_json_atomic(tmp_path / "sub" / "m.json", {"b": 1, "a": [1.5]})
+    assert json.loads(path.read_text()) == {"a": [1.5], "b": 1}
+    assert path.read_text().endswith("\n")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    path = write_text_atomic(tmp_path / "f.txt", "old")
+    with pytest.raises(RuntimeError), temporary_beside(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_copy_and_permissions(tmp_path: Path) -> None:
+    src = write_text_atomic(tmp_path / "a.txt", "x")
+    dest = copy_file_atomic(src, tmp_path / "b.txt")
+    assert dest.read_text() == "x"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
