@@ -119,7 +119,9 @@ class MoETask(L.LightningModule):
         self.model_name = model
         self.optimizer_factory = as_factory(optimizer, "optimizer", Optimizer, DEFAULT_OPTIMIZER)
         self.lr_scheduler_factory = (
-            None if lr_scheduler is None else as_factory(lr_scheduler, "lr_scheduler", LRScheduler, DEFAULT_LR_SCHEDULER)
+            None
+            if lr_scheduler is None
+            else as_factory(lr_scheduler, "lr_scheduler", LRScheduler, DEFAULT_LR_SCHEDULER)
         )
         self.aux_loss_coef = aux_loss_coef
         # As passed to create_model (releases record these), in the current form.

@@ -1,9 +1,10 @@
 """``moezoo fit|validate|test|predict --config FILE``: LightningCLI in omegaconf mode.
 
 The model and data are given by ``class_path`` in the config (subclass mode), so one entry point serves
-every domain. Configs written in the old form (flat MoE arguments, ``lr``/``weight_decay``/``warmup_frac``/
-``min_lr_ratio``) are upgraded as they are loaded, with one warning (:mod:`moezoo.tasks.legacy`). After ``fit``, the test set is evaluated on the best checkpoint (the final weights when the
-checkpoint callback monitors no metric) unless ``--test_after_fit false``.
+every domain. After ``fit``, the test set is evaluated on the best checkpoint (the final weights when the
+checkpoint callback monitors no metric) unless ``--test_after_fit false``. Configs in the old form (flat MoE
+arguments, ``lr``/``weight_decay``/``warmup_frac``/``min_lr_ratio``) are upgraded as they are loaded, with one
+warning (:mod:`moezoo.tasks.legacy`).
 """
 
 from __future__ import annotations

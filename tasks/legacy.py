@@ -26,13 +26,14 @@ from moezoo.tasks.optim import DEFAULT_LR_SCHEDULER, DEFAULT_OPTIMIZER, import_c
 
 OLD_OPTIMIZER_KEYS = ("lr", "weight_decay")
 OLD_SCHEDULER_KEYS = ("warmup_frac", "min_lr_ratio")
-#: the old per-task defaults of those arguments, by task class (a subclass takes its nearest base's)
+#: the old defaults of those arguments: the base task's, and where a domain task differed (a subclass of a task
+#: takes that task's)
 OLD_DEFAULTS: dict[str, dict[str, float]] = {
     "moezoo.tasks.base.MoETask": dict(lr=1e-3, weight_decay=0.05, warmup_frac=0.05, min_lr_ratio=0.01),
-    "moezoo.tasks.generation.task.ImageGenerationTask": dict(lr=1e-3, weight_decay=0.0, warmup_frac=0.05, min_lr_ratio=0.1),
-    "moezoo.tasks.speech.asr.SpeechRecognitionTask": dict(lr=2e-3, weight_decay=0.01, warmup_frac=0.05, min_lr_ratio=0.01),
-    "moezoo.tasks.detection.task.DetectionTask": dict(lr=2e-3, weight_decay=0.05, warmup_frac=0.05, min_lr_ratio=0.05),
-}  # fmt: skip
+    "moezoo.tasks.generation.task.ImageGenerationTask": dict(lr=1e-3, weight_decay=0.0, min_lr_ratio=0.1),
+    "moezoo.tasks.speech.asr.SpeechRecognitionTask": dict(lr=2e-3, weight_decay=0.01),
+    "moezoo.tasks.detection.task.DetectionTask": dict(lr=2e-3, min_lr_ratio=0.05),
+}
 PARSER_MODE = "moezoo"
 
 
@@ -48,11 +49,11 @@ def _task_class(class_path: Any) -> type | None:
 
 
 def _old_defaults(cls: type) -> dict[str, float]:
-    for klass in inspect.getmro(cls):
-        found = OLD_DEFAULTS.get(f"{klass.__module__}.{klass.__qualname__}")
-        if found is not None:
-            return found
-    raise AssertionError(f"{cls} is not a MoETask")  # _task_class guarantees a MoETask subclass
+    """The old defaults of ``cls``: its nearest listed class's over the base task's."""
+    found = [OLD_DEFAULTS.get(f"{c.__module__}.{c.__qualname__}") for c in inspect.getmro(cls)]
+    listed = [d for d in found if d is not None]
+    assert listed, f"{cls} is not a MoETask"  # _task_class guarantees a MoETask subclass
+    return {**listed[-1], **listed[0]}
 
 
 def upgrade_task_spec(spec: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -90,7 +90,7 @@ class WarmupCosineLR(LRScheduler):
         total = self.total_steps or 1
         return warmup_cosine(step, total, max(1, int(self.warmup_frac * total)), self.min_lr_ratio)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | Tensor]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
     def set_total_steps(self, total_steps: int) -> None:
@@ -111,7 +111,9 @@ def _check_total_steps(total_steps: Any, allow_none: bool) -> None:
     if total_steps is None and allow_none:
         return
     if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive integer{' or None' if allow_none else ''}, got {total_steps!r}")
+        raise ValueError(
+            f"total_steps must be a positive integer{' or None' if allow_none else ''}, got {total_steps!r}"
+        )
 
 
 def import_class(class_path: Any, argument: str) -> type:
@@ -121,7 +123,9 @@ def import_class(class_path: Any, argument: str) -> type:
     except (ImportError, AttributeError):
         cls = None
     if not inspect.isclass(cls):
-        raise ValueError(f"{argument}.class_path must name an importable class ('package.module.Class'), got {class_path!r}")
+        raise ValueError(
+            f"{argument}.class_path must name an importable class ('package.module.Class'), got {class_path!r}"
+        )
     return cls
 
 

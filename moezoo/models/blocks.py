@@ -30,7 +30,11 @@ def build_ffn(
     segment = spec.segment_size(block_index)
     if spec.dense:
         active = spec.active_ffn_dim(ffn_dim)
-        return FeedForward(dim, active, activation) if segment == 1 else SegmentFeedForward(dim, active, segment, activation)
+        return (
+            FeedForward(dim, active, activation)
+            if segment == 1
+            else SegmentFeedForward(dim, active, segment, activation)
+        )
     if spec.router == "segment":
         return SegmentMoE(
             dim,

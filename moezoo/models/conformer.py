@@ -274,19 +274,25 @@ def _moe_conformer(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEConfo
 @register_model
 def moe_conformer_debug(**kwargs: Any) -> MoEConformer:
     """2 blocks of width 32, 4 experts top-1 in both FFNs of every block: for tests."""
-    defaults = dict(dim=32, depth=2, num_heads=2, ffn_dim=64, conv_kernel=7, subsample_channels=8, moe=dict(num_experts=4))
+    defaults = dict(
+        dim=32, depth=2, num_heads=2, ffn_dim=64, conv_kernel=7, subsample_channels=8, moe=dict(num_experts=4)
+    )
     return _moe_conformer(defaults, kwargs)
 
 
 @register_model
 def moe_conformer_tiny(**kwargs: Any) -> MoEConformer:
     """4 blocks of width 96, 4 experts (width 192) top-1 in every FFN: ~1 M active parameters."""
-    defaults = dict(dim=96, depth=4, num_heads=4, ffn_dim=192, conv_kernel=15, subsample_channels=16, moe=dict(num_experts=4))
+    defaults = dict(
+        dim=96, depth=4, num_heads=4, ffn_dim=192, conv_kernel=15, subsample_channels=16, moe=dict(num_experts=4)
+    )
     return _moe_conformer(defaults, kwargs)
 
 
 @register_model
 def moe_conformer_small(**kwargs: Any) -> MoEConformer:
     """8 blocks of width 144, 8 experts (width 576) top-1 in every FFN (Conformer-S width)."""
-    defaults = dict(dim=144, depth=8, num_heads=4, ffn_dim=576, conv_kernel=31, subsample_channels=64, moe=dict(num_experts=8))
+    defaults = dict(
+        dim=144, depth=8, num_heads=4, ffn_dim=576, conv_kernel=31, subsample_channels=64, moe=dict(num_experts=8)
+    )
     return _moe_conformer(defaults, kwargs)

@@ -169,7 +169,9 @@ def _moe_dit(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEDiT:
 @register_model
 def moe_dit_debug(**kwargs: Any) -> MoEDiT:
     """2 blocks of width 32, 4 experts top-2 in every block, 8x8 images with 2x2 patches: for tests."""
-    defaults = dict(img_size=8, patch_size=2, dim=32, depth=2, num_heads=2, moe=dict(num_experts=4, moe_every=1, moe_offset=0))
+    defaults = dict(
+        img_size=8, patch_size=2, dim=32, depth=2, num_heads=2, moe=dict(num_experts=4, moe_every=1, moe_offset=0)
+    )
     return _moe_dit(defaults, kwargs)
 
 

@@ -170,7 +170,9 @@ class MoESpec:
         values = {**(defaults or {}), **(moe or {})}
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise TypeError(f"moe has no field(s) {unknown}; its fields are {[f.name for f in dataclasses.fields(cls)]}")
+            raise TypeError(
+                f"moe has no field(s) {unknown}; its fields are {[f.name for f in dataclasses.fields(cls)]}"
+            )
         return cls(**values)
 
     def replace(self, **changes: Any) -> MoESpec:
@@ -225,7 +227,7 @@ class MoESpec:
 
 
 # -- old flat arguments ------------------------------------------------------------------------------------------------
-Folder = Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]
+Folder = Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]
 _SPEC_ARGUMENTS: dict[str, tuple[str, Folder]] = {}  # family -> (its spec argument, the folder of its old arguments)
 
 

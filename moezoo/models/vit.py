@@ -98,7 +98,9 @@ def _moe_vit(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEViT:
 @register_model
 def moe_vit_debug(**kwargs: Any) -> MoEViT:
     """2 blocks of width 32, 4 experts top-2 in every block: for tests."""
-    return _moe_vit(dict(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, moe=dict(num_experts=4, moe_every=1, moe_offset=0)), kwargs)
+    return _moe_vit(
+        dict(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, moe=dict(num_experts=4, moe_every=1, moe_offset=0)), kwargs
+    )
 
 
 @register_model

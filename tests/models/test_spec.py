@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from moezoo.layers import MoE, ROUTERS, TopKRouter
+from moezoo.layers import ROUTERS, MoE, TopKRouter
 from moezoo.layers.segment import SegmentMoE
 from moezoo.models import create_model, moe_layers
 from moezoo.models.spec import LegacyConfigWarning, MoESpec, check_router_kwargs, upgrade_model_kwargs
@@ -158,7 +158,9 @@ def test_conformer_takes_any_frame_router(router):
 
 
 def test_a_router_needing_side_inputs_the_model_lacks_is_refused():
-    with pytest.raises(ValueError, match=r"moe.router='language' needs the side input\(s\) \['lid_probs'\], which moe_vit"):
+    with pytest.raises(
+        ValueError, match=r"moe.router='language' needs the side input\(s\) \['lid_probs'\], which moe_vit"
+    ):
         create_model("moe_vit_debug", moe={"router": "language"})
     with pytest.raises(ValueError, match=r"needs the side input\(s\) \['cfg_dropped'\], which moe_conformer"):
         create_model("moe_conformer_debug", moe={"router": "promoe"})

@@ -21,7 +21,9 @@ def test_registry_lists_and_builds():
 @pytest.mark.parametrize("router", ["topk", "expert_choice", "sinkhorn", "sigmoid_lossfree", "relu", "soft"])
 def test_forward_with_aux_every_router(router):
     kwargs = {"slots_per_expert": 4} if router == "soft" else {}
-    model = moezoo.create_model("moe_vit_debug", img_size=8, patch_size=2, moe={"router": router, "router_kwargs": kwargs})
+    model = moezoo.create_model(
+        "moe_vit_debug", img_size=8, patch_size=2, moe={"router": router, "router_kwargs": kwargs}
+    )
     logits, auxes = model.forward_with_aux(torch.randn(3, 1, 8, 8))
     assert logits.shape == (3, 10) and len(auxes) == 2
     logits.sum().backward()

@@ -50,7 +50,9 @@ def test_dense_twin_has_the_active_parameters_of_the_moe(router):
 def test_ctc_loss_falls_on_an_overfit_batch():
     torch.manual_seed(0)
     vocab = CharVocab()
-    task = SpeechRecognitionTask("moe_conformer_debug", {"moe": {"router": "language"}, "dropout": 0.0}, spec_augment=False)
+    task = SpeechRecognitionTask(
+        "moe_conformer_debug", {"moe": {"router": "language"}, "dropout": 0.0}, spec_augment=False
+    )
     texts = ["drei", "twenty one", "cinco", "vingt"]
     targets = [torch.tensor(vocab.encode(t)) for t in texts]
     lengths = torch.tensor([60, 52, 44, 40])
