@@ -235,8 +235,10 @@ def run_evaluation(
     _quiet_lightning()
     import lightning as L
 
+    from moezoo.tasks.specs import instantiate_task  # builds the task as `moezoo fit` does; reads old records too
+
     L.seed_everything(0, verbose=False)
-    task = instantiate(cfg.task)
+    task = instantiate_task(cfg.task)
     # The task loads them: it may keep another copy (the DiT task's EMA).
     state = (
         model.state_dict()
@@ -401,14 +403,16 @@ def release(args: argparse.Namespace) -> int:
         raise ValueError(f"--name must be '<model>.<tag>', got {args.name!r}")
     config = OmegaConf.to_container(OmegaConf.load(args.config), resolve=True)
     assert isinstance(config, dict)
-    task_spec = complete_spec(config["model"])
+    from moezoo.tasks.specs import complete_task_spec, instantiate_task  # as `moezoo fit` does; old configs too
+
+    task_spec = complete_task_spec(config["model"])
     data_spec = complete_spec(config["data"])
     model_name = task_spec["init_args"]["model"]
     base, tag = split_name(args.name)
     if base != model_name:
         raise ValueError(f"--name {args.name!r} must start with the config's model name {model_name!r}")
     # The task builds the model: some tasks complete its kwargs (e.g. the speech task adds the vocabulary size).
-    task = instantiate(task_spec)
+    task = instantiate_task(task_spec)
     model_kwargs = dict(getattr(task, "model_kwargs", None) or task_spec["init_args"].get("model_kwargs") or {})
     model = task.model
     _load_release_weights(task, _load_lightning_state(Path(args.ckpt), getattr(task, "release_prefix", "model.")))
@@ -439,7 +443,7 @@ def release(args: argparse.Namespace) -> int:
     routers = router_summary(model)
     citations = list(FAMILY_CITATIONS.get(base.rsplit("_", 1)[0], []))
     if any(isinstance(m, MoE) for m in model.modules()):  # the core layers' router (not YOLO-MoE's blending)
-        router_name = model_kwargs.get("router", "topk")
+        router_name = getattr(getattr(model, "spec", None), "router", "topk")
         citations += ROUTER_CITATIONS.get(router_name if isinstance(router_name, str) else "", [])
     citations += [c for c in args.cite if c not in citations]
     tolerance = dict(kv.split("=", 1) for kv in args.tolerance)

@@ -2,7 +2,9 @@
 
 The model and data are given by ``class_path`` in the config (subclass mode), so one entry point serves
 every domain. After ``fit``, the test set is evaluated on the best checkpoint (the final weights when the
-checkpoint callback monitors no metric) unless ``--test_after_fit false``.
+checkpoint callback monitors no metric) unless ``--test_after_fit false``. Configs in the old form (flat MoE
+arguments, ``lr``/``weight_decay``/``warmup_frac``/``min_lr_ratio``) are upgraded as they are loaded, with one
+warning (:mod:`moezoo.tasks.legacy`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from moezoo.parallel import num_parameters
+from moezoo.tasks.legacy import register_config_loader
 
 
 def import_domains() -> list[str]:
@@ -71,7 +74,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MoEZooCLI:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": register_config_loader()},  # omegaconf, then the legacy shim
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

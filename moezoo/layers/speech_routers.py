@@ -44,6 +44,8 @@ class OmniRouter(TopKRouter):
     ``router=`` to every :class:`~moezoo.layers.MoE`; :meth:`update_state` is then applied once per step.
     """
 
+    shared_across_layers: ClassVar[bool] = True  # models build one instance and pass it to every MoE layer
+
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, balance_coef: float = 0.01, **kwargs: object):
         super().__init__(dim, num_experts, top_k=top_k, balance_coef=balance_coef, **kwargs)  # type: ignore[arg-type]
 
@@ -56,6 +58,7 @@ class LanguageRouter(Router):
     """
 
     needs_side: ClassVar[tuple[str, ...]] = ("lid_probs",)
+    shared_across_layers: ClassVar[bool] = True  # one (weightless) instance: the LID head is the shared pre-router
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, normalize: bool | None = None) -> None:
         super().__init__(dim, num_experts, balance_coef=0.0, z_loss_coef=0.0)

@@ -128,7 +128,7 @@ def test_count_params_oracle() -> None:
         w_in, w_out = block.ffn.experts.w_in, block.ffn.experts.w_out
         experts += (w_in.numel() + w_out.numel()) * (1 - 2 / 4)
     assert count_params(model) == {"total": total, "active": round(total - experts)}
-    dense = create_model("moe_vit_debug", img_size=8, patch_size=2, dense=True)
+    dense = create_model("moe_vit_debug", img_size=8, patch_size=2, moe={"dense": True})
     assert count_params(dense)["active"] == count_params(dense)["total"] == sum(p.numel() for p in dense.parameters())
 
 
@@ -186,11 +186,13 @@ def test_generation_release_ships_the_ema_weights(
         "img_size": 8,
         "patch_size": 2,
         "num_classes": 10,
-        "num_experts": 5,
-        "top_k": 1,
-        "num_shared_experts": 1,
-        "router": "promoe",
-        "router_kwargs": {"temperature": 0.07, "contrastive_coef": 0.01},
+        "moe": {
+            "num_experts": 5,
+            "top_k": 1,
+            "num_shared_experts": 1,
+            "router": "promoe",
+            "router_kwargs": {"temperature": 0.07, "contrastive_coef": 0.01},
+        },
     }
     torch.manual_seed(0)
     task = ImageGenerationTask("moe_dit_debug", kwargs, num_sampling_steps=8, samples_per_class=2)
