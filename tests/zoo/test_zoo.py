@@ -264,6 +264,8 @@ def test_bad_names_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path
     assert "--name must be '<model>.<tag>'" in capsys.readouterr().err
     assert main([*args, "--name", "moe_vit_tiny.x", "--domain", "v", "--dataset", "d"]) == 1
     assert "must start with the config's model name 'moe_vit_debug'" in capsys.readouterr().err
+    assert main([*args, "--name", "moe_vit_debug.x", "--domain", "v", "--dataset", "d", "--tolerance", "acc"]) == 1
+    assert "--tolerance must be METRIC=ABS" in capsys.readouterr().err
 
 
 def test_list_and_info(capsys: pytest.CaptureFixture[str]) -> None:
