@@ -10,27 +10,47 @@ warning (:mod:`moezoo.tasks.legacy`).
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import pkgutil
+import logging
 from pathlib import Path
+
+from moezoo.extras import MissingExtraError, require
+
+require("train", "moezoo fit|validate|test|predict")  # before the imports it guards
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from moezoo.io import write_json_atomic
 from moezoo.parallel import num_parameters
 from moezoo.tasks.legacy import register_config_loader
 
+# The domain packages whose tasks and data modules configs name (one per folder of moezoo.tasks). Add a domain here.
+DOMAINS = (
+    "moezoo.tasks.vision",
+    "moezoo.tasks.generation",
+    "moezoo.tasks.speech",
+    "moezoo.tasks.timeseries",
+    "moezoo.tasks.detection",
+)
+log = logging.getLogger(__name__)
+
 
 def import_domains() -> list[str]:
-    """Import every domain package of ``moezoo.tasks`` so that configs can name their classes."""
-    import moezoo.tasks
+    """Import the domain packages so that configs can name their classes (also by their short names).
 
-    names = [f"moezoo.tasks.{info.name}" for info in pkgutil.iter_modules(moezoo.tasks.__path__) if info.ispkg]
-    for name in names:
-        importlib.import_module(name)
-    return names
+    A domain whose extra is not installed is skipped (noted in the debug log): a config that names one of its
+    classes then fails with the error that names the extra to install.
+    """
+    imported = []
+    for name in DOMAINS:
+        try:
+            importlib.import_module(name)
+        except MissingExtraError as err:
+            log.debug("skipped %s: %s", name, err)
+            continue
+        imported.append(name)
+    return imported
 
 
 class MoEZooCLI(LightningCLI):
@@ -57,14 +77,6 @@ class MoEZooCLI(LightningCLI):
             metrics = {k: float(v) for k, v in results[0].items()}
             metrics["params/total"] = float(num_parameters(self.model))  # sharded experts at full size
             write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MoEZooCLI:
