@@ -214,7 +214,7 @@ def test_fine_grained_experts_and_dense_twin_width():
     [
         (dict(top_k=5), "top_k must be an integer in \\[1, num_experts=4\\]"),
         (dict(router="nope"), "router='nope' is unknown"),
-        (dict(router_kwargs={"capacity_factor": 0}), "capacity_factor must be > 0"),
+        (dict(router_kwargs={"capacity_factor": 0}), "capacity_factor must be a finite number > 0"),
         (dict(granularity=3), "granularity must be a positive integer dividing ffn_dim=8"),
         (dict(activation="tanh"), "activation='tanh'"),
     ],
