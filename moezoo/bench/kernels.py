@@ -28,6 +28,7 @@ from torch import Tensor
 
 from moezoo.bench.peers import GroupedMMMoE, NaiveLoopMoE
 from moezoo.layers import FeedForward, MoE
+from moezoo.ops.activations import ACTIVATIONS, hidden_width
 
 DEFAULT_SHAPES = ((16384, 2048, 1408, 64, 6), (16384, 4096, 14336, 8, 2), (4096, 1024, 512, 32, 4))
 
@@ -35,7 +36,7 @@ DEFAULT_SHAPES = ((16384, 2048, 1408, 64, 6), (16384, 4096, 14336, 8, 2), (4096,
 def expert_flops(shape: tuple[int, int, int, int, int], activation: str) -> float:
     """Forward+backward FLOPs of the routed expert GEMMs plus the router (MoE) = the dense twin's."""
     tokens, dim, ffn_dim, num_experts, top_k = shape
-    hidden = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+    hidden = hidden_width(activation, ffn_dim)
     return 6.0 * tokens * top_k * dim * (hidden + ffn_dim)
 
 
@@ -101,7 +102,7 @@ def format_table(results: dict[tuple[int, int, int, int, int], dict[str, float]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moezoo bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=None, help="T,D,F,E,K (repeatable)")
-    parser.add_argument("--activation", default="swiglu", choices=["gelu", "swiglu"])
+    parser.add_argument("--activation", default="swiglu", choices=ACTIVATIONS)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) per-expert loop")

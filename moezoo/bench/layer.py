@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from moezoo.bench.peers import NaiveLoopMoE, hf_mixtral_block
 from moezoo.layers import FeedForward, MoE
+from moezoo.ops.activations import ACTIVATIONS, hidden_width
 from moezoo.ops.fused import expert_ffn_fused
 from moezoo.ops.permute import sort_by_expert
 
@@ -127,7 +128,7 @@ def gemm_floor(shape: tuple[int, int, int, int, int], activation: str, repeats: 
     the same FLOPs (the dense FFN's first projection): the share of the ratio that no dispatch code can remove
     while experts run as separate GEMMs."""
     tokens, dim, ffn_dim, num_experts, top_k = shape
-    hidden = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+    hidden = hidden_width(activation, ffn_dim)
     rows = tokens * top_k // num_experts
     x_ND = torch.randn(rows * num_experts, dim)
     w_EDH = torch.randn(num_experts, dim, hidden)
@@ -339,7 +340,7 @@ def format_table(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moezoo bench layer", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=None, help="T,D,F,E,K (repeatable)")
-    parser.add_argument("--activation", default="swiglu", choices=["gelu", "swiglu"])
+    parser.add_argument("--activation", default="swiglu", choices=ACTIVATIONS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")

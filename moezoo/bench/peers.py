@@ -17,21 +17,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moezoo.layers import MoE
+from moezoo.layers import MoE, RoutingResult
 from moezoo.ops.activations import act_forward
 
 
-class NaiveLoopMoE(nn.Module):
-    """For each expert: select its pairs with a mask, run it, add the gated rows back (one host sync per expert)."""
+class _Peer(nn.Module):
+    """A peer of ``moe``: its router and expert weights, another way to run the experts."""
 
     def __init__(self, moe: MoE) -> None:
         super().__init__()
         self.moe = moe
 
+    def route(self, x: Tensor) -> tuple[Tensor, RoutingResult]:
+        """``x (..., D)`` -> ``(x_TD, the router's pairs)``."""
+        x_TD = x.reshape(-1, x.shape[-1])
+        return x_TD, self.moe.router(x_TD)
+
+
+class NaiveLoopMoE(_Peer):
+    """For each expert: select its pairs with a mask, run it, add the gated rows back (one host sync per expert)."""
+
     def forward(self, x: Tensor) -> Tensor:
         experts = self.moe.experts
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.moe.router(x_TD)
+        x_TD, routing = self.route(x)
         out = torch.zeros_like(x_TD)
         for e in range(experts.num_experts):
             sel = routing.expert_idx_N == e
@@ -43,17 +51,12 @@ class NaiveLoopMoE(nn.Module):
         return out.reshape(x.shape)
 
 
-class GroupedMMMoE(nn.Module):
+class GroupedMMMoE(_Peer):
     """The MoE layer's router and weights with the experts on ``torch._grouped_mm`` (no host sync)."""
-
-    def __init__(self, moe: MoE) -> None:
-        super().__init__()
-        self.moe = moe
 
     def forward(self, x: Tensor) -> Tensor:
         experts = self.moe.experts
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.moe.router(x_TD)
+        x_TD, routing = self.route(x)
         order_N = torch.argsort(routing.expert_idx_N, stable=True)
         counts_E = torch.bincount(routing.expert_idx_N, minlength=experts.num_experts)
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)

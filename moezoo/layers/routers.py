@@ -628,7 +628,6 @@ class SoftMoERouter(Router):
         )
         self.slots_per_expert = slots_per_expert
         super().__init__(dim, num_experts, balance_coef=0.0, z_loss_coef=z_loss_coef)
-        self.top_k = top_k
         self.scale = nn.Parameter(torch.ones(()))
 
     @classmethod

@@ -102,7 +102,7 @@ class ChunkPlan:
 
 def _weight_grad_buffer(weight_EKM: Tensor, empty_experts: list[int]) -> Tensor:
     """Uninitialised except for experts without rows, which get zero gradient; the rest is written by mm."""
-    out = torch.empty_like(weight_EKM)
+    out = weight_EKM.new_empty(weight_EKM.shape)  # contiguous, as the fake implementation says
     if empty_experts:
         out[empty_experts] = 0
     return out
@@ -186,7 +186,7 @@ def fused_expert_ffn_bwd_op(
     chunks = plan.chunks()
     dout_TD = dout_TD.contiguous()
     empty = plan.empty_experts()
-    dx = torch.zeros_like(x_TD) if need_dx else None
+    dx = x_TD.new_zeros(x_TD.shape) if need_dx else None
     dw_in = _weight_grad_buffer(w_in_EDH, empty) if need_dw_in else None
     dw_out = _weight_grad_buffer(w_out_EFD, empty) if need_dw_out else None
     dgate_R = x_TD.new_empty(plan.num_rows) if need_dgate else None
@@ -219,7 +219,7 @@ def fused_expert_ffn_bwd_op(
             plan.weight_grad(x_RD, dh_RH, chunk, dw_in)
     dgate = gate_N.new_empty(0)
     if dgate_R is not None:
-        dgate = torch.empty_like(gate_N)
+        dgate = gate_N.new_empty(gate_N.shape)
         dgate[order_N] = dgate_R.to(gate_N.dtype)
     return (
         dx if dx is not None else x_TD.new_empty(0),

@@ -196,7 +196,7 @@ def _(
 
 def _expert_ffn_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, tokens, offsets, block_expert, sorted_pair = inputs[:9]
-    ctx.activation, ctx.block_m = inputs[9], inputs[10]
+    ctx.activation, ctx.block_m, ctx.save_h = inputs[9], inputs[10], inputs[11]
     ctx.save_for_backward(
         x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, output[1], tokens, offsets, block_expert, sorted_pair
     )
@@ -205,7 +205,7 @@ def _expert_ffn_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _expert_ffn_backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None) -> tuple[Tensor | None, ...]:
     x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, h_NH, tokens, offsets, block_expert, sorted_pair = ctx.saved_tensors
-    if h_NH.numel() == 0 and token_idx_N.numel() and w_in_EDH.shape[2]:
+    if not ctx.save_h:  # a flag, not h's size: the pair count may be data-dependent under torch.compile
         raise RuntimeError("moezoo::expert_ffn_fwd ran with save_h=False; it cannot be differentiated")
     need_x, need_gate, need_w_in, need_w_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
     dx, dgate, dw_in, dw_out = expert_ffn_bwd_op(

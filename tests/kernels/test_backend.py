@@ -125,14 +125,21 @@ def test_expert_ffn_compiles_without_graph_breaks(tb):
         torch.testing.assert_close(g, w, **TOL)
 
 
-def test_moe_layer_compiles_fullgraph():
-    """``MoE(..., backend="triton")`` traces as one graph (aot_eager on the CPU), forward and backward."""
+@pytest.mark.parametrize("routing", ["topk", "capacity_and_mask"])
+def test_moe_layer_compiles_fullgraph(routing):
+    """``MoE(..., backend="triton")`` traces as one graph (aot_eager on the CPU), forward and backward; with capacity
+    dropping and a padding mask the pair count is data-dependent and the custom ops' fakes must carry it."""
+    from moezoo.layers import MoE
+
     torch._dynamo.reset()
-    moe = _moe("swiglu")
+    kwargs = {"capacity_factor": 0.5} if routing != "topk" else {}
+    moe = MoE(16, 24, num_experts=4, top_k=2, activation="swiglu", backend="triton", router_kwargs=kwargs).to(DEVICE)
     x = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
-    y, aux = torch.compile(moe, fullgraph=True, backend="aot_eager")(x)
+    mask = (torch.arange(9, device=DEVICE) < torch.tensor([[5], [9]], device=DEVICE)) if routing != "topk" else None
+    y, aux = torch.compile(moe, fullgraph=True, backend="aot_eager")(x, mask=mask)
     (dx,) = torch.autograd.grad(y.square().sum() + aux.aux_loss, x)
-    y_ref, aux_ref = moe(x)
+    y_ref, aux_ref = moe(x, mask=mask)
     (dx_ref,) = torch.autograd.grad(y_ref.square().sum() + aux_ref.aux_loss, x)
     torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(dx, dx_ref, **TOL)
+    assert aux.num_tokens == aux_ref.num_tokens
