@@ -5,13 +5,18 @@ gather, the activation and the gate-weighted combine fused, and their backward).
 wraps them as custom ops with autograd.
 
 Why there is no routing or standalone combine kernel: both existed (a fused softmax|sigmoid + top-k +
-renormalisation kernel, and a gate-weighted scatter-add) and no router or layer called them, so they were removed.
-The combine is already fused into the second expert GEMM's epilogue, so a standalone one has no caller. The
-routing kernel would replace a few memory-bound passes over a ``(T, E)`` fp32 tensor, while the routers still
-need the full probabilities for their balance loss, z-loss and statistics: at the ``moezoo bench kernels``
-default shape (16384, 2048, 1408, 64, 6) those passes move about 4 MiB each, microseconds on an H100-class GPU
-next to roughly 5 TFLOP of expert GEMMs (milliseconds), so it could not change the layer's time measurably, and
-it would have given the routers a second, CUDA-only code path with its own tie-breaking to keep equal to the first.
+renormalisation kernel with its backward, and a gate-weighted scatter-add with its backward) and no router or
+layer called them, so they were removed rather than wired in:
+
+- the combine is already fused into the second expert GEMM's epilogue (``_scatter_add_rows``), so a standalone
+  combine has no caller on the Triton path, and the CPU paths have their own;
+- the routing kernel would replace a few memory-bound passes over a ``(T, E)`` fp32 tensor, while the routers
+  still need the full probabilities for their balance loss, z-loss and statistics, so the softmax would run
+  twice. By sizes (an estimate: no GPU was available to time it), at the ``moezoo bench kernels`` default shape
+  (16384, 2048, 1408, 64, 6) one such pass moves 4 MiB, about a microsecond at H100-class bandwidth, next to
+  about 5 TFLOP of expert GEMMs forward and backward (milliseconds): well under 1% of the layer. Wiring it in
+  would also have given the top-k and sigmoid routers a second, CUDA-only path with its own tie-breaking to keep
+  equal to the first.
 
 Importing this package never fails: without triton (or with a broken install) ``HAS_TRITON`` is False,
 ``TRITON_ERROR`` says why, and none of the launchers are exported. The launchers take CUDA tensors, or CPU
