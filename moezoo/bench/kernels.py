@@ -5,7 +5,8 @@ Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, 
 Every row is one (T, D, F, E, K) in bf16; the candidates share one top-k router and one set of expert weights:
 
 - ``dense``: a dense FFN of hidden width K*F on the same T tokens: equal FLOPs, the roofline to compare with;
-- ``triton``: ``MoE(..., backend="triton")``: fused routing-to-combine kernels of ``moezoo.kernels``;
+- ``triton``: ``MoE(..., backend="triton")``: the fused gather-to-combine expert kernels of ``moezoo.kernels``
+  (routing in PyTorch);
 - ``grouped_mm``: the same layer with experts on ``torch._grouped_mm`` (sort, gather, two grouped GEMMs,
   weighted ``index_add``);
 - ``naive``: the per-expert masked loop most MoE code starts from (the peers live in :mod:`moezoo.bench.peers`).

@@ -143,8 +143,9 @@ def keep_pairs(keep_N: Tensor, *pairs_N: Tensor) -> tuple[Tensor, ...]:
 class Router(nn.Module):
     """Base of every router: a linear gate ``x @ W`` computed in fp32, the common losses, option checks.
 
-    ``kind`` ("sparse" or "soft") says which forward contract the router follows (see the module docstring).
-    ``needs_side`` names the side inputs (class labels, language posteriors ...) a router requires.
+    ``kind`` ("sparse" or "soft") says which forward contract the router follows (see the module docstring); a new
+    router subclasses :class:`SparseRouter` or :class:`SoftMoERouter`, which set it. ``needs_side`` names the side
+    inputs (class labels, language posteriors ...) a router requires.
     """
 
     kind: ClassVar[Literal["sparse", "soft"]]
