@@ -11,7 +11,7 @@ signature, as torchtitan passes ``MoEArgs``. A model takes ``moe: MoESpec | Mapp
 - ``None`` is those defaults.
 
 The spec is validated when it is built: the types and ranges of its own fields, and the router's options against
-what the router accepts (:func:`check_router_kwargs`). The option *values* are checked by the router's constructor
+what the router accepts (:func:`check_spec_router`). The option *values* are checked by the router's constructor
 when the model builds its layers. ``dense=True`` is the dense twin: every MoE slot gets a dense FFN whose hidden
 width is the MoE's active width per token (``top_k * expert width + shared experts``).
 
@@ -24,13 +24,14 @@ naming the new keys.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from moezoo.layers import ROUTERS
+from moezoo.layers.routers import check_router_kwargs as check_router_kwargs_of_router
+from moezoo.layers.routers import router_options
 from moezoo.ops import BACKENDS
 
 
@@ -47,25 +48,13 @@ RESERVED_ROUTER_KWARGS = {
 }
 
 
-def _accepted_kwargs(factory: Callable[..., Any]) -> tuple[set[str], bool]:
-    """Keyword names a router factory accepts, following ``**kwargs`` up a class's bases; and whether it accepts
-    any keyword at all (a ``**kwargs`` that leads nowhere we can read)."""
-    names: set[str] = set()
-    classes = [c for c in inspect.getmro(factory) if "__init__" in vars(c)] if inspect.isclass(factory) else []
-    targets: list[Callable[..., Any]] = [c.__init__ for c in classes] if classes else [factory]  # type: ignore[misc]
-    for target in targets:
-        params = list(inspect.signature(target).parameters.values())
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            return names - {"self"}, False
-    return names - {"self"}, True
+def check_spec_router(
+    name: str, kwargs: Mapping[str, Any], num_experts: int | None = None, top_k: int | None = None
+) -> None:
+    """Raise unless router ``name`` is registered and accepts ``kwargs`` (``moe.router_kwargs``) with these values.
 
-
-def check_router_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Raise unless router ``name`` is registered and accepts every option in ``kwargs`` (``moe.router_kwargs``).
-
-    Validation by the router itself: the options are checked against the router's constructor (and its bases',
-    where it forwards ``**kwargs``); a router class with a ``check_kwargs(kwargs)`` classmethod checks them too.
+    The router validates its own options (:func:`moezoo.layers.routers.check_router_kwargs`); the spec only refuses
+    the options the layer sets itself from the spec, and names the config keys in its messages.
     """
     if not isinstance(name, str) or name not in ROUTERS:
         raise ValueError(f"moe.router={name!r} is unknown; registered routers are {sorted(ROUTERS)}")
@@ -75,15 +64,11 @@ def check_router_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     if reserved:
         where = ", ".join(f"{k}: {RESERVED_ROUTER_KWARGS[k]}" for k in reserved)
         raise ValueError(f"moe.router_kwargs must not set {reserved}: the layer sets them from the spec ({where})")
-    factory = ROUTERS[name]
-    accepted, open_ended = _accepted_kwargs(factory)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown and not open_ended:
-        allowed = sorted(accepted - set(RESERVED_ROUTER_KWARGS))
-        raise TypeError(f"moe.router_kwargs: router {name!r} has no option(s) {unknown}; its options are {allowed}")
-    own_check = getattr(factory, "check_kwargs", None)
-    if callable(own_check):
-        own_check(dict(kwargs))
+    layer_set = {"top_k": top_k} if top_k is not None and "top_k" in router_options(name) else {}
+    try:
+        check_router_kwargs_of_router(name, {**layer_set, **kwargs}, num_experts=num_experts)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"moe.router_kwargs: {err}") from None
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -141,7 +126,9 @@ class MoESpec:
         backends = sorted(set(BACKENDS) | {"triton"})
         if self.backend is not None and self.backend not in backends:
             raise ValueError(f"moe.backend must be null or one of {backends}, got {self.backend!r}")
-        check_router_kwargs(self.router, self.router_kwargs)
+        check_spec_router(
+            self.router, self.router_kwargs, self.num_experts * self.granularity, self.top_k * self.granularity
+        )
         object.__setattr__(self, "router_kwargs", dict(self.router_kwargs))
         sizes = self.segment_sizes
         if isinstance(sizes, Sequence) and not isinstance(sizes, str):

@@ -18,9 +18,9 @@ from moezoo.models import hub
 from moezoo.models.pretrained import write_record
 from moezoo.models.pretrained_cfg import DEFAULT_TOLERANCE, STORAGE_DTYPES, PretrainedCfg
 from moezoo.models.registry import split_name
+from moezoo.tasks.specs import complete_task_spec, instantiate_task
 from moezoo.tasks.zoo.citations import citations_for
 from moezoo.tasks.zoo.evaluation import load_release_weights, run_evaluation
-from moezoo.tasks.specs import complete_task_spec, instantiate_task
 from moezoo.tasks.zoo.specs import complete_spec
 from moezoo.zoo.cards import CARDS_DIR, write_card
 from moezoo.zoo.summary import count_params, router_summary
@@ -130,7 +130,7 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
         params=count_params(model),
         dense_twin=request.dense_twin,
         limitations=list(request.limitations),
-        citations=citations_for(base, getattr(getattr(model, "spec", None), "router", "topk"), has_moe_layers, request.citations),
+        citations=citations_for(base, _router_name(model), has_moe_layers, request.citations),
     )
     routers = router_summary(model)
     metrics, routing = run_evaluation(cfg, model=model)
@@ -140,3 +140,9 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
     write_record(request.name, cfg, weights_dir)
     card = write_card(request.name, cfg, request.cards_dir)
     return cfg, weights, card
+
+
+def _router_name(model: torch.nn.Module) -> str:
+    """The router named by the model's MoE spec (``"topk"`` for models built without one)."""
+    spec = getattr(model, "spec", None)
+    return str(getattr(spec, "router", "topk"))

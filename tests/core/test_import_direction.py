@@ -33,14 +33,8 @@ KNOWN_CORE_EXCEPTIONS = (
 )
 # Private names that cross a module boundary today, in other branches' areas: remove each entry when it is fixed.
 KNOWN_PRIVATE_IMPORTS = {
-    "kernels/grouped_gemm.py: moezoo.kernels.combine._scatter_add_rows",
     "moezoo/bench/generation.py: moezoo.bench.vision._init_worker",
     "moezoo/bench/generation.py: moezoo.bench.vision._run_job",
-    "moezoo/layers/promoe.py: moezoo.layers.routers._check_positive",
-    "moezoo/layers/promoe.py: moezoo.layers.routers._check_top_k",
-    "moezoo/layers/speech_routers.py: moezoo.layers.routers._check_positive",
-    "moezoo/layers/speech_routers.py: moezoo.layers.routers._check_top_k",
-    "moezoo/layers/speech_routers.py: moezoo.layers.routers._flat_pairs",
 }
 
 

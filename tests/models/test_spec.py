@@ -10,7 +10,7 @@ import torch
 from moezoo.layers import ROUTERS, MoE, TopKRouter
 from moezoo.layers.segment import SegmentMoE
 from moezoo.models import create_model, moe_layers
-from moezoo.models.spec import LegacyConfigWarning, MoESpec, check_router_kwargs, upgrade_model_kwargs
+from moezoo.models.spec import LegacyConfigWarning, MoESpec, check_spec_router, upgrade_model_kwargs
 
 FAMILIES = {  # debug size, extra model arguments, spec argument
     "moe_vit_debug": (dict(img_size=8, patch_size=2), "moe"),
@@ -34,7 +34,11 @@ FAMILIES = {  # debug size, extra model arguments, spec argument
         (dict(dense="yes"), TypeError, r"moe.dense must be true or false, got 'yes'"),
         (dict(backend="cuda"), ValueError, r"moe.backend must be null or one of .*'reference'.*got 'cuda'"),
         (dict(router="nope"), ValueError, r"moe.router='nope' is unknown; registered routers are \["),
-        (dict(router_kwargs={"capacity": 1.0}), TypeError, r"router 'topk' has no option\(s\) \['capacity'\]; its"),
+        (
+            dict(router_kwargs={"capacity": 1.0}),
+            TypeError,
+            r"moe.router_kwargs: router='topk' does not accept capacity; it accepts top_k, noise",
+        ),
         (dict(router_kwargs={"top_k": 1}), ValueError, r"must not set \['top_k'\].*moe.top_k"),
         (dict(router_kwargs=[1]), TypeError, r"moe.router_kwargs must be a mapping"),
         (dict(segment_sizes=[3, 5]), ValueError, r"segment_sizes=\[3, 5\] needs router 'segment'"),
@@ -48,21 +52,22 @@ def test_bad_fields_name_the_key_the_value_and_what_is_allowed(fields, error, ma
 
 
 def test_router_options_are_checked_against_the_router_and_its_bases():
-    check_router_kwargs("topk", {"capacity_factor": 1.0, "drop_policy": "batch_priority"})
-    check_router_kwargs("omni", {"capacity_factor": 1.0, "noise": "jitter"})  # OmniRouter forwards **kwargs
-    check_router_kwargs("soft", {"slots_per_expert": 2})
-    with pytest.raises(TypeError, match=r"router 'soft' has no option\(s\) \['capacity_factor'\]"):
-        check_router_kwargs("soft", {"capacity_factor": 1.0})
+    check_spec_router("topk", {"capacity_factor": 1.0, "drop_policy": "batch_priority"})
+    check_spec_router("omni", {"capacity_factor": 1.0, "noise": "jitter"})  # OmniRouter forwards **kwargs
+    check_spec_router("soft", {"slots_per_expert": 2})
+    with pytest.raises(TypeError, match=r"router='soft' does not accept capacity_factor"):
+        check_spec_router("soft", {"capacity_factor": 1.0})
     with pytest.raises(ValueError, match=r"must not set \['segment_size'\].*moe.segment_sizes"):
-        check_router_kwargs("segment", {"segment_size": 2})
+        check_spec_router("segment", {"segment_size": 2})
 
 
 def test_a_router_class_with_its_own_check_validates_its_options(monkeypatch):
     class Picky(TopKRouter):
         @classmethod
-        def check_kwargs(cls, kwargs):
-            if kwargs.get("noise_eps", 0.01) > 0.5:
-                raise ValueError(f"noise_eps must be <= 0.5, got {kwargs['noise_eps']}")
+        def check_options(cls, num_experts, options):
+            super().check_options(num_experts, options)
+            if options["noise_eps"] > 0.5:
+                raise ValueError(f"noise_eps must be <= 0.5, got {options['noise_eps']}")
 
     monkeypatch.setitem(ROUTERS, "picky", Picky)
     MoESpec(router="picky", router_kwargs={"noise_eps": 0.1})
