@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.models import create_model
+from moezoo.stats import RoutingStats, TokenGroups
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -41,35 +41,20 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class RoutingSummary:
-    """Accumulates per-layer expert load over an epoch and renders it as a table."""
+class RoutingSummary(RoutingStats):
+    """The test split's :class:`~moezoo.stats.RoutingStats` (``MoETask.routing_summary``).
 
-    def __init__(self) -> None:
-        self.load: dict[int, Tensor] = {}
-        self.stats: dict[int, list[tuple[float, float]]] = {}
+    ``load`` and ``stats`` are the earlier attributes that ``moezoo.zoo`` still reads; they go once the zoo reads
+    :meth:`RoutingStats.layers` (see the bench branch's report).
+    """
 
-    def reset(self) -> None:
-        self.load.clear()
-        self.stats.clear()
+    @property
+    def load(self) -> dict[int, Tensor]:
+        return {layer.layer: torch.tensor(layer.expert_counts) for layer in self.layers()}
 
-    def update(self, auxes: Sequence[MoEAux]) -> None:
-        for i, aux in enumerate(auxes):
-            load = aux.tokens_per_expert_E.detach().float().cpu()
-            self.load[i] = self.load.get(i, torch.zeros_like(load)) + load
-            self.stats.setdefault(i, []).append((float(aux.dropped_frac), float(aux.router_entropy)))
-
-    def table(self) -> str:
-        if not self.load:
-            return "no MoE layers"
-        lines = ["layer | expert load (% of routed pairs)                     | load CV | dropped | entropy"]
-        for i, load in sorted(self.load.items()):
-            share = 100.0 * load / load.sum().clamp_min(1.0)
-            cv = float(load.std(unbiased=False) / load.mean().clamp_min(1e-12))
-            dropped = sum(d for d, _ in self.stats[i]) / len(self.stats[i])
-            entropy = sum(h for _, h in self.stats[i]) / len(self.stats[i])
-            shares = " ".join(f"{s:4.1f}" for s in share.tolist())
-            lines.append(f"{i:5d} | {shares:<52} | {cv:7.3f} | {dropped:7.3f} | {entropy:7.3f}")
-        return "\n".join(lines)
+    @property
+    def stats(self) -> dict[int, list[tuple[float, float]]]:
+        return {layer.layer: [(layer.dropped_frac, layer.router_entropy)] for layer in self.layers()}
 
 
 def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
@@ -161,9 +146,33 @@ class MoETask(L.LightningModule):
             self.log(f"{stage}/{name}", value, prog_bar=name == "acc", **log)
         for name, scalar in summarize_aux(auxes).items():
             self.log(f"{stage}/{name}", scalar, **log)
-        if stage == "test":
-            self.routing_summary.update(auxes)
+        self.last_batch_size = batch_size
+        if stage != "train":
+            self.routing_stats(stage).update(auxes, self.routing_groups(batch))
         return loss
+
+    # -- routing statistics of the evaluation splits (written by moezoo.tasks.callbacks.RoutingAnalytics) -------
+    #: samples in the last batch of ``_shared_step`` (the throughput callback counts them)
+    last_batch_size: int = 0
+
+    def routing_groups(self, batch: Any) -> TokenGroups | None:
+        """The group of each sample of ``batch`` (class, language, domain, channel ...) for the per-group routing
+        shares; ``None`` (the default) counts no groups."""
+        return None
+
+    def routing_stats(self, stage: str) -> RoutingStats:
+        """The accumulator of ``stage`` (``"val"`` or ``"test"``; the test one is :attr:`routing_summary`)."""
+        if stage == "test":
+            return self.routing_summary
+        stats: dict[str, RoutingStats] = self.__dict__.setdefault("_routing_stats", {})
+        return stats.setdefault(stage, RoutingStats())
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Routing analytics and training throughput in every run, unless the trainer already has them."""
+        from moezoo.tasks.callbacks import RoutingAnalytics, ThroughputMonitor
+
+        have = [type(c) for c in self.trainer.callbacks] if self._trainer is not None else []
+        return [cls() for cls in (RoutingAnalytics, ThroughputMonitor) if not any(issubclass(t, cls) for t in have)]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -184,7 +193,7 @@ class MoETask(L.LightningModule):
         self.routing_summary.reset()
 
     def on_test_epoch_end(self) -> None:
-        if self.trainer.is_global_zero and self.routing_summary.load:
+        if self.trainer.is_global_zero and self.routing_summary:
             print(f"\nRouting summary ({self.model_name}, test set)\n{self.routing_summary.table()}")
 
     def configure_optimizers(self) -> Any:
