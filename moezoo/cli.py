@@ -1,7 +1,8 @@
 """The ``moezoo`` console script.
 
 - ``moezoo fit|validate|test|predict --config FILE``: training and evaluation (LightningCLI, in moezoo.tasks);
-- ``moezoo bench <name> [options]``: the benchmark in ``moezoo/bench/<name>.py`` (its ``main(argv)``);
+- ``moezoo bench <name> [options]``: a micro benchmark of ``moezoo/bench/<name>.py`` (layer, kernels, parallel) or a
+  domain benchmark (and ``tables``) of ``moezoo.tasks.bench`` (``tasks/bench/<name>.py``): its ``main(argv)``;
 - ``moezoo zoo <command> [options]``: the pretrained model zoo (``moezoo.zoo.main``).
 """
 
@@ -15,21 +16,31 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 OTHER_COMMANDS = ("bench", "zoo")
 
 
-def bench_names() -> list[str]:
+def bench_modules() -> dict[str, str]:
+    """``{name: module}`` of every ``moezoo bench`` command."""
     import moezoo.bench
+    from moezoo.tasks.bench import command_names
 
-    return sorted(info.name for info in pkgutil.iter_modules(moezoo.bench.__path__) if not info.name.startswith("_"))
+    micro = [info.name for info in pkgutil.iter_modules(moezoo.bench.__path__) if not info.name.startswith("_")]
+    names = {name: f"moezoo.bench.{name}" for name in micro}
+    names.update({name: f"moezoo.tasks.bench.{name}" for name in command_names()})
+    return dict(sorted(names.items()))
+
+
+def bench_names() -> list[str]:
+    return list(bench_modules())
 
 
 def bench_main(argv: list[str]) -> int:
-    names = bench_names()
+    modules = bench_modules()
+    names = list(modules)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: moezoo bench {{{','.join(names)}}} [options]")
         return 0
     if argv[0] not in names:
         print(f"moezoo bench: unknown benchmark {argv[0]!r}; choose one of {names}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"moezoo.bench.{argv[0]}")
+    module = importlib.import_module(modules[argv[0]])
     return int(module.main(argv[1:]) or 0)
 
 

@@ -54,9 +54,7 @@ def heatmap_figure(panels: Sequence[Panel], title: str, colorbar_label: str, cma
     vmax = max((float(np.nanmax(a)) for a in arrays if a.size and not np.isnan(a).all()), default=1.0) or 1.0
     widths = [max(3.2, 0.35 * a.shape[1] + 2.0) for a in arrays]
     height = max(2.8, 0.28 * max(a.shape[0] for a in arrays) + 1.8)
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(sum(widths) + 1.4, height), squeeze=False, layout="constrained"
-    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1.4, height), squeeze=False, layout="constrained")
     image = None
     for ax, panel, values in zip(axes[0], panels, arrays):
         image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
@@ -77,7 +75,9 @@ def heatmap_figure(panels: Sequence[Panel], title: str, colorbar_label: str, cma
     return fig
 
 
-def expert_load_panel(expert_load_LE: Sequence[Sequence[float]], title: str, layers: Sequence[int] | None = None) -> Panel:
+def expert_load_panel(
+    expert_load_LE: Sequence[Sequence[float]], title: str, layers: Sequence[int] | None = None
+) -> Panel:
     """Expert load per MoE layer (shares, drawn as % of the layer's routed pairs)."""
     labels = [str(i) for i in layers] if layers is not None else None
     return Panel([[100.0 * v for v in row] for row in expert_load_LE], title, "MoE layer", labels)

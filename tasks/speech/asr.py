@@ -3,11 +3,9 @@ decoding and exact corpus-level CER/WER (overall and per utterance kind: ``mono`
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 import torchaudio
