@@ -19,13 +19,13 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from moezoo.io import write_json_atomic
+from moezoo.io import write_bytes_atomic, write_json_atomic
 from moezoo.stats import RateMeter, RoutingStats, count_parameters
 from moezoo.stats.heatmaps import (
     LOAD_LABEL,
     expert_load_panel,
     heatmap_figure,
-    save_figure,
+    png_bytes,
     share_label,
     specialisation_panel,
 )
@@ -119,15 +119,22 @@ class RoutingAnalytics(L.Callback):
         if self.plots or tensorboards:
             title = f"{record['model']} ({stage}, step {step})"
             for kind, fig in routing_figures(summary, title).items():
-                for logger in tensorboards:
-                    logger.experiment.add_figure(f"routing/{stage}/{kind}", fig, step, close=False)
+                png = png_bytes(fig)  # drawn once, for the file and for TensorBoard
                 if self.plots:
-                    save_figure(fig, folder / f"{stem}_{kind}.png")
-                else:
-                    import matplotlib.pyplot as plt
-
-                    plt.close(fig)
+                    write_bytes_atomic(folder / f"{stem}_{kind}.png", png)
+                for logger in tensorboards:
+                    logger.experiment.add_image(f"routing/{stage}/{kind}", _png_array(png), step, dataformats="HWC")
         return path
+
+
+def _png_array(png: bytes) -> Any:
+    """PNG bytes -> an ``(H, W, 3)`` uint8 array (what TensorBoard's ``add_image`` takes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 class ThroughputMonitor(L.Callback):

@@ -39,7 +39,10 @@ def _pyplot() -> Any:
 
 
 def heatmap_figure(panels: Sequence[Panel], title: str, colorbar_label: str, cmap: str = "viridis") -> Any:
-    """A row of heatmaps with one shared colour scale and colour bar; returns the matplotlib ``Figure``."""
+    """A row of heatmaps with one shared colour scale and colour bar; returns the matplotlib ``Figure``.
+
+    The layout is fixed in inches (no layout solver: a figure is drawn at every validation of every run).
+    """
     if not panels:
         raise ValueError("heatmap_figure needs at least one panel")
     import numpy as np
@@ -52,11 +55,18 @@ def heatmap_figure(panels: Sequence[Panel], title: str, colorbar_label: str, cma
         width = max((len(r) for r in rows), default=0)
         arrays.append(np.array([r + [np.nan] * (width - len(r)) for r in rows], dtype=float).reshape(len(rows), width))
     vmax = max((float(np.nanmax(a)) for a in arrays if a.size and not np.isnan(a).all()), default=1.0) or 1.0
-    widths = [max(3.2, 0.35 * a.shape[1] + 2.0) for a in arrays]
-    height = max(2.8, 0.28 * max(a.shape[0] for a in arrays) + 1.8)
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1.4, height), squeeze=False, layout="constrained")
+    label_width = max((max(map(len, p.row_labels), default=1) for p in panels if p.row_labels), default=2)
+    left, gap, right, bottom, top = 0.45 + 0.055 * label_width, 0.35 + 0.055 * label_width, 1.1, 0.55, 0.75
+    axis_widths = [max(2.0, 0.32 * a.shape[1]) for a in arrays]
+    axis_height = max(1.3, 0.24 * max(a.shape[0] for a in arrays))
+    fig_w = left + sum(axis_widths) + gap * (len(panels) - 1) + right
+    fig_h = bottom + axis_height + top
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    x = left
     image = None
-    for ax, panel, values in zip(axes[0], panels, arrays):
+    for panel, values, axis_width in zip(panels, arrays, axis_widths):
+        ax = fig.add_axes((x / fig_w, bottom / fig_h, axis_width / fig_w, axis_height / fig_h))
+        x += axis_width + gap
         image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
         rows, cols = values.shape
         if cols <= MAX_TICKS:
@@ -68,10 +78,11 @@ def heatmap_figure(panels: Sequence[Panel], title: str, colorbar_label: str, cma
             ax.set_yticks(range(rows), labels, fontsize=7 if panel.row_labels is not None else None)
         else:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(title=panel.title, xlabel="expert", ylabel=panel.ylabel)
-        ax.title.set_fontsize(9)
-    fig.suptitle(title)
-    fig.colorbar(image, ax=list(axes[0]), label=colorbar_label, shrink=0.9)
+        ax.set_title(panel.title, fontsize=9)
+        ax.set(xlabel="expert", ylabel=panel.ylabel)
+    cax = fig.add_axes(((x - gap + 0.15) / fig_w, bottom / fig_h, 0.12 / fig_w, axis_height / fig_h))
+    fig.colorbar(image, cax=cax, label=colorbar_label)
+    fig.suptitle(title, y=1 - 0.12 / fig_h, va="top", fontsize=11)
     return fig
 
 
@@ -88,12 +99,17 @@ def specialisation_panel(share_GE: Sequence[Sequence[float]], groups: Sequence[s
     return Panel([[100.0 * v for v in row] for row in share_GE], title, by, list(groups))
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG atomically (:mod:`moezoo.io`) and close it."""
+def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    """``fig`` drawn once as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     _pyplot().close(fig)
-    return write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG atomically (:mod:`moezoo.io`) and close it."""
+    return write_bytes_atomic(path, png_bytes(fig, dpi))
 
 
 LOAD_LABEL = "% of the layer's routed pairs"
