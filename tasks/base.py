@@ -171,7 +171,7 @@ class MoETask(L.LightningModule):
         """Routing analytics and training throughput in every run, unless the trainer already has them."""
         from moezoo.tasks.callbacks import RoutingAnalytics, ThroughputMonitor
 
-        have = [type(c) for c in self.trainer.callbacks] if self._trainer is not None else []
+        have = [type(c) for c in getattr(self._trainer, "callbacks", [])]
         return [cls() for cls in (RoutingAnalytics, ThroughputMonitor) if not any(issubclass(t, cls) for t in have)]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

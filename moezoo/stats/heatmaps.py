@@ -51,9 +51,10 @@ def heatmap_figure(panels: Sequence[Panel], title: str, colorbar_label: str, cma
     plt = _pyplot()
     arrays = []
     for panel in panels:
-        rows = [list(r) for r in panel.values]
-        width = max((len(r) for r in rows), default=0)
-        arrays.append(np.array([r + [np.nan] * (width - len(r)) for r in rows], dtype=float).reshape(len(rows), width))
+        lists = [list(r) for r in panel.values]
+        width = max((len(r) for r in lists), default=0)
+        padded = [r + [np.nan] * (width - len(r)) for r in lists]
+        arrays.append(np.array(padded, dtype=float).reshape(len(lists), width))
     vmax = max((float(np.nanmax(a)) for a in arrays if a.size and not np.isnan(a).all()), default=1.0) or 1.0
     label_width = max((max(map(len, p.row_labels), default=1) for p in panels if p.row_labels), default=2)
     left, gap, right, bottom, top = 0.45 + 0.055 * label_width, 0.35 + 0.055 * label_width, 1.1, 0.55, 0.75
