@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 
-from moezoo.tasks.bench.runner import first_batches, inference_throughput
+from moezoo.tasks.bench.runner import test_set_throughput
 from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
 from moezoo.tasks.bench.suite import main as run_main
 
@@ -34,12 +34,11 @@ INFER_IMAGES = 64
 
 def image_forward(task: L.LightningModule, batch: Any) -> int:
     task(batch["images"])
+    return image_count(batch)
+
+
+def image_count(batch: Any) -> int:
     return int(batch["images"].shape[0])
-
-
-def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> float | None:
-    batches = first_batches(datamodule.test_dataloader(), INFER_IMAGES, lambda b: int(b["images"].shape[0]))
-    return inference_throughput(task, batches, image_forward)
 
 
 def size(cli: Any) -> dict[str, Any]:
@@ -91,7 +90,7 @@ SPEC = BenchSpec(
         "test/AR100_degraded",
         "mflops_per_image",
     ),  # fmt: skip
-    infer=infer,
+    infer=test_set_throughput(INFER_IMAGES, image_forward, image_count),
     extras=size,
 )
 

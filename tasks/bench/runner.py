@@ -105,6 +105,29 @@ def inference_throughput(task: L.LightningModule, batches: Sequence[Any], forwar
     return rate
 
 
+def test_set_throughput(
+    max_samples: int, forward: Forward, size: Callable[[Any], int]
+) -> Callable[[L.LightningModule, L.LightningDataModule], float | None]:
+    """A benchmark's inference measurement: :func:`inference_throughput` of ``forward`` over the first test batches
+    holding ``max_samples`` samples (``size(batch)`` counts a batch's samples)."""
+
+    def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> float | None:
+        return inference_throughput(task, first_batches(datamodule.test_dataloader(), max_samples, size), forward)
+
+    return infer
+
+
+def leading_size(batch: Any) -> int:
+    """Samples in an ``(inputs, targets)`` batch."""
+    return int(batch[0].shape[0])
+
+
+def leading_forward(task: L.LightningModule, batch: Any) -> int:
+    """``task(inputs)`` of an ``(inputs, targets)`` batch; the samples in it."""
+    task(batch[0])
+    return leading_size(batch)
+
+
 def execute(
     spec: RunSpec,
     root: Path,

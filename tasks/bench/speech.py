@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning as L
 
-from moezoo.tasks.bench.runner import first_batches, inference_throughput
+from moezoo.tasks.bench.runner import test_set_throughput
 from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
 from moezoo.tasks.bench.suite import main as run_main
 from moezoo.tasks.callbacks import log_dir_of
@@ -41,12 +41,11 @@ INFER_UTTERANCES = 128
 
 def utterance_forward(task: L.LightningModule, batch: Any) -> int:
     task(batch["features"], batch["lengths"])
+    return utterance_count(batch)
+
+
+def utterance_count(batch: Any) -> int:
     return len(batch["lengths"])
-
-
-def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> float | None:
-    batches = first_batches(datamodule.test_dataloader(), INFER_UTTERANCES, lambda b: len(b["lengths"]))
-    return inference_throughput(task, batches, utterance_forward)
 
 
 def out_of_domain(cli: Any) -> dict[str, Any]:
@@ -108,7 +107,7 @@ SPEC = BenchSpec(
         "ood_cer",
         "ood_wer",
     ),  # fmt: skip
-    infer=infer,
+    infer=test_set_throughput(INFER_UTTERANCES, utterance_forward, utterance_count),
     extras=out_of_domain,
 )
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-import lightning as L
-
-from moezoo.tasks.bench.runner import first_batches, inference_throughput
+from moezoo.tasks.bench.runner import leading_forward, leading_size, test_set_throughput
 from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
 from moezoo.tasks.bench.suite import main as run_main
 
@@ -40,16 +37,6 @@ INFER_WINDOWS = 256
 def horizon_overrides(horizon: str) -> tuple[str, ...]:
     """The data's and the model's forecast horizon."""
     return ("--data.init_args.pred_len", horizon, "--model.init_args.model_kwargs.pred_len", horizon)
-
-
-def window_forward(task: L.LightningModule, batch: Any) -> int:
-    task(batch[0])
-    return int(batch[0].shape[0])
-
-
-def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> float | None:
-    batches = first_batches(datamodule.test_dataloader(), INFER_WINDOWS, lambda b: int(b[0].shape[0]))
-    return inference_throughput(task, batches, window_forward)
 
 
 SPEC = BenchSpec(
@@ -76,7 +63,7 @@ SPEC = BenchSpec(
     ),
     full=Budget(seeds=(0, 1, 2), variants=NAMES, cells=("96", "192", "336", "720")),
     extra_metrics=("test/mae",),
-    infer=infer,
+    infer=test_set_throughput(INFER_WINDOWS, leading_forward, leading_size),
     cell_option="horizons",
     cell_overrides=horizon_overrides,
 )

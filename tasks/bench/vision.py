@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-import lightning as L
-
-from moezoo.tasks.bench.runner import first_batches, inference_throughput
+from moezoo.tasks.bench.runner import leading_forward, leading_size, test_set_throughput
 from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
 from moezoo.tasks.bench.suite import main as run_main
 
@@ -27,17 +24,6 @@ DOMAIN = "vision"
 ROUTERS = ("topk", "bpr", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense")
 VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS)
 INFER_IMAGES = 512
-
-
-def image_forward(task: L.LightningModule, batch: Any) -> int:
-    """Classify one ``(images, labels)`` batch; the images in it."""
-    task(batch[0])
-    return int(batch[0].shape[0])
-
-
-def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> float | None:
-    batches = first_batches(datamodule.test_dataloader(), INFER_IMAGES, lambda b: int(b[0].shape[0]))
-    return inference_throughput(task, batches, image_forward)
 
 
 SPEC = BenchSpec(
@@ -65,7 +51,7 @@ SPEC = BenchSpec(
         ),
     ),  # fmt: skip
     full=Budget(seeds=(0, 1), variants=ROUTERS),
-    infer=infer,
+    infer=test_set_throughput(INFER_IMAGES, leading_forward, leading_size),
 )
 
 
