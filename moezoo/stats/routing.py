@@ -161,7 +161,7 @@ class RoutingStats:
         whose routing pairs map onto the samples."""
         num_groups = self._groups(groups) if groups is not None else 0
         for i, aux in enumerate(auxes):
-            counts_E = aux.tokens_per_expert_E.detach().double().cpu()
+            counts_E = aux.tokens_per_expert_E.detach().cpu().double()
             layer = self._layer(i, counts_E.numel())
             layer.counts_E += counts_E
             layer.tokens += aux.num_tokens
@@ -187,7 +187,7 @@ class RoutingStats:
         if layer >= len(self._layers):
             raise ValueError(f"layer {layer} has no counts yet ({len(self._layers)} layers); call update() first")
         group_B = groups.group_B.detach().cpu().long()
-        weights_BE = weights_BE.detach().double().cpu()
+        weights_BE = weights_BE.detach().cpu().double()
         if weights_BE.shape != (group_B.numel(), self._layers[layer].counts_E.numel()):
             raise ValueError(
                 f"weights_BE must have shape {(group_B.numel(), self._layers[layer].counts_E.numel())} (samples, "
