@@ -15,7 +15,7 @@ def test_panels_share_one_colour_scale_and_label_their_axes(tmp_path: Path) -> N
     fig = heatmap_figure([load, spec], "domain: routing", "% of pairs")
     axes = [ax for ax in fig.axes if ax.images]
     assert [ax.images[0].get_clim() for ax in axes] == [(0.0, 90.0)] * 2  # 0 to the largest value of any panel
-    assert [ax.get_title() for ax in axes] == ["model a", "model b"] and fig._suptitle.get_text() == "domain: routing"
+    assert [ax.get_title() for ax in axes] == ["model a", "model b"] and fig.get_suptitle() == "domain: routing"
     assert [ax.get_xlabel() for ax in axes] == ["expert", "expert"]
     assert [ax.get_ylabel() for ax in axes] == ["MoE layer", "class"]
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["0", "1", "2"]
