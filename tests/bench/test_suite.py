@@ -145,3 +145,19 @@ def test_moezoo_bench_lists_micro_and_domain_benchmarks() -> None:
     for domain in ("vision", "generation", "speech", "timeseries", "detection"):
         assert modules[domain] == f"moezoo.tasks.bench.{domain}"
     assert not {"runner", "suite", "schema", "render", "plots"} & set(modules)
+
+
+def test_no_training_loop_outside_the_tasks() -> None:
+    """Only the micro benchmarks (moezoo/bench/) time a backward pass outside tasks/; nothing else steps an
+    optimiser: the domain benchmarks train through ``moezoo fit``."""
+    import re
+
+    root = runner.ROOT
+    pattern = re.compile(r"\.backward\(|\.step\(\)")
+    found = {
+        str(path.relative_to(root))
+        for folder in ("moezoo", "kernels")
+        for path in (root / folder).rglob("*.py")
+        if pattern.search(path.read_text())
+    }
+    assert all(p.startswith("moezoo/bench/") for p in found), sorted(found)
