@@ -51,6 +51,7 @@ def size(cli: Any) -> dict[str, Any]:
 
 SPEC = BenchSpec(
     domain=DOMAIN,
+    description=__doc__ or "",
     dataset="digit canvases 64px (half clean, half degraded; test items from a disjoint pool), mAP on the clean "
     "test canvases",
     metric="map",

@@ -46,6 +46,7 @@ def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> float:
 
 SPEC = BenchSpec(
     domain=DOMAIN,
+    description=__doc__ or "",
     dataset="Fashion-MNIST (IDX files), 28x28, 10 classes; FD-FMNIST against the 10k test images",
     metric="fd_fmnist",
     metric_key="test/fd_fmnist",

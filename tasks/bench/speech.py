@@ -72,6 +72,7 @@ def out_of_domain(cli: Any) -> dict[str, Any]:
 
 SPEC = BenchSpec(
     domain=DOMAIN,
+    description=__doc__ or "",
     dataset="generated spoken numbers (en, de, es, fr; monolingual and code-switched), CER on the held-out test voices",
     metric="cer",
     metric_key="test/cer",

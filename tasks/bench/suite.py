@@ -79,6 +79,7 @@ class BenchSpec:
     cell_option: str | None = None  # the flag naming cells (e.g. "horizons")
     cell_overrides: Callable[[str], tuple[str, ...]] | None = None
     notes: str = ""
+    description: str = ""  # the benchmark module's docstring (its --help)
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -91,7 +92,18 @@ def _list(values: Sequence[str] | None) -> list[str]:
 
 def parse_args(spec: BenchSpec, argv: Sequence[str]) -> tuple[argparse.Namespace, Budget, str]:
     """The arguments, the budget they select (fit overrides appended) and its name (quick, full or custom)."""
-    p = argparse.ArgumentParser(prog=f"moezoo bench {spec.domain}", description=(__doc__ or "").split("\n\n")[0])
+    budgets = "\n".join(
+        f"--{name}: seeds {list(b.seeds)}, variants {list(b.variants)}"
+        + (f", {spec.cell_option} {list(b.cells)}" if spec.cell_option else "")
+        + f"\n  fit overrides: {' '.join(b.overrides) or '(none: the configs as they are)'}"
+        for name, b in (("quick", spec.quick), ("full", spec.full))
+    )
+    p = argparse.ArgumentParser(
+        prog=f"moezoo bench {spec.domain}",
+        description=spec.description or (__doc__ or "").split("\n\n")[0],
+        epilog=f"{budgets}\n\nAny --trainer.*, --model.* or --data.* argument is passed on to every moezoo fit.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the quick budget (the default)")
     mode.add_argument("--full", action="store_true", help="the full budget")

@@ -41,6 +41,7 @@ def horizon_overrides(horizon: str) -> tuple[str, ...]:
 
 SPEC = BenchSpec(
     domain=DOMAIN,
+    description=__doc__ or "",
     dataset="ETTh1, multivariate, look-back 336, test MSE on the normalised scale (mean over horizons of the mean "
     "over seeds)",
     metric="mse",

@@ -28,6 +28,7 @@ INFER_IMAGES = 512
 
 SPEC = BenchSpec(
     domain=DOMAIN,
+    description=__doc__ or "",
     dataset="Fashion-MNIST (IDX files), 28x28, 10 classes; test accuracy on the test split",
     metric="acc",
     metric_key="test/acc",
