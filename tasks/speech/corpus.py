@@ -527,10 +527,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--root", default=None, help=f"cache root (default {default_root()})")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--augment", nargs="*", default=None, metavar="OP", help="acoustic conditions to switch on")
+    parser.add_argument("--augment-prob", type=float, default=None, help="each condition's probability")
     args = parser.parse_args(argv)
     try:
-        path = generate_corpus(PRESETS[args.preset], args.root, args.num_workers)
-    except RuntimeError as err:
+        spec = PRESETS[args.preset]
+        if args.augment is not None:
+            spec = dataclasses.replace(spec, augment=tuple(args.augment))
+        if args.augment_prob is not None:
+            spec = dataclasses.replace(spec, augment_prob=args.augment_prob)
+        path = generate_corpus(spec, args.root, args.num_workers)
+    except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(path)
