@@ -69,6 +69,14 @@ ESPEAK_VARIANTS = {
     "val": ("m6", "f4", "michel"),
     "test": ("m7", "f5", "belinda", "benjamin", "pedro"),
 }  # fmt: skip
+# Every other variant espeak-ng 1.51 ships (Klatt synthesis, whisper, ...): more training voices with espeak_extra.
+ESPEAK_EXTRA_VARIANTS = (
+    "Alex", "Alicia", "Andrea", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Jacky", "Lee", "Marco",
+    "Mario", "Michael", "Mike", "Nguyen", "Storm", "Tweaky", "anika", "announcer", "antonio", "aunty", "caleb", "ed",
+    "edward2", "grandma", "grandpa", "gustave", "iven", "iven2", "iven3", "iven4", "kaukovalta", "klatt", "klatt2",
+    "klatt3", "klatt4", "klatt5", "klatt6", "m8", "marcelo", "miguel", "norbert", "pablo", "quincy", "rob", "sandro",
+    "shelby", "steph2", "steph3", "travis", "whisper", "whisperf",
+)  # fmt: skip
 # The program each engine runs and the Debian package that provides it.
 ENGINE_PROGRAMS = {
     "espeak": ("espeak-ng", "espeak-ng"),
@@ -80,8 +88,9 @@ ENGINE_PROGRAMS = {
 @dataclass(frozen=True)
 class Voice:
     """One voice of one engine: the languages it speaks, the recorded speaker behind it (one id for the same
-    person in two engines), its split under the held-out-voice protocol, the Debian package that ships it and,
-    for festival, the range of mean f0 it can be given (``None``: its own intonation only)."""
+    person in two engines), its split under the held-out-voice protocol, the Debian package that ships it,
+    for festival the range of mean f0 it can be given (``None``: its own intonation only), and whether it is one of
+    the extra espeak variants (used with ``CorpusSpec.espeak_extra`` only)."""
 
     engine: str
     name: str
@@ -90,6 +99,7 @@ class Voice:
     split: str
     package: str
     f0_range: tuple[float, float] | None = None
+    extra: bool = False
 
 
 VOICES: tuple[Voice, ...] = (
@@ -107,6 +117,10 @@ VOICES: tuple[Voice, ...] = (
     Voice("festival", "cmu_us_slt_arctic_hts", ("en",), "slt", "test", "festvox-us-slt-hts"),
     Voice("festival", "pc_diphone", ("it",), "pc", "train", "festvox-itapc16k"),
     Voice("festival", "lp_diphone", ("it",), "lp", "test", "festvox-italp16k"),
+    *(
+        Voice("espeak", v, tuple(ESPEAK_LANG), f"espeak:{v}", "train", "espeak-ng", extra=True)
+        for v in ESPEAK_EXTRA_VARIANTS
+    ),
 )
 INSTALL_HINT = "install them with `apt-get install {packages}` (Debian/Ubuntu) or `make system-deps`"
 
@@ -119,7 +133,8 @@ class CorpusSpec:
     the language (uniformly between them). ``engines``: the engines used; ``holdout_engine``: leave that engine out
     of train and val (see the module docstring); ``heldout_test_frac``: share of its test utterances then.
     ``augment``: acoustic conditions (:data:`moezoo.tasks.speech.augment.AUGMENTATIONS`), each applied to an
-    utterance of ``augment_splits`` with probability ``augment_prob``.
+    utterance of ``augment_splits`` with probability ``augment_prob``. ``espeak_extra``: train on the 53 other
+    espeak variants too (:data:`ESPEAK_EXTRA_VARIANTS`).
     """
 
     languages: tuple[str, ...] = LANGUAGES
@@ -136,6 +151,7 @@ class CorpusSpec:
     augment: tuple[str, ...] = ()
     augment_prob: float = 0.35
     augment_splits: tuple[str, ...] = ("train",)
+    espeak_extra: bool = False
 
     def __post_init__(self) -> None:
         unknown = [lang for lang in self.languages if lang not in ESPEAK_LANG]
@@ -177,6 +193,8 @@ class CorpusSpec:
             name += f"_eng-{'-'.join(self.engines)}"
         if self.holdout_engine is not None:
             name += f"_loeo-{self.holdout_engine}{self.heldout_test_frac:g}"
+        if self.espeak_extra:
+            name += "_espx"
         if self.augment:
             ops = "-".join(check_ops(self.augment))
             name += f"_aug-{ops}-p{self.augment_prob:g}-{'-'.join(s for s in SPLITS if s in self.augment_splits)}"
@@ -190,7 +208,11 @@ def split_voices(spec: CorpusSpec) -> dict[str, list[Voice]]:
     voices are all in test, and a voice of another engine whose speaker is one of them leaves train and val.
     ValueError when a split is left without a voice; AssertionError if a speaker would sit in two splits.
     """
-    voices = [v for v in VOICES if v.engine in spec.engines and set(v.languages) & set(spec.languages)]
+    voices = [
+        v
+        for v in VOICES
+        if v.engine in spec.engines and set(v.languages) & set(spec.languages) and (spec.espeak_extra or not v.extra)
+    ]
     held = {v.speaker for v in voices if v.engine == spec.holdout_engine}
     out: dict[str, list[Voice]] = {s: [] for s in SPLITS}
     for v in voices:

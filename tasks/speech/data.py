@@ -340,6 +340,7 @@ class SpeechCorpusDataModule(SpeechDataModule):
         augment: acoustic conditions to switch on, any of ``speed``, ``pitch``, ``reverb``, ``noise``,
             ``bandlimit``, ``codec`` (``[]`` switches all off); ``augment_prob``: each one's probability per
             utterance; ``augment_splits``: the splits they apply to (default ``["train"]``).
+        espeak_extra: train on the 53 other espeak-ng variants too.
         generate_workers: parallel TTS processes when the corpus has to be generated.
         (the rest as in :class:`SpeechDataModule`; features are preloaded)
     """
@@ -362,6 +363,7 @@ class SpeechCorpusDataModule(SpeechDataModule):
         augment: Sequence[str] | None = None,
         augment_prob: float | None = None,
         augment_splits: Sequence[str] | None = None,
+        espeak_extra: bool | None = None,
         generate_workers: int = 2,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -384,6 +386,7 @@ class SpeechCorpusDataModule(SpeechDataModule):
             augment=augment,
             augment_prob=augment_prob,
             augment_splits=augment_splits,
+            espeak_extra=espeak_extra,
         )
         self.spec = _spec_from(preset, overrides)
         self.root = root

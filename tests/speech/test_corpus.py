@@ -102,7 +102,7 @@ def test_a_speaker_lives_in_one_split_and_a_held_out_engine_only_in_test(holdout
     assert not speakers["val"] & speakers["test"]
     if holdout is not None:
         assert {v.engine for v in voices["train"] + voices["val"]} == set(ENGINES) - {holdout}
-        held = [v for v in VOICES if v.engine == holdout and set(v.languages) & set(languages)]
+        held = [v for v in VOICES if v.engine == holdout and set(v.languages) & set(languages) and not v.extra]
         assert set(held) <= set(voices["test"])  # every voice of the engine, whatever its usual split
     # the speakers two engines share (CMU's KAL diphones, CMU ARCTIC SLT) follow the held-out engine
     kal16, kal_diphone = (next(v for v in VOICES if v.name == n) for n in ("kal16", "kal_diphone"))
@@ -112,6 +112,18 @@ def test_a_speaker_lives_in_one_split_and_a_held_out_engine_only_in_test(holdout
         assert kal16 not in used and kal_diphone in voices["test"]
     if holdout == "flite":
         assert kal_diphone not in used and kal16 in voices["test"]
+
+
+def test_extra_espeak_variants_only_add_training_voices():
+    base = CorpusSpec(engines=ENGINES, holdout_engine="flite")
+    extra = dataclasses.replace(base, espeak_extra=True)
+    assert extra.name == base.name + "_espx"
+    plain, more = split_voices(base), split_voices(extra)
+    assert more["val"] == plain["val"] and more["test"] == plain["test"]
+    added = set(more["train"]) - set(plain["train"])
+    assert len(added) == 53 and all(v.engine == "espeak" and v.extra for v in added)
+    plans = plan_corpus(dataclasses.replace(extra, num_train=400, num_val=10, num_test=10))
+    assert len({p.voice for p in plans if p.engine == "espeak"}) > 60
 
 
 def test_the_splitter_checks_speaker_identity(monkeypatch):
