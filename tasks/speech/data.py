@@ -52,18 +52,21 @@ class SpeechEntry:
     segments: list[tuple[int, int, str]] | None = None  # (start sample, end sample, language) at 16 kHz
     sample_rate: int | None = None  # declared by the manifest, checked against the file
     engine: str | None = None  # the TTS engine of a generated utterance
+    voice: str | None = None  # and its voice
     unseen_engine: bool | None = None  # leave-one-engine-out test: the engine is absent from train and val
     augmented: bool = False  # acoustic conditions were applied
 
 
 def metric_groups(entry: SpeechEntry) -> tuple[str, ...]:
     """The groups an utterance's errors are also counted in (``cer_<group>``): its kind (``mono``, ``cs``,
-    ``real``), ``engine_<e>``, ``lang_<l>`` and ``engine_<e>_<l>`` (single-language utterances),
-    ``unseen_engine`` / ``seen_engine`` (leave-one-engine-out test sets) and ``augmented``."""
+    ``real``), ``engine_<e>``, ``voice_<e>_<v>``, ``lang_<l>`` and ``engine_<e>_<l>`` (single-language
+    utterances), ``unseen_engine`` / ``seen_engine`` (leave-one-engine-out test sets) and ``augmented``."""
     groups = [entry.kind]
     single = entry.language if entry.language and "+" not in entry.language else None
     if entry.engine:
         groups.append(f"engine_{entry.engine}")
+        if entry.voice:
+            groups.append(f"voice_{entry.engine}_{entry.voice}")
     if single:
         groups.append(f"lang_{single}")
     if entry.engine and single:
@@ -319,10 +322,13 @@ def _spec_from(preset: str, overrides: dict[str, Any]) -> CorpusSpec:
 def corpus_entry(row: dict[str, Any], folder: Path) -> SpeechEntry:
     """A manifest row of the generated corpus as an entry (rows written before engines were recorded name theirs
     in ``voice`` as ``engine:voice``)."""
-    engine = row.get("engine") or str(row.get("voice", "")).partition(":")[0] or None
+    engine, voice = row.get("engine"), row.get("voice")
+    if engine is None and voice:
+        engine, _, voice = str(voice).partition(":")
     return SpeechEntry(
         row["id"], str(folder / row["audio"]), row["text"], row["language"], row["kind"],
-        [tuple(s) for s in row["segments"]], SAMPLE_RATE, engine, row.get("unseen_engine"), bool(row.get("augment")),
+        [tuple(s) for s in row["segments"]], SAMPLE_RATE, engine or None, voice or None, row.get("unseen_engine"),
+        bool(row.get("augment")),
     )  # fmt: skip
 
 
