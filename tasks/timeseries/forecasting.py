@@ -24,23 +24,20 @@ class ForecastingTask(MoETask):
         loss: ``"mse"`` or ``"huber"`` (``huber_delta``); the metrics are MSE and MAE whatever the loss.
         num_plot_windows: at the end of a test, plot the first window of each of the first n test batches
             (look-back, truth, forecast of the last channel, the target) into ``<log dir>/forecasts.png``.
-        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+        model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
+            :class:`moezoo.tasks.base.MoETask`.
     """
 
     def __init__(
         self,
         model: str = "moe_patchtst_debug",
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_frac: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        aux_loss_coef: float = 1.0,
         loss: str = "mse",
         huber_delta: float = 1.0,
         num_plot_windows: int = 4,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        super().__init__(model, model_kwargs, **kwargs)
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is unknown; choose one of {list(LOSSES)}")
         if huber_delta <= 0:
