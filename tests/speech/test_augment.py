@@ -164,3 +164,82 @@ def test_codec_quantises_to_its_levels(mode, bits):
     assert float((out - wave).abs().max()) < 0.5 * float(wave.abs().max())
     with pytest.raises(ValueError, match="bits must be in"):
         quantise(wave, mode, 0)
+
+
+# -- each op against a naive expectation ------------------------------------------------------------------------
+def _naive_mulaw(x: float, levels: int) -> float:
+    """G.711-style mu-law by hand, one sample: compand, round to one of ``levels`` codes, expand."""
+    mu = levels - 1
+    companded = math.copysign(math.log1p(mu * abs(x)) / math.log1p(mu), x)
+    code = math.floor((companded + 1) / 2 * mu + 0.5)
+    y = code / mu * 2 - 1
+    return math.copysign((math.exp(abs(y) * math.log1p(mu)) - 1) / mu, y)
+
+
+def _naive_linear(x: float, levels: int) -> float:
+    step = 2 / (levels - 1)
+    return round((x + 1) / step) * step - 1
+
+
+@pytest.mark.parametrize("factor", [0.88, 0.95, 1.03, 1.12])
+def test_speed_changes_length_and_frequency_by_the_factor(factor):
+    wave = _tone(500.0, 2.0)
+    out = apply_step(wave, {"op": "speed", "factor": factor}, SR, torch.Generator())
+    assert out.numel() == math.ceil(wave.numel() / factor)
+    assert abs(_peak_hz(out) - 500.0 * factor) <= SR / out.numel()  # within one FFT bin
+
+
+@pytest.mark.parametrize("cutoff", [2000.0, 3000.0, 4500.0, 6000.0])
+def test_lowpass_follows_the_fourth_order_butterworth_response(cutoff):
+    # Two cascaded Q=1/sqrt(2) biquads (bilinear transform, pre-warped): |H(f)|^2 = 1 / (1 + (tan(pi f / fs) /
+    # tan(pi fc / fs))^4), squared. The power ratio out / in of white noise, per 250 Hz band, is that curve.
+    noise = make_noise("white", torch.zeros(SR * 4), torch.Generator().manual_seed(2))
+    out = apply_step(noise, {"op": "bandlimit", "mode": "lowpass", "cutoff_hz": cutoff}, SR, torch.Generator())
+    assert out.numel() == noise.numel()
+    freqs = torch.fft.rfftfreq(noise.numel(), 1 / SR).double()
+    power_in, power_out = (torch.fft.rfft(w).abs().pow(2).double() for w in (noise, out))
+    response = (1 / (1 + (torch.tan(math.pi * freqs / SR) / math.tan(math.pi * cutoff / SR)) ** 4)) ** 2
+    for low in range(100, 7900, 250):
+        band = (freqs >= low) & (freqs < low + 250)
+        measured = float(power_out[band].sum() / power_in[band].sum())
+        expected = float((response[band] * power_in[band]).sum() / power_in[band].sum())
+        assert abs(measured - expected) < 5e-3, (low, measured, expected)
+    # in words: -6 dB at the cut-off, and above 1.5 x the cut-off less than 1% of the energy is left
+    assert _band_energy(out, cutoff - 50, cutoff + 50) == pytest.approx(
+        0.25 * _band_energy(noise, cutoff - 50, cutoff + 50), rel=0.05
+    )
+    if 1.5 * cutoff < SR / 2:
+        assert _band_energy(out, 1.5 * cutoff, SR / 2) < 0.01 * _band_energy(noise, 1.5 * cutoff, SR / 2)
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+@pytest.mark.parametrize("snr_db", [5.0, 17.5, 30.0])
+def test_planned_noise_lands_at_its_snr(kind, snr_db):
+    wave = _tone() + 0.1 * _tone(1300.0)
+    out = apply_step(wave, {"op": "noise", "kind": kind, "snr_db": snr_db}, SR, torch.Generator().manual_seed(3))
+    assert out.shape == wave.shape
+    signal, noise = float(wave.double().pow(2).sum()), float((out - wave).double().pow(2).sum())
+    assert 10 * math.log10(signal / noise) == pytest.approx(snr_db, abs=0.05)
+
+
+@pytest.mark.parametrize(("mode", "bits"), [("mulaw", 4), ("mulaw", 8), ("linear", 5), ("linear", 8)])
+def test_codec_round_trip_keeps_length_and_matches_a_naive_quantiser(mode, bits):
+    wave = 0.4 * torch.randn(3001, generator=torch.Generator().manual_seed(4)).clamp(-2.5, 2.5)
+    out = apply_step(wave, {"op": "codec", "mode": mode, "bits": bits}, SR, torch.Generator())
+    assert out.shape == wave.shape and out.dtype == wave.dtype
+    peak = float(wave.abs().max())
+    naive = _naive_mulaw if mode == "mulaw" else _naive_linear
+    expected = torch.tensor([peak * naive(float(x) / peak, 2**bits) for x in wave])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * peak)
+    # quantising what is already quantised changes nothing
+    torch.testing.assert_close(quantise(out, mode, bits), out, rtol=0, atol=1e-5 * peak)
+
+
+def test_unknown_ops_and_modes_are_value_errors():
+    rng = __import__("random").Random(0)
+    with pytest.raises(ValueError, match="op must be one of"):
+        draw_step("echo", rng)
+    with pytest.raises(ValueError, match="step op must be one of"):
+        apply_step(_tone(), {"op": "echo"}, SR, torch.Generator())
+    with pytest.raises(ValueError, match="mode must be 'mulaw' or 'linear'"):
+        quantise(_tone(), "alaw", 8)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import soundfile as sf
 from moezoo.tasks.speech import corpus
 from moezoo.tasks.speech.augment import AUGMENTATIONS
 from moezoo.tasks.speech.corpus import (
+    ENGINE_PROGRAMS,
     ENGINES,
     PRESETS,
     SPLITS,
@@ -38,9 +40,12 @@ needs_tts = pytest.mark.skipif(
     bool(missing_engines()), reason=f"TTS programs {missing_engines()} not installed (apt-get install espeak-ng flite)"
 )
 ALL_VOICES = CorpusSpec(engines=ENGINES, languages=("en", "de", "es", "fr", "it"))
+# festival's program and voices only (espeak-ng and flite are needs_tts)
+FESTIVAL_MISSING = {k: p for k, p in missing_packages(ALL_VOICES).items() if "festival" in k or p == "festival"}
 needs_festival = pytest.mark.skipif(
-    bool(missing_packages(ALL_VOICES)),
-    reason=f"festival or its voices are missing: {missing_packages(ALL_VOICES)}",
+    bool(FESTIVAL_MISSING),
+    reason=f"festival or its voices are missing: {FESTIVAL_MISSING} "
+    f"(apt-get install {' '.join(dict.fromkeys(FESTIVAL_MISSING.values()))})",
 )
 TINY = CorpusSpec(num_train=4, num_val=2, num_test=2, code_switch_frac=0.5, max_number=100, seed=3)
 LEGACY_FIELDS = ("uid", "split", "kind", "engine", "voice", "speed", "pitch", "gain", "pauses_ms")
@@ -172,6 +177,38 @@ def test_acoustic_conditions_are_planned_per_split_and_leave_the_rest_unchanged(
     assert set(ops) == {"noise", "reverb", "speed"} and all(100 < c < 200 for c in ops.values()), ops
     both = dataclasses.replace(spec, augment_splits=("train", "test"))
     assert any(p.augment for p in plan_corpus(both) if p.split == "test")
+
+
+def test_each_utterance_is_planned_from_its_own_seed():
+    # utterance i of a split gets the same text, voice and conditions whatever the split sizes: its plan comes
+    # from the seed, the split and i alone
+    small = CorpusSpec(num_train=40, num_val=10, num_test=30, engines=ENGINES, holdout_engine="festival",
+                       augment=AUGMENTATIONS, augment_prob=0.5, augment_splits=("train", "test"))  # fmt: skip
+    large = dataclasses.replace(small, num_train=70, num_val=5, num_test=50)
+    plans, more = plan_corpus(small), {p.uid: dataclasses.asdict(p) for p in plan_corpus(large)}
+    shared = [p for p in plans if p.uid in more]
+    assert len(shared) == 40 + 5 + 30 and all(dataclasses.asdict(p) == more[p.uid] for p in shared)
+    assert any(p.augment for p in shared if p.split == "test")
+    # another corpus seed plans other utterances and other conditions
+    other = plan_corpus(dataclasses.replace(small, seed=1))
+    assert sum(a.phrases == b.phrases for a, b in zip(plans, other)) < 0.3 * len(plans)
+    assert sum(a.augment == b.augment for a, b in zip(plans, other) if a.split == "train") < 0.5 * 40
+
+
+def test_corpus_cli_switches_conditions_on(monkeypatch, tmp_path, capsys):
+    seen = []
+    monkeypatch.setattr(
+        corpus, "generate_corpus", lambda spec, root, workers: seen.append(spec) or tmp_path / spec.name
+    )
+    args = ["--preset", "loeo_flite", "--root", str(tmp_path), "--augment", "codec", "noise", "--augment-prob", "0.2"]
+    assert corpus.main(args) == 0
+    assert seen[-1] == dataclasses.replace(PRESETS["loeo_flite"], augment=("codec", "noise"), augment_prob=0.2)
+    assert capsys.readouterr().out.strip() == str(tmp_path / seen[-1].name)
+    assert corpus.main(["--preset", "smoke"]) == 0 and seen[-1] == PRESETS["smoke"]  # the presets as they are
+    assert corpus.main(["--preset", "smoke", "--augment", "wind"]) == 1
+    assert "augment must be distinct ops" in capsys.readouterr().err
+    assert corpus.main(["--preset", "smoke", "--augment", "noise", "--augment-prob", "0"]) == 1
+    assert "augment_prob must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_bad_spec_is_a_clear_error():
@@ -313,6 +350,8 @@ def test_an_augmented_utterance_differs_and_keeps_its_length_rules(tmp_path):
         audio = _check_row(row, tmp_path, ("en", "de"))
         assert row["augment"] == steps and row["segments"] == clean["segments"] and audio.size == clean_audio.size
         assert np.abs(audio - clean_audio).max() > 0.05
+        again = render_utterance(_plan("espeak", "m3", phrases, steps, 160.0, 50.0), tmp_path, str(tmp_path))
+        assert again == row and np.array_equal(_check_row(again, tmp_path, ("en", "de")), audio)  # a plan, one audio
     slow = [{"op": "speed", "factor": 0.9}]
     row = render_utterance(_plan("espeak", "m3", phrases, slow, 160.0, 50.0), tmp_path, str(tmp_path))
     _check_row(row, tmp_path, ("en", "de"))
@@ -321,6 +360,7 @@ def test_an_augmented_utterance_differs_and_keeps_its_length_rules(tmp_path):
         assert abs(c - a / 0.9) <= 1 and abs(d - b / 0.9) <= 1
 
 
+@needs_tts
 @needs_festival
 def test_a_leave_one_engine_out_corpus_with_conditions_loads_with_its_groups(tmp_path):
     spec = dataclasses.replace(
@@ -344,3 +384,17 @@ def test_a_leave_one_engine_out_corpus_with_conditions_loads_with_its_groups(tmp
     batch = next(iter(dm.test_dataloader()))
     groups = {g for gs in batch["groups"] for g in gs}
     assert {"unseen_engine", "seen_engine", "engine_flite", "engine_flite_en", "lang_en"} <= groups
+
+
+def test_every_engine_and_voice_package_installs_from_the_project_files():
+    # the Makefile's system-deps step installs what the corpus can ask for, and the README names it
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
+    lines = makefile.replace("\\\n", " ").splitlines()
+    speech = next(line for line in lines if line.startswith("SPEECH_PACKAGES :=")).split(":=")[1].split()
+    apt = next(line for line in lines if line.startswith("APT_PACKAGES :=")).split(":=")[1].split()
+    assert "$(SPEECH_PACKAGES)" in apt
+    needed = {package for _, package in ENGINE_PROGRAMS.values()} | {v.package for v in VOICES}
+    assert needed == set(speech), f"Makefile SPEECH_PACKAGES {speech} vs the corpus's packages {sorted(needed)}"
+    readme = (root / "README.md").read_text()
+    assert all(package in readme for package in needed)
