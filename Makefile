@@ -8,7 +8,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := dataset-fashion-mnist flite espeak-ng pocketsphinx-testdata
+# the speech corpus's three TTS engines and the festival voices it uses (moezoo.tasks.speech.corpus.VOICES)
+SPEECH_PACKAGES := flite espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
+	festvox-itapc16k festvox-italp16k
+APT_PACKAGES := dataset-fashion-mnist pocketsphinx-testdata $(SPEECH_PACKAGES)
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo test lint clean
@@ -34,7 +37,7 @@ system-deps:
 		fi; \
 	else \
 		echo "note: apt-get is not usable here (not root or not Debian): install $(APT_PACKAGES) yourself for"; \
-		echo "      Fashion-MNIST (dataset-fashion-mnist) and the generated speech corpus (flite, espeak-ng)."; \
+		echo "      Fashion-MNIST (dataset-fashion-mnist) and the generated speech corpus ($(SPEECH_PACKAGES))."; \
 	fi
 
 demo: setup system-deps

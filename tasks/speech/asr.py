@@ -1,5 +1,6 @@
 """CTC speech recognition with ``moe_conformer``: CTC loss, the LR-MoE language-ID loss, SpecAugment, greedy
-decoding and exact corpus-level CER/WER (overall and per utterance kind: ``mono``, ``cs``, ``real``)."""
+decoding and exact corpus-level CER/WER, overall and per group of utterances (kind ``mono``/``cs``/``real``,
+engine, language, held-out engine: :func:`moezoo.tasks.speech.data.metric_groups`)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def utterance_groups(batch: dict[str, Any], languages: tuple[str, ...]) -> Tenso
 
 class SpeechRecognitionTask(MoETask):
     """Conformer-CTC training; logs ``loss``, ``ctc_loss``, ``lid_loss``/``lid_acc`` (LR-MoE), ``cer``/``wer``
-    (+ ``_mono``/``_cs``) on validation and test, and the MoE statistics incl. ``routing_agreement``.
+    on validation and test, each also per group of the batch's ``groups`` (``cer_mono``, ``cer_cs``,
+    ``cer_engine_flite``, ``cer_lang_de``, ``cer_engine_festival_en``, ``cer_unseen_engine`` ...; ``moezoo fit``
+    and ``moezoo test`` write them to ``test_metrics.json``), and the MoE statistics incl. ``routing_agreement``.
 
     Args:
         lid_coef: weight of the frame-level language-ID cross-entropy (models with an LID head).
@@ -130,9 +133,10 @@ class SpeechRecognitionTask(MoETask):
     def _accumulate(self, log_probs: Tensor, lengths: Tensor, batch: dict[str, Any]) -> None:
         hyps = ctc_greedy_decode(log_probs.detach(), lengths)
         refs = torch.split(batch["targets"].cpu(), batch["target_lengths"].tolist())
-        for hyp, ref, kind in zip(hyps, refs, batch["kinds"]):
+        groups = batch.get("groups") or [(kind,) for kind in batch["kinds"]]
+        for hyp, ref, names in zip(hyps, refs, groups):
             counts = edit_counts(self.vocab.decode(hyp), self.vocab.decode(ref.tolist()))
-            for key in ("", f"_{kind}"):
+            for key in ("", *(f"_{name}" for name in names)):
                 acc = self.errors[key]
                 for i, c in enumerate(counts):
                     acc[i] += c
@@ -149,7 +153,7 @@ class SpeechRecognitionTask(MoETask):
         return None if batch is None else super().test_step(batch, batch_idx)
 
     def error_rates(self) -> dict[str, float]:
-        """Corpus-level CER/WER accumulated since the last reset: ``cer``, ``wer``, ``cer_mono``, ..."""
+        """Corpus-level CER/WER accumulated since the last reset: ``cer``, ``wer``, ``cer_<group>``, ..."""
         out = {}
         for key, (char_err, chars, word_err, words) in self.errors.items():
             out[f"cer{key}"] = char_err / max(1, chars)

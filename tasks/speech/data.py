@@ -11,6 +11,7 @@ Every skip is logged and counted by reason (``dataset.skipped``); ``on_bad="erro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -50,6 +51,31 @@ class SpeechEntry:
     kind: str = "real"  # "mono" / "cs" for the generated corpus
     segments: list[tuple[int, int, str]] | None = None  # (start sample, end sample, language) at 16 kHz
     sample_rate: int | None = None  # declared by the manifest, checked against the file
+    engine: str | None = None  # the TTS engine of a generated utterance
+    voice: str | None = None  # and its voice
+    unseen_engine: bool | None = None  # leave-one-engine-out test: the engine is absent from train and val
+    augmented: bool = False  # acoustic conditions were applied
+
+
+def metric_groups(entry: SpeechEntry) -> tuple[str, ...]:
+    """The groups an utterance's errors are also counted in (``cer_<group>``): its kind (``mono``, ``cs``,
+    ``real``), ``engine_<e>``, ``voice_<e>_<v>``, ``lang_<l>`` and ``engine_<e>_<l>`` (single-language
+    utterances), ``unseen_engine`` / ``seen_engine`` (leave-one-engine-out test sets) and ``augmented``."""
+    groups = [entry.kind]
+    single = entry.language if entry.language and "+" not in entry.language else None
+    if entry.engine:
+        groups.append(f"engine_{entry.engine}")
+        if entry.voice:
+            groups.append(f"voice_{entry.engine}_{entry.voice}")
+    if single:
+        groups.append(f"lang_{single}")
+    if entry.engine and single:
+        groups.append(f"engine_{entry.engine}_{single}")
+    if entry.unseen_engine is not None:
+        groups.append("unseen_engine" if entry.unseen_engine else "seen_engine")
+    if entry.augmented:
+        groups.append("augmented")
+    return tuple(groups)
 
 
 def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE, declared_rate: int | None = None) -> Tensor:
@@ -98,7 +124,8 @@ def frame_languages(entry: SpeechEntry, num_frames: int, languages: Sequence[str
 
 
 class SpeechDataset(Dataset):
-    """Utterances as ``{"features" (T, M), "tokens" (S,), "lid" (T,), "kind", "uid"}``; a bad file gives ``None``.
+    """Utterances as ``{"features" (T, M), "tokens" (S,), "lid" (T,), "kind", "groups", "uid"}``; a bad file gives
+    ``None`` (``groups``: see :func:`metric_groups`).
 
     ``preload=True`` computes every feature once (bad files are dropped then); otherwise audio is read lazily.
     """
@@ -165,7 +192,15 @@ class SpeechDataset(Dataset):
             self._skip("too_fast", f"{entry.uid}: {tokens.numel()} characters do not fit {features.shape[0]} frames")
             return None
         lid = frame_languages(entry, features.shape[0], self.languages)
-        return {"features": features, "tokens": tokens, "lid": lid, "kind": entry.kind, "uid": entry.uid}
+        groups = metric_groups(entry)
+        return {
+            "features": features,
+            "tokens": tokens,
+            "lid": lid,
+            "kind": entry.kind,
+            "groups": groups,
+            "uid": entry.uid,
+        }
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         if self.cache is not None:
@@ -192,6 +227,7 @@ def collate_speech(items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | N
         "target_lengths": torch.tensor([it["tokens"].numel() for it in good]),
         "lid": lid,
         "kinds": [it["kind"] for it in good],
+        "groups": [it.get("groups", (it["kind"],)) for it in good],
         "uids": [it["uid"] for it in good],
     }
 
@@ -276,22 +312,41 @@ class SpeechDataModule(L.LightningDataModule):
 
 
 def _spec_from(preset: str, overrides: dict[str, Any]) -> CorpusSpec:
+    """``PRESETS[preset]`` with every override that is not ``None`` (lists become tuples)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    base = PRESETS[preset]
-    fields = {k: v for k, v in overrides.items() if v is not None}
-    if "languages" in fields:
-        fields["languages"] = tuple(fields["languages"])
-    return CorpusSpec(**{**base.__dict__, **fields})
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[preset], **fields)
+
+
+def corpus_entry(row: dict[str, Any], folder: Path) -> SpeechEntry:
+    """A manifest row of the generated corpus as an entry (rows written before engines were recorded name theirs
+    in ``voice`` as ``engine:voice``)."""
+    engine, voice = row.get("engine"), row.get("voice")
+    if engine is None and voice:
+        engine, _, voice = str(voice).partition(":")
+    return SpeechEntry(
+        row["id"], str(folder / row["audio"]), row["text"], row["language"], row["kind"],
+        [tuple(s) for s in row["segments"]], SAMPLE_RATE, engine or None, voice or None, row.get("unseen_engine"),
+        bool(row.get("augment")),
+    )  # fmt: skip
 
 
 class SpeechCorpusDataModule(SpeechDataModule):
     """The embedded default: the generated multilingual / code-switched corpus (see :mod:`.corpus`).
 
     Args:
-        preset: ``"default"`` (3000/200/400 utterances), ``"quick"`` (1200/100/240) or ``"smoke"`` (24/8/8).
+        preset: ``"default"`` (3000/200/400 utterances, espeak + flite, held-out voices), ``"quick"``
+            (1200/100/240), ``"smoke"`` (24/8/8), ``"engines"`` (default + festival) or ``"loeo_espeak"``,
+            ``"loeo_flite"``, ``"loeo_festival"`` (three engines, that one only in test).
         root: cache root (default ``$MOEZOO_DATA_DIR/speech`` or ``~/.cache/moezoo/speech``); never the repo.
         num_train, num_val, num_test, code_switch_frac, max_number, corpus_seed: override the preset.
+        engines, holdout_engine, heldout_test_frac, non_espeak_frac: override the preset (see
+            :class:`~moezoo.tasks.speech.corpus.CorpusSpec`).
+        augment: acoustic conditions to switch on, any of ``speed``, ``pitch``, ``reverb``, ``noise``,
+            ``bandlimit``, ``codec`` (``[]`` switches all off); ``augment_prob``: each one's probability per
+            utterance; ``augment_splits``: the splits they apply to (default ``["train"]``).
+        espeak_extra: train on the 53 other espeak-ng variants too.
         generate_workers: parallel TTS processes when the corpus has to be generated.
         (the rest as in :class:`SpeechDataModule`; features are preloaded)
     """
@@ -307,6 +362,14 @@ class SpeechCorpusDataModule(SpeechDataModule):
         code_switch_frac: float | None = None,
         max_number: int | None = None,
         corpus_seed: int | None = None,
+        engines: Sequence[str] | None = None,
+        holdout_engine: str | None = None,
+        heldout_test_frac: float | None = None,
+        non_espeak_frac: float | None = None,
+        augment: Sequence[str] | None = None,
+        augment_prob: float | None = None,
+        augment_splits: Sequence[str] | None = None,
+        espeak_extra: bool | None = None,
         generate_workers: int = 2,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -322,11 +385,20 @@ class SpeechCorpusDataModule(SpeechDataModule):
             code_switch_frac=code_switch_frac,
             max_number=max_number,
             seed=corpus_seed,
+            engines=engines,
+            holdout_engine=holdout_engine,
+            heldout_test_frac=heldout_test_frac,
+            non_espeak_frac=non_espeak_frac,
+            augment=augment,
+            augment_prob=augment_prob,
+            augment_splits=augment_splits,
+            espeak_extra=espeak_extra,
         )
         self.spec = _spec_from(preset, overrides)
         self.root = root
         self.generate_workers = generate_workers
-        self._manifest: list[dict[str, Any]] | None = None
+        self._manifest: list[SpeechEntry] | None = None
+        self._splits: list[str] = []
 
     def prepare_data(self) -> None:
         generate_corpus(self.spec, self.root, self.generate_workers)
@@ -336,16 +408,9 @@ class SpeechCorpusDataModule(SpeechDataModule):
             folder = generate_corpus(self.spec, self.root, self.generate_workers)
             with open(folder / "manifest.jsonl") as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-            for row in rows:
-                row["audio"] = str(folder / row["audio"])
-            self._manifest = rows
-        return [
-            SpeechEntry(
-                r["id"], r["audio"], r["text"], r["language"], r["kind"], [tuple(s) for s in r["segments"]], SAMPLE_RATE
-            )
-            for r in self._manifest
-            if r["split"] == split
-        ]
+            self._manifest = [corpus_entry(row, folder) for row in rows]
+            self._splits = [row["split"] for row in rows]
+        return [entry for entry, s in zip(self._manifest, self._splits) if s == split]
 
 
 class LibriSpeechDataModule(SpeechDataModule):

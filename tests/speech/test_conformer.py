@@ -105,3 +105,32 @@ def test_greedy_decoding_and_error_counts_by_hand():
 def test_encoder_frame_labels_take_the_frame_near_each_centre():
     lid = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1, -1]])
     assert encoder_frame_labels(lid, 3).tolist() == [[0, 1, -1]]
+
+
+def test_error_rates_are_counted_per_group():
+    task = SpeechRecognitionTask("moe_conformer_debug")
+    vocab = task.vocab
+    refs = ["twenty one", "drei", "vingt"]
+    hyps = ["twenty one", "drai", "vingt"]  # one character and one word wrong, in the German utterance
+    # a one-hot "log-probability" path per hypothesis, blanks between characters so repeats survive
+    paths = [[i for c in h for i in (vocab.encode(c)[0], 0)] for h in hyps]
+    frames = max(map(len, paths))
+    log_probs = torch.full((3, frames, len(vocab)), -1e4)
+    for b, path in enumerate(paths):
+        log_probs[b, torch.arange(len(path)), torch.tensor(path)] = 0.0
+    batch = {
+        "targets": torch.tensor([i for r in refs for i in vocab.encode(r)]),
+        "target_lengths": torch.tensor([len(r) for r in refs]),
+        "kinds": ["mono"] * 3,
+        "groups": [("mono", "engine_flite", "unseen_engine"), ("mono", "engine_espeak", "seen_engine"),
+                   ("mono", "engine_espeak", "seen_engine")],
+    }  # fmt: skip
+    task._accumulate(log_probs, torch.tensor([len(p) for p in paths]), batch)
+    rates = task.error_rates()
+    assert rates["cer_unseen_engine"] == 0.0 and rates["wer_engine_flite"] == 0.0
+    assert rates["cer_seen_engine"] == pytest.approx(1 / 9) and rates["wer_engine_espeak"] == pytest.approx(1 / 2)
+    assert rates["cer"] == pytest.approx(1 / 19) and rates["cer_mono"] == rates["cer"]
+    task.errors.clear()
+    del batch["groups"]  # batches without groups (older collate) count per kind, as before
+    task._accumulate(log_probs, torch.tensor([len(p) for p in paths]), batch)
+    assert set(task.error_rates()) == {"cer", "wer", "cer_mono", "wer_mono"}

@@ -18,8 +18,10 @@ from moezoo.tasks.speech.data import (
     SpeechDataset,
     SpeechEntry,
     collate_speech,
+    corpus_entry,
     frame_languages,
     load_audio,
+    metric_groups,
     pocketsphinx_entries,
 )
 from moezoo.tasks.speech.text import CharVocab
@@ -193,3 +195,22 @@ def test_pocketsphinx_sanity_set():
     assert entries[0].text == "ten of clubs"
     ds = SpeechDataset(entries, CharVocab(), preload=True)
     assert len(ds) == 10 and not ds.skipped
+
+
+def test_metric_groups_of_corpus_rows_old_and_new(tmp_path):
+    new = {
+        "id": "test-00001", "split": "test", "audio": "test/test-00001.wav", "text": "twenty", "kind": "mono",
+        "language": "en", "segments": [[10, 900, "en"]], "engine": "flite", "voice": "slt", "speaker": "slt",
+        "augment": [{"op": "noise", "kind": "white", "snr_db": 10.0}], "unseen_engine": True,
+    }  # fmt: skip
+    entry = corpus_entry(new, tmp_path)
+    assert entry.audio == str(tmp_path / "test/test-00001.wav") and entry.segments == [(10, 900, "en")]
+    assert metric_groups(entry) == (
+        "mono", "engine_flite", "voice_flite_slt", "lang_en", "engine_flite_en", "unseen_engine", "augmented",
+    )  # fmt: skip
+    # rows written before engines were recorded: "voice": "engine:voice", no augmentation, no held-out engine
+    old = {k: v for k, v in new.items() if k not in ("engine", "speaker", "augment", "unseen_engine")}
+    old.update(voice="espeak:m7", kind="cs", language="en+de")
+    assert metric_groups(corpus_entry(old, tmp_path)) == ("cs", "engine_espeak", "voice_espeak_m7")
+    assert metric_groups(SpeechEntry("u", "x.wav", "hi", "en", "real")) == ("real", "lang_en")
+    assert metric_groups(SpeechEntry("u", "x.wav", "hi")) == ("real",)
