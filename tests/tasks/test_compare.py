@@ -182,7 +182,7 @@ def test_a_real_tiny_compare_with_the_dense_twin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    budget = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "0"]
+    budget = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "0"]
     argv = ["compare", "--config", SMOKE, "--seeds", "0,1", "--dense-twin", "--out", "cmp", *budget]
     assert moezoo_main(argv) == 0
     printed = capsys.readouterr().out
@@ -190,14 +190,14 @@ def test_a_real_tiny_compare_with_the_dense_twin(
     data = json.loads((tmp_path / "cmp" / compare.JSON_NAME).read_text())
     assert validate(data, "compare") == [] and data["baseline"] == "vision_digits_moe_vit-dense"
     assert data["metrics"] == ["test/acc", "test/loss", "test/task_loss"]  # routing statistics and router losses apart
-    assert len(data["runs"]) == 4 and all(r["global_step"] == 2 for r in data["runs"])
+    assert len(data["runs"]) == 4 and all(r["global_step"] == 4 for r in data["runs"])
     moe, dense = data["rows"]
     assert moe["extra"]["variant"] == "vision_digits_moe_vit" and dense["router"] == "dense"
     assert moe["active_params"] < moe["total_params"] and dense["active_params"] == dense["total_params"]
     assert abs(moe["active_params"] - dense["active_params"]) < 0.02 * dense["active_params"]  # the routers' weights
     for key in ("expert_load_cv", "dropped_frac", "router_entropy"):
         assert moe["extra"][key] is not None and moe["extra"][f"{key}_std"] is not None and dense["extra"][key] is None
-    assert moe["extra"]["train_throughput_std"] is not None
+    assert moe["extra"]["train_throughput_std"] is not None  # after the meter's 3 warm-up steps
     # The verdicts follow the rule, recomputed from the raw runs.
     for v in data["verdicts"]:
         values = {name: [r["metrics"][v["metric"]] for r in data["runs"] if r["variant"] == name]
