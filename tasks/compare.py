@@ -65,7 +65,7 @@ TWIN_SUFFIX = "-dense"
 THROUGHPUT_UNIT = "samples/s"
 #: the routing statistics of a row (mean and std over seeds), shown apart from the task's metrics
 ROUTING_STATS = ("expert_load_cv", "dropped_frac", "router_entropy")
-#: name fragments of metrics where lower is better (tested after HIGHER_BETTER on the metric's last part)
+#: name fragments of metrics where lower is better (tested first, on the metric's last part: mape is no map)
 LOWER_BETTER = ("loss", "err", "cer", "wer", "mse", "mae", "rmse", "mape", "fid", "fd_", "nll", "ppl", "perplexity")
 HIGHER_BETTER = ("acc", "top", "map", "f1", "auc", "precision", "recall", "r2", "purity", "iou")
 
@@ -159,10 +159,10 @@ def dense_twin_override(config: str, overrides: Sequence[str]) -> tuple[str, str
 def higher_is_better(metric: str) -> bool | None:
     """Whether a larger value of ``metric`` (``test/acc``, ``test/cer``) is better, from its name; None if unknown."""
     name = metric.rsplit("/", 1)[-1].lower()
-    if any(part in name for part in HIGHER_BETTER):
-        return True
     if any(part in name for part in LOWER_BETTER):
         return False
+    if any(part in name for part in HIGHER_BETTER):
+        return True
     return None
 
 

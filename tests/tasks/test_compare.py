@@ -51,6 +51,8 @@ def test_metric_directions_from_their_names() -> None:
         "test/mae",
         "test/fid",
         "test/fd_fmnist",
+        "test/mape",
+        "test/top1_err",
     )
     assert all(compare.higher_is_better(m) is True for m in higher)
     assert all(compare.higher_is_better(m) is False for m in lower)
