@@ -361,7 +361,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="moezoo compare",
         description="Fit configs (and a config's dense twin) over seeds through moezoo fit; tabulate mean ± std and "
         "say when a difference is within the seed spread.",
-        epilog="Any --trainer.*, --model.* or --data.* argument is passed on to every moezoo fit. "
+        epilog="Any --trainer.*, --model.* or --data.* argument is passed on to every moezoo fit. A difference is "
+        "within the seed spread when |mean difference| <= the larger std over seeds. Rerunning a stopped compare "
+        "reuses its finished runs. "
         "Example: moezoo compare --config configs/smoke/vision_digits_moe_vit.yaml --seeds 0,1,2 --dense-twin",
     )
     p.add_argument("--config", action="append", required=True, help="a moezoo fit config (repeat to add configs)")
