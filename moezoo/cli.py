@@ -4,6 +4,8 @@
 - ``moezoo bench <name> [options]``: the benchmark named in :data:`BENCHMARKS` (its module's ``main(argv)``): a micro
   benchmark of the core (``moezoo.bench``: layer, kernels, parallel) or a domain benchmark that runs ``moezoo fit``
   of configs (``moezoo.tasks.bench``), and ``tables``, which runs every domain benchmark;
+- ``moezoo compare --config CFG [--dense-twin] [--seeds 0,1,2]``: configs and a dense twin over seeds
+  (:mod:`moezoo.tasks.compare`);
 - ``moezoo zoo <command> [options]``: the pretrained model zoo (:mod:`moezoo.tasks.zoo.cli`);
 - ``moezoo --help`` lists them, ``moezoo --version`` prints the version.
 
@@ -26,6 +28,7 @@ LIGHTNING_COMMANDS = {
 }
 OTHER_COMMANDS = {
     "bench": "run a benchmark (moezoo bench --help lists them)",
+    "compare": "is MoE worth it? fit configs and a dense twin over seeds, mean ± std, seed-spread verdicts",
     "zoo": "the pretrained model zoo: list, info, download, eval, card, release",
 }
 # `moezoo bench <name>`: name -> (module with a `main(argv)`, one line of help). Add a benchmark here.
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "bench":
         return bench_main(argv[1:])
+    if argv[0] == "compare":
+        from moezoo.tasks.compare import main as compare_main
+
+        return int(compare_main(argv[1:]) or 0)
     if argv[0] == "zoo":
         from moezoo.tasks.zoo.cli import main as zoo_main
 

@@ -15,8 +15,10 @@
 
 A row aggregates one variant's runs: the metric is the mean over cells (e.g. forecast horizons) of the mean over
 seeds; ``extra`` holds its std over seeds, the benchmark's extra test metrics (mean and ``_std`` over runs), the
-seeds and the commands. Load CV and dropped fraction are means over runs; the expert load and specialisation are
-those of one run (the first cell, lowest seed): expert indices of different runs are unrelated.
+seeds and the commands, the training throughputs (wall and CPU) and the routing statistics (load CV, dropped
+fraction, router entropy) with their std over runs. Load CV and dropped fraction are means over runs; the expert
+load and specialisation are those of one run (the first cell, lowest seed): expert indices of different runs are
+unrelated.
 """
 
 from __future__ import annotations
@@ -187,9 +189,13 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
             values = [r["metrics"].get(key, r["extra"].get(key)) for r in vruns]
             name = key.removeprefix("test/")
             extra[name], extra[f"{name}_std"] = _mean(values), _std(values)
-        extra["train_cpu_throughput"] = _mean([r["train_cpu_throughput"] for r in vruns])
+        for key in ("train_throughput", "train_cpu_throughput"):
+            extra[key], extra[f"{key}_std"] = _mean([r[key] for r in vruns]), _std([r[key] for r in vruns])
         routed = [r["routing"] for r in vruns if r["routing"]]
         moe = variant.router != "dense"
+        for key in ("expert_load_cv", "dropped_frac", "router_entropy"):
+            values = [r.get(key) for r in routed] if moe else []
+            extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
         rows.append(
             BenchRow(
                 model=first["model"],
@@ -282,6 +288,48 @@ def merge(spec: BenchSpec, paths: Sequence[str], out: str | None) -> int:
     return 0
 
 
+def resume_clash(todo: Sequence[RunSpec], runs: Sequence[dict[str, Any]]) -> str:
+    """Why the finished ``runs`` cannot stand for the runs ``todo`` with the same key (empty when they can): a kept
+    run made with other ``moezoo fit`` overrides or another config."""
+    done = {(r["variant"], r["seed"], r["cell"]): r for r in runs}
+    for run in todo:
+        kept = done.get(run.key)
+        if kept is not None and kept["overrides"] != list(run.overrides):
+            return f"ran {run.key} with other overrides: {kept['overrides']} (now {list(run.overrides)})"
+        if kept is not None and kept["config"] != run.config:
+            return f"ran {run.key} with another config: {kept['config']} (now {run.config})"
+    return ""
+
+
+def run_pending(
+    todo: Sequence[RunSpec],
+    runs: list[dict[str, Any]],
+    out: Path,
+    tag: str,
+    show: Callable[[dict[str, Any]], str],
+    infer: Callable[[L.LightningModule, L.LightningDataModule], float | None] | None = None,
+    extras: Extras | None = None,
+    save: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Execute the runs of ``todo`` whose key is not among the finished ``runs`` (files in
+    ``out/<variant>[/<cell>]/seed<seed>``), appending each record to ``runs``; before each run its command, after
+    it ``show(record)`` and ``save(runs)`` (so that an interrupted series keeps what it finished)."""
+    done = {(r["variant"], r["seed"], r["cell"]) for r in runs}
+    pending = [run for run in todo if run.key not in done]
+    for i, run in enumerate(pending, 1):
+        folder = out / run.variant / (run.cell or ".") / f"seed{run.seed}"
+        print(f"[{tag}] run {i}/{len(pending)}: {run.command()}", flush=True)
+        start = time.perf_counter()
+        record = execute(run, folder.resolve(), infer, extras)
+        runs.append(record)
+        took = time.perf_counter() - start
+        cell = f" {run.cell}" if run.cell else ""
+        print(f"[{tag}] {run.variant} seed {run.seed}{cell}: {show(record)} ({took:.0f} s)", flush=True)
+        if save is not None:
+            save(runs)
+    return runs
+
+
 def main(spec: BenchSpec, argv: Sequence[str] | None = None) -> int:
     args, budget, settings = parse_args(spec, list(sys.argv[1:] if argv is None else argv))
     if args.merge:
@@ -298,28 +346,21 @@ def main(spec: BenchSpec, argv: Sequence[str] | None = None) -> int:
     record_args = {"settings": settings, "seeds": list(budget.seeds), "variants": list(budget.variants),
                    "cells": list(budget.cells), "overrides": list(budget.overrides),
                    "threads": args.threads}  # fmt: skip
-    done = {(r["variant"], r["seed"], r["cell"]): r for r in runs}
     todo = run_specs(spec, budget)
-    for run in todo:
-        kept = done.get(run.key)
-        if kept is not None and kept["overrides"] != list(run.overrides):
-            print(f"moezoo bench {spec.domain}: --resume: {args.json} ran {run.key} with other overrides: "
-                  f"{kept['overrides']} (now {list(run.overrides)})", file=sys.stderr)  # fmt: skip
-            return 2
-    print(f"moezoo bench {spec.domain} ({settings}): {len(todo)} runs, {len(done)} kept", flush=True)
-    for run in todo:
-        if run.key in done:
-            continue
-        folder = Path(args.out) / run.variant / (run.cell or ".") / f"seed{run.seed}"
-        print(f"[{spec.domain}] {run.command()}", flush=True)
-        start = time.perf_counter()
-        record = execute(run, folder.resolve(), spec.infer, spec.extras)
-        runs.append(record)
-        took = time.perf_counter() - start
-        value = record["metrics"].get(spec.metric_key)
-        print(f"[{spec.domain}] {run.variant} seed {run.seed} {run.cell}: {spec.metric_key} {value} ({took:.0f} s)")
+    clash = resume_clash(todo, runs)
+    if clash:
+        print(f"moezoo bench {spec.domain}: --resume: {args.json} {clash}", file=sys.stderr)
+        return 2
+    print(f"moezoo bench {spec.domain} ({settings}): {len(todo)} runs, {len(runs)} kept", flush=True)
+
+    def show(record: dict[str, Any]) -> str:
+        return f"{spec.metric_key} {record['metrics'].get(spec.metric_key)}"
+
+    def save(done: list[dict[str, Any]]) -> None:
         if args.json:  # after every run, so that an interrupted benchmark keeps what it finished
-            write_json(spec, args.json, runs, settings, record_args)
+            write_json(spec, args.json, done, settings, record_args)
+
+    run_pending(todo, runs, Path(args.out), spec.domain, show, spec.infer, spec.extras, save)
     if args.json and runs:
         write_json(spec, args.json, runs, settings, record_args)
     print(markdown(spec, bench_rows(spec, runs)))

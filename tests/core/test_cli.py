@@ -24,7 +24,7 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
             assert f"  {name} " in out and text in out
         assert "--version" in out
     assert set(cli.LIGHTNING_COMMANDS) == {"fit", "validate", "test", "predict"}
-    assert set(cli.OTHER_COMMANDS) == {"bench", "zoo"}
+    assert set(cli.OTHER_COMMANDS) == {"bench", "compare", "zoo"}
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
