@@ -450,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             data["runs"].append({"threads": n, **result.as_dict()})
             print(f"done {shape} at {n} thread(s)", flush=True)
-        if args.json is not None:
-            # after each thread count: a stopped run keeps what it measured
-            write_json_atomic(args.json, data, sort_keys=False)
+            if args.json is not None:  # after each row: a stopped run keeps what it measured
+                write_json_atomic(args.json, data, sort_keys=False)
     print(render(data))
     return 0
