@@ -15,19 +15,23 @@ Every row is one (T, D, F, E, K) in bf16; the candidates share one top-k router 
 
 TFLOP/s counts the expert GEMMs only, forward plus backward (3x forward): ``6 * N * D * (H + F)`` with
 ``H = 2F`` (SwiGLU) or ``F`` (GELU); the router's ``6 * T * D * E`` is added for the MoE candidates. Times are
-medians of CUDA-event-timed repeats after warm-up (the first calls also autotune the kernels).
+CUDA-event times in interleaved rounds (:mod:`moezoo.bench.timing`) after warm-up (the first calls also
+autotune the kernels); a ratio is the median over rounds of the candidate's time over the dense FFN's of the same
+round, with its interquartile range and min-max.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from moezoo.bench.layer import parse_shapes
 from moezoo.bench.peers import GroupedMMMoE, NaiveLoopMoE
+from moezoo.bench.timing import Interleaved, format_load, interleave
+from moezoo.io import write_json_atomic
 from moezoo.layers import FeedForward, MoE
 from moezoo.ops.activations import ACTIVATIONS, hidden_width
 
@@ -41,25 +45,22 @@ def expert_flops(shape: tuple[int, int, int, int, int], activation: str) -> floa
     return 6.0 * tokens * top_k * dim * (hidden + ffn_dim)
 
 
-def time_ms(fn: Callable[[], Tensor], params: list[Tensor], grad: Tensor, repeats: int, warmup: int) -> float:
-    """Median forward+backward milliseconds on the current CUDA stream."""
-    times = []
-    for i in range(warmup + repeats):
-        for p in params:
-            p.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn().backward(grad)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def cuda_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call of ``fn`` on the current CUDA stream, by CUDA events (a timer for
+    :func:`~moezoo.bench.timing.interleave`)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return float(start.elapsed_time(end))
 
 
 def bench_shape(
     shape: tuple[int, int, int, int, int], activation: str, repeats: int, warmup: int, with_naive: bool
-) -> dict[str, float]:
+) -> Interleaved:
+    """One row: the candidates in ``repeats`` interleaved rounds after ``warmup`` (the first calls also autotune
+    the kernels); a candidate whose first call fails (e.g. ``_grouped_mm`` unsupported on this GPU) is left out."""
     tokens, dim, ffn_dim, num_experts, top_k = shape
     torch.manual_seed(0)
     dtype, device = torch.bfloat16, torch.device("cuda")
@@ -68,35 +69,52 @@ def bench_shape(
     dense = FeedForward(dim, top_k * ffn_dim, activation).to(device, dtype)
     x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
-    candidates: dict[str, tuple[Callable[[], Tensor], list[Tensor]]] = {
-        "dense": (lambda: dense(x), [x, *dense.parameters()]),
-        "triton": (lambda: moe(x)[0], [x, *moe.parameters()]),
-    }
+    layers: dict[str, Callable[[], Tensor]] = {"dense": lambda: dense(x), "triton": lambda: moe(x)[0]}
     grouped = GroupedMMMoE(moe)
-    candidates["grouped_mm"] = (lambda: grouped(x), [x, *moe.parameters()])
+    layers["grouped_mm"] = grouped
     if with_naive:
-        naive = NaiveLoopMoE(moe)
-        candidates["naive"] = (lambda: naive(x), [x, *moe.parameters()])
-    results = {}
-    for name, (fn, params) in candidates.items():
+        layers["naive"] = NaiveLoopMoE(moe)
+    params = [x, *moe.parameters(), *dense.parameters()]
+
+    def zero_grads(_: str = "") -> None:
+        for p in params:
+            p.grad = None
+
+    def step(layer: Callable[[], Tensor] | torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            out = layer(x) if isinstance(layer, torch.nn.Module) else layer()
+            out.backward(grad)
+
+        return run
+
+    candidates = {}
+    for name, layer in layers.items():
         try:
-            results[name] = time_ms(fn, params, grad, repeats, warmup)
+            zero_grads()
+            step(layer)()
+            candidates[name] = step(layer)
         except (RuntimeError, NotImplementedError) as err:  # e.g. _grouped_mm unsupported on this GPU
             print(f"  {name} skipped: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
         torch.cuda.empty_cache()
-    return results
+    result = interleave(candidates, "dense", repeats, warmup=warmup, timer=cuda_ms, before=zero_grads)
+    result.extra = {"shape": list(shape)}
+    return result
 
 
-def format_table(results: dict[tuple[int, int, int, int, int], dict[str, float]], activation: str) -> str:
-    head = ["(T, D, F, E, K)", "candidate", "ms", "TFLOP/s", "vs dense"]
+def format_table(results: list[Interleaved], activation: str) -> str:
+    head = ["(T, D, F, E, K)", "candidate", "median ms", "TFLOP/s", "vs dense: median [IQR] (min-max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for shape, row in results.items():
-        flops = expert_flops(shape, activation)
+    for row in results:
+        shape = tuple(row.extra["shape"])
+        flops = expert_flops(shape, activation)  # type: ignore[arg-type]
         router = 6.0 * shape[0] * shape[1] * shape[3]
-        for name, ms in row.items():
+        for name in row.names:
+            summary = row.summary(name)
             work = flops if name == "dense" else flops + router
-            ratio = f"{ms / row['dense']:.2f}x" if "dense" in row else "-"
-            lines.append(f"| {tuple(shape)} | {name} | {ms:.2f} | {work / ms / 1e9:.1f} | {ratio} |")
+            lines.append(
+                f"| {shape} | {name} | {summary.median_ms:.2f} | {work / summary.median_ms / 1e9:.1f} "
+                f"| {summary.ratio_cell()} |"
+            )
     return "\n".join(lines)
 
 
@@ -107,25 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) per-expert loop")
+    parser.add_argument("--json", default=None, help="write every round's raw times here (atomically)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("moezoo bench kernels: needs a CUDA device (none found); nothing measured")
         return 0
-    shapes = DEFAULT_SHAPES
-    if args.shape:
-        try:
-            shapes = tuple(tuple(int(v) for v in s.split(",")) for s in args.shape)  # type: ignore[assignment]
-        except ValueError as err:
-            raise SystemExit(f"--shape must be five integers T,D,F,E,K: {err}") from err
-        if any(len(s) != 5 for s in shapes):
-            raise SystemExit("--shape must be five integers T,D,F,E,K")
+    shapes = parse_shapes(args.shape, DEFAULT_SHAPES)
     print(
         f"moezoo bench kernels: {torch.cuda.get_device_name()}, bf16, {args.activation}, forward+backward, "
-        f"median of {args.repeats} after {args.warmup} warm-up"
+        f"{args.repeats} interleaved rounds after {args.warmup} warm-up; ratios to the dense FFN of the same round"
     )
-    results = {}
+    results = []
     for shape in shapes:
-        results[shape] = bench_shape(shape, args.activation, args.repeats, args.warmup, not args.no_naive)
-        print(f"done {shape}", flush=True)
+        results.append(bench_shape(shape, args.activation, args.repeats, args.warmup, not args.no_naive))
+        print(f"done {shape}: {format_load(results[-1])}", flush=True)
     print(format_table(results, args.activation))
+    if args.json is not None:
+        data = {"command": "moezoo bench kernels " + " ".join(argv or []), "activation": args.activation,
+                "device": torch.cuda.get_device_name(), "runs": [r.as_dict() for r in results]}  # fmt: skip
+        write_json_atomic(args.json, data, sort_keys=False)
     return 0

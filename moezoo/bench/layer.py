@@ -1,48 +1,55 @@
 """``moezoo bench layer``: forward+backward time and activation memory of one MoE layer on the CPU.
 
-Every row compares, in the same process and on the same input:
+Every table row is one (T, D, F, E, K); its candidates run on the same input with the same router and expert
+weights:
 
-- ``dense``: a dense FFN whose hidden width is the active expert width per token (K*F): equal FLOPs;
+- ``dense``: a dense FFN whose hidden width is the active expert width per token (K*F): equal FLOPs; the baseline;
 - ``moezoo``: the MoE layer (top-k router + the fused PyTorch path);
-- ``reference``: the same layer on the readable autograd reference backend;
-- ``naive``: the per-expert masked loop most MoE code starts from;
-- ``hf-grouped_mm``: transformers' Mixtral block with its ``grouped_mm`` experts backend (when installed);
-- with ``--compile``: ``dense+compile`` and ``moezoo+compile``, the dense FFN and the MoE layer under
-  ``torch.compile(fullgraph=True)`` (inductor by default); ``moezoo+compile`` is reported against
-  ``dense+compile``, ``dense+compile`` against ``dense``.
+- ``reference``: the same layer on the readable autograd reference backend (``--no-reference`` skips it);
+- ``naive``: the per-expert masked loop most MoE code starts from (``--no-naive`` skips it);
+- with ``--peers``: ``hf-mixtral``, transformers' Mixtral sparse block with its ``grouped_mm`` experts backend
+  (eager; needs ``transformers``, SwiGLU and K > 1 or ``normalize``), and ``grouped_mm``, the experts on
+  ``torch._grouped_mm`` directly (:class:`~moezoo.bench.peers.GroupedMMMoE`); their outputs are checked against
+  ``moezoo``'s once before timing;
+- with ``--compile``: ``dense+compile`` and ``moezoo+compile`` under ``torch.compile(fullgraph=True)``;
+  ``moezoo+compile`` is reported against ``dense+compile``, ``dense+compile`` against ``dense``;
+- with ``--breakdown``: the parts of the MoE layer's time (:func:`breakdown_parts`), timed in the same rounds, and
+  ``moezoo/floor``: the fused layer over what every gather-based implementation with per-expert GEMMs pays.
 
-The peers (naive loop, grouped_mm, Mixtral block) live in :mod:`moezoo.bench.peers`. Times are medians over
-repeats; ratios are against the dense FFN measured in the same run, which is what makes them comparable on a
-shared, noisy CPU. Memory is what autograd saves for backward (MiB), counted with ``saved_tensors_hooks`` over
-unique storages (compiled candidates: what the compiled graph saves, as seen by the same hooks).
+Timing is interleaved (:mod:`moezoo.bench.timing`): warm-up, then rounds in which every candidate runs once, in
+turn; each candidate's time is divided by the dense FFN's of the same round, and a cell is the median of those
+ratios, ``[interquartile range]`` and ``(min-max)``. The load average at the start and the end of each row is
+printed with it. ``--threads 1,2`` gives one table per thread count. Memory is what autograd saves for backward
+(MiB), counted with ``saved_tensors_hooks`` over unique storages in one untimed call. ``--json PATH`` writes every
+round's raw times (atomically); ``--render PATH`` prints the tables of such a file again.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from moezoo.bench.peers import NaiveLoopMoE, hf_mixtral_block
+from moezoo.bench.peers import GroupedMMMoE, NaiveLoopMoE, hf_mixtral_block
+from moezoo.bench.timing import Interleaved, Summary, Timer, format_load, interleave, quartiles, wall_ms
+from moezoo.io import write_json_atomic
 from moezoo.layers import FeedForward, MoE
-from moezoo.ops.activations import ACTIVATIONS, hidden_width
+from moezoo.ops.activations import ACTIVATIONS
 from moezoo.ops.fused import expert_ffn_fused
 from moezoo.ops.permute import sort_by_expert
 
-DEFAULT_SHAPES = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 64, 8), (2048, 256, 128, 64, 4))
+Shape = tuple[int, int, int, int, int]
+DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 64, 8), (2048, 256, 128, 64, 4))
 COMPILED = "+compile"  # suffix of the compiled candidates
-
-
-@dataclass
-class Measurement:
-    ms: float
-    saved_mib: float
+PEERS = ("hf-mixtral", "grouped_mm")
+# --breakdown: parts timed in the same rounds (see breakdown_parts); FLOOR_PARTS make up the floor
+BREAKDOWN_PARTS = ("router", "expert FFN", "expert GEMMs", "dense GEMMs", "balanced bmm", "gather/scatter")
+FLOOR = "moezoo/floor"
 
 
 def _saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
@@ -58,92 +65,27 @@ def _saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
     return out, sum(storages.values())
 
 
-def measure(module: nn.Module, x: Tensor, repeats: int, warmup: int = 1) -> Measurement:
-    """Median forward+backward milliseconds and the bytes saved for backward."""
-    grad = torch.randn_like(x)
-
-    def run() -> Tensor:
-        out = module(x)
-        return out[0] if isinstance(out, tuple) else out
-
-    saved = 0
-    times = []
-    for i in range(warmup + repeats):
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
-        start = time.perf_counter()
-        out, saved = _saved_bytes(run)
-        out.backward(grad)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return Measurement(statistics.median(times), saved / 2**20)
+def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
-def bench_shape(
-    shape: tuple[int, int, int, int, int],
-    activation: str,
-    repeats: int,
-    with_naive: bool = True,
-    seed: int = 0,
-    compile_backend: str | None = None,
-) -> dict[str, Measurement]:
-    """One row: every candidate on the same input. ``compile_backend``: also time the dense FFN and the MoE layer
-    under ``torch.compile(fullgraph=True, backend=compile_backend)`` (the first, untimed call compiles)."""
-    tokens, dim, ffn_dim, num_experts, top_k = shape
-    torch.manual_seed(seed)
-    moe = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="torch")
-    dense = FeedForward(dim, top_k * ffn_dim, activation)
-    x = torch.randn(tokens, dim, requires_grad=True)
-    candidates: dict[str, nn.Module] = {"dense": dense, "moezoo": moe}
-    if compile_backend is not None:
-        torch._dynamo.reset()
-        for name, module in (("dense", dense), ("moezoo", moe)):
-            compiled = torch.compile(module, fullgraph=True, backend=compile_backend)
-            candidates[name + COMPILED] = compiled  # type: ignore[assignment]
-    reference = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="reference")
-    reference.load_state_dict(moe.state_dict())
-    candidates["reference"] = reference
-    if with_naive:
-        candidates["naive"] = NaiveLoopMoE(moe)
-    hf = hf_mixtral_block(moe)
-    if hf is not None:
-        candidates["hf-grouped_mm"] = hf
-    return {name: measure(module, x, repeats) for name, module in candidates.items()}
+def baseline(name: str) -> str:
+    """What a candidate's time is divided by: ``dense+compile`` for a compiled MoE, ``dense`` for the rest."""
+    return "dense" + COMPILED if name.endswith(COMPILED) and name != "dense" + COMPILED else "dense"
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``4 * max(repeats, 3)`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(max(repeats, 3) * 4):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def gemm_floor(shape: tuple[int, int, int, int, int], activation: str, repeats: int) -> float:
-    """Time of the experts' first-projection GEMMs as one ``mm`` per expert (balanced rows) over one ``mm`` of
-    the same FLOPs (the dense FFN's first projection): the share of the ratio that no dispatch code can remove
-    while experts run as separate GEMMs."""
-    tokens, dim, ffn_dim, num_experts, top_k = shape
-    hidden = hidden_width(activation, ffn_dim)
-    rows = tokens * top_k // num_experts
-    x_ND = torch.randn(rows * num_experts, dim)
-    w_EDH = torch.randn(num_experts, dim, hidden)
-    h_NH = torch.empty(rows * num_experts, hidden)
-    x_TD, w_DK = torch.randn(tokens, dim), torch.randn(dim, top_k * hidden)
-    h_TK = torch.empty(tokens, top_k * hidden)
-
-    def experts() -> None:
-        for e in range(num_experts):
-            torch.mm(x_ND[e * rows : (e + 1) * rows], w_EDH[e], out=h_NH[e * rows : (e + 1) * rows])
-
-    def dense() -> None:
-        torch.mm(x_TD, w_DK, out=h_TK)
-
-    return _median_ms(experts, repeats) / _median_ms(dense, repeats)
+def check_same_outputs(modules: dict[str, nn.Module], x: Tensor, reference: str = "moezoo") -> None:
+    """Every MoE candidate (not the dense ones) computes ``reference``'s output, to fp32 rounding."""
+    with torch.no_grad():
+        want = _first(modules[reference](x))
+        scale = float(want.abs().max()) or 1.0
+        for name, module in modules.items():
+            if name == reference or name.startswith("dense"):
+                continue
+            got = _first(module(x))
+            err = float((got - want).abs().max())
+            if not err <= 1e-4 * scale:
+                raise AssertionError(f"{name} differs from {reference}: max abs error {err:.3g} (scale {scale:.3g})")
 
 
 def _gemm_operands(rows: int, dim: int, hidden: int, ffn_dim: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -168,57 +110,36 @@ def _six_gemms(
     mm(x.transpose(-1, -2), dh, out=dw_in)
 
 
-BREAKDOWN_PARTS = ("router", "expert GEMMs", "expert other", "layer other")
+def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> dict[str, Callable[[], None]]:
+    """The parts of the MoE layer's forward+backward, each a call to time (clear gradients before each).
 
+    ``router``: the router's forward and backward (gate, softmax, top-k, balance loss); ``expert FFN``: the fused
+    expert FFN alone (sort, gathers, GEMMs, activations, scatters; its forward and backward); ``expert GEMMs``: its
+    six GEMM roles (two forward, two input-gradient, two weight-gradient) as one ``mm`` per expert with this
+    batch's real row counts, the calls the fused path makes; ``dense GEMMs``: the dense FFN's six GEMMs alone;
+    ``balanced bmm``: the experts' six GEMMs as one ``bmm`` each over equal row counts, what a grouped GEMM
+    without per-expert calls or padding would cost; ``gather/scatter``: the four row moves any gather-based
+    dispatch makes (gather inputs and scatter-add outputs forward, gather output gradients and scatter-add input
+    gradients backward), one ``index_select``/``index_add_`` each.
 
-def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: int, seed: int = 0) -> dict[str, float]:
-    """Where the MoE layer's forward+backward time goes, in milliseconds, next to the dense FFN's.
-
-    ``router``: the router's forward and backward (gate, softmax, top-k, balance loss); ``expert GEMMs``: the six
-    GEMM roles of the expert FFN's forward and backward (two forward, two input-gradient, two weight-gradient) as
-    one ``mm`` per expert with this batch's real row counts, the calls the fused path makes; ``expert other``: the
-    rest of the expert FFN (sort, gathers, scatters, activations, gate gradient); ``layer other``: what the layer
-    adds around both (input checks, statistics). ``dense GEMMs``: the dense FFN's six GEMMs alone. ``balanced bmm``:
-    the experts' six GEMMs as one ``bmm`` each over equal row counts, what a grouped GEMM without per-expert calls
-    or padding would cost (no PyTorch CPU op does this for unequal counts). ``gather/scatter``: the four row moves
-    any gather-based dispatch makes (gather the inputs and scatter-add the outputs forward, gather the output
-    gradients and scatter-add the input gradients backward), as one ``index_select``/``index_add_`` each.
+    The floor (:func:`floor_ratios`) is ``router + expert GEMMs + (dense - dense GEMMs) + gather/scatter``: the
+    router, the GEMMs as the experts must run them, the activation work the dense FFN also does, and the row moves.
     """
-    tokens, dim, ffn_dim, num_experts, top_k = shape
-    torch.manual_seed(seed)
-    moe = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="torch")
-    dense = FeedForward(dim, top_k * ffn_dim, activation)
-    x = torch.randn(tokens, dim, requires_grad=True)
-    grad = torch.randn(tokens, dim)
-    params = [x, *moe.parameters(), *dense.parameters()]
-
-    def zero_grads() -> None:
-        for p in params:
-            p.grad = None
-
-    def dense_step() -> None:
-        zero_grads()
-        dense(x).backward(grad)
-
-    def moe_step() -> None:
-        zero_grads()
-        moe(x)[0].backward(grad)
-
-    def router_step() -> None:
-        zero_grads()
-        routing = moe.router(x)
-        sum(routing.losses.values(), routing.gate_N.sum()).backward()
-
+    tokens, dim = x.shape
+    experts = moe.experts
+    num_experts, ffn_dim = experts.num_experts, experts.ffn_dim
     with torch.no_grad():
         routing = moe.router(x)
     gate = routing.gate_N.detach().requires_grad_()
-    experts = moe.experts
+
+    def router_step() -> None:
+        routing = moe.router(x)
+        sum(routing.losses.values(), routing.gate_N.sum()).backward()
 
     def experts_step() -> None:
-        zero_grads()
         gate.grad = None
         y = expert_ffn_fused(
-            x, routing.token_idx_N, routing.expert_idx_N, gate, experts.w_in, experts.w_out, activation
+            x, routing.token_idx_N, routing.expert_idx_N, gate, experts.w_in, experts.w_out, experts.activation
         )
         y.backward(grad)
 
@@ -236,7 +157,7 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
             _six_gemms(rows_in, rows_out, w_in[e], w_out[e], dw_in[e], dw_out[e])
 
     d_in, d_out = dense.fc_in.weight.detach().t().contiguous(), dense.fc_out.weight.detach().t().contiguous()
-    dense_ins, dense_outs = _gemm_operands(tokens, dim, d_in.shape[1], top_k * ffn_dim)
+    dense_ins, dense_outs = _gemm_operands(tokens, dim, d_in.shape[1], d_out.shape[0])
     dd_in, dd_out = torch.empty_like(d_in), torch.empty_like(d_out)
 
     def dense_gemms() -> None:
@@ -262,88 +183,219 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
         torch.index_select(dout_TD, 0, token_N, out=rows_dy)  # backward: gather output grads, scatter input grads
         dx_TD.index_add_(0, token_N, rows_dy)
 
-    with torch.no_grad():
-        gather_ms = _median_ms(gather_scatter, repeats)
-        gemm_ms = _median_ms(expert_gemms, repeats)
-        bmm_ms = _median_ms(balanced_bmm, repeats)
-        dense_gemm_ms = _median_ms(dense_gemms, repeats)
-    dense_ms, moe_ms = _median_ms(dense_step, repeats), _median_ms(moe_step, repeats)
-    router_ms, experts_ms = _median_ms(router_step, repeats), _median_ms(experts_step, repeats)
-    return {
-        "dense": dense_ms,
-        "dense GEMMs": dense_gemm_ms,
-        "balanced bmm": bmm_ms,
-        "gather/scatter": gather_ms,
-        "moezoo": moe_ms,
-        "router": router_ms,
-        "expert GEMMs": gemm_ms,
-        "expert other": experts_ms - gemm_ms,
-        "layer other": moe_ms - experts_ms - router_ms,
+    def no_grad(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                fn()
+
+        return run
+
+    parts = {
+        "router": router_step,
+        "expert FFN": experts_step,
+        "expert GEMMs": no_grad(expert_gemms),
+        "dense GEMMs": no_grad(dense_gemms),
+        "balanced bmm": no_grad(balanced_bmm),
+        "gather/scatter": no_grad(gather_scatter),
     }
+    assert tuple(parts) == BREAKDOWN_PARTS
+    return parts
 
 
-def format_breakdown(rows: dict[tuple[int, int, int, int, int], dict[str, float]]) -> str:
-    head = [
-        "(T, D, F, E, K)",
-        "dense ms",
-        "moezoo/dense",
-        *(f"{p}/dense" for p in BREAKDOWN_PARTS),
-        "dense GEMMs/dense",
-        "balanced bmm/dense",
-        "gather/scatter/dense",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for shape, row in rows.items():
-        dense = row["dense"]
-        parts = [
-            row["moezoo"],
-            *(row[p] for p in BREAKDOWN_PARTS),
-            row["dense GEMMs"],
-            row["balanced bmm"],
-            row["gather/scatter"],
-        ]
-        lines.append(
-            "| " + " | ".join([str(tuple(shape)), f"{dense:.1f}", *(f"{v / dense:.2f}x" for v in parts)]) + " |"
+def floor_ratios(result: Interleaved, layer: str = "moezoo") -> list[float]:
+    """Per round: ``layer``'s time over the floor ``router + expert GEMMs + (dense - dense GEMMs) + gather/scatter``
+    of the same round (see :func:`breakdown_parts`)."""
+    t = result.times_ms
+    floors = (
+        r + g + (d - dg) + s
+        for r, g, d, dg, s in zip(
+            t["router"], t["expert GEMMs"], t["dense"], t["dense GEMMs"], t["gather/scatter"], strict=True
         )
-    return "\n".join(lines)
+    )
+    return [m / f for m, f in zip(t[layer], floors, strict=True)]
 
 
-def baseline(name: str) -> str:
-    """What a candidate's time is divided by: ``dense+compile`` for a compiled MoE, ``dense`` for the rest."""
-    return "dense" + COMPILED if name.endswith(COMPILED) and name != "dense" + COMPILED else "dense"
+def build_candidates(
+    shape: Shape,
+    activation: str,
+    *,
+    with_naive: bool = True,
+    with_reference: bool = True,
+    peers: bool = False,
+    compile_backend: str | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, nn.Module], Tensor, list[str]]:
+    """The modules of one row, the input ``x`` and notes on what was left out (and why)."""
+    tokens, dim, ffn_dim, num_experts, top_k = shape
+    torch.manual_seed(seed)
+    moe = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="torch")
+    dense = FeedForward(dim, top_k * ffn_dim, activation)
+    x = torch.randn(tokens, dim, requires_grad=True)
+    modules: dict[str, nn.Module] = {"dense": dense, "moezoo": moe}
+    notes: list[str] = []
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        for name, module in (("dense", dense), ("moezoo", moe)):
+            compiled = torch.compile(module, fullgraph=True, backend=compile_backend)
+            modules[name + COMPILED] = compiled  # type: ignore[assignment]
+    if with_reference:
+        reference = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="reference")
+        reference.load_state_dict(moe.state_dict())
+        modules["reference"] = reference
+    if with_naive:
+        modules["naive"] = NaiveLoopMoE(moe)
+    if peers:
+        hf = hf_mixtral_block(moe)
+        if hf is None:
+            notes.append(f"hf-mixtral left out at {shape}: needs transformers and SwiGLU experts")
+        elif not getattr(moe.router, "normalize", True):
+            notes.append(f"hf-mixtral left out at {shape}: Mixtral renormalises the top-{top_k} gates, moezoo not")
+        else:
+            modules["hf-mixtral"] = hf
+        modules["grouped_mm"] = GroupedMMMoE(moe)
+    return modules, x, notes
 
 
-def format_table(
-    results: dict[tuple[int, int, int, int, int], dict[str, Measurement]],
-    floors: dict[tuple[int, int, int, int, int], float] | None = None,
-) -> str:
-    names = list(dict.fromkeys(name for row in results.values() for name in row))
-    head = ["(T, D, F, E, K)", "dense ms"] + [f"{n}/{baseline(n)}" for n in names if n != "dense"]
-    head += [f"{n} MiB" for n in names]
-    if floors:
-        head.append("expert GEMMs / one GEMM")
+def bench_shape(
+    shape: Shape,
+    activation: str,
+    rounds: int,
+    *,
+    warmup: int = 1,
+    with_naive: bool = True,
+    with_reference: bool = True,
+    peers: bool = False,
+    breakdown: bool = False,
+    compile_backend: str | None = None,
+    seed: int = 0,
+    timer: Timer = wall_ms,
+) -> Interleaved:
+    """One row: every candidate in the same interleaved rounds, after one untimed call each that counts the bytes
+    saved for backward (and compiles the compiled ones). ``extra`` holds ``saved_mib`` and ``notes``."""
+    modules, x, notes = build_candidates(
+        shape,
+        activation,
+        with_naive=with_naive,
+        with_reference=with_reference,
+        peers=peers,
+        compile_backend=compile_backend,
+        seed=seed,
+    )
+    check_same_outputs(modules, x)
+    grad = torch.randn_like(x)
+    params = [x, *{id(p): p for m in modules.values() for p in m.parameters()}.values()]
+
+    def zero_grads(_: str = "") -> None:
+        for p in params:
+            p.grad = None
+
+    def step(module: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            _first(module(x)).backward(grad)
+
+        return run
+
+    calls: dict[str, Callable[[], None]] = {name: step(module) for name, module in modules.items()}
+    saved_mib = {}
+    for name, module in modules.items():
+        zero_grads()
+        out, saved = _saved_bytes(lambda module=module: _first(module(x)))  # type: ignore[misc]
+        out.backward(grad)
+        saved_mib[name] = saved / 2**20
+    if breakdown:
+        moe, dense = modules["moezoo"], modules["dense"]
+        assert isinstance(moe, MoE) and isinstance(dense, FeedForward)
+        calls.update(breakdown_parts(moe, dense, x, grad))
+    result = interleave(
+        calls, {name: baseline(name) for name in calls}, rounds, warmup=warmup, timer=timer, before=zero_grads
+    )
+    result.extra = {"shape": list(shape), "saved_mib": saved_mib, "notes": notes}
+    return result
+
+
+def _cell(s: Summary) -> str:
+    return s.ratio_cell()
+
+
+def format_table(rows: list[Interleaved]) -> str:
+    """One line per row (shape): dense ms, every candidate's ratio cell, ``moezoo/floor`` with ``--breakdown``, MiB."""
+    names = list(dict.fromkeys(n for row in rows for n in row.names if n != "dense"))
+    modules = list(dict.fromkeys(n for row in rows for n in row.extra.get("saved_mib", {})))
+    has_floor = any(set(BREAKDOWN_PARTS) <= set(row.names) for row in rows)
+    head = ["(T, D, F, E, K)", "dense ms"] + [f"{n}/{baseline(n)}" for n in names]
+    head += [FLOOR] if has_floor else []
+    head += [f"{n} MiB" for n in modules]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for shape, row in results.items():
-        cells = [str(tuple(shape)), f"{row['dense'].ms:.1f}"]
-        cells += [
-            f"{row[n].ms / row[baseline(n)].ms:.2f}x" if n in row and baseline(n) in row else "-"
-            for n in names
-            if n != "dense"
-        ]
-        cells += [f"{row[n].saved_mib:.0f}" if n in row else "-" for n in names]
-        if floors:
-            cells.append(f"{floors[shape]:.2f}x" if shape in floors else "-")
+    for row in rows:
+        cells = [str(tuple(row.extra["shape"])), f"{row.summary('dense').median_ms:.1f}"]
+        cells += [_cell(row.summary(n)) if n in row.times_ms else "-" for n in names]
+        if has_floor:
+            if set(BREAKDOWN_PARTS) <= set(row.names):
+                ratios = floor_ratios(row)
+                q1, med, q3 = quartiles(ratios)
+                cells.append(f"{med:.2f}x [{q1:.2f}-{q3:.2f}] ({min(ratios):.2f}-{max(ratios):.2f})")
+            else:
+                cells.append("-")
+        saved = row.extra.get("saved_mib", {})
+        cells += [f"{saved[n]:.0f}" if n in saved else "-" for n in modules]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def render(data: dict[str, Any]) -> str:
+    """The tables of a ``--json`` file: one per thread count, with the load averages of each row."""
+    out = []
+    for threads, runs in itertools.groupby(data["runs"], key=lambda run: run["threads"]):
+        rows = [Interleaved.from_dict(run) for run in runs]
+        rounds = rows[0].rounds
+        compiled = f", torch.compile backend {data['compile_backend']}" if data.get("compile_backend") else ""
+        out.append(
+            f"{threads} thread(s), {data['activation']}, forward+backward{compiled}, {rounds} interleaved rounds after "
+            f"{rows[0].warmup} warm-up; cell: median ratio to the same round's baseline [IQR] (min-max)"
+        )
+        out.append(format_table(rows))
+        out += [f"- {tuple(row.extra['shape'])}: {format_load(row)}" for row in rows]
+        out += [f"- {note}" for row in rows for note in row.extra.get("notes", [])]
+    return "\n".join(out)
+
+
+def parse_shapes(values: list[str] | None, default: tuple[Shape, ...] = DEFAULT_SHAPES) -> tuple[Shape, ...]:
+    """``--shape`` values ``T,D,F,E,K`` (``default`` when none); a bad one exits with a message."""
+    if not values:
+        return default
+    try:
+        shapes = tuple(tuple(int(v) for v in s.split(",")) for s in values)
+    except ValueError as err:
+        raise SystemExit(f"--shape must be five integers T,D,F,E,K: {err}") from err
+    if any(len(s) != 5 for s in shapes):
+        raise SystemExit(f"--shape must be five integers T,D,F,E,K, got {values}")
+    return shapes  # type: ignore[return-value]
+
+
+def _parse_threads(value: str) -> list[int]:
+    try:
+        threads = [int(v) for v in value.split(",")]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1:
+        raise SystemExit(f"--threads must be positive integers separated by commas (e.g. 1,2), got {value!r}")
+    return threads
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moezoo bench layer", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=None, help="T,D,F,E,K (repeatable)")
     parser.add_argument("--activation", default="swiglu", choices=ACTIVATIONS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", default="2", help="intra-op threads; a comma list gives one table each")
+    parser.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before them")
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) autograd reference backend")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="add transformers' Mixtral block (grouped_mm experts, eager) and torch._grouped_mm as candidates",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -358,47 +410,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="instead of the comparison, split the MoE layer's time into router, expert GEMMs, other expert work "
-        "and other layer work (each over the dense FFN measured in the same run)",
+        help="also time the parts of the MoE layer (router, expert FFN, expert GEMMs, dense GEMMs, balanced bmm, "
+        "gather/scatter) in the same rounds and report moezoo over their floor",
     )
+    parser.add_argument("--json", default=None, help="write every round's raw times here (atomically)")
+    parser.add_argument("--render", default=None, help="print the tables of a --json file and exit")
     args = parser.parse_args(argv)
-    shapes = DEFAULT_SHAPES
-    if args.shape:
-        try:
-            shapes = tuple(tuple(int(v) for v in s.split(",")) for s in args.shape)  # type: ignore[assignment]
-        except ValueError as err:
-            raise SystemExit(f"--shape must be five integers T,D,F,E,K: {err}") from err
-        if any(len(s) != 5 for s in shapes):
-            raise SystemExit("--shape must be five integers T,D,F,E,K")
-    torch.set_num_threads(args.threads)
-    if args.breakdown:
-        print(f"moezoo bench layer --breakdown: CPU fp32, {torch.get_num_threads()} threads, {args.activation}")
-        parts = {shape: breakdown(shape, args.activation, args.repeats) for shape in shapes}
-        print(format_breakdown(parts))
-        print(
-            "moezoo = router + expert GEMMs + expert other + layer other (each part timed on its own; the sum need "
-            "not equal moezoo exactly). expert GEMMs: one mm per expert with this batch's row counts, 6 GEMM roles; "
-            "balanced bmm: the same 6 roles as one bmm each over equal row counts (an ideal grouped GEMM); "
-            "gather/scatter: the 4 row gathers and scatter-adds of a gather-based dispatch."
-        )
+    if args.render is not None:
+        import json
+
+        with open(args.render) as f:
+            print(render(json.load(f)))
         return 0
-    compiled = f", torch.compile backend {args.compile_backend}" if args.compile else ""
-    print(
-        f"moezoo bench layer: CPU fp32, {torch.get_num_threads()} threads, {args.activation}, "
-        f"median of {args.repeats}, forward+backward{compiled}"
-    )
-    results = {}
-    floors = {}
-    for shape in shapes:
-        compile_backend = args.compile_backend if args.compile else None
-        results[shape] = bench_shape(
-            shape, args.activation, args.repeats, not args.no_naive, compile_backend=compile_backend
-        )
-        floors[shape] = gemm_floor(shape, args.activation, args.repeats)
-        print(f"done {shape}", flush=True)
-    print(format_table(results, floors))
-    print(
-        "expert GEMMs / one GEMM: the first projection as one mm per expert (T*K/E rows each) over one mm of the same "
-        "FLOPs; a floor for moezoo/dense while experts run as separate GEMMs"
-    )
+    shapes = parse_shapes(args.shape)
+    threads = _parse_threads(args.threads)
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    data: dict[str, Any] = {
+        "command": "moezoo bench layer " + " ".join(sys.argv[2:] if argv is None else argv),
+        "activation": args.activation,
+        "torch": torch.__version__,
+        "compile_backend": args.compile_backend if args.compile else None,
+        "runs": [],
+    }
+    print(f"{data['command']}: CPU fp32, interleaved rounds")
+    for n in threads:
+        torch.set_num_threads(n)
+        for shape in shapes:
+            result = bench_shape(
+                shape,
+                args.activation,
+                args.repeats,
+                warmup=args.warmup,
+                with_naive=not args.no_naive,
+                with_reference=not args.no_reference,
+                peers=args.peers,
+                breakdown=args.breakdown,
+                compile_backend=args.compile_backend if args.compile else None,
+            )
+            data["runs"].append({"threads": n, **result.as_dict()})
+            print(f"done {shape} at {n} thread(s)", flush=True)
+            if args.json is not None:  # after each row: a stopped run keeps what it measured
+                write_json_atomic(args.json, data, sort_keys=False)
+    print(render(data))
     return 0

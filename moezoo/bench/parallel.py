@@ -10,20 +10,23 @@ communication a data-parallel run needs. Rows:
 
 Bytes are per rank and per step: ``all_to_all`` counts rows sent to other ranks (a rank's rows for its own
 experts do not move) plus the pair-count exchange; ``all_reduce`` is the payload of the gradient all-reduce
-(a ring all-reduce puts about ``2 (P-1)/P`` times that on the wire). Times are medians over ``--steps`` steps
-after ``--warmup``, each step started together (a barrier); one thread per process.
+(a ring all-reduce puts about ``2 (P-1)/P`` times that on the wire). The settings are timed interleaved
+(:mod:`moezoo.bench.timing`): ``--warmup`` untimed rounds, then ``--steps`` rounds of one step of each setting in
+turn, every step started together on all ranks (an untimed barrier); one thread per process. Times are medians
+over the rounds; a ratio is rank 0's step over its ``1 process`` step of the same round (median, IQR, min-max).
+Every rank runs the ``1 process`` step too (each its own layer, no communication), so the floor is measured
+under the same load as the other rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
 import statistics
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moezoo.bench.timing import Interleaved, format_load, interleave
+from moezoo.io import write_json_atomic
 from moezoo.layers import MoE
 from moezoo.parallel import init_expert_parallel, shard_experts
 from moezoo.parallel.experts import expert_parameter_names
@@ -56,10 +61,10 @@ def _layer(args: argparse.Namespace) -> MoE:
     return MoE(args.dim, args.ffn_dim, num_experts=args.experts, top_k=args.top_k, router=args.router)
 
 
-def _measure(args: argparse.Namespace, ep_size: int | None) -> dict[str, float]:
-    """One rank's medians; ``ep_size`` None: single process without communication."""
-    distributed = ep_size is not None
-    rank = dist.get_rank() if distributed else 0
+def _setting(args: argparse.Namespace, ep_size: int | None) -> tuple[Callable[[], None], Callable[[], int], Any]:
+    """One setting on this rank: ``(step, all-reduce payload of the last step, its expert-parallel groups)``;
+    ``ep_size`` None: the layer alone, no communication."""
+    rank = dist.get_rank()
     moe = _layer(args)
     groups = init_expert_parallel(ep_size, timeout_s=300) if ep_size is not None else None
     if groups is not None:
@@ -67,40 +72,51 @@ def _measure(args: argparse.Namespace, ep_size: int | None) -> dict[str, float]:
     sharded = set(expert_parameter_names(moe))
     reduced = [p for name, p in moe.named_parameters() if name not in sharded]
     x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(rank))
-    times, a2a_bytes, allreduce_bytes = [], [], []
-    for step in range(args.warmup + args.steps):
+    payload = [0]
+
+    def step() -> None:
         moe.zero_grad(set_to_none=True)
-        if groups is not None:
-            groups.stats.reset()
-        if distributed:
-            dist.barrier()
-        start = time.perf_counter()
         y, aux = moe(x)
         (y.square().mean() + aux.aux_loss).backward()
-        payload = 0
-        if distributed:
+        if ep_size is not None:
             flat = torch.cat([p.grad.reshape(-1) for p in reduced if p.grad is not None])
             dist.all_reduce(flat)
-            payload = flat.numel() * flat.element_size()
-        elapsed = time.perf_counter() - start
-        if step >= args.warmup:
-            times.append(elapsed * 1e3)
-            a2a_bytes.append(groups.stats.bytes_sent if groups is not None else 0)
-            allreduce_bytes.append(payload)
-    return dict(
-        ms=statistics.median(times), all_to_all=statistics.mean(a2a_bytes), all_reduce=statistics.mean(allreduce_bytes)
-    )
+            payload[0] = flat.numel() * flat.element_size()
+
+    return step, lambda: payload[0], groups
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
-    rows = {"EP=1 (DP)": _measure(args, 1), f"EP={world}": _measure(args, world)}
-    if rank == 0:
-        rows["1 process"] = _measure(args, None)
+    settings = {"1 process": _setting(args, None), "EP=1 (DP)": _setting(args, 1), f"EP={world}": _setting(args, world)}
+    bytes_moved: dict[str, list[tuple[int, int]]] = {name: [] for name in settings}
+
+    def before(name: str) -> None:
+        groups = settings[name][2]
+        if groups is not None:
+            groups.stats.reset()
+        dist.barrier()  # every rank starts the step together (untimed)
+
+    def measured(name: str) -> Callable[[], None]:
+        step, payload, groups = settings[name]
+
+        def run() -> None:
+            step()
+            bytes_moved[name].append((groups.stats.bytes_sent if groups is not None else 0, payload()))
+
+        return run
+
+    result = interleave(
+        {name: measured(name) for name in settings}, "1 process", args.steps, warmup=args.warmup, before=before
+    )
+    result.extra = {
+        name: {"all_to_all": statistics.mean(a for a, _ in moved), "all_reduce": statistics.mean(r for _, r in moved)}
+        for name, moved in bytes_moved.items()
+    }
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, rows)
+    dist.all_gather_object(gathered, result.as_dict())
     if rank == 0:
         torch.save(gathered, out)
     dist.destroy_process_group()
@@ -117,28 +133,33 @@ def main(argv: list[str]) -> int:
         out = str(Path(tmp) / "rows.pt")
         mp.start_processes(_rank, args=(args.world, port, args, out), nprocs=args.world, join=True)
         per_rank = torch.load(out, weights_only=False)
+    ranks = [Interleaved.from_dict(data) for data in per_rank]
     order = ["1 process", "EP=1 (DP)", f"EP={args.world}"]
     print(
         f"MoE layer T={args.tokens}/rank D={args.dim} F={args.ffn_dim} E={args.experts} K={args.top_k} "
-        f"router={args.router}, {args.world} gloo processes on 127.0.0.1, 1 thread each"
+        f"router={args.router}, {args.world} gloo processes on 127.0.0.1, 1 thread each; {args.steps} interleaved "
+        f"steps per setting after {args.warmup} warm-up; rank 0 {format_load(ranks[0])}"
     )
     print("| setting | ms/step (rank 0) | ms/step (slowest rank) | all_to_all bytes/step | all_reduce bytes/step |")
     print("| --- | ---: | ---: | ---: | ---: |")
     table = []
     for name in order:
-        ranks = [rows[name] for rows in per_rank if name in rows]
         row = dict(
             setting=name,
-            ms_rank0=ranks[0]["ms"],
-            ms_slowest=max(r["ms"] for r in ranks),
-            all_to_all_bytes=int(max(r["all_to_all"] for r in ranks)),
-            all_reduce_bytes=int(max(r["all_reduce"] for r in ranks)),
+            ms_rank0=ranks[0].summary(name).median_ms,
+            ms_slowest=max(r.summary(name).median_ms for r in ranks),
+            all_to_all_bytes=int(max(r.extra[name]["all_to_all"] for r in ranks)),
+            all_reduce_bytes=int(max(r.extra[name]["all_reduce"] for r in ranks)),
+            vs_1_process=vars(ranks[0].summary(name)),
         )
         table.append(row)
         print(
             f"| {name} | {row['ms_rank0']:.1f} | {row['ms_slowest']:.1f} | {row['all_to_all_bytes']:,} "
             f"| {row['all_reduce_bytes']:,} |"
         )
+    for name in order[1:]:
+        print(f"{name} / 1 process (rank 0, paired per step): {ranks[0].summary(name).ratio_cell()}")
     if args.json is not None:
-        args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, rows=table), indent=2))
+        data = dict(args={k: str(v) for k, v in vars(args).items()}, rows=table, ranks=[r.as_dict() for r in ranks])
+        write_json_atomic(args.json, data, sort_keys=False)
     return 0
