@@ -5,4 +5,13 @@ from moezoo.models import create_model, list_models, register_model, save_pretra
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEAux", "create_model", "get_router", "list_models", "register_model", "register_router", "save_pretrained"]
+__all__ = [
+    "MoE",
+    "MoEAux",
+    "create_model",
+    "get_router",
+    "list_models",
+    "register_model",
+    "register_router",
+    "save_pretrained",
+]
