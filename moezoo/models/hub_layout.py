@@ -13,7 +13,7 @@ needs the network for it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, card: bool = True, **c
     if card:
         from moezoo.zoo.cards import render_card
 
-        write_text_atomic(out / CARD_FILE, render_card(out.name, replace(cfg), folder=str(out)))
+        write_text_atomic(out / CARD_FILE, render_card(out.name, cfg, folder=str(out), architecture=architecture))
     return out
 
 

@@ -85,9 +85,10 @@ def _metric_name(key: str) -> str:
     return key.split("/", 1)[-1]
 
 
-def result_metrics(name: str, cfg: PretrainedCfg) -> dict[str, float]:
-    """The evaluated results of a release that its card's ``model-index`` lists (task metrics, not diagnostics)."""
-    results = FAMILIES.get(family_of(split_name(name)[0]), {}).get("results", ())
+def result_metrics(name: str, cfg: PretrainedCfg, architecture: str | None = None) -> dict[str, float]:
+    """The evaluated results of a release that its card's ``model-index`` lists (task metrics, not diagnostics);
+    ``architecture``: the registered model of a saved folder (a release's name says it)."""
+    results = FAMILIES.get(family_of(architecture or split_name(name)[0]), {}).get("results", ())
     return {k: v for k, v in sorted(cfg.metrics.items()) if _metric_name(k) in results}
 
 
@@ -99,13 +100,13 @@ def dataset_id(cfg: PretrainedCfg) -> str:
     return Path(path).stem if path else (cls or "unknown")
 
 
-def front_matter(name: str, cfg: PretrainedCfg) -> list[str]:
+def front_matter(name: str, cfg: PretrainedCfg, architecture: str | None = None) -> list[str]:
     """The Hugging Face model card metadata (YAML between ``---`` lines)."""
-    base, _ = split_name(name)
+    base = architecture or split_name(name)[0]
     family = family_of(base)
     info = FAMILIES.get(family, {"pipeline": "other", "task": cfg.domain or "other"})
     dataset = dataset_id(cfg)
-    results = result_metrics(name, cfg)
+    results = result_metrics(name, cfg, base)
     has_moe = bool(cfg.routing.get("router", {}).get("num_moe_layers"))
     tags = ["moezoo", "mixture-of-experts" if has_moe else "dense-baseline", family, cfg.domain or "other"]
     lines = [
@@ -139,7 +140,7 @@ def front_matter(name: str, cfg: PretrainedCfg) -> list[str]:
         lines += [
             f"    - type: {_yaml_scalar(METRIC_IDS.get(metric, metric))}",
             f"      name: {_yaml_scalar(key)}",
-            f"      value: {value:.6g}",
+            f"      value: {_yaml_scalar(float(value))}",
             "      verified: false",
         ]
     if not results:
@@ -147,9 +148,8 @@ def front_matter(name: str, cfg: PretrainedCfg) -> list[str]:
     return [*lines, "---"]
 
 
-def how_to(name: str, cfg: PretrainedCfg, load: str) -> list[str]:
-    """A runnable Python snippet: load, preprocess raw input with ``transform_for``, predict."""
-    base, _ = split_name(name)
+def how_to(cfg: PretrainedCfg, base: str, load: str) -> list[str]:
+    """A runnable Python snippet for model ``base``: load, preprocess raw input with ``transform_for``, predict."""
     family = family_of(base)
     head = [
         "```python",
@@ -227,17 +227,18 @@ def how_to(name: str, cfg: PretrainedCfg, load: str) -> list[str]:
     return [*head, *body, "```"]
 
 
-def render_card(name: str, cfg: PretrainedCfg, folder: str | None = None) -> str:
+def render_card(name: str, cfg: PretrainedCfg, folder: str | None = None, architecture: str | None = None) -> str:
     """The model card of a release, entirely from its registered record (so cards and registry cannot drift), in
     the Hugging Face format: YAML front matter, intended use and limits, how to use and fine-tune, training data and
-    config, evaluation, routing statistics, citations. ``folder``: the card of a saved folder (loaded by path)."""
-    base, _ = split_name(name)
+    config, evaluation, routing statistics, citations. ``folder``, ``architecture``: the card of a saved folder
+    (loaded by path) and its registered model."""
+    base = architecture or split_name(name)[0]
     family = family_of(base)
     load = _yaml_scalar(folder if folder is not None else name)
     source = f"{folder}/config.json" if folder is not None else f"moezoo/weights/{name}.json"
     generator = "moezoo.save_pretrained" if folder is not None else f"`moezoo zoo card {name}`"
     lines = [
-        *front_matter(name, cfg),
+        *front_matter(name, cfg, base),
         "",
         f"# {name}",
         "",
@@ -267,7 +268,7 @@ def render_card(name: str, cfg: PretrainedCfg, folder: str | None = None) -> str
         "",
         "Load, turn raw input into the model's input with the recorded transform, predict:",
         "",
-        *how_to(name, cfg, load),
+        *how_to(cfg, base, load),
         "",
         "Input contract (`moezoo.data.transform_for`): "
         + (f"`{json.dumps(cfg.input, sort_keys=True)}`" if cfg.input else "none recorded"),
