@@ -59,6 +59,12 @@ class MoEZooCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True, help="evaluate the test set after fit (best checkpoint)"
         )
 
+    def before_instantiate_classes(self) -> None:
+        from moezoo.tasks.zoo.finetune import check_ckpt_path
+
+        if self.subcommand is not None:
+            check_ckpt_path(self.config.get(self.subcommand, {}).get("ckpt_path"), self.subcommand)
+
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.interrupted:

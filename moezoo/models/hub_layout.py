@@ -91,7 +91,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, card: bool = True, **c
     save_state_dict(model.state_dict(), weights, metadata={"format": "pt"})
     cfg = PretrainedCfg(
         file=WEIGHTS_FILE, sha256=sha256_file(weights), num_bytes=weights.stat().st_size,
-        model_kwargs=_jsonable(model_kwargs), description=description, **{**inherited, **cfg_fields},
+        model_kwargs=_jsonable(model_kwargs), **{"description": description, **inherited, **cfg_fields},
     )  # fmt: skip
     config = {"library_name": LIBRARY_NAME, "architecture": architecture, "cfg": asdict(cfg)}
     write_json_atomic(out / CONFIG_FILE, config)

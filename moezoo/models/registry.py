@@ -187,3 +187,21 @@ def pretrained_model_kwargs(model: str, cfg: PretrainedCfg, overrides: dict[str,
     if into is not None and isinstance(recorded.get(into), Mapping) and isinstance(given.get(into), Mapping):
         out[into] = {**recorded[into], **given[into]}
     return out
+
+
+def build_task_model(name: str, model_kwargs: Mapping[str, Any], pretrained: bool) -> nn.Module:
+    """The model of a training config (``model:``, ``model_kwargs:``, ``pretrained:`` of a task), never silently
+    different from what was asked: a release name (or saved folder) with ``pretrained`` fine-tunes from its weights;
+    without, it builds the release's architecture with random weights and logs a warning that says so."""
+    release = is_release_folder(name) or split_name(name)[1] is not None
+    if pretrained:
+        cfg = resolve_pretrained_cfg(name)
+        log.warning("model %r: starting from its released weights (%s), pretrained=true", name, cfg.file)
+        return create_model(name, pretrained=True, **model_kwargs)
+    if release:
+        log.warning(
+            "model %r is a release, but pretrained is false: building its architecture with random weights "
+            "(training from scratch); set pretrained: true to fine-tune from its weights",
+            name,
+        )
+    return create_model(name, **model_kwargs)

@@ -52,7 +52,7 @@ DATASET_IDS = {
     "CanvasDataModule": "moezoo-generated-digit-canvases",
 }
 FINETUNE_CONFIGS = {
-    "moe_vit": "configs/finetune/vision_digits.yaml", "moe_conformer": "configs/finetune/speech_numbers.yaml",
+    "moe_vit": "configs/finetune/vision_imagefolder.yaml", "moe_conformer": "configs/finetune/speech_numbers.yaml",
     "moe_patchtst": "configs/finetune/timeseries_etth1.yaml", "moe_dit": "configs/finetune/generation_fmnist.yaml",
     "moe_yolo": "configs/finetune/detection_canvas.yaml",
 }  # fmt: skip

@@ -83,7 +83,7 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
     data_spec = complete_spec(config["data"])
     model_name = task_spec["init_args"]["model"]
     base, _ = split_name(request.name)
-    if base != model_name:
+    if base != split_name(model_name)[0]:
         raise ValueError(f"--name {request.name!r} must start with the config's model name {model_name!r}")
     # The task builds the model: some tasks complete its kwargs (e.g. the speech task adds the vocabulary size).
     task = instantiate_task(task_spec)
