@@ -111,6 +111,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     built from a release carries its record as ``model.pretrained_cfg`` (``moezoo.data.transform_for(model)``).
     """
     folder = is_release_folder(name)
+    cfg: PretrainedCfg | None
     if folder:
         from moezoo.models.hub_layout import read_folder
 
