@@ -59,11 +59,14 @@ class MoEZooCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True, help="evaluate the test set after fit (best checkpoint)"
         )
 
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        super().parse_arguments(parser, args)  # type: ignore[arg-type]
+        # Before LightningCLI reads --ckpt_path's hyperparameters (a safetensors release is no checkpoint).
         from moezoo.tasks.zoo.finetune import check_ckpt_path
 
-        if self.subcommand is not None:
-            check_ckpt_path(self.config.get(self.subcommand, {}).get("ckpt_path"), self.subcommand)
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            check_ckpt_path(self.config.get(subcommand, {}).get("ckpt_path"), subcommand)
 
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)

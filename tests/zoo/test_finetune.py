@@ -79,13 +79,15 @@ RECIPES = [
     "vision_imagefolder.yaml", "speech_numbers.yaml", "timeseries_etth1.yaml", "generation_fmnist.yaml",
     "detection_canvas.yaml",
 ]  # fmt: skip
+# Fashion-MNIST recipes read and prepare 70k images before their two steps: minutes on a loaded 2-core machine.
+SLOW = {"generation_fmnist.yaml", "detection_canvas.yaml"}
 
 
 def test_every_finetune_config_has_a_recipe_test() -> None:
     assert sorted(p.name for p in FINETUNE.glob("*.yaml")) == sorted(RECIPES)
 
 
-@pytest.mark.parametrize("config", RECIPES)
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in RECIPES])
 def test_finetune_recipe_starts_from_the_release_fits_and_round_trips(
     config: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
