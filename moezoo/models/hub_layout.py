@@ -32,6 +32,35 @@ LIBRARY_NAME = "moezoo"
 INHERITED_FIELDS = ("input", "license", "domain", "citations", "limitations", "dense_twin")
 
 
+HUB_PREFIX = "hf-hub:"
+
+
+def hub_snapshot(name: str) -> str:
+    """``hf-hub:<owner>/<repo>[@<revision>]`` -> the local folder of its snapshot (``huggingface_hub``'s cache; offline
+    with ``MOEZOO_OFFLINE``/``HF_HUB_OFFLINE``); any other name is returned unchanged. The network stays optional:
+    nothing else in moezoo's Hub layout needs it."""
+    if not name.startswith(HUB_PREFIX):
+        return name
+    from moezoo.models.hub import DownloadError, is_offline
+
+    repo, _, revision = name[len(HUB_PREFIX) :].partition("@")
+    if repo.count("/") != 1:
+        raise ValueError(f"name {name!r} must look like hf-hub:<owner>/<repo>[@<revision>]")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise DownloadError(f"{name}: huggingface_hub is not installed (pip install huggingface_hub)") from err
+    try:
+        return str(
+            snapshot_download(
+                repo, revision=revision or None, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE],
+                local_files_only=is_offline(),
+            )
+        )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types
+        raise DownloadError(f"{name}: {type(err).__name__}: {err}") from err
+
+
 def is_release_folder(path: str | Path) -> bool:
     folder = Path(path)
     return folder.is_dir() and (folder / CONFIG_FILE).is_file()

@@ -89,7 +89,11 @@ def is_release_folder(name: str) -> bool:
 
 
 def resolve_pretrained_cfg(name: str) -> PretrainedCfg:
-    """The record of a registered release ``<model>.<tag>`` or of a saved folder (:mod:`moezoo.models.hub_layout`)."""
+    """The record of a registered release ``<model>.<tag>``, of a saved folder or of an ``hf-hub:<owner>/<repo>``
+    snapshot (:mod:`moezoo.models.hub_layout`)."""
+    from moezoo.models.hub_layout import hub_snapshot
+
+    name = hub_snapshot(name)
     if is_release_folder(name):
         from moezoo.models.hub_layout import read_folder
 
@@ -109,7 +113,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     With ``pretrained=True`` a changed head argument (:data:`HEAD_ARGUMENTS`: ``num_classes=3``, ``vocab_size``,
     ``pred_len``) loads every tensor but the head's and re-initialises the head, with a logged warning. A model
     built from a release carries its record as ``model.pretrained_cfg`` (``moezoo.data.transform_for(model)``).
+    ``"hf-hub:<owner>/<repo>[@<revision>]"`` loads such a folder from the Hugging Face Hub (needs huggingface_hub and
+    the network unless cached).
     """
+    from moezoo.models.hub_layout import hub_snapshot
+
+    name = hub_snapshot(name)
     folder = is_release_folder(name)
     cfg: PretrainedCfg | None
     if folder:
@@ -194,7 +203,9 @@ def build_task_model(name: str, model_kwargs: Mapping[str, Any], pretrained: boo
     """The model of a training config (``model:``, ``model_kwargs:``, ``pretrained:`` of a task), never silently
     different from what was asked: a release name (or saved folder) with ``pretrained`` fine-tunes from its weights;
     without, it builds the release's architecture with random weights and logs a warning that says so."""
-    release = is_release_folder(name) or split_name(name)[1] is not None
+    from moezoo.models.hub_layout import HUB_PREFIX
+
+    release = name.startswith(HUB_PREFIX) or is_release_folder(name) or split_name(name)[1] is not None
     if pretrained:
         cfg = resolve_pretrained_cfg(name)
         log.warning("model %r: starting from its released weights (%s), pretrained=true", name, cfg.file)

@@ -174,3 +174,23 @@ def test_card_how_to_runs_as_written(name: str, capsys: pytest.CaptureFixture[st
     assert code is not None
     exec(compile(code.group(1), f"model_cards/{name}.md", "exec"), {})  # noqa: S102 - our own card
     assert capsys.readouterr().out.strip()
+
+
+def test_a_hub_id_loads_the_snapshot_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hf-hub:owner/repo`` goes through huggingface_hub.snapshot_download (faked here: no network in tests)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    model = moezoo.create_model("moe_vit_tiny.digits", pretrained=True)
+    folder = save_pretrained(model, tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, revision: str | None = None, **kwargs: object) -> str:
+        calls.append((repo_id, revision))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = moezoo.create_model("hf-hub:someone/my-digits@v1", pretrained=True)
+    assert calls == [("someone/my-digits", "v1")]
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert transform_for("hf-hub:someone/my-digits").size == (8, 8)
+    with pytest.raises(ValueError, match="hf-hub:<owner>/<repo>"):
+        moezoo.create_model("hf-hub:no-owner")
