@@ -30,7 +30,6 @@ def input_contract(datamodule: Any) -> dict[str, Any]:
     """The input record of a model trained on ``datamodule`` (set up here if it needs its data, e.g. a scaler).
 
     ``ValueError`` for a data module whose input contract is not known (name it in this function)."""
-    from moezoo.tasks.detection.data import _DetectionDataModule
     from moezoo.tasks.generation.data import DigitsGenerationDataModule, FashionMNISTGenerationDataModule
     from moezoo.tasks.vision.data import (
         CIFARDataModule,
@@ -51,9 +50,9 @@ def input_contract(datamodule: Any) -> dict[str, Any]:
         return image_input(32, 3, 255, CIFAR_MEAN, CIFAR_STD)
     if isinstance(datamodule, ImageFolderDataModule):
         return image_input(datamodule.image_size, 1 if datamodule.grayscale else 3, 255, 0.5, 0.5)
-    if isinstance(datamodule, _DetectionDataModule):
-        return image_input(datamodule.img_size, datamodule.in_chans, 255)
     kind = type(datamodule).__module__
+    if kind.startswith("moezoo.tasks.detection"):  # every detection module reads 8-bit images scaled to [0, 1]
+        return image_input(datamodule.img_size, datamodule.in_chans, 255)
     if kind.startswith("moezoo.tasks.speech"):
         return audio_input()
     if kind.startswith("moezoo.tasks.timeseries"):
