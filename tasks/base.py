@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
-from moezoo.models import create_model
+from moezoo.models.registry import build_task_model
 from moezoo.models.spec import upgrade_model_kwargs, warn_legacy
 from moezoo.stats import RoutingStats, TokenGroups
 from moezoo.tasks.optim import (
@@ -73,6 +73,10 @@ class MoETask(L.LightningModule):
             default :class:`~moezoo.tasks.optim.WarmupCosineLR` (5% warmup, cosine to 1% of the peak over the
             trainer's steps); ``None`` keeps the learning rate constant.
         aux_loss_coef: multiplier on the sum of the routers' (already weighted) auxiliary losses.
+        pretrained: start from the released weights of ``model`` (a release name ``<model>.<tag>``): fine-tuning.
+            A changed head argument in ``model_kwargs`` (``num_classes``, ``vocab_size``, ``pred_len``) loads every
+            other tensor and re-initialises the head. A release name without it builds the release's architecture
+            with random weights, and says so in the log.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class MoETask(L.LightningModule):
         optimizer: OptimizerCallable | Mapping[str, Any] = DEFAULT_OPTIMIZER,
         lr_scheduler: LRSchedulerCallable | Mapping[str, Any] | None = DEFAULT_LR_SCHEDULER,
         aux_loss_coef: float = 1.0,
+        pretrained: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -97,7 +102,9 @@ class MoETask(L.LightningModule):
         self.model_kwargs, old_keys = upgrade_model_kwargs(model, model_kwargs or {})
         if old_keys:
             warn_legacy(f"{type(self).__name__}: model_kwargs", old_keys, f"model_kwargs: {self.model_kwargs}")
-        self.model = create_model(model, **self.model_kwargs)
+        self.model = build_task_model(model, self.model_kwargs, pretrained)
+        # Releases and saved folders record the complete constructor arguments (a release's own included).
+        self.model_kwargs = dict(getattr(self.model, "moezoo_kwargs", self.model_kwargs))
         self.routing_summary = RoutingStats()
 
     #: where, in a Lightning checkpoint's ``state_dict``, the weights a zoo release ships start

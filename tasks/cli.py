@@ -59,6 +59,15 @@ class MoEZooCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True, help="evaluate the test set after fit (best checkpoint)"
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        super().parse_arguments(parser, args)  # type: ignore[arg-type]
+        # Before LightningCLI reads --ckpt_path's hyperparameters (a safetensors release is no checkpoint).
+        from moezoo.tasks.zoo.finetune import check_ckpt_path
+
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            check_ckpt_path(self.config.get(subcommand, {}).get("ckpt_path"), subcommand)
+
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.interrupted:

@@ -8,6 +8,7 @@ Each family module is imported by name below; a new family is added to that list
 # released checkpoints (moezoo/weights/*.json).
 from moezoo.models import conformer, dit, patchtst, pretrained, vit, yolo  # noqa: F401
 from moezoo.models.blocks import MoESpec, TransformerBlock, build_ffn, moe_layers, parameter_counts, run_ffn
+from moezoo.models.hub_layout import save_pretrained
 from moezoo.models.pretrained_cfg import PretrainedCfg
 from moezoo.models.registry import (
     create_model,
@@ -30,4 +31,5 @@ __all__ = [
     "register_model",
     "register_pretrained",
     "run_ffn",
+    "save_pretrained",
 ]

@@ -41,6 +41,9 @@ class PretrainedCfg:
     storage_dtype: str = "float32"  # how the file stores floating tensors; they load into the model's dtype
     limitations: list[str] = field(default_factory=list)
     citations: list[str] = field(default_factory=list)
+    # The input contract (moezoo.data.transforms: image size/channels/mean/std, audio features, series scaler and
+    # look-back); empty in records written before it existed.
+    input: dict[str, Any] = field(default_factory=dict)
 
     def tolerance_for(self, metric: str) -> float:
         """The absolute tolerance of ``metric`` in ``moezoo zoo eval``: the registered one, else the default."""

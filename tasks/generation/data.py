@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset, TensorDataset
 
+# FashionMNISTDataModule.load_split's and DigitsDataModule.setup's normalisations
+from moezoo.data.transforms import DIGITS_MEAN, DIGITS_STD
+from moezoo.data.transforms import FASHION_MNIST_MEAN as FMNIST_MEAN
+from moezoo.data.transforms import FASHION_MNIST_STD as FMNIST_STD
 from moezoo.tasks.vision.data import FASHION_MNIST_DEBIAN_ROOT, DigitsDataModule, FashionMNISTDataModule
-
-FMNIST_MEAN, FMNIST_STD = 0.286, 0.353  # FashionMNISTDataModule.load_split's normalisation
-DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # DigitsDataModule.setup's normalisation
 
 
 def fashion_mnist_unit_range(root: Path, split: str) -> tuple[Tensor, Tensor]:

@@ -23,17 +23,17 @@ from typing import Any
 import lightning as L
 import soundfile as sf
 import torch
-import torchaudio
 import torchaudio.functional as AF
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from moezoo.data.transforms import SPEECH_HOP as HOP
+from moezoo.data.transforms import LogMel
 from moezoo.tasks.speech.corpus import LANGUAGES, PRESETS, SAMPLE_RATE, CorpusSpec, generate_corpus
 from moezoo.tasks.speech.text import CharVocab, normalize_text
 
 log = logging.getLogger(__name__)
 POCKETSPHINX_ROOT = "/usr/share/pocketsphinx/test/data"
-HOP = 160
 
 
 class BadAudioError(ValueError):
@@ -92,21 +92,6 @@ def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE, declared_rate: 
     if rate != target_rate:
         wave = AF.resample(wave, rate, target_rate)
     return wave
-
-
-class LogMel(nn.Module):
-    """Waveform (S,) at 16 kHz -> per-utterance normalised log-mel (T, 80), 10 ms hop."""
-
-    def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE) -> None:
-        super().__init__()
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=400, win_length=400, hop_length=HOP, n_mels=n_mels
-        )
-
-    @torch.no_grad()
-    def forward(self, wave_S: Tensor) -> Tensor:
-        feats_TM = (self.mel(wave_S) + 1e-6).log().t()
-        return (feats_TM - feats_TM.mean(0)) / feats_TM.std(0).clamp_min(1e-3)
 
 
 def frame_languages(entry: SpeechEntry, num_frames: int, languages: Sequence[str]) -> Tensor:

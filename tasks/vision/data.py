@@ -14,6 +14,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
+from moezoo.data.transforms import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    DIGITS_VALUE_RANGE,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+)
+
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -118,8 +128,8 @@ class DigitsDataModule(_ArrayImageDataModule):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        images = (images - 0.3) / 0.4
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / DIGITS_VALUE_RANGE
+        images = (images - DIGITS_MEAN) / DIGITS_STD
         labels = torch.tensor(digits.target, dtype=torch.long)
         full = TensorDataset(images, labels)
         n = len(full)
@@ -193,7 +203,7 @@ class FashionMNISTDataModule(_ArrayImageDataModule):
         if len(images) != len(labels):
             raise ValueError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-        return (x - 0.286) / 0.353, torch.from_numpy(labels.astype(np.int64))
+        return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, torch.from_numpy(labels.astype(np.int64))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -308,8 +318,8 @@ class CIFARDataModule(_ArrayImageDataModule):
             train_files, test_files, key = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
         else:
             train_files, test_files, key = ["train"], ["test"], "fine_labels"
-        mean = torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1)
-        std = torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1)
+        mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
         x, y = read_cifar_batches(self.root, train_files, key)
         x = (x - mean) / std
         if not 0 < self.val_size < len(x):

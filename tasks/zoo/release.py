@@ -20,8 +20,9 @@ from moezoo.models.pretrained_cfg import DEFAULT_TOLERANCE, STORAGE_DTYPES, Pret
 from moezoo.models.registry import split_name
 from moezoo.tasks.specs import complete_task_spec, instantiate_task
 from moezoo.tasks.zoo.citations import citations_for
+from moezoo.tasks.zoo.contracts import input_contract
 from moezoo.tasks.zoo.evaluation import load_release_weights, run_evaluation
-from moezoo.tasks.zoo.specs import complete_spec
+from moezoo.tasks.zoo.specs import complete_spec, instantiate
 from moezoo.zoo.cards import CARDS_DIR, write_card
 from moezoo.zoo.summary import router_summary
 
@@ -82,7 +83,7 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
     data_spec = complete_spec(config["data"])
     model_name = task_spec["init_args"]["model"]
     base, _ = split_name(request.name)
-    if base != model_name:
+    if base != split_name(model_name)[0]:
         raise ValueError(f"--name {request.name!r} must start with the config's model name {model_name!r}")
     # The task builds the model: some tasks complete its kwargs (e.g. the speech task adds the vocabulary size).
     task = instantiate_task(task_spec)
@@ -131,6 +132,7 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
         dense_twin=request.dense_twin,
         limitations=list(request.limitations),
         citations=citations_for(base, _router_name(model), has_moe_layers, request.citations),
+        input=input_contract(instantiate(data_spec)),
     )
     routers = router_summary(model)
     metrics, routing = run_evaluation(cfg, model=model)
