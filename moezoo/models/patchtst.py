@@ -71,6 +71,13 @@ class ForecastBlock(nn.Module):
         return x + self.drop(run_ffn(self.ffn, self.norm2(x), auxes))
 
 
+def patchify(series_NL: Tensor, patch_len: int, stride: int) -> Tensor:
+    """PatchTST's patching ``(N, L) -> (N, (L - patch_len) // stride + 2, patch_len)``: repeat the last value
+    ``stride`` times at the end (``padding_patch="end"``), then unfold with step ``stride``."""
+    padded = torch.cat([series_NL, series_NL[:, -1:].expand(-1, stride)], dim=1)
+    return padded.unfold(1, patch_len, stride)
+
+
 def _segment_sizes(segment_sizes: int | Sequence[int], depth: int) -> list[int]:
     sizes = [segment_sizes] * depth if isinstance(segment_sizes, int) else list(segment_sizes)
     if len(sizes) != depth or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in sizes):
@@ -188,8 +195,7 @@ class MoEPatchTST(nn.Module):
 
     def patchify(self, series_NL: Tensor) -> Tensor:
         """``(N, L) -> (N, P, patch_len)``: repeat the last value ``stride`` times, then unfold."""
-        padded = torch.cat([series_NL, series_NL[:, -1:].expand(-1, self.stride)], dim=1)
-        return padded.unfold(1, self.patch_len, self.stride)
+        return patchify(series_NL, self.patch_len, self.stride)
 
     def forward_with_aux(self, x: Tensor) -> tuple[Tensor, list[MoEAux]]:
         self._check_input(x)

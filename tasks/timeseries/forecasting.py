@@ -1,4 +1,5 @@
-"""Long-term forecasting with ``moe_patchtst`` (or any registered forecaster with ``forward_with_aux``)."""
+"""Long-term forecasting with ``moe_patchtst`` or any registered forecaster with ``forward_with_aux``: the baselines
+(``last_value``, ``seasonal_naive``, ``nlinear``, ``dlinear``, ``patchtst``) train and test through the same task."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moezoo.layers import MoEAux
-from moezoo.tasks.base import MoETask
+from moezoo.tasks.base import MoETask, param_groups
 
 LOSSES = ("mse", "huber")
 
@@ -24,7 +25,13 @@ class ForecastingTask(MoETask):
         loss: ``"mse"`` or ``"huber"`` (``huber_delta``); the metrics are MSE and MAE whatever the loss.
         num_plot_windows: at the end of a test, plot the first window of each of the first n test batches
             (look-back, truth, forecast of the last channel, the target) into ``<log dir>/forecasts.png``.
+        lr_step_decay: ``None`` (the base schedule: warmup then cosine, per step) or ``[k, gamma]``: the learning
+            rate of epoch ``e`` (from 0) is ``lr * gamma ** max(0, e - k)``, the per-epoch step decay of the public
+            PatchTST / LTSF-Linear code (``lradj="type3"`` is ``[3, 0.9]``, ``"type1"`` is ``[1, 0.5]``).
         (the rest as in :class:`moezoo.tasks.base.MoETask`)
+
+    A model without trainable parameters (``last_value``, ``seasonal_naive``) gets no optimiser: ``fit`` runs its
+    epochs without an optimisation step (validation and checkpoints as usual) and says so once; ``test`` scores it.
     """
 
     def __init__(
@@ -39,6 +46,7 @@ class ForecastingTask(MoETask):
         loss: str = "mse",
         huber_delta: float = 1.0,
         num_plot_windows: int = 4,
+        lr_step_decay: tuple[int, float] | None = None,
     ) -> None:
         super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
         if loss not in LOSSES:
@@ -50,6 +58,8 @@ class ForecastingTask(MoETask):
         self.loss_name = loss
         self.huber_delta = huber_delta
         self.num_plot_windows = num_plot_windows
+        self.lr_step_decay = _step_decay(lr_step_decay)
+        self.trainable = any(p.requires_grad for p in self.model.parameters())
         self._plot_windows: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -73,6 +83,27 @@ class ForecastingTask(MoETask):
             self._plot_windows.append((x[0, :, -1].cpu(), y[0, :, -1].cpu(), pred[0, :, -1].detach().cpu()))
         return loss, auxes, metrics, x.shape[0]
 
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        loss = self._shared_step(batch, "train")
+        return loss if self.trainable else None  # None: Lightning skips backward and the optimiser step
+
+    def on_fit_start(self) -> None:
+        if not self.trainable and self.trainer.is_global_zero:
+            print(
+                f"{self.model_name} has no trainable parameters: fit runs no optimisation step (the training "
+                f"epochs only log the training error; validation and test score the model as it is)"
+            )
+
+    def configure_optimizers(self) -> Any:
+        if not self.trainable:
+            return None
+        if self.lr_step_decay is None:
+            return super().configure_optimizers()
+        keep, gamma = self.lr_step_decay
+        optimizer = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: gamma ** max(0, epoch - keep))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         self._plot_windows = []
@@ -87,6 +118,22 @@ class ForecastingTask(MoETask):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.model(x)
+
+
+def _step_decay(value: Any) -> tuple[int, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    if ok:
+        keep, gamma = value
+        ok = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0
+        ok = ok and isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0 < gamma <= 1
+    if not ok:
+        raise ValueError(
+            f"lr_step_decay must be null or [k, gamma] with an integer k >= 0 (the last epoch, from 0, at the peak "
+            f"learning rate) and 0 < gamma <= 1, got {value!r}"
+        )
+    return int(keep), float(gamma)
 
 
 def plot_forecasts(windows: list[tuple[Tensor, Tensor, Tensor]], path: Path, title: str = "") -> Path:
