@@ -115,3 +115,18 @@ def test_task_metric_weights_windows_not_batches(tmp_path):
     result = trainer().test(task, datamodule=data, verbose=False)[0]
     assert result["test/mse"] == pytest.approx(float(per_window.mean()), rel=1e-5)
     assert result["test/mae"] == pytest.approx(float(np.abs(errors).mean()), rel=1e-5)
+
+
+def test_test_drop_last_drops_only_the_last_incomplete_test_batch(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"date": pd.date_range("2020-01-01", periods=1000, freq="h"), "OT": np.arange(1000.0)})
+    frame.to_csv(tmp_path / "series.csv", index=False)
+    kwargs = dict(seq_len=24, pred_len=72, batch_size=64, scale=False)
+    full = CSVForecastDataModule(str(tmp_path / "series.csv"), **kwargs)
+    dropped = CSVForecastDataModule(str(tmp_path / "series.csv"), test_drop_last=True, **kwargs)
+    for data in (full, dropped):
+        data.setup()
+    assert [x.shape[0] for x, _ in full.test_dataloader()] == [64, 64, 1]
+    assert [x.shape[0] for x, _ in dropped.test_dataloader()] == [64, 64]
+    assert sum(1 for _ in dropped.train_dataloader()) == sum(1 for _ in full.train_dataloader())  # test only
