@@ -1,8 +1,9 @@
 # moezoo: the two entry points of the README.
 #   make demo   set up, then fit the default ViT-MoE and its dense twin on digits, print accuracy + routing
 #   make test   set up, then run the default test tier
-# Both bootstrap .venv from this project's own files. System data packages are installed with apt-get
-# when it is usable (root); otherwise a message says which features need them.
+# Both bootstrap .venv from this project's own files: every domain and the dev tools ('.[all,dev]'), at the exact
+# versions of constraints.txt (pyproject.toml only declares ranges). System data packages are installed with
+# apt-get when it is usable (root); otherwise a message says which features need them.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,13 +15,13 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,dev]'
 	# The real aerial tree images with boxes for detection: only deepforest's data files are read (no import),
 	# so none of its heavy dependencies are installed.
-	$(PY) -m pip install -q --no-deps deepforest==2.1.0 || echo "warning: deepforest could not be installed; its tree images will be unavailable"
+	$(PY) -m pip install -q -c constraints.txt --no-deps deepforest || echo "warning: deepforest could not be installed; its tree images will be unavailable"
 	touch $@
 
 system-deps:

@@ -28,13 +28,19 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is a clear error."""
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter; anything else is a clear error.
+
+    The one device check of the Triton path: every launcher calls it, and so does the ``"triton"`` backend of
+    ``moezoo.ops`` before it launches anything.
+    """
     for t in tensors:
-        if t.device.type == "cuda":
+        if t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET):
             continue
-        if t.device.type == "cpu" and INTERPRET:
-            continue
-        raise RuntimeError(
-            f"moezoo.kernels: got a tensor on {t.device}; the Triton kernels need CUDA tensors, or CPU tensors with "
-            "TRITON_INTERPRET=1 set before triton and moezoo.kernels are imported"
-        )
+        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            why = "TRITON_INTERPRET=1 was set after moezoo.kernels was imported; set it before importing moezoo"
+        else:
+            why = (
+                "the Triton kernels need CUDA tensors (on the CPU they run only in Triton's interpreter, with "
+                "TRITON_INTERPRET=1 set before moezoo is imported); on the CPU use backend='torch'"
+            )
+        raise RuntimeError(f"moezoo.kernels cannot run on {t.device} tensors: {why}")

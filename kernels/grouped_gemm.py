@@ -34,11 +34,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moezoo.kernels.combine import _scatter_add_rows
 from moezoo.kernels.config import check_device, dot_precision, pick_configs
 from moezoo.kernels.permute import ExpertLayout
 
-ACTIVATIONS = ("gelu", "swiglu")
 _SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 
@@ -60,6 +58,13 @@ def _weight_configs() -> list[triton.Config]:
         triton.Config({"TILE_M": 128, "TILE_N": 64, "BLOCK_R": 64}, num_warps=4, num_stages=3),
     ]
     return pick_configs(gpu, triton.Config({"TILE_M": 64, "TILE_N": 64, "BLOCK_R": 64}, num_warps=4, num_stages=1))
+
+
+@triton.jit
+def _scatter_add_rows(out_ptr, stride_out, tok, cols, tile, mask):
+    """``out[tok[i], cols[j]] += tile[i, j]`` (fp32 atomics; rows may repeat): the combine, fused into the epilogue
+    of the second expert GEMM."""
+    tl.atomic_add(out_ptr + tok[:, None] * stride_out + cols[None, :], tile, mask=mask)
 
 
 @triton.jit
@@ -370,23 +375,17 @@ def _expert_weight_bwd_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _check(activation: str) -> bool:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATIONS}")
-    return activation == "swiglu"
-
-
 def _row_grid(layout: ExpertLayout, width: int) -> Callable[[dict], tuple[int, int]]:
     blocks = layout.block_expert_B.shape[0]
     return lambda meta: (blocks, triton.cdiv(width, meta["BLOCK_N"]))
 
 
 def expert_in_fwd(
-    x_TD: Tensor, token_idx_N: Tensor, layout: ExpertLayout, w_in_EDH: Tensor, activation: str, store_h: bool = True
+    x_TD: Tensor, token_idx_N: Tensor, layout: ExpertLayout, w_in_EDH: Tensor, swiglu: bool, store_h: bool = True
 ) -> tuple[Tensor | None, Tensor]:
-    """First expert GEMM with the row gather and the activation fused: ``(h (N, H) or None, a (N, F))``."""
+    """First expert GEMM with the row gather and the activation (SwiGLU, else GELU) fused:
+    ``(h (N, H) or None, a (N, F))``."""
     check_device(x_TD, token_idx_N, w_in_EDH)
-    swiglu = _check(activation)
     num_experts, dim, hidden = w_in_EDH.shape
     ffn_dim = hidden // 2 if swiglu else hidden
     num_pairs = token_idx_N.shape[0]
@@ -486,16 +485,16 @@ def expert_out_bwd(
     layout: ExpertLayout,
     w_out_EFD: Tensor,
     h_NH: Tensor,
-    activation: str,
+    swiglu: bool,
     compute_dgate: bool = True,
     compute_dw_out: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Backward of the second GEMM and the activation: ``(dh (N, H), dgate (N,) fp32, dw_out (E, F, D))``.
+    """Backward of the second GEMM and the activation (SwiGLU, else GELU):
+    ``(dh (N, H), dgate (N,) fp32, dw_out (E, F, D))``.
 
     ``dout_TD`` must have ``h``'s dtype and unit column stride.
     """
     check_device(dout_TD, token_idx_N, gate_N, w_out_EFD, h_NH)
-    swiglu = _check(activation)
     num_experts, ffn_dim, dim = w_out_EFD.shape
     num_pairs, hidden = h_NH.shape
     dh_NH = torch.empty_like(h_NH)

@@ -1,55 +1,102 @@
-"""The ``moezoo`` console script.
+"""The ``moezoo`` console script: a table of subcommands, each dispatched lazily to the module that owns it.
 
-- ``moezoo fit|validate|test|predict --config FILE``: training and evaluation (LightningCLI, in moezoo.tasks);
-- ``moezoo bench <name> [options]``: the benchmark in ``moezoo/bench/<name>.py`` (its ``main(argv)``);
-- ``moezoo zoo <command> [options]``: the pretrained model zoo (``moezoo.zoo.main``).
+- ``moezoo fit|validate|test|predict --config FILE``: training and evaluation (LightningCLI, :mod:`moezoo.tasks.cli`);
+- ``moezoo bench <name> [options]``: the benchmark named in :data:`BENCHMARKS` (its module's ``main(argv)``);
+- ``moezoo zoo <command> [options]``: the pretrained model zoo (:mod:`moezoo.tasks.zoo.cli`);
+- ``moezoo --help`` lists them, ``moezoo --version`` prints the version.
+
+This module is the one part of ``moezoo/`` that reaches into ``moezoo.tasks``, and only when a command runs.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import sys
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-OTHER_COMMANDS = ("bench", "zoo")
+from moezoo import __version__
+
+# name -> one line of help; the four LightningCLI subcommands share one entry point.
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a config (then test the best checkpoint)",
+    "validate": "evaluate a model on the validation set",
+    "test": "evaluate a model on the test set",
+    "predict": "run a model's predictions",
+}
+OTHER_COMMANDS = {
+    "bench": "run a benchmark (moezoo bench --help lists them)",
+    "zoo": "the pretrained model zoo: list, info, download, eval, card, release",
+}
+# `moezoo bench <name>`: name -> (module with a `main(argv)`, one line of help). Add a benchmark here.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "layer": ("moezoo.bench.layer", "one MoE layer on the CPU: time and activation memory per backend"),
+    "kernels": ("moezoo.bench.kernels", "the MoE layer on the Triton kernels (CUDA): time and TFLOP/s"),
+    "parallel": ("moezoo.bench.parallel", "expert parallelism EP=2 vs EP=1 on the CPU (gloo): step time, bytes"),
+    "vision": ("moezoo.bench.vision", "the DiT table and the ViT router study on Fashion-MNIST"),
+    "generation": ("moezoo.bench.generation", "the DiT-MoE table: dense, top-k, expert choice, ProMoE"),
+    "speech": ("moezoo.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
+    "timeseries": ("moezoo.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE"),
+    "detection": ("moezoo.bench.detection", "YOLO-MoE against a single and an equal-compute detector"),
+    "tables": ("moezoo.bench.tables", "every domain's benchmark, then the cross-domain tables and plots"),
+}
 
 
-def bench_names() -> list[str]:
-    import moezoo.bench
+def usage() -> str:
+    rows = {**LIGHTNING_COMMANDS, **OTHER_COMMANDS}
+    options = {"-h, --help": "show this message", "--version": "print the version"}
+    width = max(map(len, [*rows, *options]))
+    lines = [
+        "usage: moezoo <command> [options]   (moezoo <command> --help for a command's options)",
+        "",
+        "Sparse Mixture-of-Experts models for vision, speech, time series and detection.",
+        "",
+        "commands:",
+        *(f"  {name:{width}s}  {text}" for name, text in rows.items()),
+        "",
+        "options:",
+        *(f"  {name:{width}s}  {text}" for name, text in options.items()),
+    ]
+    return "\n".join(lines)
 
-    return sorted(info.name for info in pkgutil.iter_modules(moezoo.bench.__path__) if not info.name.startswith("_"))
+
+def bench_usage() -> str:
+    width = max(map(len, BENCHMARKS))
+    lines = ["usage: moezoo bench <name> [options]   (moezoo bench <name> --help for its options)", "", "benchmarks:"]
+    return "\n".join(lines + [f"  {name:{width}s}  {text}" for name, (_, text) in BENCHMARKS.items()])
 
 
 def bench_main(argv: list[str]) -> int:
-    names = bench_names()
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: moezoo bench {{{','.join(names)}}} [options]")
-        return 0
-    if argv[0] not in names:
-        print(f"moezoo bench: unknown benchmark {argv[0]!r}; choose one of {names}", file=sys.stderr)
+        print(bench_usage())
+        return 0 if argv else 2
+    if argv[0] not in BENCHMARKS:
+        print(f"moezoo bench: unknown benchmark {argv[0]!r}; choose one of {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"moezoo.bench.{argv[0]}")
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"moezoo {__version__}")
+        return 0
+    if argv[0] == "bench":
         return bench_main(argv[1:])
-    if argv and argv[0] == "zoo":
-        from moezoo.zoo import main as zoo_main
+    if argv[0] == "zoo":
+        from moezoo.tasks.zoo.cli import main as zoo_main
 
         return int(zoo_main(argv[1:]) or 0)
-    if not argv or argv[0] in LIGHTNING_COMMANDS or argv[0].startswith("-"):
+    if argv[0] in LIGHTNING_COMMANDS or argv[0].startswith("-"):  # LightningCLI also takes options first
         from moezoo.tasks.cli import cli_main
 
         cli_main(None if from_command_line else argv)
         return 0
     print(
-        f"moezoo: unknown command {argv[0]!r}; choose one of {list(LIGHTNING_COMMANDS + OTHER_COMMANDS)}",
-        file=sys.stderr,
+        f"moezoo: unknown command {argv[0]!r}; choose one of {[*LIGHTNING_COMMANDS, *OTHER_COMMANDS]}", file=sys.stderr
     )
     return 2
 

@@ -1,44 +1,40 @@
 """The base Lightning task: builds a model by name, adds and logs MoE losses and statistics, updates router state.
 
 Domain tasks subclass :class:`MoETask` and implement :meth:`MoETask.compute_loss`; ``training_step``,
-``validation_step`` and ``test_step`` share :meth:`MoETask._shared_step`.
+``validation_step`` and ``test_step`` share :meth:`MoETask._shared_step`. They declare only their own arguments
+and forward the rest (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``) with ``**kwargs``, which LightningCLI
+resolves, so ``moezoo fit --help`` and ``--print_config`` list them for every task.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import Tensor, nn
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.models import create_model
+from moezoo.models.spec import upgrade_model_kwargs, warn_legacy
+from moezoo.tasks.optim import (
+    DEFAULT_LR_SCHEDULER,
+    DEFAULT_OPTIMIZER,
+    as_factory,
+    build_optimizer,
+    interval,
+    param_groups,
+    warmup_cosine,
+)
 
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, embeddings and tokens (1-D or named *_token/*_embed)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.dim() < 2 or name.endswith(("_token", "pos_embed")) or "norm" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+__all__ = ["MoETask", "RoutingSummary", "param_groups", "save_final_checkpoint", "warmup_cosine"]
 
 
 class RoutingSummary:
@@ -101,11 +97,14 @@ class MoETask(L.LightningModule):
 
     Args:
         model: a registered model name (``moezoo.list_models()``).
-        model_kwargs: constructor arguments of that model.
-        lr: peak AdamW learning rate (linear warmup, cosine decay to ``lr * min_lr_ratio``).
-        weight_decay: AdamW weight decay on matrices.
-        warmup_frac: fraction of the training steps used for warmup.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        model_kwargs: constructor arguments of that model (its MoE settings under ``moe``).
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``) or a
+            ``{class_path, init_args}`` mapping; default AdamW, lr 1e-3, weight decay 0.05 on matrices only
+            (:func:`~moezoo.tasks.optim.param_groups`).
+        lr_scheduler: a callable ``optimizer -> LRScheduler`` or a mapping, stepped once per optimiser step (once
+            per epoch for a class with ``interval = "epoch"``, :class:`~moezoo.tasks.optim.StepDecayLR`);
+            default :class:`~moezoo.tasks.optim.WarmupCosineLR` (5% warmup, cosine to 1% of the peak over the
+            trainer's steps); ``None`` keeps the learning rate constant.
         aux_loss_coef: multiplier on the sum of the routers' (already weighted) auxiliary losses.
     """
 
@@ -113,25 +112,24 @@ class MoETask(L.LightningModule):
         self,
         model: str,
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_frac: float = 0.05,
-        min_lr_ratio: float = 0.01,
+        optimizer: OptimizerCallable | Mapping[str, Any] = DEFAULT_OPTIMIZER,
+        lr_scheduler: LRSchedulerCallable | Mapping[str, Any] | None = DEFAULT_LR_SCHEDULER,
         aux_loss_coef: float = 1.0,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0 <= warmup_frac < 1:
-            raise ValueError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
         self.save_hyperparameters()
         self.model_name = model
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_frac = warmup_frac
-        self.min_lr_ratio = min_lr_ratio
+        self.optimizer_factory = as_factory(optimizer, "optimizer", Optimizer, DEFAULT_OPTIMIZER)
+        self.lr_scheduler_factory = (
+            None
+            if lr_scheduler is None
+            else as_factory(lr_scheduler, "lr_scheduler", LRScheduler, DEFAULT_LR_SCHEDULER)
+        )
         self.aux_loss_coef = aux_loss_coef
-        self.model_kwargs = dict(model_kwargs or {})  # as passed to create_model (releases record these)
+        # As passed to create_model (releases record these), in the current form.
+        self.model_kwargs, old_keys = upgrade_model_kwargs(model, model_kwargs or {})
+        if old_keys:
+            warn_legacy(f"{type(self).__name__}: model_kwargs", old_keys, f"model_kwargs: {self.model_kwargs}")
         self.model = create_model(model, **self.model_kwargs)
         self.routing_summary = RoutingSummary()
 
@@ -187,12 +185,12 @@ class MoETask(L.LightningModule):
         if self.trainer.is_global_zero and self.routing_summary.load:
             print(f"\nRouting summary ({self.model_name}, test set)\n{self.routing_summary.table()}")
 
+    def build_optimizer(self, total_steps: int) -> tuple[Optimizer, LRScheduler | None]:
+        """This task's optimiser over its model and the scheduler for a run of ``total_steps`` optimiser steps."""
+        return build_optimizer(self.model, self.optimizer_factory, self.lr_scheduler_factory, total_steps)
+
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(self.warmup_frac * total))
-        min_ratio = self.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        optimizer, scheduler = self.build_optimizer(int(self.trainer.estimated_stepping_batches))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval(scheduler)}}

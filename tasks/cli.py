@@ -2,32 +2,55 @@
 
 The model and data are given by ``class_path`` in the config (subclass mode), so one entry point serves
 every domain. After ``fit``, the test set is evaluated on the best checkpoint (the final weights when the
-checkpoint callback monitors no metric) unless ``--test_after_fit false``.
+checkpoint callback monitors no metric) unless ``--test_after_fit false``. Configs in the old form (flat MoE
+arguments, ``lr``/``weight_decay``/``warmup_frac``/``min_lr_ratio``) are upgraded as they are loaded, with one
+warning (:mod:`moezoo.tasks.legacy`).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import pkgutil
+import logging
 from pathlib import Path
+
+from moezoo.extras import MissingExtraError, require
+
+require("train", "moezoo fit|validate|test|predict")  # before the imports it guards
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from moezoo.io import write_json_atomic
 from moezoo.parallel import num_parameters
+from moezoo.tasks.legacy import register_config_loader
+
+# The domain packages whose tasks and data modules configs name (one per folder of moezoo.tasks). Add a domain here.
+DOMAINS = (
+    "moezoo.tasks.vision",
+    "moezoo.tasks.generation",
+    "moezoo.tasks.speech",
+    "moezoo.tasks.timeseries",
+    "moezoo.tasks.detection",
+)
+log = logging.getLogger(__name__)
 
 
 def import_domains() -> list[str]:
-    """Import every domain package of ``moezoo.tasks`` so that configs can name their classes."""
-    import moezoo.tasks
+    """Import the domain packages so that configs can name their classes (also by their short names).
 
-    names = [f"moezoo.tasks.{info.name}" for info in pkgutil.iter_modules(moezoo.tasks.__path__) if info.ispkg]
-    for name in names:
-        importlib.import_module(name)
-    return names
+    A domain whose extra is not installed is skipped (noted in the debug log): a config that names one of its
+    classes then fails with the error that names the extra to install.
+    """
+    imported = []
+    for name in DOMAINS:
+        try:
+            importlib.import_module(name)
+        except MissingExtraError as err:
+            log.debug("skipped %s: %s", name, err)
+            continue
+        imported.append(name)
+    return imported
 
 
 class MoEZooCLI(LightningCLI):
@@ -56,14 +79,6 @@ class MoEZooCLI(LightningCLI):
             write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def cli_main(args: list[str] | None = None, run: bool = True) -> MoEZooCLI:
     import_domains()
     return MoEZooCLI(
@@ -71,7 +86,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MoEZooCLI:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": register_config_loader()},  # omegaconf, then the legacy shim
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -5,10 +5,11 @@ Legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, 
 Every row is one (T, D, F, E, K) in bf16; the candidates share one top-k router and one set of expert weights:
 
 - ``dense``: a dense FFN of hidden width K*F on the same T tokens: equal FLOPs, the roofline to compare with;
-- ``triton``: ``MoE(..., backend="triton")``: fused routing-to-combine kernels of ``moezoo.kernels``;
+- ``triton``: ``MoE(..., backend="triton")``: the fused gather-to-combine expert kernels of ``moezoo.kernels``
+  (routing in PyTorch);
 - ``grouped_mm``: the same layer with experts on ``torch._grouped_mm`` (sort, gather, two grouped GEMMs,
   weighted ``index_add``);
-- ``naive``: the per-expert masked loop most MoE code starts from.
+- ``naive``: the per-expert masked loop most MoE code starts from (the peers live in :mod:`moezoo.bench.peers`).
 
 ``triton`` times the whole layer (routing statistics included); the others time router + experts + combine.
 
@@ -24,61 +25,19 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from moezoo.bench.peers import GroupedMMMoE, NaiveLoopMoE
 from moezoo.layers import FeedForward, MoE
-from moezoo.ops.activations import act_forward
+from moezoo.ops.activations import ACTIVATIONS, hidden_width
 
 DEFAULT_SHAPES = ((16384, 2048, 1408, 64, 6), (16384, 4096, 14336, 8, 2), (4096, 1024, 512, 32, 4))
-
-
-class GroupedMMMoE(nn.Module):
-    """The MoE layer's router and weights with the experts on ``torch._grouped_mm`` (no host sync)."""
-
-    def __init__(self, moe: MoE) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x: Tensor) -> Tensor:
-        experts = self.moe.experts
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.moe.router(x_TD)
-        order_N = torch.argsort(routing.expert_idx_N, stable=True)
-        counts_E = torch.bincount(routing.expert_idx_N, minlength=experts.num_experts)
-        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        token_N = routing.token_idx_N.index_select(0, order_N)
-        h_NH = torch._grouped_mm(x_TD.index_select(0, token_N), experts.w_in, offs=offsets_E)
-        y_ND = torch._grouped_mm(act_forward(h_NH, experts.activation), experts.w_out, offs=offsets_E)
-        y_ND = y_ND * routing.gate_N.index_select(0, order_N).to(y_ND.dtype).unsqueeze(-1)
-        return torch.zeros_like(x_TD).index_add(0, token_N, y_ND).reshape(x.shape)
-
-
-class NaiveLoopMoE(nn.Module):
-    """For each expert: select its pairs with a mask, run it, add the gated rows back (one host sync per expert)."""
-
-    def __init__(self, moe: MoE) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x: Tensor) -> Tensor:
-        experts = self.moe.experts
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.moe.router(x_TD)
-        out = torch.zeros_like(x_TD)
-        for e in range(experts.num_experts):
-            sel = routing.expert_idx_N == e
-            tokens = routing.token_idx_N[sel]
-            if tokens.numel() == 0:
-                continue
-            y = act_forward(x_TD[tokens] @ experts.w_in[e], experts.activation) @ experts.w_out[e]
-            out = out.index_add(0, tokens, y * routing.gate_N[sel].to(y.dtype).unsqueeze(-1))
-        return out.reshape(x.shape)
 
 
 def expert_flops(shape: tuple[int, int, int, int, int], activation: str) -> float:
     """Forward+backward FLOPs of the routed expert GEMMs plus the router (MoE) = the dense twin's."""
     tokens, dim, ffn_dim, num_experts, top_k = shape
-    hidden = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+    hidden = hidden_width(activation, ffn_dim)
     return 6.0 * tokens * top_k * dim * (hidden + ffn_dim)
 
 
@@ -144,7 +103,7 @@ def format_table(results: dict[tuple[int, int, int, int, int], dict[str, float]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moezoo bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=None, help="T,D,F,E,K (repeatable)")
-    parser.add_argument("--activation", default="swiglu", choices=["gelu", "swiglu"])
+    parser.add_argument("--activation", default="swiglu", choices=ACTIVATIONS)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) per-expert loop")

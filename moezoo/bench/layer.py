@@ -6,11 +6,15 @@ Every row compares, in the same process and on the same input:
 - ``moezoo``: the MoE layer (top-k router + the fused PyTorch path);
 - ``reference``: the same layer on the readable autograd reference backend;
 - ``naive``: the per-expert masked loop most MoE code starts from;
-- ``hf-grouped_mm``: transformers' Mixtral block with its ``grouped_mm`` experts backend (when installed).
+- ``hf-grouped_mm``: transformers' Mixtral block with its ``grouped_mm`` experts backend (when installed);
+- with ``--compile``: ``dense+compile`` and ``moezoo+compile``, the dense FFN and the MoE layer under
+  ``torch.compile(fullgraph=True)`` (inductor by default); ``moezoo+compile`` is reported against
+  ``dense+compile``, ``dense+compile`` against ``dense``.
 
-Times are medians over repeats; ratios are against ``dense`` measured in the same run, which is what makes
-them comparable on a shared, noisy CPU. Memory is what autograd saves for backward (MiB), counted with
-``saved_tensors_hooks`` over unique storages.
+The peers (naive loop, grouped_mm, Mixtral block) live in :mod:`moezoo.bench.peers`. Times are medians over
+repeats; ratios are against the dense FFN measured in the same run, which is what makes them comparable on a
+shared, noisy CPU. Memory is what autograd saves for backward (MiB), counted with ``saved_tensors_hooks`` over
+unique storages (compiled candidates: what the compiled graph saves, as seen by the same hooks).
 """
 
 from __future__ import annotations
@@ -21,65 +25,18 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-import moezoo.ops.fused as fused
+from moezoo.bench.peers import NaiveLoopMoE, hf_mixtral_block
 from moezoo.layers import FeedForward, MoE
-from moezoo.ops.activations import act_forward
+from moezoo.ops.activations import ACTIVATIONS, hidden_width
+from moezoo.ops.fused import expert_ffn_fused
 from moezoo.ops.permute import sort_by_expert
 
 DEFAULT_SHAPES = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 64, 8), (2048, 256, 128, 64, 4))
-
-
-class NaiveLoopMoE(nn.Module):
-    """The per-expert loop: for each expert, find its tokens with a mask and run it (what users write first)."""
-
-    def __init__(self, moe: MoE) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x: Tensor) -> Tensor:
-        x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.moe.router(x_TD)
-        experts = self.moe.experts
-        out = torch.zeros_like(x_TD)
-        for e in range(experts.num_experts):
-            sel = routing.expert_idx_N == e
-            tokens = routing.token_idx_N[sel]
-            if tokens.numel() == 0:
-                continue
-            h = act_forward(x_TD[tokens] @ experts.w_in[e], experts.activation) @ experts.w_out[e]
-            out = out.index_add(0, tokens, h * routing.gate_N[sel].unsqueeze(-1))
-        return out.reshape(x.shape)
-
-
-def _hf_mixtral_block(moe: MoE) -> nn.Module | None:
-    """transformers' Mixtral sparse block with the ``grouped_mm`` experts backend and our weights, if available."""
-    try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    except ImportError:
-        return None
-    experts = moe.experts
-    if experts.activation != "swiglu":
-        return None
-    config = MixtralConfig(
-        hidden_size=experts.dim,
-        intermediate_size=experts.ffn_dim,
-        num_local_experts=experts.num_experts,
-        num_experts_per_tok=moe.top_k,
-        hidden_act="silu",
-    )
-    config._experts_implementation = "grouped_mm"
-    block = MixtralSparseMoeBlock(config)
-    with torch.no_grad():
-        block.gate.weight.copy_(moe.router.gate.weight)
-        block.experts.gate_up_proj.copy_(experts.w_in.transpose(1, 2))
-        block.experts.down_proj.copy_(experts.w_out.transpose(1, 2))
-    return block
+COMPILED = "+compile"  # suffix of the compiled candidates
 
 
 @dataclass
@@ -123,47 +80,35 @@ def measure(module: nn.Module, x: Tensor, repeats: int, warmup: int = 1) -> Meas
     return Measurement(statistics.median(times), saved / 2**20)
 
 
-class _WithLayout(nn.Module):
-    """Runs an MoE with the fused CPU path's row layout ``layout`` (``moezoo.ops.fused.LAYOUT``)."""
-
-    def __init__(self, moe: nn.Module, layout: str) -> None:
-        super().__init__()
-        self.moe = moe
-        self.layout = layout
-
-    def forward(self, x: Tensor) -> Any:
-        previous = fused.LAYOUT
-        fused.LAYOUT = self.layout
-        try:
-            return self.moe(x)  # the layout is fixed in forward and kept for backward
-        finally:
-            fused.LAYOUT = previous
-
-
 def bench_shape(
     shape: tuple[int, int, int, int, int],
     activation: str,
     repeats: int,
     with_naive: bool = True,
     seed: int = 0,
-    layouts: tuple[str, ...] = (),
+    compile_backend: str | None = None,
 ) -> dict[str, Measurement]:
+    """One row: every candidate on the same input. ``compile_backend``: also time the dense FFN and the MoE layer
+    under ``torch.compile(fullgraph=True, backend=compile_backend)`` (the first, untimed call compiles)."""
     tokens, dim, ffn_dim, num_experts, top_k = shape
     torch.manual_seed(seed)
     moe = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="torch")
     dense = FeedForward(dim, top_k * ffn_dim, activation)
     x = torch.randn(tokens, dim, requires_grad=True)
     candidates: dict[str, nn.Module] = {"dense": dense, "moezoo": moe}
-    for layout in layouts:
-        candidates[f"moezoo[{layout}]"] = _WithLayout(moe, layout)
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        for name, module in (("dense", dense), ("moezoo", moe)):
+            compiled = torch.compile(module, fullgraph=True, backend=compile_backend)
+            candidates[name + COMPILED] = compiled  # type: ignore[assignment]
     reference = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="reference")
     reference.load_state_dict(moe.state_dict())
     candidates["reference"] = reference
     if with_naive:
         candidates["naive"] = NaiveLoopMoE(moe)
-    hf = _hf_mixtral_block(moe)
+    hf = hf_mixtral_block(moe)
     if hf is not None:
-        candidates["hf-grouped_mm"] = _Reshape3d(hf)
+        candidates["hf-grouped_mm"] = hf
     return {name: measure(module, x, repeats) for name, module in candidates.items()}
 
 
@@ -183,7 +128,7 @@ def gemm_floor(shape: tuple[int, int, int, int, int], activation: str, repeats: 
     the same FLOPs (the dense FFN's first projection): the share of the ratio that no dispatch code can remove
     while experts run as separate GEMMs."""
     tokens, dim, ffn_dim, num_experts, top_k = shape
-    hidden = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+    hidden = hidden_width(activation, ffn_dim)
     rows = tokens * top_k // num_experts
     x_ND = torch.randn(rows * num_experts, dim)
     w_EDH = torch.randn(num_experts, dim, hidden)
@@ -272,7 +217,7 @@ def breakdown(shape: tuple[int, int, int, int, int], activation: str, repeats: i
     def experts_step() -> None:
         zero_grads()
         gate.grad = None
-        y = fused.expert_ffn_fused(
+        y = expert_ffn_fused(
             x, routing.token_idx_N, routing.expert_idx_N, gate, experts.w_in, experts.w_out, activation
         )
         y.backward(grad)
@@ -363,15 +308,9 @@ def format_breakdown(rows: dict[tuple[int, int, int, int, int], dict[str, float]
     return "\n".join(lines)
 
 
-class _Reshape3d(nn.Module):
-    """transformers blocks take ``(B, L, D)``."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block(x.unsqueeze(0)).squeeze(0)
+def baseline(name: str) -> str:
+    """What a candidate's time is divided by: ``dense+compile`` for a compiled MoE, ``dense`` for the rest."""
+    return "dense" + COMPILED if name.endswith(COMPILED) and name != "dense" + COMPILED else "dense"
 
 
 def format_table(
@@ -379,15 +318,18 @@ def format_table(
     floors: dict[tuple[int, int, int, int, int], float] | None = None,
 ) -> str:
     names = list(dict.fromkeys(name for row in results.values() for name in row))
-    head = ["(T, D, F, E, K)", "dense ms"] + [f"{n}/dense" for n in names if n != "dense"]
+    head = ["(T, D, F, E, K)", "dense ms"] + [f"{n}/{baseline(n)}" for n in names if n != "dense"]
     head += [f"{n} MiB" for n in names]
     if floors:
         head.append("expert GEMMs / one GEMM")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape, row in results.items():
-        dense = row["dense"].ms
-        cells = [str(tuple(shape)), f"{dense:.1f}"]
-        cells += [f"{row[n].ms / dense:.2f}x" if n in row else "-" for n in names if n != "dense"]
+        cells = [str(tuple(shape)), f"{row['dense'].ms:.1f}"]
+        cells += [
+            f"{row[n].ms / row[baseline(n)].ms:.2f}x" if n in row and baseline(n) in row else "-"
+            for n in names
+            if n != "dense"
+        ]
         cells += [f"{row[n].saved_mib:.0f}" if n in row else "-" for n in names]
         if floors:
             cells.append(f"{floors[shape]:.2f}x" if shape in floors else "-")
@@ -398,15 +340,20 @@ def format_table(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moezoo bench layer", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=None, help="T,D,F,E,K (repeatable)")
-    parser.add_argument("--activation", default="swiglu", choices=["gelu", "swiglu"])
+    parser.add_argument("--activation", default="swiglu", choices=ACTIVATIONS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
     parser.add_argument(
-        "--layouts",
-        default="",
-        help="also time the fused CPU path with these row layouts (comma list of segment,bucket; default layout: "
-        f"{fused.LAYOUT})",
+        "--compile",
+        action="store_true",
+        help="also time the dense FFN and the MoE layer under torch.compile(fullgraph=True); the compiled layer is "
+        "reported against the compiled dense FFN",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend for --compile (default inductor; aot_eager traces without code generation)",
     )
     parser.add_argument(
         "--breakdown",
@@ -423,9 +370,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--shape must be five integers T,D,F,E,K: {err}") from err
         if any(len(s) != 5 for s in shapes):
             raise SystemExit("--shape must be five integers T,D,F,E,K")
-    layouts = tuple(v for v in args.layouts.split(",") if v)
-    if any(v not in ("segment", "bucket") for v in layouts):
-        raise SystemExit(f"--layouts takes segment and/or bucket, got {args.layouts!r}")
     torch.set_num_threads(args.threads)
     if args.breakdown:
         print(f"moezoo bench layer --breakdown: CPU fp32, {torch.get_num_threads()} threads, {args.activation}")
@@ -438,14 +382,18 @@ def main(argv: list[str] | None = None) -> int:
             "gather/scatter: the 4 row gathers and scatter-adds of a gather-based dispatch."
         )
         return 0
+    compiled = f", torch.compile backend {args.compile_backend}" if args.compile else ""
     print(
         f"moezoo bench layer: CPU fp32, {torch.get_num_threads()} threads, {args.activation}, "
-        f"median of {args.repeats}, forward+backward"
+        f"median of {args.repeats}, forward+backward{compiled}"
     )
     results = {}
     floors = {}
     for shape in shapes:
-        results[shape] = bench_shape(shape, args.activation, args.repeats, not args.no_naive, layouts=layouts)
+        compile_backend = args.compile_backend if args.compile else None
+        results[shape] = bench_shape(
+            shape, args.activation, args.repeats, not args.no_naive, compile_backend=compile_backend
+        )
         floors[shape] = gemm_floor(shape, args.activation, args.repeats)
         print(f"done {shape}", flush=True)
     print(format_table(results, floors))

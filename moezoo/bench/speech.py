@@ -79,7 +79,7 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, data: Any, ood: A
 
     torch.manual_seed(seed)
     kwargs = {"num_experts": 4, "top_k": 1, **VARIANTS[variant]}
-    task = SpeechRecognitionTask(f"moe_conformer_{args.size}", kwargs, lr=args.lr, lid_coef=0.3, spec_augment=True)
+    task = SpeechRecognitionTask(f"moe_conformer_{args.size}", kwargs, lid_coef=0.3, spec_augment=True)
     total, active = count_params(task.model)
     optimizer = torch.optim.AdamW(param_groups(task.model, 0.01), lr=args.lr)
     warmup = max(1, int(0.05 * args.steps))

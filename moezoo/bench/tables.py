@@ -458,7 +458,7 @@ HEADLINE_METRICS = {  # test metric -> higher is better; the first one a release
 def zoo_rows(evaluate: bool = True) -> list[dict[str, Any]]:
     """One row per released checkpoint; ``evaluate`` reruns ``moezoo zoo eval`` and uses (and checks) its numbers."""
     from moezoo.models import get_pretrained_cfg, list_models
-    from moezoo.zoo import compare, run_evaluation
+    from moezoo.tasks.zoo.evaluation import compare, run_evaluation
 
     rows = []
     for name in list_models(pretrained=True):

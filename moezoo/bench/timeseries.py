@@ -154,7 +154,8 @@ def run_one(args: argparse.Namespace, variant: str, horizon: int, seed: int) -> 
     L.seed_everything(seed, verbose=False)
     data = _data_module(args, horizon)
     kwargs = _model_kwargs(args, variant, horizon, data.num_channels)
-    task = ForecastingTask(args.model, kwargs, lr=args.lr, weight_decay=0.01, num_plot_windows=0)
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": args.lr, "weight_decay": 0.01}}
+    task = ForecastingTask(args.model, kwargs, optimizer=optimizer, num_plot_windows=0)
     best = BestValWeights("val/mse")
     trainer = L.Trainer(
         max_epochs=args.epochs,

@@ -83,12 +83,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, int(round(total - inactive))
 
 
-def _optimizer(task: Any, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    from moezoo.tasks.base import param_groups, warmup_cosine
-
-    opt = torch.optim.AdamW(param_groups(task.model, task.weight_decay), lr=task.lr)
-    warmup = max(1, int(task.warmup_frac * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup, task.min_lr_ratio))
+def _optimizer(task: Any, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt, sched = task.build_optimizer(steps)  # the config's optimizer and lr_scheduler, as `moezoo fit` builds them
+    assert sched is not None, "the study's configs name an lr_scheduler"
     return opt, sched
 
 

@@ -1,12 +1,11 @@
 """Layers of the shared sparse-MoE core.
 
-Every module of this package is imported here, so a domain router defined in its own file
-(registered with :func:`register_router`) is available by name as soon as ``moezoo`` is imported.
+The domain routers live in their own modules (``segment``, ``promoe``, ``speech_routers``) and register
+themselves with :func:`register_router` when imported; they are imported here, explicitly, so that every router
+is available by name as soon as ``moezoo`` is imported.
 """
 
-import importlib
-import pkgutil
-
+from moezoo.layers import promoe, segment, speech_routers
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.moe import MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.layers.routers import (
@@ -19,13 +18,13 @@ from moezoo.layers.routers import (
     SinkhornRouter,
     SoftMoERouter,
     SoftRoutingResult,
+    SparseRouter,
     TopKRouter,
+    check_router_kwargs,
     get_router,
     register_router,
+    router_options,
 )
-
-for _info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "ROUTERS",
@@ -41,9 +40,15 @@ __all__ = [
     "SinkhornRouter",
     "SoftMoERouter",
     "SoftRoutingResult",
+    "SparseRouter",
     "TopKRouter",
+    "check_router_kwargs",
     "get_router",
+    "promoe",
     "register_router",
+    "router_options",
+    "segment",
+    "speech_routers",
     "summarize_aux",
     "total_aux_loss",
     "update_router_states",

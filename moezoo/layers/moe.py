@@ -5,10 +5,15 @@ G groups and L tokens per group (Soft MoE), S slots per expert.
 
 The layer returns the FFN output (no residual: a token routed to no expert gets 0 and passes through the
 block's residual unchanged) and an :class:`MoEAux` with the router's weighted losses and routing statistics.
+It takes the sparse path (pairs -> :func:`moezoo.ops.expert_ffn`) or the Soft MoE path by ``router.kind``.
+
+The forward traces under ``torch.compile(fullgraph=True)`` for every router and backend: no host syncs, no
+Python branches on data-dependent sizes (a mask's token count is one, see ``moezoo.ops.indexing``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +23,15 @@ from torch import Tensor, nn
 
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.losses import load_cv, routing_entropy
-from moezoo.layers.routers import Router, RoutingResult, SoftMoERouter, SoftRoutingResult, get_router
+from moezoo.layers.routers import (
+    Router,
+    RoutingResult,
+    SoftRoutingResult,
+    check_int,
+    check_router_kwargs,
+    get_router,
+)
+from moezoo.ops import count_per_expert, size_max, true_indices
 
 
 @dataclass
@@ -97,15 +110,18 @@ class MoE(nn.Module):
         dim: model width D.
         ffn_dim: hidden width F of one expert.
         num_experts: number of routed experts E.
-        top_k: experts per token K (or the compute-equivalent for expert choice / Soft MoE).
+        top_k: experts per token K (or the compute-equivalent for expert choice / Soft MoE); its upper bound is
+            the router's (``num_experts``, or ``num_experts + num_null_experts`` for top-k with null experts).
         router: a registered router name or a :class:`Router` instance (which may be shared across layers).
-        router_kwargs: extra arguments for the router when it is built by name.
+        router_kwargs: extra arguments for the router when it is built by name (``top_k`` is the layer's).
         activation: ``"gelu"`` or ``"swiglu"``.
         num_shared_experts: always-on experts of width F each (DeepSeekMoE), fused into one dense FFN.
         shared_expert_gate: scale the shared expert's output by a per-token sigmoid gate.
         granularity: fine-grained experts: E*m experts of width F/m with K*m active (same compute).
         backend: ``"torch"``, ``"triton"`` or ``"reference"``; ``None`` chooses by device.
         check_finite: raise on NaN/inf inputs (one reduction per forward; skipped under ``torch.compile``).
+
+    ``x`` must have the dtype of the layer's parameters, or any floating dtype under ``torch.autocast``.
     """
 
     def __init__(
@@ -125,21 +141,26 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(granularity, int) or granularity < 1 or ffn_dim % granularity:
+            check_int(name, value, 1)
+        check_int("top_k", top_k, 1)
+        check_int("granularity", granularity, 1)
+        if ffn_dim % granularity:
             raise ValueError(f"granularity must be a positive integer dividing ffn_dim={ffn_dim}, got {granularity!r}")
-        if num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
+        check_int("num_shared_experts", num_shared_experts, 0)
         self.dim = dim
         self.num_experts = num_experts * granularity
         self.top_k = top_k * granularity
         self.expert_dim = ffn_dim // granularity
         self.backend = backend
         self.check_finite = check_finite
-        if isinstance(router, Router):
+        self.router: Router
+        if isinstance(router, str):
+            kwargs = dict(router_kwargs or {})
+            if "top_k" in kwargs:
+                raise TypeError("router_kwargs must not hold top_k: it is the layer's own argument top_k")
+            check_router_kwargs(router, {"top_k": top_k, **kwargs}, num_experts)  # in the user's terms
+            self.router = get_router(router, dim, self.num_experts, top_k=self.top_k, **kwargs)
+        elif isinstance(router, Router):
             if router_kwargs:
                 raise ValueError("router_kwargs cannot be combined with a router instance")
             if router.num_experts != self.num_experts or router.dim != dim:
@@ -149,7 +170,7 @@ class MoE(nn.Module):
                 )
             self.router = router
         else:
-            self.router = get_router(router, dim, self.num_experts, top_k=self.top_k, **dict(router_kwargs or {}))
+            raise TypeError(f"router must be a registered router name or a Router instance, got {router!r}")
         self.experts = GroupedExperts(self.num_experts, dim, self.expert_dim, activation)
         self.shared = FeedForward(dim, num_shared_experts * ffn_dim, activation) if num_shared_experts else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if (shared_expert_gate and self.shared is not None) else None
@@ -163,6 +184,14 @@ class MoE(nn.Module):
     def _check_input(self, x: Tensor, mask: Tensor | None) -> None:
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension dim={self.dim}, got shape {tuple(x.shape)}")
+        param_dtype = self.experts.w_in.dtype
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (the layer's dtype is {param_dtype}), got {x.dtype}")
+        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's parameters are {param_dtype}: cast the input "
+                f"(x.to({param_dtype})) or the layer (.to({x.dtype})), or run under torch.autocast"
+            )
         if mask is not None and (mask.shape != x.shape[:-1] or mask.dtype != torch.bool):
             raise ValueError(
                 f"mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got {mask.dtype} {tuple(mask.shape)}"
@@ -175,11 +204,11 @@ class MoE(nn.Module):
     ) -> tuple[Tensor, MoEAux]:
         """``x (..., D)`` -> ``(y (..., D), aux)``; ``mask (...)`` True for real tokens; ``side``: router inputs."""
         self._check_input(x, mask)
-        if isinstance(self.router, SoftMoERouter):
+        if self.router.kind == "soft":
             return self._forward_soft(x, mask)
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.dim)
-        keep_T = mask.reshape(-1).nonzero().squeeze(-1) if mask is not None else None
+        keep_T = true_indices(mask.reshape(-1)) if mask is not None else None
         x_in = x_TD if keep_T is None else x_TD.index_select(0, keep_T)
         routing: RoutingResult = self.router(x_in, _expand_side(side, lead, keep_T))
         y_in = self.experts(x_in, routing.token_idx_N, routing.expert_idx_N, routing.gate_N, backend=self.backend)
@@ -193,14 +222,11 @@ class MoE(nn.Module):
 
     def _sparse_aux(self, routing: RoutingResult) -> MoEAux:
         with torch.no_grad():
-            tokens_per_expert = torch.bincount(routing.expert_idx_N, minlength=self.num_experts).float()
+            tokens_per_expert = count_per_expert(routing.expert_idx_N, self.num_experts).float()
             num_tokens = routing.num_tokens
-            if num_tokens:
-                routed = torch.zeros(num_tokens, dtype=torch.bool, device=tokens_per_expert.device)
-                routed[routing.token_idx_N] = True
-                dropped = 1.0 - routed.float().mean()
-            else:
-                dropped = tokens_per_expert.new_zeros(())
+            routed = torch.zeros(num_tokens, dtype=torch.bool, device=tokens_per_expert.device)
+            routed[routing.token_idx_N] = True
+            dropped = (~routed).sum().float() / size_max(num_tokens, 1)
             probs = routing.probs_TE
             entropy = routing_entropy(probs) if probs is not None else tokens_per_expert.new_zeros(())
         return MoEAux(
@@ -215,12 +241,13 @@ class MoE(nn.Module):
 
     def _forward_soft(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, MoEAux]:
         """Soft MoE over groups: the last-but-one axis is the token axis L, the rest are groups G."""
-        router = self.router
-        assert isinstance(router, SoftMoERouter)
-        num_slots_total = self.num_experts * router.slots_per_expert
-        x_GLD = x.reshape(-1, x.shape[-2], self.dim) if x.dim() >= 2 else x.reshape(1, -1, self.dim)
+        if x.dim() >= 2:
+            x_GLD = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], self.dim)
+        else:
+            x_GLD = x.reshape(1, 1, self.dim)
         mask_GL = mask.reshape(x_GLD.shape[:2]) if mask is not None else None
-        soft: SoftRoutingResult = router(x_GLD, mask_GL)
+        soft: SoftRoutingResult = self.router(x_GLD, mask_GL)
+        num_slots_total = self.num_experts * soft.slots_per_expert
         dispatch = soft.dispatch_GLS.to(x.dtype)
         slots_GSD = torch.einsum("gls,gld->gsd", dispatch, x_GLD)
         groups = x_GLD.shape[0]
@@ -236,7 +263,7 @@ class MoE(nn.Module):
             .transpose(0, 1)
             .reshape(groups, num_slots_total, self.dim)
         )
-        y_GLD = torch.einsum("gls,gsd->gld", soft.combine_GLS.to(x.dtype), out_GSD)
+        y_GLD = torch.einsum("gls,gsd->gld", soft.combine_GLS.to(out_GSD.dtype), out_GSD)
         if self.shared is not None:
             shared = self.shared(x_GLD)
             if self.shared_gate is not None:
@@ -247,15 +274,17 @@ class MoE(nn.Module):
         with torch.no_grad():
             # Each slot holds one row per group: the load is uniform by construction.
             tokens_per_expert = x.new_full((self.num_experts,), float(groups * s), dtype=torch.float32)
-            combine = soft.combine_GLS if mask_GL is None else soft.combine_GLS[mask_GL]
-            entropy = routing_entropy(combine.reshape(-1, num_slots_total))
+            combine_TS = soft.combine_GLS.reshape(-1, num_slots_total)
+            if mask_GL is not None:
+                combine_TS = combine_TS.index_select(0, true_indices(mask_GL.reshape(-1)))
+            entropy = routing_entropy(combine_TS)
         aux = MoEAux(
             losses=soft.losses,
             tokens_per_expert_E=tokens_per_expert,
             dropped_frac=tokens_per_expert.new_zeros(()),
             router_entropy=entropy,
             expert_load_cv=load_cv(tokens_per_expert),
-            num_tokens=int(mask_GL.sum()) if mask_GL is not None else x_GLD.shape[0] * x_GLD.shape[1],
+            num_tokens=combine_TS.shape[0],
         )
         return y_GLD.reshape(x.shape), aux
 

@@ -16,32 +16,49 @@ prototypes, N routed pairs, A experts that received at least one token.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moezoo.layers.routers import Router, RoutingResult, Side, _check_positive, _check_top_k, register_router
+from moezoo.layers.routers import (
+    RoutingResult,
+    Side,
+    SparseRouter,
+    check_int,
+    check_non_negative,
+    check_positive,
+    check_top_k,
+    register_router,
+)
+from moezoo.ops import count_per_expert, true_indices
 
 
 def routing_contrastive_loss(
     x_TD: Tensor, prototypes_PD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, temperature: float
 ) -> Tensor:
-    """InfoNCE between each used prototype and the normalised mean of the (normalised) tokens routed to it."""
+    """InfoNCE between each used prototype and the normalised mean of the (normalised) tokens routed to it.
+
+    Computed over all P prototypes with the unused ones masked out (their columns get no probability, their rows
+    no weight), which equals the loss over the used ones alone without a data-dependent selection; 0 when no
+    token is routed.
+    """
     num_protos = prototypes_PD.shape[0]
-    if token_idx_N.numel() == 0:
-        return prototypes_PD.sum() * 0.0
     xn_ND = F.normalize(x_TD.float(), dim=-1).index_select(0, token_idx_N)
     sums_PD = xn_ND.new_zeros(num_protos, x_TD.shape[-1]).index_add(0, expert_idx_N, xn_ND)
-    counts_P = torch.bincount(expert_idx_N, minlength=num_protos)
-    used_A = (counts_P > 0).nonzero().squeeze(-1)
-    centroids_AD = F.normalize(sums_PD.index_select(0, used_A) / counts_P[used_A, None].float(), dim=-1)
-    protos_AD = F.normalize(prototypes_PD.float().index_select(0, used_A), dim=-1)
-    logits_AA = protos_AD @ centroids_AD.t() / temperature
-    target_A = torch.arange(used_A.numel(), device=x_TD.device)
-    return F.cross_entropy(logits_AA, target_A)
+    counts_P = count_per_expert(expert_idx_N, num_protos)
+    used_P = counts_P > 0
+    centroids_PD = F.normalize(sums_PD / counts_P.clamp_min(1).unsqueeze(-1).float(), dim=-1)
+    logits_PP = F.normalize(prototypes_PD.float(), dim=-1) @ centroids_PD.t() / temperature
+    logits_PP = logits_PP.masked_fill(~used_P.unsqueeze(0), float("-inf"))
+    logits_PP = torch.where(used_P.unsqueeze(-1), logits_PP, 0.0)  # unused rows: finite, then weighted 0
+    loss_P = F.cross_entropy(logits_PP, torch.arange(num_protos, device=x_TD.device), reduction="none")
+    return torch.where(used_P, loss_P, 0.0).sum() / used_P.sum().clamp_min(1)
 
 
-class ProMoERouter(Router):
+class ProMoERouter(SparseRouter):
     """Conditional routing to an unconditional expert, then cosine-prototype top-k routing (ProMoE).
 
     Args:
@@ -65,20 +82,30 @@ class ProMoERouter(Router):
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
     ) -> None:
-        if not isinstance(num_experts, int) or num_experts < 2:
-            raise ValueError(
-                f"num_experts must be an integer >= 2 for ProMoE (prototype experts + 1 unconditional), "
-                f"got {num_experts!r}"
-            )
+        ProMoERouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                temperature=temperature,
+                contrastive_coef=contrastive_coef,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
-        _check_top_k(top_k, num_experts - 1)
-        _check_positive("temperature", temperature)
-        if contrastive_coef < 0:
-            raise ValueError(f"contrastive_coef must be >= 0, got {contrastive_coef}")
         self.top_k = top_k
         self.temperature = temperature
         self.contrastive_coef = contrastive_coef
         self.uncond_expert = num_experts - 1
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        if num_experts is not None:
+            check_int("num_experts", num_experts, 2)  # prototype experts + 1 unconditional
+        check_top_k(options["top_k"], None if num_experts is None else num_experts - 1, "num_experts - 1")
+        check_positive("temperature", options["temperature"])
+        check_non_negative("contrastive_coef", options["contrastive_coef"])
 
     @property
     def num_logits(self) -> int:
@@ -106,8 +133,8 @@ class ProMoERouter(Router):
                 )
             dropped_T = flag.to(device=device, dtype=torch.bool)
         sim_TP = self.similarity(x_TD)
-        cond_C = (~dropped_T).nonzero().squeeze(-1)
-        uncond_U = dropped_T.nonzero().squeeze(-1)
+        cond_C = true_indices(~dropped_T)
+        uncond_U = true_indices(dropped_T)
         top_sim_CK, top_idx_CK = sim_TP.index_select(0, cond_C).topk(self.top_k, dim=-1)
         cond_token_N = cond_C.repeat_interleave(self.top_k)
         cond_expert_N = top_idx_CK.reshape(-1)
@@ -124,9 +151,9 @@ class ProMoERouter(Router):
             losses["contrastive"] = self.contrastive_coef * routing_contrastive_loss(
                 x_TD, self.prototypes, cond_token_N, cond_expert_N, self.temperature
             )
-        if cond_C.numel():
-            cond_probs = torch.softmax(sim_TP.index_select(0, cond_C) / self.temperature, dim=-1)
-            losses.update(self.common_losses(sim_TP.index_select(0, cond_C), cond_probs, cond_expert_N, self.top_k))
+        cond_sim_CP = sim_TP.index_select(0, cond_C)
+        cond_probs_CP = torch.softmax(cond_sim_CP / self.temperature, dim=-1)
+        losses.update(self.common_losses(cond_sim_CP, cond_probs_CP, cond_expert_N, self.top_k))
         return RoutingResult(token_idx_N, expert_idx_N, gate_N, num_tokens, self.num_experts, probs_TE, losses)
 
 

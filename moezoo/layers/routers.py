@@ -1,11 +1,23 @@
-"""Routers: from token representations to (token, expert, gate) pairs.
+"""Routers: from token representations to (token, expert, gate) pairs, or to Soft MoE's slot weights.
 
 Legend: T tokens, D model dim, E experts, K experts per token, N routed pairs, C capacity per expert,
-G groups (sequences) and L tokens per group for Soft MoE, S slots.
+G groups (sequences) and L tokens per group for Soft MoE, S = E * slots per expert.
 
-Every sparse router returns a :class:`RoutingResult`, a flat list of pairs: top-k gives N = T*K, expert choice
-gives each expert's C tokens, capacity dropping and null experts are filters on the pairs, ReLU routing gives
-the nonzeros. The dispatcher in :mod:`moezoo.ops` consumes any such list. Routers compute in fp32.
+Every router is a :class:`Router` and says which of the two routing families it belongs to with one class
+attribute, ``kind``; the MoE layer, expert parallelism and the reports decide by ``kind`` and nothing else:
+
+- ``kind == "sparse"`` (:class:`SparseRouter`): ``forward(x_TD, side) -> RoutingResult``, a flat list of pairs.
+  Top-k gives N = T*K, expert choice gives each expert's C tokens, capacity dropping and null experts are filters
+  on the pairs, ReLU routing gives the nonzeros. The dispatcher in :mod:`moezoo.ops` consumes any such list.
+- ``kind == "soft"`` (:class:`SoftMoERouter`): ``forward(x_GLD, mask_GL) -> SoftRoutingResult``, dense dispatch
+  and combine weights over the tokens of each group. Soft MoE has no pairs, and its weights mix the tokens of a
+  whole sequence, so it cannot take the sparse signature (flattened tokens); it is its own kind, not a sparse
+  router with a different signature.
+
+Routers compute in fp32. Every router validates its options in :meth:`Router.check_options`, which its
+constructor calls and which :func:`check_router_kwargs` calls without building anything (a config object can
+check its router settings up front). Data-dependent filters use :func:`moezoo.ops.true_indices` and counts use
+:func:`moezoo.ops.count_per_expert`, so every router traces under ``torch.compile(fullgraph=True)``.
 
 State that is not trained by gradients (the loss-free bias, ReLU routing's L1 coefficient) lives in buffers;
 training forwards accumulate observations and :meth:`Router.update_state` applies them once per optimiser step.
@@ -13,16 +25,18 @@ training forwards accumulate observations and :meth:`Router.update_state` applie
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moezoo.layers.losses import router_z_loss, switch_balance_loss
+from moezoo.layers.losses import logsumexp_TE, router_z_loss, switch_balance_loss
+from moezoo.ops import count_per_expert, size_max, size_min, true_indices
 
 Side = Mapping[str, Tensor]
 
@@ -51,46 +65,114 @@ class SoftRoutingResult:
     losses: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
+# ------------------------------------------------------------------------------------------------ option checks
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(name: str, value: object, *, low: float, strict: bool, none_means: str | None = None) -> None:
+    """``value`` must be a finite real number ``> low`` (``strict``) or ``>= low``; ``None`` is allowed when
+    ``none_means`` says what it means. TypeError for a wrong type, ValueError for a wrong value."""
+    if value is None and none_means is not None:
         return
-    if value is None or not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    allowed = f"a finite number {'>' if strict else '>='} {low}" + (f" or None ({none_means})" if none_means else "")
+    if not _is_number(value):
+        raise TypeError(f"{name} must be {allowed}, got {value!r} of type {type(value).__name__}")
+    assert isinstance(value, (int, float))
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _check_top_k(top_k: int, num_experts: int) -> None:
-    if not isinstance(top_k, int) or top_k < 1 or top_k > num_experts:
-        raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
+def check_positive(name: str, value: object, none_means: str | None = None) -> None:
+    check_number(name, value, low=0, strict=True, none_means=none_means)
 
 
-def _flat_pairs(top_idx_TK: Tensor, gates_TK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def check_non_negative(name: str, value: object) -> None:
+    check_number(name, value, low=0, strict=False)
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    """``value`` must be an ``int`` (not a bool) ``>= low``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer >= {low}, got {value!r} of type {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_top_k(top_k: object, num_experts: int | None, what: str = "num_experts") -> None:
+    """``1 <= top_k <= num_experts`` (the upper bound is skipped when ``num_experts`` is None)."""
+    if num_experts is None:
+        check_int("top_k", top_k, 1)
+        return
+    allowed = f"an integer in [1, {what}={num_experts}]"
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise TypeError(f"top_k must be {allowed}, got {top_k!r} of type {type(top_k).__name__}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be {allowed}, got {top_k!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_bool(name: str, value: object, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{name} must be {allowed}, got {value!r} of type {type(value).__name__}")
+
+
+def flat_pairs(top_idx_TK: Tensor, gates_TK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(T, K)`` choices -> pairs ``(token_idx_N, expert_idx_N, gate_N)``, token-major."""
     num_tokens, k = top_idx_TK.shape
     token_idx_N = torch.arange(num_tokens, device=top_idx_TK.device).repeat_interleave(k)
     return token_idx_N, top_idx_TK.reshape(-1), gates_TK.reshape(-1)
 
 
-class Router(nn.Module):
-    """Base class: a linear gate ``x @ W`` computed in fp32, with the common losses.
+def keep_pairs(keep_N: Tensor, *pairs_N: Tensor) -> tuple[Tensor, ...]:
+    """The pairs where ``keep_N`` is True (one data-dependent length, traceable: see ``moezoo.ops.indexing``)."""
+    kept = true_indices(keep_N)
+    return tuple(t.index_select(0, kept) for t in pairs_N)
 
-    Subclasses implement :meth:`forward`. ``side`` carries per-token side inputs (class labels, language
-    posteriors ...) for routers that need them; plain routers ignore it.
+
+# ---------------------------------------------------------------------------------------------------- routers
+
+
+class Router(nn.Module):
+    """Base of every router: a linear gate ``x @ W`` computed in fp32, the common losses, option checks.
+
+    ``kind`` ("sparse" or "soft") says which forward contract the router follows (see the module docstring); a new
+    router subclasses :class:`SparseRouter` or :class:`SoftMoERouter`, which set it. ``needs_side`` names the side
+    inputs (class labels, language posteriors ...) a router requires.
     """
 
-    kind: ClassVar[str] = "sparse"
+    kind: ClassVar[Literal["sparse", "soft"]]
     needs_side: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dim: int, num_experts: int, balance_coef: float = 0.01, z_loss_coef: float = 0.0) -> None:
         super().__init__()
-        _check_positive("dim", dim)
-        _check_positive("num_experts", num_experts)
-        if balance_coef < 0 or z_loss_coef < 0:
-            raise ValueError(f"balance_coef and z_loss_coef must be >= 0, got {balance_coef}, {z_loss_coef}")
+        check_int("dim", dim, 1)
+        check_int("num_experts", num_experts, 1)
+        Router.check_options(num_experts, {"balance_coef": balance_coef, "z_loss_coef": z_loss_coef})
         self.dim = dim
         self.num_experts = num_experts
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
         self.gate = nn.Linear(dim, self.num_logits, bias=False)
         nn.init.normal_(self.gate.weight, std=dim**-0.5)
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        """Raise TypeError/ValueError for a bad option value. ``options`` holds every option of the router's
+        constructor (defaults filled in, see :func:`check_router_kwargs`); ``num_experts`` None skips the checks
+        that need it. Each class checks its own options and calls its parent's ``check_options``; its constructor
+        calls its *own* class's method (``TopKRouter.check_options(...)``, not ``self.check_options``), so that a
+        subclass's constructor can add options without its parent's constructor seeing them."""
+        for name in ("balance_coef", "z_loss_coef"):
+            if name in options:  # routers without the loss do not take the option
+                check_non_negative(name, options[name])
 
     @property
     def num_logits(self) -> int:
@@ -100,7 +182,9 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.gate.weight.float())
 
-    def common_losses(self, logits_TE: Tensor, probs_TE: Tensor, expert_idx_N: Tensor, k: int) -> dict[str, Tensor]:
+    def common_losses(
+        self, logits_TE: Tensor, probs_TE: Tensor, expert_idx_N: Tensor, k: int | torch.SymInt
+    ) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         if self.balance_coef > 0:
             losses["balance"] = self.balance_coef * switch_balance_loss(probs_TE, expert_idx_N, k)
@@ -112,14 +196,27 @@ class Router(nn.Module):
         """Apply accumulated non-gradient updates (called once per optimiser step). Default: nothing."""
 
 
+class SparseRouter(Router):
+    """A router that returns pairs: ``forward(x_TD (T, D), side) -> RoutingResult``.
+
+    ``side`` carries per-token side inputs (one row per token, already expanded by the layer) for routers that
+    need them; plain routers ignore it.
+    """
+
+    kind: ClassVar[Literal["sparse"]] = "sparse"
+
+    def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        raise NotImplementedError
+
+
 def apply_capacity(
-    token_idx_N: Tensor, expert_idx_N: Tensor, priority_N: Tensor, num_experts: int, capacity: int
+    token_idx_N: Tensor, expert_idx_N: Tensor, priority_N: Tensor, num_experts: int, capacity: int | torch.SymInt
 ) -> Tensor:
     """Boolean keep-mask over pairs: each expert keeps its ``capacity`` pairs of lowest ``priority_N``."""
     by_priority = torch.argsort(priority_N, stable=True)
     expert_p = expert_idx_N[by_priority]
     by_expert = torch.argsort(expert_p, stable=True)
-    counts = torch.bincount(expert_p, minlength=num_experts)
+    counts = count_per_expert(expert_p, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     expert_sorted = expert_p[by_expert]
     pos_in_expert = torch.arange(expert_sorted.numel(), device=expert_sorted.device) - starts[expert_sorted]
@@ -130,7 +227,7 @@ def apply_capacity(
     return keep
 
 
-class TopKRouter(Router):
+class TopKRouter(SparseRouter):
     """Softmax top-k token choice (Switch k=1, GShard k=2) with optional noise, capacity and null experts.
 
     - ``noise``: ``"gaussian"`` (Shazeer noisy top-k, learned noise scale) or ``"jitter"`` (Switch's
@@ -140,7 +237,7 @@ class TopKRouter(Router):
     - ``drop_policy``: ``"position"`` (first choices before second choices, then token order) or
       ``"batch_priority"`` (V-MoE BPR: tokens with the highest top gate first).
     - ``num_null_experts`` (AdaMoE): extra experts that compute nothing; pairs routed to them are removed, so a
-      token may use fewer than K real experts.
+      token may use fewer than K real experts (``top_k`` may reach ``num_experts + num_null_experts``).
     - ``normalize``: renormalise the K selected probabilities to sum to 1 (default for K > 1).
     """
 
@@ -158,16 +255,22 @@ class TopKRouter(Router):
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
     ) -> None:
-        if num_null_experts < 0:
-            raise ValueError(f"num_null_experts must be >= 0, got {num_null_experts}")
+        TopKRouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                noise=noise,
+                noise_eps=noise_eps,
+                capacity_factor=capacity_factor,
+                drop_policy=drop_policy,
+                num_null_experts=num_null_experts,
+                normalize=normalize,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
         self.num_null_experts = num_null_experts
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
-        _check_top_k(top_k, num_experts + num_null_experts)
-        _check_positive("capacity_factor", capacity_factor, allow_none=True)
-        if noise not in (None, "gaussian", "jitter"):
-            raise ValueError(f"noise must be None, 'gaussian' or 'jitter', got {noise!r}")
-        if drop_policy not in ("position", "batch_priority"):
-            raise ValueError(f"drop_policy must be 'position' or 'batch_priority', got {drop_policy!r}")
         self.top_k = top_k
         self.noise = noise
         self.noise_eps = noise_eps
@@ -178,13 +281,28 @@ class TopKRouter(Router):
         if self.noise_gate is not None:
             nn.init.zeros_(self.noise_gate.weight)
 
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_int("num_null_experts", options["num_null_experts"], 0)
+        if num_experts is None:
+            check_top_k(options["top_k"], None)
+        else:
+            what = "num_experts + num_null_experts" if options["num_null_experts"] else "num_experts"
+            check_top_k(options["top_k"], num_experts + options["num_null_experts"], what)
+        check_choice("noise", options["noise"], (None, "gaussian", "jitter"))
+        check_non_negative("noise_eps", options["noise_eps"])
+        check_positive("capacity_factor", options["capacity_factor"], none_means="dropless")
+        check_choice("drop_policy", options["drop_policy"], ("position", "batch_priority"))
+        check_bool("normalize", options["normalize"], allow_none=True)
+
     @property
     def num_logits(self) -> int:
         return self.num_experts + self.num_null_experts
 
-    def capacity(self, num_tokens: int) -> int:
+    def capacity(self, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
         assert self.capacity_factor is not None
-        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+        return size_max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         if self.training and self.noise == "jitter":
@@ -200,7 +318,7 @@ class TopKRouter(Router):
         if self.normalize:
             top_p_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
         losses = self.common_losses(logits_TE, probs_TE, top_idx_TK.reshape(-1), self.top_k)
-        token_idx_N, expert_idx_N, gate_N = _flat_pairs(top_idx_TK, top_p_TK)
+        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, top_p_TK)
         keep = None
         if self.num_null_experts:
             keep = expert_idx_N < self.num_experts
@@ -219,13 +337,13 @@ class TopKRouter(Router):
             cap_keep = apply_capacity(token_idx_N, expert_idx_N, priority_N, self.num_logits, self.capacity(num_tokens))
             keep = cap_keep if keep is None else keep & cap_keep
         if keep is not None:
-            token_idx_N, expert_idx_N, gate_N = token_idx_N[keep], expert_idx_N[keep], gate_N[keep]
+            token_idx_N, expert_idx_N, gate_N = keep_pairs(keep, token_idx_N, expert_idx_N, gate_N)
         return RoutingResult(
             token_idx_N, expert_idx_N, gate_N, x_TD.shape[0], self.num_experts, probs_TE.detach(), losses
         )
 
 
-class SigmoidLossFreeRouter(Router):
+class SigmoidLossFreeRouter(SparseRouter):
     """Normalised sigmoid gating with auxiliary-loss-free balancing (DeepSeek-V3).
 
     Experts are *selected* by ``sigmoid(logits) + bias``; gates are the selected sigmoid scores (without bias)
@@ -246,15 +364,29 @@ class SigmoidLossFreeRouter(Router):
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
     ) -> None:
+        SigmoidLossFreeRouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                bias_update_rate=bias_update_rate,
+                route_scale=route_scale,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
-        _check_top_k(top_k, num_experts)
-        if bias_update_rate < 0:
-            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
         self.top_k = top_k
         self.bias_update_rate = bias_update_rate
         self.route_scale = route_scale
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("pending_load", torch.zeros(num_experts))
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_non_negative("bias_update_rate", options["bias_update_rate"])
+        check_positive("route_scale", options["route_scale"])
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         logits_TE = self.logits(x_TD)
@@ -265,9 +397,9 @@ class SigmoidLossFreeRouter(Router):
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.training:
             with torch.no_grad():
-                self.pending_load += torch.bincount(top_idx_TK.reshape(-1), minlength=self.num_experts)
+                self.pending_load += count_per_expert(top_idx_TK.reshape(-1), self.num_experts)
         losses = self.common_losses(logits_TE, probs_TE, top_idx_TK.reshape(-1), self.top_k)
-        token_idx_N, expert_idx_N, gate_N = _flat_pairs(top_idx_TK, gates_TK)
+        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, gates_TK)
         return RoutingResult(
             token_idx_N, expert_idx_N, gate_N, x_TD.shape[0], self.num_experts, probs_TE.detach(), losses
         )
@@ -280,7 +412,7 @@ class SigmoidLossFreeRouter(Router):
         load.zero_()
 
 
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(SparseRouter):
     """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router probability.
 
     ``C = ceil(capacity_factor * T / E)``; ``capacity_factor`` is the mean number of experts per token, so
@@ -297,24 +429,30 @@ class ExpertChoiceRouter(Router):
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
     ) -> None:
+        ExpertChoiceRouter.check_options(
+            num_experts,
+            dict(top_k=top_k, capacity_factor=capacity_factor, balance_coef=balance_coef, z_loss_coef=z_loss_coef),
+        )
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
-        _check_top_k(top_k, num_experts)
-        _check_positive("capacity_factor", capacity_factor, allow_none=True)
         self.capacity_factor = float(top_k) if capacity_factor is None else capacity_factor
 
-    def capacity(self, num_tokens: int) -> int:
-        return min(num_tokens, max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts)))
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_positive("capacity_factor", options["capacity_factor"], none_means="top_k")
+
+    def capacity(self, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
+        per_expert = size_max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        return size_min(num_tokens, per_expert)
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         num_tokens = x_TD.shape[0]
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        if num_tokens == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=x_TD.device)
-            return RoutingResult(empty, empty, probs_TE.new_zeros(0), 0, self.num_experts, probs_TE.detach(), {})
-        gate_EC, token_EC = probs_TE.t().topk(self.capacity(num_tokens), dim=-1)
+        gate_EC, token_EC = probs_TE.t().topk(self.capacity(num_tokens), dim=-1)  # C = 0 when T = 0
         expert_EC = torch.arange(self.num_experts, device=x_TD.device).unsqueeze(-1).expand_as(token_EC)
-        mean_experts_per_token = max(1, gate_EC.numel() // num_tokens)
+        mean_experts_per_token = size_max(1, gate_EC.shape[0] * gate_EC.shape[1] // size_max(1, num_tokens))
         losses = self.common_losses(logits_TE, probs_TE, expert_EC.reshape(-1), mean_experts_per_token)
         return RoutingResult(
             token_EC.reshape(-1),
@@ -328,17 +466,19 @@ class ExpertChoiceRouter(Router):
 
 
 def sinkhorn_log(logits_TE: Tensor, num_iters: int) -> Tensor:
-    """Log of a transport plan with rows summing to 1 (tokens) and columns to T/E (experts)."""
-    num_tokens, num_experts = logits_TE.shape
+    """Log of a transport plan with rows summing to 1 (tokens) and equal column sums T/E (experts).
+
+    Each iteration normalises the columns to equal sums, then the rows to 1. The columns' common target T/E is a
+    constant added to every entry, which the row step removes again, so it is left out (no dependence on T).
+    """
     log_p = logits_TE
-    col_target = math.log(num_tokens / num_experts)
     for _ in range(num_iters):
-        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + col_target
-        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+        log_p = log_p - logsumexp_TE(log_p, dim=0)
+        log_p = log_p - logsumexp_TE(log_p, dim=1)
     return log_p
 
 
-class SinkhornRouter(Router):
+class SinkhornRouter(SparseRouter):
     """Balanced assignment by Sinkhorn iterations (BASE layers / Selective Sinkhorn).
 
     In training, experts are selected by the top-k of a balanced transport plan computed from the logits
@@ -356,35 +496,51 @@ class SinkhornRouter(Router):
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
     ) -> None:
+        SinkhornRouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                num_iters=num_iters,
+                balanced_eval=balanced_eval,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
-        _check_top_k(top_k, num_experts)
-        _check_positive("num_iters", num_iters)
         self.top_k = top_k
         self.num_iters = num_iters
         self.balanced_eval = balanced_eval
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_int("num_iters", options["num_iters"], 1)
+        check_bool("balanced_eval", options["balanced_eval"])
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         select_TE = logits_TE.detach()
-        if (self.training or self.balanced_eval) and x_TD.shape[0] > 0:
+        if self.training or self.balanced_eval:
             select_TE = sinkhorn_log(select_TE, self.num_iters)
         top_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
         gates_TK = probs_TE.gather(-1, top_idx_TK)
         if self.top_k > 1:
             gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
         losses = self.common_losses(logits_TE, probs_TE, top_idx_TK.reshape(-1), self.top_k)
-        token_idx_N, expert_idx_N, gate_N = _flat_pairs(top_idx_TK, gates_TK)
+        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, gates_TK)
         return RoutingResult(
             token_idx_N, expert_idx_N, gate_N, x_TD.shape[0], self.num_experts, probs_TE.detach(), losses
         )
 
 
-class ReLURouter(Router):
+class ReLURouter(SparseRouter):
     """ReLU routing (ReMoE): gates are ``relu(logits)``, every nonzero is a pair.
 
     Sparsity is controlled by a load-weighted L1 penalty whose coefficient adapts once per step:
-    ``l1_coef *= l1_growth ** sign(target_sparsity - observed_sparsity)``, with target ``1 - top_k / E``.
+    ``l1_coef *= l1_growth ** sign(target_sparsity - observed_sparsity)``, with target ``1 - top_k / E``; the
+    observed sparsity is the fraction of zero gates over every token routed since the last step.
     """
 
     l1_coef: Tensor
@@ -400,41 +556,55 @@ class ReLURouter(Router):
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
     ) -> None:
+        ReLURouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                l1_coef_init=l1_coef_init,
+                l1_growth=l1_growth,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
-        _check_top_k(top_k, num_experts)
-        _check_positive("l1_coef_init", l1_coef_init)
-        if l1_growth <= 1.0:
-            raise ValueError(f"l1_growth must be > 1, got {l1_growth}")
         self.top_k = top_k
         self.l1_growth = l1_growth
         self.target_sparsity = 1.0 - top_k / num_experts
         self.register_buffer("l1_coef", torch.tensor(float(l1_coef_init)))
-        self.register_buffer("pending_sparsity", torch.zeros(2))  # (sum of observed sparsity, count)
+        self.register_buffer("pending_sparsity", torch.zeros(2))  # (zero gates, gates) since the last step
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_positive("l1_coef_init", options["l1_coef_init"])
+        check_number("l1_growth", options["l1_growth"], low=1.0, strict=True)
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        num_tokens = x_TD.shape[0]
         logits_TE = self.logits(x_TD)
         gates_TE = F.relu(logits_TE)
-        token_idx_N, expert_idx_N = gates_TE.detach().nonzero(as_tuple=True)
-        gate_N = gates_TE[token_idx_N, expert_idx_N]
-        num_tokens = x_TD.shape[0]
-        losses: dict[str, Tensor] = {}
-        if num_tokens:
-            active_TE = (gates_TE.detach() > 0).float()
-            load_E = active_TE.mean(0)
-            weight_E = load_E * self.num_experts / load_E.sum().clamp_min(1e-12)
-            losses["l1"] = self.l1_coef * (gates_TE * weight_E).sum(-1).mean()
-            if self.training:
-                with torch.no_grad():
-                    self.pending_sparsity += torch.stack([1.0 - active_TE.mean(), active_TE.new_ones(())])
+        active_TE = gates_TE.detach() > 0
+        pair_N = true_indices(active_TE.reshape(-1))
+        token_idx_N, expert_idx_N = pair_N // self.num_experts, pair_N % self.num_experts
+        gate_N = gates_TE.reshape(-1).index_select(0, pair_N)
+        load_E = active_TE.float().sum(0)
+        weight_E = load_E * self.num_experts / load_E.sum().clamp_min(1e-12)
+        per_token = size_max(1, num_tokens)
+        losses: dict[str, Tensor] = {"l1": self.l1_coef * (gates_TE * weight_E).sum() / per_token}
+        if self.training:
+            with torch.no_grad():
+                zeros = (~active_TE).sum().float()
+                self.pending_sparsity += torch.stack([zeros, zeros + active_TE.sum().float()])
         probs_TE = gates_TE.detach() / gates_TE.detach().sum(-1, keepdim=True).clamp_min(1e-12)
         losses.update(self.common_losses(logits_TE, torch.softmax(logits_TE, -1), expert_idx_N, self.top_k))
         return RoutingResult(token_idx_N, expert_idx_N, gate_N, num_tokens, self.num_experts, probs_TE, losses)
 
     @torch.no_grad()
     def update_state(self) -> None:
-        total, count = self.pending_sparsity.tolist()
-        if count > 0:
-            observed = total / count
+        zeros, total = self.pending_sparsity.tolist()
+        if total > 0:
+            observed = zeros / total
             direction = 1.0 if observed < self.target_sparsity else (-1.0 if observed > self.target_sparsity else 0.0)
             self.l1_coef *= self.l1_growth**direction
         self.pending_sparsity.zero_()
@@ -445,24 +615,33 @@ class SoftMoERouter(Router):
 
     ``logits = normalize(x) @ (scale * normalize(phi))``, shape (G, L, E*S). Dispatch weights are a softmax
     over the L tokens of the group (per slot); combine weights a softmax over the E*S slots (per token).
-    Padding tokens (``mask_GL`` False) get no dispatch weight.
+    Padding tokens (``mask_GL`` False) get no dispatch weight. ``top_k`` only names the compute-equivalent top-k
+    of the layer (its dense twin's width) and must be in ``[1, num_experts]``.
     """
 
-    kind: ClassVar[str] = "soft"
+    kind: ClassVar[Literal["soft"]] = "soft"
 
     def __init__(
         self, dim: int, num_experts: int, top_k: int = 1, slots_per_expert: int = 1, z_loss_coef: float = 0.0
     ) -> None:
-        _check_positive("slots_per_expert", slots_per_expert)
+        SoftMoERouter.check_options(
+            num_experts, dict(top_k=top_k, slots_per_expert=slots_per_expert, z_loss_coef=z_loss_coef)
+        )
         self.slots_per_expert = slots_per_expert
         super().__init__(dim, num_experts, balance_coef=0.0, z_loss_coef=z_loss_coef)
         self.scale = nn.Parameter(torch.ones(()))
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_int("slots_per_expert", options["slots_per_expert"], 1)
 
     @property
     def num_logits(self) -> int:
         return self.num_experts * self.slots_per_expert
 
-    def forward(self, x_GLD: Tensor, mask_GL: Tensor | None = None) -> SoftRoutingResult:  # type: ignore[override]
+    def forward(self, x_GLD: Tensor, mask_GL: Tensor | None = None) -> SoftRoutingResult:
         with torch.autocast(device_type=x_GLD.device.type, enabled=False):
             phi = F.normalize(self.gate.weight.float(), dim=-1) * self.scale.float()
             logits_GLS = F.linear(F.normalize(x_GLD.float(), dim=-1), phi)
@@ -477,7 +656,9 @@ class SoftMoERouter(Router):
         return SoftRoutingResult(dispatch_GLS, combine_GLS, self.num_experts, self.slots_per_expert, losses)
 
 
-ROUTERS: dict[str, Callable[..., Router]] = {
+# --------------------------------------------------------------------------------------------------- registry
+
+ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
     "sigmoid_lossfree": SigmoidLossFreeRouter,
     "expert_choice": ExpertChoiceRouter,
@@ -487,18 +668,54 @@ ROUTERS: dict[str, Callable[..., Router]] = {
 }
 
 
-def register_router(name: str, factory: Callable[..., Router]) -> None:
-    """Add a router to the registry; domain routers (ProMoE, language, segment ...) register themselves."""
-    if name in ROUTERS and ROUTERS[name] is not factory:
+def register_router(name: str, router_class: type[Router]) -> None:
+    """Add a router class to the registry; domain routers (ProMoE, language, segment ...) register themselves."""
+    if not (isinstance(router_class, type) and issubclass(router_class, Router)):
+        raise TypeError(f"register_router({name!r}, ...) takes a Router subclass, got {router_class!r}")
+    if name in ROUTERS and ROUTERS[name] is not router_class:
         raise ValueError(f"a router named {name!r} is already registered")
-    ROUTERS[name] = factory
+    ROUTERS[name] = router_class
+
+
+def _router_class(name: str) -> type[Router]:
+    if name not in ROUTERS:
+        raise ValueError(f"router={name!r} is unknown; registered routers are {sorted(ROUTERS)}")
+    return ROUTERS[name]
+
+
+def router_options(name: str) -> dict[str, Any]:
+    """The options router ``name`` accepts (every constructor argument after ``dim`` and ``num_experts``) with
+    their defaults, following ``**kwargs`` up the class hierarchy."""
+    options: dict[str, Any] = {}
+    for klass in _router_class(name).__mro__:
+        if not (isinstance(klass, type) and issubclass(klass, Router)):
+            break
+        params = list(inspect.signature(klass.__init__).parameters.values())[3:]  # self, dim, num_experts
+        for param in params:
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                options.setdefault(param.name, param.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return options
+
+
+def check_router_kwargs(name: str, kwargs: Mapping[str, Any], num_experts: int | None = None) -> None:
+    """Validate options for router ``name`` without building anything.
+
+    Raises ValueError for an unknown router, TypeError naming the arguments the router does not accept together
+    with those it does, and the router's own TypeError/ValueError for a bad value (``num_experts``, when given,
+    bounds ``top_k``). ``kwargs`` are the router's options as :func:`get_router` takes them (``top_k`` included).
+    """
+    accepted = router_options(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"router={name!r} does not accept {', '.join(unknown)}; it accepts {', '.join(accepted)}")
+    if num_experts is not None:
+        check_int("num_experts", num_experts, 1)
+    _router_class(name).check_options(num_experts, {**accepted, **kwargs})
 
 
 def get_router(name: str, dim: int, num_experts: int, **kwargs: Any) -> Router:
     """Build a registered router by name: ``get_router("topk", dim=64, num_experts=8, top_k=2)``."""
-    if name not in ROUTERS:
-        raise ValueError(f"router={name!r} is unknown; registered routers are {sorted(ROUTERS)}")
-    try:
-        return ROUTERS[name](dim, num_experts, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"router={name!r} does not accept these arguments {sorted(kwargs)}: {err}") from err
+    check_router_kwargs(name, kwargs, num_experts)
+    return _router_class(name)(dim, num_experts, **kwargs)

@@ -72,6 +72,11 @@ class SegmentRouter(TopKRouter):
         self.segment_size = segment_size
         self.token_dim = dim // segment_size
 
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        _check_segment_size(options["segment_size"])
+
 
 register_router("segment", SegmentRouter)
 

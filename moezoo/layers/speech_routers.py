@@ -19,20 +19,21 @@ L MoE layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from moezoo.layers.routers import (
-    Router,
     RoutingResult,
     Side,
+    SparseRouter,
     TopKRouter,
-    _check_positive,
-    _check_top_k,
-    _flat_pairs,
+    check_bool,
+    check_int,
+    check_top_k,
+    flat_pairs,
     register_router,
 )
 
@@ -44,11 +45,13 @@ class OmniRouter(TopKRouter):
     ``router=`` to every :class:`~moezoo.layers.MoE`; :meth:`update_state` is then applied once per step.
     """
 
+    shared_across_layers: ClassVar[bool] = True  # models build one instance and pass it to every MoE layer
+
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, balance_coef: float = 0.01, **kwargs: object):
         super().__init__(dim, num_experts, top_k=top_k, balance_coef=balance_coef, **kwargs)  # type: ignore[arg-type]
 
 
-class LanguageRouter(Router):
+class LanguageRouter(SparseRouter):
     """LR-MoE: route each frame to its top-k languages by the LID posteriors in ``side["lid_probs"]`` (T, E).
 
     Gates are the selected posteriors (renormalised when ``top_k > 1``), so the ASR loss also trains the LID
@@ -56,13 +59,20 @@ class LanguageRouter(Router):
     """
 
     needs_side: ClassVar[tuple[str, ...]] = ("lid_probs",)
+    shared_across_layers: ClassVar[bool] = True  # one (weightless) instance: the LID head is the shared pre-router
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, normalize: bool | None = None) -> None:
+        LanguageRouter.check_options(num_experts, dict(top_k=top_k, normalize=normalize))
         super().__init__(dim, num_experts, balance_coef=0.0, z_loss_coef=0.0)
-        _check_top_k(top_k, num_experts)
         del self.gate  # the LID head of the model is the (shared) router
         self.top_k = top_k
         self.normalize = top_k > 1 if normalize is None else normalize
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_bool("normalize", options["normalize"], allow_none=True)
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         if not side or "lid_probs" not in side:
@@ -79,7 +89,7 @@ class LanguageRouter(Router):
         top_p_TK, top_idx_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.normalize:
             top_p_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        token_idx_N, expert_idx_N, gate_N = _flat_pairs(top_idx_TK, top_p_TK)
+        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, top_p_TK)
         return RoutingResult(token_idx_N, expert_idx_N, gate_N, x_TD.shape[0], self.num_experts, probs_TE.detach())
 
 
@@ -98,10 +108,16 @@ class GlobalEmbeddingRouter(TopKRouter):
     def __init__(
         self, dim: int, num_experts: int, embed_dim: int = 32, top_k: int = 1, balance_coef: float = 0.01, **kwargs
     ) -> None:
-        _check_positive("embed_dim", embed_dim)
+        check_int("embed_dim", embed_dim, 1)
+        check_int("dim", dim, 1)
         super().__init__(dim + embed_dim, num_experts, top_k=top_k, balance_coef=balance_coef, **kwargs)
         self.dim = dim
         self.embed_dim = embed_dim
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_int("embed_dim", options["embed_dim"], 1)
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         if not side or "global_embedding" not in side:

@@ -1,21 +1,21 @@
-"""Model families (one file each, registered on import) and the registry."""
+"""Model families (one file each, registered on import) and the registry.
 
-import importlib
-import pkgutil
+Each family module is imported by name below; a new family is added to that list (``tests/core`` checks that every
+``@register_model`` in this folder is registered).
+"""
 
+# Imported for their side effect: the families run their @register_model functions, ``pretrained`` registers the
+# released checkpoints (moezoo/weights/*.json).
+from moezoo.models import conformer, dit, forecast_baselines, patchtst, patchtst_baseline, pretrained, vit, yolo  # noqa: F401
 from moezoo.models.blocks import MoESpec, TransformerBlock, build_ffn, moe_layers, parameter_counts, run_ffn
+from moezoo.models.pretrained_cfg import PretrainedCfg
 from moezoo.models.registry import (
-    PretrainedCfg,
     create_model,
     get_pretrained_cfg,
     list_models,
     register_model,
     register_pretrained,
 )
-
-# Import every module of this package so that each family's @register_model runs.
-for _info in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "MoESpec",

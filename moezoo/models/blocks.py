@@ -1,55 +1,53 @@
 """Transformer blocks shared by every domain: pre-norm attention + (MoE or dense) feed-forward.
 
-An ``FFNSpec`` says what goes in a block's feed-forward slot; :func:`build_ffn` builds it, so that a model and
-its dense twin differ only in the spec.
+A :class:`~moezoo.models.spec.MoESpec` says what goes in a block's feed-forward slot; :func:`build_ffn` builds it,
+so that a model and its dense twin differ only in the spec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from moezoo.layers import FeedForward, MoE, MoEAux, Router
+from moezoo.layers.segment import SegmentFeedForward, SegmentMoE
+from moezoo.models.spec import MoESpec
 
-
-@dataclass
-class MoESpec:
-    """The MoE settings of a model: which blocks hold an MoE and how it is built.
-
-    ``dense=True`` builds the dense twin: the MoE blocks get a dense FFN whose hidden width equals the MoE's
-    active width per token (``top_k * expert width + shared experts``).
-    """
-
-    num_experts: int = 4
-    top_k: int = 2
-    router: str = "topk"
-    router_kwargs: dict[str, Any] = field(default_factory=dict)
-    moe_every: int = 2
-    moe_offset: int = 1
-    num_shared_experts: int = 0
-    granularity: int = 1
-    backend: str | None = None
-    dense: bool = False
-
-    def is_moe_block(self, index: int) -> bool:
-        return index % self.moe_every == self.moe_offset % self.moe_every
-
-    def active_ffn_dim(self, expert_dim: int) -> int:
-        return self.top_k * expert_dim + self.num_shared_experts * expert_dim
+__all__ = ["MoESpec", "TransformerBlock", "build_ffn", "moe_layers", "parameter_counts", "run_ffn"]
 
 
 def build_ffn(
     dim: int, ffn_dim: int, activation: str, spec: MoESpec | None, block_index: int, router: Router | None = None
 ) -> nn.Module:
-    """The feed-forward module of block ``block_index``: dense FFN, MoE, or the MoE's dense twin."""
+    """The feed-forward module of block ``block_index``: dense FFN, MoE, Seg-MoE, or the MoE's dense twin.
+
+    ``router``: a router instance shared by every MoE layer (Omni-router) instead of one built per layer.
+    """
     if spec is None or not spec.is_moe_block(block_index):
         return FeedForward(dim, ffn_dim, activation)
+    segment = spec.segment_size(block_index)
     if spec.dense:
-        return FeedForward(dim, spec.active_ffn_dim(ffn_dim), activation)
+        active = spec.active_ffn_dim(ffn_dim)
+        return (
+            FeedForward(dim, active, activation)
+            if segment == 1
+            else SegmentFeedForward(dim, active, segment, activation)
+        )
+    if spec.router == "segment":
+        return SegmentMoE(
+            dim,
+            ffn_dim,
+            num_experts=spec.num_experts,
+            top_k=spec.top_k,
+            segment_size=segment,
+            router_kwargs=spec.router_kwargs,
+            activation=activation,
+            num_shared_experts=spec.num_shared_experts,
+            shared_expert_gate=spec.shared_expert_gate,
+            backend=spec.backend,
+        )
     return MoE(
         dim,
         ffn_dim,
@@ -59,6 +57,7 @@ def build_ffn(
         router_kwargs=None if router is not None else spec.router_kwargs,
         activation=activation,
         num_shared_experts=spec.num_shared_experts,
+        shared_expert_gate=spec.shared_expert_gate,
         granularity=spec.granularity,
         backend=spec.backend,
     )

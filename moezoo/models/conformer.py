@@ -7,15 +7,21 @@ Layout: 4x convolutional subsampling -> Conformer blocks (macaron FFN, self-atte
 -> CTC head. Both FFNs of a block are MoE layers (or dense FFNs in the dense twin, ``dense=True``, whose width is
 the active expert width per frame). Padding frames are masked everywhere (attention, convolution, MoE ``mask=``).
 
-Routers (``router=``):
+The MoE settings are one :class:`~moezoo.models.spec.MoESpec` (``moe={"router": "omni", ...}``); any registered
+router that routes single frames works (``topk``, ``expert_choice``, ``sigmoid_lossfree``, ``soft`` ...). What the
+model adds for a router is decided by the router class itself, never by a list of names here:
 
-- ``"topk"``: a Switch top-1 router per MoE layer (the baseline);
-- ``"omni"``: one router instance shared by every MoE layer (Omni-router);
-- ``"language"``: LR-MoE. A frame-level language-ID head on the output of block ``lid_layer - 1`` gives
-  posteriors over A = E languages; they are the per-token side input ``lid_probs`` that routes every MoE layer
-  of blocks ``>= lid_layer`` (earlier blocks are dense). The task trains the head with a frame-level LID loss;
-- ``"global_embedding"``: SpeechMoE2. Each MoE layer routes on ``[frame; g]`` with ``g`` a per-utterance
-  embedding (statistics pooling of the subsampled input, projected to G), passed as the per-sample side input.
+- a router class with ``shared_across_layers`` (``"omni"``) is built once and passed to every MoE layer
+  (Omni-router);
+- a router that reads the side input ``lid_probs`` (``"language"``, LR-MoE): a frame-level language-ID head on the
+  output of block ``lid_layer - 1`` gives posteriors over A = E languages, the per-token side input that routes
+  every MoE layer of blocks ``>= lid_layer`` (earlier blocks are dense). The task trains the head with a
+  frame-level LID loss;
+- a router that reads ``global_embedding`` (``"global_embedding"``, SpeechMoE2): each MoE layer routes on
+  ``[frame; g]`` with ``g`` a per-utterance embedding (statistics pooling of the subsampled input, projected to G),
+  passed as the per-sample side input.
+
+With the default ``"topk"`` router and ``top_k=1`` every MoE layer has its own Switch router (the baseline).
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moezoo.layers import MoE, MoEAux, Router, get_router
-from moezoo.models.blocks import MoESpec, build_ffn, run_ffn
+from moezoo.models.blocks import build_ffn, run_ffn
 from moezoo.models.registry import register_model
+from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
-ROUTER_CHOICES = ("topk", "omni", "language", "global_embedding")
+register_spec_argument("moe_conformer")
+#: the side inputs this model computes for routers that read them (``Router.needs_side``)
+SIDE_INPUTS = ("lid_probs", "global_embedding")
 
 
 @dataclass
@@ -138,7 +147,10 @@ class MoEConformer(nn.Module):
     """Conformer-CTC with MoE feed-forwards and a choice of router (see the module docstring).
 
     ``forward_with_aux(x_BTM, lengths_B)`` returns a :class:`CTCOutput` and every MoE layer's aux result;
-    ``forward`` returns the CTC log-probabilities only.
+    ``forward`` returns the CTC log-probabilities only. ``moe``: the MoE settings (a
+    :class:`~moezoo.models.spec.MoESpec` or a mapping of its fields over this family's defaults: 4 experts, top-1,
+    in both FFNs of every block); ``num_languages``/``lid_layer`` size and place the language-ID head of a router
+    that reads ``lid_probs``, ``global_embed_dim`` the utterance embedding of one that reads ``global_embedding``.
     """
 
     def __init__(
@@ -152,15 +164,7 @@ class MoEConformer(nn.Module):
         conv_kernel: int = 15,
         subsample_channels: int = 32,
         activation: str = "gelu",
-        num_experts: int = 4,
-        top_k: int = 1,
-        router: str = "topk",
-        router_kwargs: Mapping[str, Any] | None = None,
-        moe_every: int = 1,
-        moe_offset: int = 0,
-        num_shared_experts: int = 0,
-        backend: str | None = None,
-        dense: bool = False,
+        moe: MoESpec | Mapping[str, Any] | None = None,
         num_languages: int = 4,
         lid_layer: int = 1,
         global_embed_dim: int = 32,
@@ -171,53 +175,53 @@ class MoEConformer(nn.Module):
             raise ValueError(f"vocab_size must be >= 2 (blank + one symbol), got {vocab_size}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if router not in ROUTER_CHOICES:
-            raise ValueError(f"router must be one of {ROUTER_CHOICES}, got {router!r}")
-        if router == "language":
-            if num_experts != num_languages:
+        spec = MoESpec.resolve(moe, dict(top_k=1, moe_every=1, moe_offset=0))
+        spec.check_side_inputs(SIDE_INPUTS, "moe_conformer")
+        uses_lid = "lid_probs" in spec.needs_side
+        uses_global = "global_embedding" in spec.needs_side
+        if uses_lid:
+            if spec.num_experts != num_languages:
                 raise ValueError(
-                    f"router='language' uses one expert per language: num_experts={num_experts} must equal "
-                    f"num_languages={num_languages}"
+                    f"router {spec.router!r} routes by language posteriors, one expert per language: "
+                    f"moe.num_experts={spec.num_experts} must equal num_languages={num_languages}"
                 )
             if not 1 <= lid_layer < depth:
-                raise ValueError(f"lid_layer must be in [1, depth={depth}) for router='language', got {lid_layer}")
+                raise ValueError(f"lid_layer must be in [1, depth={depth}) for router {spec.router!r}, got {lid_layer}")
+        if uses_global:
+            embed_dim = spec.router_kwargs.get("embed_dim", global_embed_dim)
+            spec = spec.replace(router_kwargs={**spec.router_kwargs, "embed_dim": embed_dim})
+            if embed_dim != global_embed_dim:
+                raise ValueError(
+                    f"moe.router_kwargs.embed_dim={embed_dim} must equal global_embed_dim={global_embed_dim} "
+                    "(the width of the utterance embedding this model computes)"
+                )
         self.vocab_size = vocab_size
         self.n_mels = n_mels
-        self.router_name = router
-        self.lid_layer = lid_layer if router == "language" else 0
-        self.spec = MoESpec(
-            num_experts=num_experts,
-            top_k=top_k,
-            router=router,
-            router_kwargs=dict(router_kwargs or {}),
-            moe_every=moe_every,
-            moe_offset=moe_offset,
-            num_shared_experts=num_shared_experts,
-            backend=backend,
-            dense=dense,
-        )
-        if router == "global_embedding":
-            self.spec.router_kwargs.setdefault("embed_dim", global_embed_dim)
-        # One router instance for all layers (Omni-router; the language router has no weights of its own).
+        self.spec = spec
+        self.lid_layer = lid_layer if uses_lid else 0
+        # One router instance for all layers when the router class says so (Omni-router).
         shared: Router | None = None
-        if router in ("omni", "language") and not dense:
-            shared = get_router(router, dim, num_experts, top_k=top_k, **self.spec.router_kwargs)
+        if spec.shares_router and not spec.dense:
+            shared = get_router(
+                spec.router, dim, spec.num_experts * spec.granularity, top_k=spec.top_k * spec.granularity,
+                **spec.router_kwargs,
+            )  # fmt: skip
         self.shared_router = shared
         self.subsample = ConvSubsampling(n_mels, dim, subsample_channels)
         self.drop = nn.Dropout(dropout)
         blocks = []
         for i in range(depth):
-            spec = self.spec if i >= self.lid_layer else None
-            ffns = [build_ffn(dim, ffn_dim, activation, spec, i, router=shared) for _ in range(2)]
+            block_spec = spec if i >= self.lid_layer else None
+            ffns = [build_ffn(dim, ffn_dim, activation, block_spec, i, router=shared) for _ in range(2)]
             blocks.append(ConformerBlock(dim, num_heads, ffns[0], ffns[1], conv_kernel, dropout))
         self.blocks = nn.ModuleList(blocks)
         self.lid_head: nn.Module | None = None
-        if router == "language":
+        if uses_lid:
             self.lid_head = nn.Sequential(
                 nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_languages)
             )
         self.global_proj: nn.Module | None = None
-        if router == "global_embedding" and not dense:
+        if uses_global and not spec.dense:
             self.global_proj = nn.Sequential(nn.Linear(2 * dim, global_embed_dim), nn.Tanh())
         self.head = nn.Linear(dim, vocab_size)
 
@@ -264,25 +268,31 @@ class MoEConformer(nn.Module):
 
 
 def _moe_conformer(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEConformer:
-    return MoEConformer(**{**defaults, **kwargs})
+    return MoEConformer(**build_kwargs("moe_conformer", defaults, kwargs))
 
 
 @register_model
 def moe_conformer_debug(**kwargs: Any) -> MoEConformer:
     """2 blocks of width 32, 4 experts top-1 in both FFNs of every block: for tests."""
-    defaults = dict(dim=32, depth=2, num_heads=2, ffn_dim=64, conv_kernel=7, subsample_channels=8, num_experts=4)
+    defaults = dict(
+        dim=32, depth=2, num_heads=2, ffn_dim=64, conv_kernel=7, subsample_channels=8, moe=dict(num_experts=4)
+    )
     return _moe_conformer(defaults, kwargs)
 
 
 @register_model
 def moe_conformer_tiny(**kwargs: Any) -> MoEConformer:
     """4 blocks of width 96, 4 experts (width 192) top-1 in every FFN: ~1 M active parameters."""
-    defaults = dict(dim=96, depth=4, num_heads=4, ffn_dim=192, conv_kernel=15, subsample_channels=16, num_experts=4)
+    defaults = dict(
+        dim=96, depth=4, num_heads=4, ffn_dim=192, conv_kernel=15, subsample_channels=16, moe=dict(num_experts=4)
+    )
     return _moe_conformer(defaults, kwargs)
 
 
 @register_model
 def moe_conformer_small(**kwargs: Any) -> MoEConformer:
     """8 blocks of width 144, 8 experts (width 576) top-1 in every FFN (Conformer-S width)."""
-    defaults = dict(dim=144, depth=8, num_heads=4, ffn_dim=576, conv_kernel=31, subsample_channels=64, num_experts=8)
+    defaults = dict(
+        dim=144, depth=8, num_heads=4, ffn_dim=576, conv_kernel=31, subsample_channels=64, moe=dict(num_experts=8)
+    )
     return _moe_conformer(defaults, kwargs)

@@ -6,8 +6,9 @@ Patchify (timm ``PatchEmbed``) -> learned position embedding -> adaLN-Zero block
 (per sample), which the ProMoE router uses for conditional routing and other routers ignore.
 
 Routers: ``promoe`` (ProMoE: prototypes + unconditional expert + shared expert), ``topk`` (DiT-MoE style
-softmax token choice), ``expert_choice`` (EC-DiT style), or any registered router. ``dense=True`` is the
-dense twin with the same active FFN width per token.
+softmax token choice), ``expert_choice`` (EC-DiT style), or any registered router, all set in one
+:class:`~moezoo.models.spec.MoESpec` (``moe={"router": "promoe", ...}``). ``moe={"dense": True}`` is the dense
+twin with the same active FFN width per token.
 
 Legend: B images, C channels, H/W image size, p patch, L = (H/p)(W/p) tokens, D model dim.
 """
@@ -24,8 +25,11 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.models.blocks import MoESpec, build_ffn, run_ffn
+from moezoo.models.blocks import build_ffn, run_ffn
 from moezoo.models.registry import register_model
+from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
+
+register_spec_argument("moe_dit")
 
 
 def timestep_embedding(t_B: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -67,7 +71,8 @@ class MoEDiT(nn.Module):
 
     ``forward(x, t, y)``: ``x (B, C, H, W)``, ``t (B,)`` float timesteps (the objective scales them, e.g.
     ``1000 * t`` for flows and the integer step for DDPM), ``y (B,)`` class ids in ``[0, num_classes]`` where
-    ``num_classes`` is the null (dropped) label.
+    ``num_classes`` is the null (dropped) label. ``moe``: the MoE settings (:class:`~moezoo.models.spec.MoESpec`
+    or a mapping of its fields over its defaults: 4 experts, top-2, in every other block).
     """
 
     def __init__(
@@ -81,16 +86,7 @@ class MoEDiT(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
         activation: str = "gelu",
-        num_experts: int = 4,
-        top_k: int = 2,
-        router: str = "topk",
-        router_kwargs: Mapping[str, Any] | None = None,
-        moe_every: int = 2,
-        moe_offset: int = 1,
-        num_shared_experts: int = 0,
-        granularity: int = 1,
-        backend: str | None = None,
-        dense: bool = False,
+        moe: MoESpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans)):
@@ -110,18 +106,8 @@ class MoEDiT(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.null_class = num_classes
-        self.spec = MoESpec(
-            num_experts=num_experts,
-            top_k=top_k,
-            router=router,
-            router_kwargs=dict(router_kwargs or {}),
-            moe_every=moe_every,
-            moe_offset=moe_offset,
-            num_shared_experts=num_shared_experts,
-            granularity=granularity,
-            backend=backend,
-            dense=dense,
-        )
+        self.spec = MoESpec.resolve(moe)
+        self.spec.check_side_inputs(("cfg_dropped",), "moe_dit")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
         self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -177,23 +163,25 @@ class MoEDiT(nn.Module):
 
 
 def _moe_dit(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEDiT:
-    return MoEDiT(**{**defaults, **kwargs})
+    return MoEDiT(**build_kwargs("moe_dit", defaults, kwargs))
 
 
 @register_model
 def moe_dit_debug(**kwargs: Any) -> MoEDiT:
     """2 blocks of width 32, 4 experts top-2 in every block, 8x8 images with 2x2 patches: for tests."""
-    defaults = dict(img_size=8, patch_size=2, dim=32, depth=2, num_heads=2, num_experts=4, moe_every=1, moe_offset=0)
+    defaults = dict(
+        img_size=8, patch_size=2, dim=32, depth=2, num_heads=2, moe=dict(num_experts=4, moe_every=1, moe_offset=0)
+    )
     return _moe_dit(defaults, kwargs)
 
 
 @register_model
 def moe_dit_tiny(**kwargs: Any) -> MoEDiT:
     """6 blocks of width 96, 8 experts top-2 in every other block, 28x28 with 4x4 patches (49 tokens)."""
-    return _moe_dit(dict(dim=96, depth=6, num_heads=4, num_experts=8, moe_every=2), kwargs)
+    return _moe_dit(dict(dim=96, depth=6, num_heads=4, moe=dict(num_experts=8, moe_every=2)), kwargs)
 
 
 @register_model
 def moe_dit_small(**kwargs: Any) -> MoEDiT:
     """8 blocks of width 192, 8 experts top-2 in every other block, 28x28 with 2x2 patches (196 tokens)."""
-    return _moe_dit(dict(patch_size=2, dim=192, depth=8, num_heads=6, num_experts=8, moe_every=2), kwargs)
+    return _moe_dit(dict(patch_size=2, dim=192, depth=8, num_heads=6, moe=dict(num_experts=8, moe_every=2)), kwargs)

@@ -1,7 +1,7 @@
 """Released weights: where they are cached, how they are fetched and verified, and how they are loaded.
 
-A :class:`~moezoo.models.registry.PretrainedCfg` names a weight file, its sha256 and size, and the places it can
-come from, tried in this order:
+A :class:`~moezoo.models.pretrained_cfg.PretrainedCfg` names a weight file, its sha256 and size, and the places it
+can come from, tried in this order:
 
 1. local sources: files shipped inside the package (``moezoo://weights/<file>``) and ``file://`` URLs;
 2. the cache, ``$MOEZOO_HOME/checkpoints/<file>`` (default ``$XDG_CACHE_HOME/moezoo`` or ``~/.cache/moezoo``);
@@ -9,9 +9,10 @@ come from, tried in this order:
    ``https://`` / ``http://`` URLs, then ``hf://<repo_id>[@<revision>]/<filename>`` when ``huggingface_hub`` is
    installed, then each base URL of ``MOEZOO_MIRRORS`` (comma-separated) joined with the file name.
 
-Downloads go to a private temporary file beside the cache entry, resume with an HTTP ``Range`` request after a
-dropped connection, retry with exponential backoff, and are renamed into place only after the size and sha256
-match; on any failure the temporary file is deleted, so the cache never holds a half-written or unverified file.
+Downloads go to a private temporary file beside the cache entry (:func:`moezoo.io.temporary_beside`), resume with
+an HTTP ``Range`` request after a dropped connection, retry with exponential backoff, and are renamed into place
+only after the size and sha256 match; on any failure the temporary file is deleted, so the cache never holds a
+half-written or unverified file. Saved weights go through :func:`moezoo.io.write_bytes_atomic`.
 Weights are safetensors.
 """
 
@@ -27,14 +28,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from moezoo.models.registry import PretrainedCfg
+from moezoo.io import temporary_beside, write_bytes_atomic
+from moezoo.models.pretrained_cfg import PretrainedCfg
 
 ENV_HOME = "MOEZOO_HOME"
 ENV_OFFLINE = "MOEZOO_OFFLINE"
@@ -132,22 +132,6 @@ def candidate_urls(cfg: PretrainedCfg) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
-@contextmanager
-def _temporary_beside(dest: Path) -> Iterator[Path]:
-    """A private temporary path in ``dest``'s folder (same file system, so the final rename is atomic)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual permissions
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _progress(total: int | None, initial: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
     from tqdm.auto import tqdm
 
@@ -215,7 +199,7 @@ def download_http(
     """Download ``url`` to ``dest`` atomically; resume/retry up to ``retries`` times; verify before the rename."""
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
-    with _temporary_beside(dest) as tmp:
+    with temporary_beside(dest) as tmp:
         for attempt in range(retries + 1):
             try:
                 _fetch_http_once(url, tmp, timeout, progress)
@@ -244,7 +228,7 @@ def download_hf(url: str, dest: Path, sha256: str, num_bytes: int | None = None)
     repo, _, revision = "/".join(parts[:2]).partition("@")
     filename = "/".join(parts[2:])
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as folder, _temporary_beside(dest) as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent) as folder, temporary_beside(dest) as tmp:
         try:
             got = hf_hub_download(repo, filename, revision=revision or None, local_dir=folder)
         except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types
@@ -333,12 +317,10 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
 
 def save_state_dict(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save as safetensors atomically; shared and non-contiguous tensors are stored as separate contiguous copies."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    with _temporary_beside(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+    write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 
 def load_pretrained(model: nn.Module, cfg: PretrainedCfg, strict: bool = True, **fetch_kwargs: object) -> nn.Module:

@@ -7,17 +7,18 @@ Each channel is a separate series (channel independence): it is normalised by Re
 the look-back, with an optional learned affine per channel), cut into P overlapping patches of ``patch_len``
 steps (stride ``stride``, the last value repeated ``stride`` times at the end as in PatchTST), embedded, run
 through pre-norm Transformer blocks and decoded by a flatten-linear head into the H future steps; RevIN is
-then undone. Block ``i``'s feed-forward is a :class:`~moezoo.layers.segment.SegmentMoE` with segment size
-``segment_sizes[i]`` (1 = token-wise MoE), optionally with a sigmoid-gated shared expert.
+then undone. The MoE settings are one :class:`~moezoo.models.spec.MoESpec` (``moe=``) whose default router is
+``"segment"``: block ``i``'s feed-forward is a :class:`~moezoo.layers.segment.SegmentMoE` with segment size
+``moe.segment_sizes[i]`` (1 = token-wise MoE), optionally with a sigmoid-gated shared expert.
 
-``dense=True`` is the dense twin: every MoE becomes a dense FFN on the same segment view with hidden width
-``top_k * ffn_dim + num_shared_experts * ffn_dim``, i.e. the same active parameters and FLOPs; with segment
+``moe={"dense": True}`` is the dense twin: every MoE becomes a dense FFN on the same segment view with hidden
+width ``top_k * ffn_dim + num_shared_experts * ffn_dim``, i.e. the same active parameters and FLOPs; with segment
 size 1 this is the plain PatchTST FFN.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,10 +26,17 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from moezoo.layers import FeedForward, MoEAux
-from moezoo.layers.segment import SegmentFeedForward, SegmentMoE
-from moezoo.models.blocks import run_ffn
+from moezoo.layers import MoEAux
+from moezoo.models.blocks import build_ffn, run_ffn
 from moezoo.models.registry import register_model
+from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
+
+register_spec_argument("moe_patchtst")
+#: this family's MoE: Seg-MoE, 4 experts top-1 plus a sigmoid-gated shared expert, in every block
+MOE_DEFAULTS: dict[str, Any] = dict(
+    router="segment", num_experts=4, top_k=1, moe_every=1, moe_offset=0, num_shared_experts=1,
+    shared_expert_gate=True, segment_sizes=1,
+)  # fmt: skip
 
 
 class RevIN(nn.Module):
@@ -78,16 +86,6 @@ def patchify(series_NL: Tensor, patch_len: int, stride: int) -> Tensor:
     return padded.unfold(1, patch_len, stride)
 
 
-def _segment_sizes(segment_sizes: int | Sequence[int], depth: int) -> list[int]:
-    sizes = [segment_sizes] * depth if isinstance(segment_sizes, int) else list(segment_sizes)
-    if len(sizes) != depth or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in sizes):
-        raise ValueError(
-            f"segment_sizes must be a positive integer or a list of {depth} positive integers (one per block), "
-            f"got {segment_sizes!r}"
-        )
-    return sizes
-
-
 class MoEPatchTST(nn.Module):
     """PatchTST with Seg-MoE feed-forwards: ``forward(x (B, L, C)) -> (B, H, C)``.
 
@@ -97,13 +95,13 @@ class MoEPatchTST(nn.Module):
         num_channels: C (needed for RevIN's per-channel affine; the backbone is shared by all channels).
         patch_len, stride: patching of each channel's look-back.
         dim, depth, num_heads: Transformer width, blocks and heads.
-        ffn_dim: hidden width F of one expert (of the FFN when ``num_experts == 0``).
-        num_experts: routed experts E per block; 0 gives dense FFNs of width ``ffn_dim`` everywhere.
-        top_k: experts per segment.
-        segment_sizes: segment size w per block (an int for all blocks); 1 is token-wise routing.
-        num_shared_experts, shared_expert_gate: an always-on (sigmoid-gated) shared expert of width F.
-        router_kwargs: :class:`~moezoo.layers.segment.SegmentRouter` options (``balance_coef`` ...).
-        dense: build the dense twin (same active parameters and FLOPs).
+        ffn_dim: hidden width F of one expert (and of the shared expert).
+        moe: the MoE settings, a :class:`~moezoo.models.spec.MoESpec` or a mapping of its fields over
+            :data:`MOE_DEFAULTS`: ``segment_sizes`` (segment size w per block, or one for all blocks; 1 is
+            token-wise routing), ``num_experts``, ``top_k`` (experts per segment), ``num_shared_experts`` and
+            ``shared_expert_gate`` (an always-on, sigmoid-gated shared expert of width F), ``router_kwargs``
+            (:class:`~moezoo.layers.segment.SegmentRouter` options: ``balance_coef`` ...), ``dense`` (the dense
+            twin: same active parameters and FLOPs).
         dropout: attention, residual-branch and embedding dropout; ``head_dropout`` before the head.
         revin, revin_affine: reversible instance normalisation and its learned affine.
     """
@@ -120,14 +118,7 @@ class MoEPatchTST(nn.Module):
         num_heads: int = 4,
         ffn_dim: int = 64,
         activation: str = "gelu",
-        num_experts: int = 4,
-        top_k: int = 1,
-        segment_sizes: int | Sequence[int] = 1,
-        num_shared_experts: int = 1,
-        shared_expert_gate: bool = True,
-        router_kwargs: Mapping[str, Any] | None = None,
-        backend: str | None = None,
-        dense: bool = False,
+        moe: MoESpec | Mapping[str, Any] | None = None,
         dropout: float = 0.2,
         head_dropout: float = 0.0,
         revin: bool = True,
@@ -143,45 +134,22 @@ class MoEPatchTST(nn.Module):
             raise ValueError(f"stride must be a positive integer, got {stride!r}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if num_experts < 0:
-            raise ValueError(f"num_experts must be >= 0 (0: dense FFNs), got {num_experts}")
+        spec = MoESpec.resolve(moe, MOE_DEFAULTS)
+        spec.check_depth(depth)
+        spec.check_side_inputs((), "moe_patchtst")
         self.seq_len = seq_len
         self.pred_len = pred_len
         self.num_channels = num_channels
         self.patch_len = patch_len
         self.stride = stride
         self.num_patches = (seq_len - patch_len) // stride + 2  # +1 for the end padding of `stride` steps
-        self.segment_sizes = _segment_sizes(segment_sizes, depth)
-        self.dense = dense
+        self.spec = spec
         self.revin = RevIN(num_channels, revin_affine) if revin else None
         self.patch_embed = nn.Linear(patch_len, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, dim))
         trunc_normal_(self.pos_embed, std=0.02)
         self.drop = nn.Dropout(dropout)
-        active = top_k * ffn_dim + num_shared_experts * ffn_dim
-        ffns: list[nn.Module] = []
-        for w in self.segment_sizes:
-            if num_experts == 0:
-                ffns.append(FeedForward(dim, ffn_dim, activation))
-            elif dense:
-                ffns.append(
-                    FeedForward(dim, active, activation) if w == 1 else SegmentFeedForward(dim, active, w, activation)
-                )
-            else:
-                ffns.append(
-                    SegmentMoE(
-                        dim,
-                        ffn_dim,
-                        num_experts=num_experts,
-                        top_k=top_k,
-                        segment_size=w,
-                        router_kwargs=router_kwargs,
-                        activation=activation,
-                        num_shared_experts=num_shared_experts,
-                        shared_expert_gate=shared_expert_gate,
-                        backend=backend,
-                    )
-                )
+        ffns = [build_ffn(dim, ffn_dim, activation, spec, i) for i in range(depth)]
         self.blocks = nn.ModuleList(ForecastBlock(dim, num_heads, ffn, dropout) for ffn in ffns)
         self.norm = nn.LayerNorm(dim)
         self.head_drop = nn.Dropout(head_dropout)
@@ -220,7 +188,7 @@ class MoEPatchTST(nn.Module):
 
 
 def _moe_patchtst(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEPatchTST:
-    return MoEPatchTST(**{**defaults, **kwargs})
+    return MoEPatchTST(**build_kwargs("moe_patchtst", defaults, kwargs))
 
 
 @register_model
@@ -228,7 +196,7 @@ def moe_patchtst_debug(**kwargs: Any) -> MoEPatchTST:
     """2 blocks of width 16 on a look-back of 32 (8 patches of 8, stride 4), segment sizes 1 and 3: for tests."""
     defaults = dict(
         seq_len=32, pred_len=8, num_channels=3, patch_len=8, stride=4, dim=16, depth=2, num_heads=2, ffn_dim=16,
-        num_experts=4, top_k=1, segment_sizes=[1, 3], num_shared_experts=1, dropout=0.0,
+        moe=dict(num_experts=4, top_k=1, segment_sizes=[1, 3], num_shared_experts=1), dropout=0.0,
     )  # fmt: skip
     return _moe_patchtst(defaults, kwargs)
 
@@ -239,7 +207,7 @@ def moe_patchtst_tiny(**kwargs: Any) -> MoEPatchTST:
     64 (active width 128 = PatchTST's d_ff), multi-resolution segments [3, 5, 5] over 42 patches of L=336."""
     defaults = dict(
         seq_len=336, pred_len=96, num_channels=7, patch_len=16, stride=8, dim=16, depth=3, num_heads=4, ffn_dim=64,
-        num_experts=4, top_k=1, segment_sizes=[3, 5, 5], num_shared_experts=1, dropout=0.3,
+        moe=dict(num_experts=4, top_k=1, segment_sizes=[3, 5, 5], num_shared_experts=1), dropout=0.3,
     )  # fmt: skip
     return _moe_patchtst(defaults, kwargs)
 
@@ -250,6 +218,6 @@ def moe_patchtst_small(**kwargs: Any) -> MoEPatchTST:
     expert of 128 (active width 256), segments [3, 5, 5]."""
     defaults = dict(
         seq_len=336, pred_len=96, num_channels=7, patch_len=16, stride=8, dim=128, depth=3, num_heads=16,
-        ffn_dim=128, num_experts=4, top_k=1, segment_sizes=[3, 5, 5], num_shared_experts=1, dropout=0.2,
+        ffn_dim=128, moe=dict(num_experts=4, top_k=1, segment_sizes=[3, 5, 5], num_shared_experts=1), dropout=0.2,
     )  # fmt: skip
     return _moe_patchtst(defaults, kwargs)

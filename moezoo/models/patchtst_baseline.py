@@ -9,7 +9,7 @@ repeated ``stride`` times at the end (P = (L - patch_len) // stride + 2, 42 for 
 plus a learned positional table (uniform in +-0.02) -> dropout -> ``depth`` *post-norm* encoder layers -> flatten
 the (P, D) features of each series -> one linear head to H steps -> RevIN undone.
 
-How this differs from ``moe_patchtst(dense=True, segment_sizes=1)`` (moezoo's dense twin of Seg-MoE); each
+How this differs from ``moe_patchtst(moe={"dense": True, "segment_sizes": 1})`` (moezoo's dense twin); each
 choice here is the public PatchTST code's:
 
 - Layer: post-norm, ``x = norm(x + drop(attn(x)))`` then ``x = norm(x + drop(ffn(x)))``, no final norm; the twin
@@ -23,9 +23,9 @@ choice here is the public PatchTST code's:
 - Positions: a learned table initialised uniform in +-0.02; the twin: truncated normal, std 0.02.
 - Head: flatten the (P, D) tokens -> Linear, ``head_dropout`` 0; the twin: LayerNorm, flatten -> Linear.
 
-The published recipe (optimiser, schedule, epochs) lives in ``configs/timeseries/*patchtst*.yaml``: Adam (AdamW
-with ``weight_decay: 0``), lr 1e-4 for the ETTh scripts, a step decay per epoch (constant for 4 epochs, then x0.9:
-``lr_step_decay: [3, 0.9]``), 100 epochs, batch 128, no effective early stopping (patience 100).
+The published recipe (optimiser, schedule, epochs) lives in ``configs/timeseries/*patchtst*.yaml``: Adam without
+weight decay, lr 1e-4 for the ETTh scripts, a step decay per epoch (constant for 4 epochs, then x0.9:
+``moezoo.tasks.optim.StepDecayLR``), 100 epochs, batch 128, no effective early stopping (patience 100).
 """
 
 from __future__ import annotations

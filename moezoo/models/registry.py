@@ -9,41 +9,15 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from moezoo.models.hub import load_pretrained
+from moezoo.models.pretrained_cfg import PretrainedCfg
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _PRETRAINED: dict[str, dict[str, PretrainedCfg]] = {}
-
-
-@dataclass
-class PretrainedCfg:
-    """Where a released checkpoint lives and what it was trained and evaluated with."""
-
-    file: str
-    sha256: str
-    urls: list[str] = field(default_factory=list)
-    num_bytes: int | None = None
-    license: str = ""
-    dataset: str = ""
-    config: str = ""
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    # What the zoo needs to rerun the evaluation and write the model card (moezoo.zoo); all optional.
-    domain: str = ""
-    description: str = ""
-    task: dict[str, Any] = field(default_factory=dict)  # {"class_path": ..., "init_args": {...}} of the task
-    data: dict[str, Any] = field(default_factory=dict)  # {"class_path": ..., "init_args": {...}} of the data
-    tolerance: dict[str, float] = field(default_factory=dict)  # absolute tolerance per metric for `zoo eval`
-    params: dict[str, int] = field(default_factory=dict)  # {"total": ..., "active": ...} per token
-    routing: dict[str, Any] = field(default_factory=dict)  # routing statistics of the evaluation run
-    dense_twin: str = ""  # "name.tag" of the dense twin's release, on an MoE release
-    checkpoint: str = ""  # the training checkpoint the weights were taken from (file name)
-    storage_dtype: str = "float32"  # how the file stores floating tensors; they load into the model's dtype
-    limitations: list[str] = field(default_factory=list)
-    citations: list[str] = field(default_factory=list)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -56,7 +30,20 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def register_pretrained(model_name: str, tag: str, cfg: PretrainedCfg) -> None:
+    """Register released weights ``cfg`` as ``model_name.tag`` (a later registration of the same name wins)."""
     _PRETRAINED.setdefault(model_name, {})[tag] = cfg
+
+
+def unregister_pretrained(name: str) -> PretrainedCfg:
+    """Remove the release ``<model>.<tag>`` from the registry and return its config."""
+    base, tag = split_name(name)
+    if tag is None:
+        raise ValueError(f"name must be '<model>.<tag>', got {name!r}")
+    cfg = get_pretrained_cfg(name)  # a clear error for an unknown name
+    del _PRETRAINED[base][tag]
+    if not _PRETRAINED[base]:
+        del _PRETRAINED[base]
+    return cfg
 
 
 def split_name(name: str) -> tuple[str, str | None]:
@@ -94,8 +81,15 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     if not pretrained:
         return _MODELS[base](**kwargs)
     cfg = get_pretrained_cfg(name)
-    model = _MODELS[base](**{**cfg.model_kwargs, **kwargs})
-    from moezoo.models.hub import load_pretrained
-
+    model = _MODELS[base](**pretrained_model_kwargs(cfg, kwargs))
     load_pretrained(model, cfg)
     return model
+
+
+def pretrained_model_kwargs(cfg: PretrainedCfg, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of a release: its recorded ``model_kwargs`` with ``overrides`` on top.
+
+    The one place where a release record's arguments become a model's (``create_model(..., pretrained=True)``);
+    a translation of older record formats belongs here.
+    """
+    return {**cfg.model_kwargs, **overrides}

@@ -1,7 +1,7 @@
 """``moe_vit``: a Vision Transformer whose feed-forward in every n-th block is an MoE (V-MoE layout).
 
-Built from timm's ``PatchEmbed`` and ``Attention``. Every size has a dense twin (``dense=True``) with the same
-active parameters per token.
+Built from timm's ``PatchEmbed`` and ``Attention``. The MoE settings are one :class:`~moezoo.models.spec.MoESpec`
+(``moe=``); every size has a dense twin (``moe={"dense": True}``) with the same active parameters per token.
 """
 
 from __future__ import annotations
@@ -14,12 +14,19 @@ from timm.layers import PatchEmbed, trunc_normal_
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.models.blocks import MoESpec, TransformerBlock, build_ffn
+from moezoo.models.blocks import TransformerBlock, build_ffn
 from moezoo.models.registry import register_model
+from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
+
+register_spec_argument("moe_vit")
 
 
 class MoEViT(nn.Module):
-    """ViT classifier with a class token; ``forward_with_aux`` also returns each MoE layer's aux result."""
+    """ViT classifier with a class token; ``forward_with_aux`` also returns each MoE layer's aux result.
+
+    ``moe``: the MoE settings (:class:`~moezoo.models.spec.MoESpec` or a mapping of its fields over its defaults:
+    4 experts, top-2, in every other block); ``mlp_ratio * dim`` is the expert width.
+    """
 
     def __init__(
         self,
@@ -32,16 +39,7 @@ class MoEViT(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
         activation: str = "gelu",
-        num_experts: int = 4,
-        top_k: int = 2,
-        router: str = "topk",
-        router_kwargs: Mapping[str, Any] | None = None,
-        moe_every: int = 2,
-        moe_offset: int = 1,
-        num_shared_experts: int = 0,
-        granularity: int = 1,
-        backend: str | None = None,
-        dense: bool = False,
+        moe: MoESpec | Mapping[str, Any] | None = None,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -54,18 +52,8 @@ class MoEViT(nn.Module):
         self.img_size = img_size
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.spec = MoESpec(
-            num_experts=num_experts,
-            top_k=top_k,
-            router=router,
-            router_kwargs=dict(router_kwargs or {}),
-            moe_every=moe_every,
-            moe_offset=moe_offset,
-            num_shared_experts=num_shared_experts,
-            granularity=granularity,
-            backend=backend,
-            dense=dense,
-        )
+        self.spec = MoESpec.resolve(moe)
+        self.spec.check_side_inputs((), "moe_vit")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -104,16 +92,18 @@ class MoEViT(nn.Module):
 
 
 def _moe_vit(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEViT:
-    return MoEViT(**{**defaults, **kwargs})
+    return MoEViT(**build_kwargs("moe_vit", defaults, kwargs))
 
 
 @register_model
 def moe_vit_debug(**kwargs: Any) -> MoEViT:
     """2 blocks of width 32, 4 experts top-2 in every block: for tests."""
-    return _moe_vit(dict(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_experts=4, moe_every=1, moe_offset=0), kwargs)
+    return _moe_vit(
+        dict(dim=32, depth=2, num_heads=2, mlp_ratio=2.0, moe=dict(num_experts=4, moe_every=1, moe_offset=0)), kwargs
+    )
 
 
 @register_model
 def moe_vit_tiny(**kwargs: Any) -> MoEViT:
     """6 blocks of width 96, 8 experts top-2 in every other block (the last of each pair)."""
-    return _moe_vit(dict(dim=96, depth=6, num_heads=3, mlp_ratio=2.0, num_experts=8, moe_every=2), kwargs)
+    return _moe_vit(dict(dim=96, depth=6, num_heads=3, mlp_ratio=2.0, moe=dict(num_experts=8, moe_every=2)), kwargs)

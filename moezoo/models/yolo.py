@@ -5,9 +5,10 @@ at strides 8/16/32 whose box branch predicts a distribution over ``reg_max`` bin
 loss). YOLO-MoE runs ``num_experts`` such detectors and blends their raw box and class outputs per scale with
 per-image weights from a learned router whose input is the experts' pooled neck features; a load-balance term
 keeps every expert in use. ``dense=True`` gives the single-expert baseline, and ``match_compute_of=N`` widens
-that single detector until its FLOPs match N experts (the equal-compute baseline). ``neck_moe_experts > 0``
-adds a core :class:`moezoo.layers.MoE` (per-pixel, patch-level routing of 1x1 conv experts) on the stride-32
-features of every expert.
+that single detector until its FLOPs match N experts (the equal-compute baseline). ``neck_moe`` (a
+:class:`~moezoo.models.spec.MoESpec`, e.g. ``neck_moe={"num_experts": 4}``) adds a core :class:`moezoo.layers.MoE`
+(per-pixel, patch-level routing of 1x1 conv experts) on the stride-32 features of every expert; with ``dense=True``
+it becomes its dense twin too.
 
 Legend: B images, N detector experts, S scales (3), C_s channels at scale s, O = 4*reg_max + num_classes outputs
 per cell, E experts of the neck MoE.
@@ -16,7 +17,7 @@ per cell, E experts of the neck MoE.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,11 +26,26 @@ from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
 from moezoo.layers.losses import load_cv, routing_entropy
-from moezoo.models.blocks import MoESpec, build_ffn, run_ffn
+from moezoo.models.blocks import build_ffn, run_ffn
 from moezoo.models.registry import register_model
+from moezoo.models.spec import MoESpec, build_kwargs, fold_flat_kwargs, register_spec_argument
 from moezoo.models.yolo_boxes import decode_outputs, postprocess
 
 STRIDES = (8, 16, 32)
+#: the neck MoE's defaults: top-2 over every pixel of the stride-32 map
+NECK_MOE_DEFAULTS: dict[str, Any] = dict(top_k=2, moe_every=1, moe_offset=0)
+
+
+def _fold_old_neck_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Old ``neck_moe_experts``/``neck_moe_top_k`` -> ``neck_moe``; 0 experts (the old default) was no neck MoE."""
+    renames = {"neck_moe_experts": "num_experts", "neck_moe_top_k": "top_k"}
+    new, old = fold_flat_kwargs(kwargs, renames, "neck_moe")
+    if old and not new["neck_moe"].get("num_experts"):
+        new["neck_moe"] = None
+    return new, old
+
+
+register_spec_argument("moe_yolo", into="neck_moe", fold=_fold_old_neck_kwargs)
 
 
 class ConvBNAct(nn.Module):
@@ -94,9 +110,8 @@ class SPPF(nn.Module):
 class PixelMoE(nn.Module):
     """A core MoE (or its dense twin) applied to every pixel of a feature map, with a residual: patch routing."""
 
-    def __init__(self, channels: int, num_experts: int, top_k: int, dense: bool) -> None:
+    def __init__(self, channels: int, spec: MoESpec) -> None:
         super().__init__()
-        spec = MoESpec(num_experts=num_experts, top_k=top_k, moe_every=1, moe_offset=0, dense=dense)
         self.norm = nn.LayerNorm(channels)
         self.ffn = build_ffn(channels, channels, "gelu", spec, 0)
 
@@ -143,9 +158,7 @@ class YOLODetector(nn.Module):
         width: int = 8,
         depth: int = 1,
         reg_max: int = 16,
-        neck_moe_experts: int = 0,
-        neck_moe_top_k: int = 2,
-        dense: bool = False,
+        neck_moe: MoESpec | None = None,
     ) -> None:
         super().__init__()
         c1, c2, c3, c4, c5 = (width * m for m in (1, 2, 4, 8, 16))
@@ -154,7 +167,7 @@ class YOLODetector(nn.Module):
         self.stage3 = nn.Sequential(ConvBNAct(c2, c3, 3, 2), C2f(c3, c3, 2 * depth))
         self.stage4 = nn.Sequential(ConvBNAct(c3, c4, 3, 2), C2f(c4, c4, 2 * depth))
         self.stage5 = nn.Sequential(ConvBNAct(c4, c5, 3, 2), C2f(c5, c5, depth), SPPF(c5, c5))
-        self.pixel_moe = PixelMoE(c5, neck_moe_experts, neck_moe_top_k, dense) if neck_moe_experts else None
+        self.pixel_moe = PixelMoE(c5, neck_moe) if neck_moe is not None else None
         self.top_down4 = C2f(c5 + c4, c4, depth, shortcut=False)
         self.top_down3 = C2f(c4 + c3, c3, depth, shortcut=False)
         self.down3 = ConvBNAct(c3, c3, 3, 2)
@@ -273,6 +286,11 @@ class MoEYOLO(nn.Module):
 
     ``forward(x)`` returns a dict: ``preds`` (per-scale raw maps ``(B, 4*reg_max + C, H, W)``) and ``routing``
     (per-image weights ``(B, 3, N)``, or ``None`` for a single detector). ``predict`` decodes and runs NMS.
+
+    ``num_experts``, ``router_*``, ``balance_coef``, ``dense`` and ``match_compute_of`` configure the mixture of
+    whole detectors (not a core MoE); ``neck_moe`` (a :class:`~moezoo.models.spec.MoESpec` or a mapping of its
+    fields over :data:`NECK_MOE_DEFAULTS`; ``None``: none) the core MoE on the stride-32 features, whose dense
+    twin ``dense=True`` builds as well.
     """
 
     def __init__(
@@ -287,8 +305,7 @@ class MoEYOLO(nn.Module):
         router_top_k: int | None = None,
         router_temperature: float = 1.0,
         balance_coef: float = 0.01,
-        neck_moe_experts: int = 0,
-        neck_moe_top_k: int = 2,
+        neck_moe: MoESpec | Mapping[str, Any] | None = None,
         dense: bool = False,
         match_compute_of: int | None = None,
     ) -> None:
@@ -310,15 +327,14 @@ class MoEYOLO(nn.Module):
         self.in_chans = in_chans
         self.reg_max = reg_max
         self.strides = STRIDES
+        neck = None if neck_moe is None else MoESpec.resolve(neck_moe, NECK_MOE_DEFAULTS)
+        if neck is not None:
+            neck.check_side_inputs((), "moe_yolo")
+            neck = neck.replace(dense=True) if dense else neck
         self.num_experts = 1 if dense else num_experts
+        self.neck_moe = neck
         expert_kwargs: dict[str, Any] = dict(
-            num_classes=num_classes,
-            in_chans=in_chans,
-            depth=depth,
-            reg_max=reg_max,
-            neck_moe_experts=neck_moe_experts,
-            neck_moe_top_k=neck_moe_top_k,
-            dense=dense,
+            num_classes=num_classes, in_chans=in_chans, depth=depth, reg_max=reg_max, neck_moe=neck
         )
         if match_compute_of is not None:
             width = equal_compute_width(expert_kwargs, width, match_compute_of)
@@ -443,7 +459,7 @@ class _FeatureAndHead(nn.Module):
 
 
 def _moe_yolo(defaults: dict[str, Any], kwargs: dict[str, Any]) -> MoEYOLO:
-    return MoEYOLO(**{**defaults, **kwargs})
+    return MoEYOLO(**build_kwargs("moe_yolo", defaults, kwargs))
 
 
 @register_model

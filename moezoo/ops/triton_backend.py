@@ -9,9 +9,10 @@ on this backend traces under ``torch.compile(fullgraph=True)`` with no ``.item()
 
 - ``moezoo::permute``: expert-contiguous, block-padded layout of the pairs (integer outputs);
 - ``moezoo::expert_ffn_fwd`` / ``moezoo::expert_ffn_bwd``: gather -> GEMM + activation -> GEMM + gate -> combine,
-  and the four gradients (x, gate, w_in, w_out);
-- ``moezoo::route_topk`` / ``moezoo::route_topk_bwd``: fused softmax|sigmoid + bias + top-k + renormalisation;
-- ``moezoo::combine`` / ``moezoo::combine_bwd``: gate-weighted scatter-add of pair rows to token order.
+  and the four gradients (x, gate, w_in, w_out).
+
+Routing stays in the routers (PyTorch ops on every device); see ``moezoo.kernels`` for why there is no fused
+routing or standalone combine op.
 
 Importing this module registers the ``"triton"`` backend with :func:`moezoo.ops.register_backend`; it raises
 ``ImportError`` when triton is unavailable (``moezoo.ops`` imports it lazily and tolerates that).
@@ -19,14 +20,13 @@ Importing this module registers the ``"triton"`` backend with :func:`moezoo.ops.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from moezoo.kernels import HAS_TRITON, TRITON_ERROR
-from moezoo.ops.activations import check_activation
+from moezoo.ops.activations import check_activation, hidden_width
 
 if not HAS_TRITON:
     raise ImportError(f"the Triton backend needs triton, which failed to import ({TRITON_ERROR})")
@@ -34,45 +34,31 @@ if not HAS_TRITON:
 from moezoo.kernels import (  # noqa: E402 - only after the availability check
     INTERPRET,
     ExpertLayout,
-    combine_bwd,
-    combine_fwd,
+    check_device,
     expert_in_bwd,
     expert_in_fwd,
     expert_out_bwd,
     expert_out_fwd,
     permute_fwd,
-    routing_bwd,
-    routing_fwd,
 )
 
 BACKEND = "triton"
-SCORES = ("softmax", "sigmoid")
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def check_runnable(*tensors: Tensor) -> None:
-    """Raise a clear error unless the kernels can run on these tensors (CUDA, or CPU under the interpreter)."""
-    for t in tensors:
-        if t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET):
-            continue
-        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            why = "TRITON_INTERPRET=1 was set after moezoo.kernels was imported; set it before importing moezoo"
-        else:
-            why = (
-                "Triton kernels need CUDA tensors (on the CPU they run only in Triton's interpreter, with "
-                "TRITON_INTERPRET=1 set before import); use backend='torch' here"
-            )
-        raise RuntimeError(f"backend={BACKEND!r} cannot run on {t.device} tensors: {why}")
+def choose_block_m(num_pairs: int | torch.SymInt, num_experts: int, num_tokens: int | torch.SymInt = 0) -> int:
+    """Rows per GEMM block: large blocks when experts are well filled, small ones to limit padding otherwise.
 
-
-def choose_block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per GEMM block: large blocks when experts are well filled, small ones to limit padding otherwise."""
+    Under ``torch.compile`` a filtered pair list (capacity, null experts, ReLU routing) has a data-dependent length
+    that cannot be compared with a constant; the token count ``num_tokens`` then stands in for it.
+    """
     if INTERPRET:
         return 32
-    rows_per_expert = num_pairs // max(num_experts, 1)
+    rows = num_pairs if isinstance(num_pairs, int) else num_tokens
+    rows_per_expert = rows // max(num_experts, 1)
     if rows_per_expert >= 512:
         return 128
     return 64 if rows_per_expert >= 64 else 32
@@ -89,7 +75,6 @@ def _row_blocks(num_pairs: int | torch.SymInt, num_experts: int, block_m: int) -
 @torch.library.custom_op("moezoo::permute", mutates_args=())
 def permute_op(expert_idx_N: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(tokens_per_expert_E, block_offsets_E1, block_expert_B, sorted_pair_P, slot_of_pair_N)``, all int32."""
-    check_runnable(expert_idx_N)
     return tuple(permute_fwd(expert_idx_N, num_experts, block_m)[:5])  # type: ignore[return-value]
 
 
@@ -124,10 +109,9 @@ def expert_ffn_fwd_op(
     save_h: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(out (T, D) in x's dtype, h (N, H) pre-activations when save_h, else empty)``."""
-    check_runnable(x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD)
     layout = _layout(tokens_per_expert_E, block_offsets_E1, block_expert_B, sorted_pair_P, block_m)
     x_TD = x_TD.contiguous()
-    h_NH, a_NF = expert_in_fwd(x_TD, token_idx_N, layout, w_in_EDH, activation, store_h=save_h)
+    h_NH, a_NF = expert_in_fwd(x_TD, token_idx_N, layout, w_in_EDH, activation == "swiglu", store_h=save_h)
     out_TD = expert_out_fwd(a_NF, token_idx_N, gate_N, layout, w_out_EFD, x_TD.shape[0])
     return out_TD.to(x_TD.dtype), (h_NH if h_NH is not None else _empty(x_TD))
 
@@ -172,11 +156,10 @@ def expert_ffn_bwd_op(
     need_dw_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dgate, dw_in, dw_out)`` in the dtypes of their inputs; a gradient not asked for is empty."""
-    check_runnable(dout_TD, x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, h_NH)
     layout = _layout(tokens_per_expert_E, block_offsets_E1, block_expert_B, sorted_pair_P, block_m)
     dout_TD = dout_TD.to(h_NH.dtype).contiguous()
     dh_NH, dgate_N, dw_out = expert_out_bwd(
-        dout_TD, token_idx_N, gate_N, layout, w_out_EFD, h_NH, activation, need_dgate, need_dw_out
+        dout_TD, token_idx_N, gate_N, layout, w_out_EFD, h_NH, activation == "swiglu", need_dgate, need_dw_out
     )
     dx_TD, dw_in = expert_in_bwd(dh_NH, x_TD.contiguous(), token_idx_N, layout, w_in_EDH, need_dx, need_dw_in)
     return (
@@ -213,7 +196,7 @@ def _(
 
 def _expert_ffn_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, tokens, offsets, block_expert, sorted_pair = inputs[:9]
-    ctx.activation, ctx.block_m = inputs[9], inputs[10]
+    ctx.activation, ctx.block_m, ctx.save_h = inputs[9], inputs[10], inputs[11]
     ctx.save_for_backward(
         x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, output[1], tokens, offsets, block_expert, sorted_pair
     )
@@ -222,7 +205,7 @@ def _expert_ffn_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _expert_ffn_backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None) -> tuple[Tensor | None, ...]:
     x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, h_NH, tokens, offsets, block_expert, sorted_pair = ctx.saved_tensors
-    if h_NH.numel() == 0 and token_idx_N.numel() and w_in_EDH.shape[2]:
+    if not ctx.save_h:  # a flag, not h's size: the pair count may be data-dependent under torch.compile
         raise RuntimeError("moezoo::expert_ffn_fwd ran with save_h=False; it cannot be differentiated")
     need_x, need_gate, need_w_in, need_w_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
     dx, dgate, dw_in, dw_out = expert_ffn_bwd_op(
@@ -267,7 +250,7 @@ def _check_shapes(
         )
     num_experts, dim, hidden = w_in.shape
     ffn_dim = w_out.shape[1]
-    want_hidden = 2 * ffn_dim if act == "swiglu" else ffn_dim
+    want_hidden = hidden_width(act, ffn_dim)
     if x_TD.shape[1] != dim or tuple(w_out.shape) != (num_experts, ffn_dim, dim) or hidden != want_hidden:
         raise ValueError(
             f"inconsistent shapes for activation={act!r}: x {tuple(x_TD.shape)}, w_in {tuple(w_in.shape)}, "
@@ -289,19 +272,12 @@ def expert_ffn_triton(
     w_out_EFD: Tensor,
     activation: str,
 ) -> Tensor:
-    """The ``expert_ffn`` contract on the Triton kernels (see ``moezoo.ops.reference``).
-
-    Under autocast the GEMMs run in the autocast dtype; otherwise in ``x``'s dtype (weights are cast to it).
-    """
+    """The ``expert_ffn`` contract on the Triton kernels (see ``moezoo.ops.reference``), in ``x``'s dtype."""
     activation = check_activation(activation)
     _check_shapes(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, activation)
-    check_runnable(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD)
-    dtype = x_TD.dtype
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dtype = torch.get_autocast_dtype(x_TD.device.type)
-    x_TD, w_in_EDH, w_out_EFD = x_TD.to(dtype), w_in_EDH.to(dtype), w_out_EFD.to(dtype)
+    check_device(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD)
     num_experts = w_in_EDH.shape[0]
-    block_m = choose_block_m(token_idx_N.shape[0], num_experts)
+    block_m = choose_block_m(token_idx_N.shape[0], num_experts, x_TD.shape[0])
     tokens, offsets, block_expert, sorted_pair, _ = permute_op(expert_idx_N, num_experts, block_m)
     save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_N, w_in_EDH, w_out_EFD))
     out_TD, _ = expert_ffn_fwd_op(
@@ -319,145 +295,6 @@ def expert_ffn_triton(
         save_h,
     )
     return out_TD
-
-
-# ---------------------------------------------------------------------------------------------------- routing
-
-
-@torch.library.custom_op("moezoo::route_topk", mutates_args=())
-def route_topk_op(
-    logits_TE: Tensor, bias_E: Tensor | None, top_k: int, score: str, normalize: bool, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(weight_TK fp32, expert_idx_TK int64, tokens_per_expert_E int32)`` (the float output first)."""
-    check_runnable(logits_TE)
-    idx_TK, weight_TK, counts_E = routing_fwd(logits_TE, top_k, score, bias_E, normalize, scale)
-    return weight_TK, idx_TK, counts_E
-
-
-@route_topk_op.register_fake
-def _(
-    logits_TE: Tensor, bias_E: Tensor | None, top_k: int, score: str, normalize: bool, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    num_tokens, num_experts = logits_TE.shape
-    return (
-        logits_TE.new_empty(num_tokens, top_k, dtype=torch.float32),
-        logits_TE.new_empty(num_tokens, top_k, dtype=torch.int64),
-        logits_TE.new_empty(num_experts, dtype=torch.int32),
-    )
-
-
-@torch.library.custom_op("moezoo::route_topk_bwd", mutates_args=())
-def route_topk_bwd_op(
-    dweight_TK: Tensor, logits_TE: Tensor, expert_idx_TK: Tensor, score: str, normalize: bool, scale: float
-) -> Tensor:
-    check_runnable(dweight_TK, logits_TE, expert_idx_TK)
-    return routing_bwd(dweight_TK, logits_TE, expert_idx_TK, score, normalize, scale).to(logits_TE.dtype)
-
-
-@route_topk_bwd_op.register_fake
-def _(
-    dweight_TK: Tensor, logits_TE: Tensor, expert_idx_TK: Tensor, score: str, normalize: bool, scale: float
-) -> Tensor:
-    return logits_TE.new_empty(logits_TE.shape)
-
-
-def _route_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    logits_TE, _, _, ctx.score, ctx.normalize, ctx.scale = inputs
-    ctx.save_for_backward(logits_TE, output[1])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _route_backward(ctx: Any, dweight_TK: Tensor, _didx: Tensor | None, _dcounts: Tensor | None) -> tuple:
-    logits_TE, expert_idx_TK = ctx.saved_tensors
-    dlogits = route_topk_bwd_op(dweight_TK.contiguous(), logits_TE, expert_idx_TK, ctx.score, ctx.normalize, ctx.scale)
-    return dlogits, None, None, None, None, None
-
-
-route_topk_op.register_autograd(_route_backward, setup_context=_route_setup)
-
-
-def route_topk(
-    logits_TE: Tensor,
-    top_k: int,
-    score: str = "softmax",
-    bias_E: Tensor | None = None,
-    normalize: bool = True,
-    scale: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused routing: ``(expert_idx_TK, weight_TK, tokens_per_expert_E)``; ``weight_TK`` is differentiable.
-
-    ``score="softmax"`` with ``normalize`` is TopKRouter's gate; ``score="sigmoid"`` with a selection bias,
-    ``normalize`` and ``scale=route_scale`` is SigmoidLossFreeRouter's. The bias gets no gradient.
-    """
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is not supported; choose one of {SCORES}")
-    if logits_TE.dim() != 2 or not 1 <= top_k <= logits_TE.shape[1]:
-        raise ValueError(f"expected logits (T, E) and 1 <= top_k <= E; got {tuple(logits_TE.shape)}, top_k={top_k}")
-    bias = bias_E.detach() if bias_E is not None else None
-    weight_TK, idx_TK, counts_E = route_topk_op(logits_TE, bias, top_k, score, normalize, float(scale))
-    return idx_TK, weight_TK, counts_E
-
-
-# ---------------------------------------------------------------------------------------------------- combine
-
-
-@torch.library.custom_op("moezoo::combine", mutates_args=())
-def combine_op(y_ND: Tensor, gate_N: Tensor, token_idx_N: Tensor, num_tokens: int) -> Tensor:
-    """``out (T, D)[token_idx[n]] += gate[n] * y[n]``."""
-    check_runnable(y_ND, gate_N, token_idx_N)
-    return combine_fwd(y_ND, gate_N, token_idx_N, num_tokens)
-
-
-@combine_op.register_fake
-def _(y_ND: Tensor, gate_N: Tensor, token_idx_N: Tensor, num_tokens: int) -> Tensor:
-    return y_ND.new_empty(num_tokens, y_ND.shape[1])
-
-
-@torch.library.custom_op("moezoo::combine_bwd", mutates_args=())
-def combine_bwd_op(
-    dout_TD: Tensor, y_ND: Tensor, gate_N: Tensor, token_idx_N: Tensor, need_dy: bool, need_dgate: bool
-) -> tuple[Tensor, Tensor]:
-    """``(dy (N, D), dgate (N,))`` in the dtypes of ``y`` and ``gate``; a gradient not asked for is empty."""
-    check_runnable(dout_TD, y_ND, gate_N, token_idx_N)
-    dy_ND, dgate_N = combine_bwd(dout_TD.to(y_ND.dtype), y_ND, gate_N, token_idx_N, need_dy, need_dgate)
-    return (
-        dy_ND if dy_ND is not None else _empty(y_ND),
-        dgate_N.to(gate_N.dtype) if dgate_N is not None else _empty(gate_N),
-    )
-
-
-@combine_bwd_op.register_fake
-def _(
-    dout_TD: Tensor, y_ND: Tensor, gate_N: Tensor, token_idx_N: Tensor, need_dy: bool, need_dgate: bool
-) -> tuple[Tensor, Tensor]:
-    return (y_ND.new_empty(y_ND.shape) if need_dy else _empty(y_ND)), (
-        gate_N.new_empty(gate_N.shape) if need_dgate else _empty(gate_N)
-    )
-
-
-def _combine_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    y_ND, gate_N, token_idx_N, _ = inputs
-    ctx.save_for_backward(y_ND, gate_N, token_idx_N)
-
-
-def _combine_backward(ctx: Any, dout_TD: Tensor) -> tuple:
-    y_ND, gate_N, token_idx_N = ctx.saved_tensors
-    need_dy, need_dgate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dy, dgate = combine_bwd_op(dout_TD, y_ND, gate_N, token_idx_N, need_dy, need_dgate)
-    return (dy if need_dy else None), (dgate if need_dgate else None), None, None
-
-
-combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
-
-
-def combine(y_ND: Tensor, gate_N: Tensor, token_idx_N: Tensor, num_tokens: int) -> Tensor:
-    """Differentiable gate-weighted scatter-add of pair rows back to token order (``(T, D)``, ``y``'s dtype)."""
-    if y_ND.dim() != 2 or not (gate_N.shape == token_idx_N.shape == (y_ND.shape[0],)):
-        raise ValueError(
-            f"expected y (N, D), gate (N,), token_idx (N,); got {tuple(y_ND.shape)}, {tuple(gate_N.shape)}, "
-            f"{tuple(token_idx_N.shape)}"
-        )
-    return combine_op(y_ND, gate_N, token_idx_N, num_tokens)
 
 
 def _register() -> None:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from moezoo.layers.experts import GroupedExperts
 from moezoo.layers.moe import MoE
-from moezoo.layers.routers import ExpertChoiceRouter, Router, SinkhornRouter, SoftMoERouter, TopKRouter
+from moezoo.layers.routers import ExpertChoiceRouter, Router, SinkhornRouter, TopKRouter
 from moezoo.ops import expert_ffn
 from moezoo.parallel.comm import (
     ExpertParallelGroups,
@@ -144,7 +144,7 @@ class ExpertParallelExperts(nn.Module):
 
 def routing_scope(router: Router) -> str:
     """What a router's decision depends on: ``"token"``, ``"sequence"`` (Soft MoE) or ``"local_batch"``."""
-    if isinstance(router, SoftMoERouter):
+    if router.kind == "soft":
         return "sequence"
     if isinstance(router, ExpertChoiceRouter):
         return "local_batch"

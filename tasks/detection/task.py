@@ -24,18 +24,14 @@ class DetectionTask(MoETask):
         conf_thres, iou_thres, max_det: NMS settings for evaluation.
         predict_conf: score threshold of the boxes ``predict`` draws.
         predict_dir: where ``predict`` writes the drawn images and ``predictions.jsonl`` (boxes, routing weights).
-        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+        model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
+            :class:`moezoo.tasks.base.MoETask`.
     """
 
     def __init__(
         self,
         model: str = "moe_yolo_debug",
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 2e-3,
-        weight_decay: float = 0.05,
-        warmup_frac: float = 0.05,
-        min_lr_ratio: float = 0.05,
-        aux_loss_coef: float = 1.0,
         box_gain: float = 7.5,
         cls_gain: float = 0.5,
         dfl_gain: float = 1.5,
@@ -44,8 +40,9 @@ class DetectionTask(MoETask):
         max_det: int = 100,
         predict_conf: float = 0.25,
         predict_dir: str = "predictions",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        super().__init__(model, model_kwargs, **kwargs)
         if not 0 <= conf_thres < 1 or not 0 < iou_thres <= 1:
             raise ValueError(f"conf_thres must be in [0, 1) and iou_thres in (0, 1], got {conf_thres}, {iou_thres}")
         m = self.model

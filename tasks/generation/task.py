@@ -61,18 +61,14 @@ class ImageGenerationTask(MoETask):
         eval_num_samples: class-balanced samples for FD-FMNIST and sample accuracy at test (0: skip).
         classifier_path: the FD-FMNIST classifier's safetensors (default: the shipped one).
         sample_seed: seed of the sampling noise (grids and evaluation are reproducible).
-        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+        model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
+            :class:`moezoo.tasks.base.MoETask`.
     """
 
     def __init__(
         self,
         model: str = "moe_dit_debug",
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_frac: float = 0.05,
-        min_lr_ratio: float = 0.1,
-        aux_loss_coef: float = 1.0,
         objective: str = "rectified_flow",
         sampler: str | None = None,
         num_sampling_steps: int = 20,
@@ -86,8 +82,9 @@ class ImageGenerationTask(MoETask):
         eval_num_samples: int = 0,
         classifier_path: str | None = None,
         sample_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        super().__init__(model, model_kwargs, **kwargs)
         self.objective = build_objective(objective, num_train_timesteps, beta_schedule)
         sampler = sampler or SAMPLERS[objective][0 if objective == "rectified_flow" else 1]
         if sampler not in SAMPLERS[objective]:

@@ -38,25 +38,22 @@ class SpeechRecognitionTask(MoETask):
         lid_coef: weight of the frame-level language-ID cross-entropy (models with an LID head).
         spec_augment: apply SpecAugment (2 frequency masks of <= 15 bins, time masks of <= 20 frames) in training.
         num_time_masks: time masks per utterance for SpecAugment.
-        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+        model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
+            :class:`moezoo.tasks.base.MoETask` (``model_kwargs.vocab_size`` defaults to the vocabulary's size).
     """
 
     def __init__(
         self,
         model: str = "moe_conformer_debug",
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 2e-3,
-        weight_decay: float = 0.01,
-        warmup_frac: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        aux_loss_coef: float = 1.0,
         lid_coef: float = 0.3,
         spec_augment: bool = True,
         num_time_masks: int = 2,
+        **kwargs: Any,
     ) -> None:
         vocab = CharVocab()
         model_kwargs = {"vocab_size": len(vocab), **(model_kwargs or {})}
-        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        super().__init__(model, model_kwargs, **kwargs)
         if lid_coef < 0:
             raise ValueError(f"lid_coef must be >= 0, got {lid_coef}")
         if getattr(self.model, "vocab_size", len(vocab)) != len(vocab):

@@ -1,5 +1,9 @@
 """Time-series tasks: long-term forecasting with ``moe_patchtst`` (Seg-MoE routing) on ETT-style CSVs."""
 
+from moezoo.extras import require
+
+require("timeseries", __name__)  # before the imports it guards
+
 from moezoo.tasks.timeseries.data import (
     CSVForecastDataModule,
     ElecDemandDataModule,

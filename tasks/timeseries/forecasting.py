@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moezoo.layers import MoEAux
-from moezoo.tasks.base import MoETask, param_groups
+from moezoo.tasks.base import MoETask
 
 LOSSES = ("mse", "huber")
 
@@ -25,10 +25,9 @@ class ForecastingTask(MoETask):
         loss: ``"mse"`` or ``"huber"`` (``huber_delta``); the metrics are MSE and MAE whatever the loss.
         num_plot_windows: at the end of a test, plot the first window of each of the first n test batches
             (look-back, truth, forecast of the last channel, the target) into ``<log dir>/forecasts.png``.
-        lr_step_decay: ``None`` (the base schedule: warmup then cosine, per step) or ``[k, gamma]``: the learning
-            rate of epoch ``e`` (from 0) is ``lr * gamma ** max(0, e - k)``, the per-epoch step decay of the public
-            PatchTST / LTSF-Linear code (``lradj="type3"`` is ``[3, 0.9]``, ``"type1"`` is ``[1, 0.5]``).
-        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+        model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
+            :class:`moezoo.tasks.base.MoETask`. The public PatchTST / LTSF-Linear recipes use
+            ``optimizer: torch.optim.Adam`` and ``lr_scheduler: moezoo.tasks.optim.StepDecayLR`` (per epoch).
 
     A model without trainable parameters (``last_value``, ``seasonal_naive``) gets no optimiser: ``fit`` runs its
     epochs without an optimisation step (validation and checkpoints as usual) and says so once; ``test`` scores it.
@@ -38,17 +37,12 @@ class ForecastingTask(MoETask):
         self,
         model: str = "moe_patchtst_debug",
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_frac: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        aux_loss_coef: float = 1.0,
         loss: str = "mse",
         huber_delta: float = 1.0,
         num_plot_windows: int = 4,
-        lr_step_decay: tuple[int, float] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        super().__init__(model, model_kwargs, **kwargs)
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is unknown; choose one of {list(LOSSES)}")
         if huber_delta <= 0:
@@ -58,7 +52,6 @@ class ForecastingTask(MoETask):
         self.loss_name = loss
         self.huber_delta = huber_delta
         self.num_plot_windows = num_plot_windows
-        self.lr_step_decay = _step_decay(lr_step_decay)
         self.trainable = any(p.requires_grad for p in self.model.parameters())
         self._plot_windows: list[tuple[Tensor, Tensor, Tensor]] = []
 
@@ -95,14 +88,7 @@ class ForecastingTask(MoETask):
             )
 
     def configure_optimizers(self) -> Any:
-        if not self.trainable:
-            return None
-        if self.lr_step_decay is None:
-            return super().configure_optimizers()
-        keep, gamma = self.lr_step_decay
-        optimizer = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: gamma ** max(0, epoch - keep))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return super().configure_optimizers() if self.trainable else None  # None: Lightning runs without one
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
@@ -118,22 +104,6 @@ class ForecastingTask(MoETask):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.model(x)
-
-
-def _step_decay(value: Any) -> tuple[int, float] | None:
-    if value is None:
-        return None
-    ok = isinstance(value, (list, tuple)) and len(value) == 2
-    if ok:
-        keep, gamma = value
-        ok = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0
-        ok = ok and isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0 < gamma <= 1
-    if not ok:
-        raise ValueError(
-            f"lr_step_decay must be null or [k, gamma] with an integer k >= 0 (the last epoch, from 0, at the peak "
-            f"learning rate) and 0 < gamma <= 1, got {value!r}"
-        )
-    return int(keep), float(gamma)
 
 
 def plot_forecasts(windows: list[tuple[Tensor, Tensor, Tensor]], path: Path, title: str = "") -> Path:

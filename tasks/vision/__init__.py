@@ -1,5 +1,9 @@
 """Vision tasks: image classification with ``moe_vit``."""
 
+from moezoo.extras import require
+
+require("vision", __name__)  # before the imports it guards
+
 from moezoo.tasks.vision.classification import ImageClassificationTask
 from moezoo.tasks.vision.data import (
     CIFARDataModule,

@@ -17,21 +17,18 @@ class ImageClassificationTask(MoETask):
 
     Args:
         label_smoothing: cross-entropy label smoothing.
-        (the rest as in :class:`moezoo.tasks.base.MoETask`)
+        model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
+            :class:`moezoo.tasks.base.MoETask`.
     """
 
     def __init__(
         self,
         model: str = "moe_vit_debug",
         model_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_frac: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        aux_loss_coef: float = 1.0,
         label_smoothing: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, model_kwargs, lr, weight_decay, warmup_frac, min_lr_ratio, aux_loss_coef)
+        super().__init__(model, model_kwargs, **kwargs)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing

@@ -41,3 +41,33 @@ def test_breakdown_parts_account_for_the_layer(capsys: pytest.CaptureFixture[str
     assert "expert GEMMs/dense" in header and "router/dense" in header
     row = next(line for line in out.splitlines() if line.startswith("| (64, 16, 8, 4, 2)"))
     assert len(row.strip("|").split("|")) == len(header.strip("|").split("|"))
+
+
+def _row_cells(out: str, shape: str) -> dict[str, str]:
+    header = next(line for line in out.splitlines() if line.startswith("| (T, D, F, E, K)"))
+    row = next(line for line in out.splitlines() if line.startswith(f"| {shape}"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    return dict(zip(names, (c.strip() for c in row.strip("|").split("|")), strict=True))
+
+
+def _assert_compiled_columns(out: str) -> None:
+    cells = _row_cells(out, "(64, 16, 8, 4, 2)")
+    for column in ("dense+compile/dense", "moezoo+compile/dense+compile", "moezoo+compile MiB"):
+        assert column in cells
+    for column in ("dense+compile/dense", "moezoo+compile/dense+compile"):
+        assert float(cells[column].rstrip("x")) > 0
+
+
+def test_layer_bench_compile_adds_the_compiled_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--compile`` times the compiled dense FFN and MoE layer in the same run (aot_eager here: no codegen)."""
+    args = ["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--no-naive"]
+    assert layer.main([*args, "--compile", "--compile-backend", "aot_eager"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile backend aot_eager" in out
+    _assert_compiled_columns(out)
+
+
+@pytest.mark.slow
+def test_layer_bench_compile_with_inductor(capsys: pytest.CaptureFixture[str]) -> None:
+    assert layer.main(["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--no-naive", "--compile"]) == 0
+    _assert_compiled_columns(capsys.readouterr().out)

@@ -77,10 +77,10 @@ def test_dense_twin_has_no_router_and_neck_moe_reports_aux():
     dense = create_model("moe_yolo_debug", num_classes=2, dense=True)
     out, auxes = dense.forward_with_aux(torch.rand(2, 1, 32, 32))
     assert out["routing"] is None and auxes == [] and len(dense.experts) == 1
-    moe = create_model("moe_yolo_debug", num_classes=2, neck_moe_experts=4, neck_moe_top_k=1)
+    moe = create_model("moe_yolo_debug", num_classes=2, neck_moe={"num_experts": 4, "top_k": 1})
     out, auxes = moe.forward_with_aux(torch.rand(2, 1, 32, 32))
     assert len(auxes) == 2 + 3  # one core MoE per expert detector, one blend router aux per scale
-    twin = create_model("moe_yolo_debug", num_classes=2, neck_moe_experts=4, neck_moe_top_k=1, dense=True)
+    twin = create_model("moe_yolo_debug", num_classes=2, neck_moe={"num_experts": 4, "top_k": 1}, dense=True)
     assert twin.forward_with_aux(torch.rand(2, 1, 32, 32))[1] == []
 
 

@@ -57,7 +57,7 @@ def _model(**kwargs):
                                                ("ddpm", "ddpm"), ("ddpm", "ddim")])  # fmt: skip
 def test_sampler_is_deterministic_for_a_seed(objective, sampler):
     torch.manual_seed(0)
-    model = _model(router="promoe", num_experts=5, top_k=1, num_shared_experts=1).eval()
+    model = _model(moe=dict(router="promoe", num_experts=5, top_k=1, num_shared_experts=1)).eval()
     with torch.no_grad():  # adaLN-Zero starts at a zero output: give the final layer weights so samples move
         model.final.weight.normal_(0, 0.1)
     obj = build_objective(objective, 50)
@@ -91,7 +91,7 @@ def test_classifier_free_guidance_combines_the_two_branches():
 def test_one_optimiser_step_lowers_the_loss_on_an_overfit_batch(objective, router):
     torch.manual_seed(0)
     kwargs = dict(num_experts=5, top_k=1, num_shared_experts=1) if router == "promoe" else {}
-    model = _model(**(dict(dense=True) if router == "dense" else dict(router=router, **kwargs)))
+    model = _model(moe=dict(dense=True) if router == "dense" else dict(router=router, **kwargs))
     obj = build_objective(objective, 100)
     x0 = torch.rand(16, 1, 8, 8) * 2 - 1
     y = torch.arange(16) % 11  # includes the null label 10

@@ -28,7 +28,7 @@ ROUTER_CASES = [
 
 @pytest.mark.parametrize("router,kwargs", ROUTER_CASES)
 def test_forward_shapes_and_aux_per_moe_block(router, kwargs):
-    model = create_model("moe_dit_debug", router=router, **kwargs)
+    model = create_model("moe_dit_debug", moe={"router": router, **kwargs})
     x, t, y = _inputs()
     out, auxes = model.forward_with_aux(x, t, y)
     assert out.shape == x.shape
@@ -38,7 +38,7 @@ def test_forward_shapes_and_aux_per_moe_block(router, kwargs):
 
 
 def test_promoe_dit_sends_null_label_tokens_to_the_unconditional_expert():
-    model = create_model("moe_dit_debug", router="promoe", num_experts=5, top_k=1, num_shared_experts=1)
+    model = create_model("moe_dit_debug", moe=dict(router="promoe", num_experts=5, top_k=1, num_shared_experts=1))
     x, t, y = _inputs()
     _, auxes = model.forward_with_aux(x, t, y)
     tokens = 16
@@ -64,8 +64,8 @@ def _ffn_params(model: MoEDiT) -> tuple[int, int]:
 @pytest.mark.parametrize("kwargs", [dict(router="topk", top_k=2),
                                     dict(router="promoe", num_experts=5, top_k=1, num_shared_experts=1)])  # fmt: skip
 def test_dense_twin_has_the_same_active_ffn_width(kwargs):
-    moe = create_model("moe_dit_tiny", **kwargs)
-    dense = create_model("moe_dit_tiny", **kwargs, dense=True)
+    moe = create_model("moe_dit_tiny", moe=kwargs)
+    dense = create_model("moe_dit_tiny", moe={**kwargs, "dense": True})
     for b_moe, b_dense in zip(moe.blocks, dense.blocks):
         if isinstance(b_moe.ffn, MoE):
             assert b_dense.ffn.hidden_dim == b_moe.ffn.active_ffn_dim == 2 * 192

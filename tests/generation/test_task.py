@@ -12,7 +12,7 @@ from moezoo.tasks.generation.ema import EMA
 from moezoo.tasks.generation.fd import FMNISTClassifier, frechet_distance, gaussian_stats
 from moezoo.tasks.generation.metrics import primary_pairs, routing_purity
 
-DEBUG = dict(img_size=8, patch_size=2, num_experts=5, top_k=1, num_shared_experts=1, router="promoe")
+DEBUG = dict(img_size=8, patch_size=2, moe=dict(num_experts=5, top_k=1, num_shared_experts=1, router="promoe"))
 
 
 def _task(**kwargs):

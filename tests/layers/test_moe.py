@@ -214,7 +214,7 @@ def test_fine_grained_experts_and_dense_twin_width():
     [
         (dict(top_k=5), "top_k must be an integer in \\[1, num_experts=4\\]"),
         (dict(router="nope"), "router='nope' is unknown"),
-        (dict(router_kwargs={"capacity_factor": 0}), "capacity_factor must be > 0"),
+        (dict(router_kwargs={"capacity_factor": 0}), "capacity_factor must be a finite number > 0"),
         (dict(granularity=3), "granularity must be a positive integer dividing ffn_dim=8"),
         (dict(activation="tanh"), "activation='tanh'"),
     ],
@@ -246,3 +246,88 @@ def test_all_finite_finds_one_bad_value_anywhere(dtype, bad):
         y.view(-1)[flat] = bad
         assert not all_finite(y), (flat, bad)
     assert all_finite(x[:0])
+
+
+def test_layer_accepts_what_the_router_accepts():
+    """Null experts raise the top-k bound; the layer leaves that bound to the router."""
+    moe = MoE(8, 8, num_experts=4, top_k=6, router_kwargs={"num_null_experts": 2})
+    y, aux = moe(torch.randn(5, 8))
+    assert y.shape == (5, 8) and int(aux.tokens_per_expert_E.sum()) <= 5 * 6
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts \\+ num_null_experts=6\\]"):
+        MoE(8, 8, num_experts=4, top_k=7, router_kwargs={"num_null_experts": 2})
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts=4\\], got 99"):
+        MoE(8, 8, num_experts=4, top_k=99, router="soft")
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0.*got inf"):
+        MoE(8, 8, num_experts=4, router_kwargs={"capacity_factor": float("inf")})
+    with pytest.raises(TypeError, match="router_kwargs must not hold top_k"):
+        MoE(8, 8, num_experts=4, router_kwargs={"top_k": 2})
+    with pytest.raises(TypeError, match="router must be a registered router name or a Router instance"):
+        MoE(8, 8, num_experts=4, router=torch.nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_dtype_other_than_the_layers_names_both(backend, dtype):
+    moe = MoE(8, 8, num_experts=4, backend=backend)
+    with pytest.raises(TypeError, match=f"x has dtype {dtype} but the layer's parameters are torch.float32"):
+        moe(torch.randn(3, 8).to(dtype))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor .* got torch.int64"):
+        moe(torch.ones(3, 8, dtype=torch.long))
+    soft = MoE(8, 8, num_experts=4, router="soft")
+    with pytest.raises(TypeError, match=f"x has dtype {dtype}"):
+        soft(torch.randn(2, 3, 8).to(dtype))
+
+
+@pytest.mark.parametrize("router", ["topk", "soft"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_layer(router, backend):
+    """Under CPU autocast a bf16 input (what an autocast Linear returns) or an fp32 one is accepted."""
+    moe = MoE(8, 8, num_experts=4, router=router, backend=backend, num_shared_experts=1)
+    x = torch.randn(2, 5, 8)
+    want, _ = moe(x)
+    for inp in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, aux = moe(inp)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), want, atol=5e-2, rtol=5e-2)
+        (y.float().sum() + aux.aux_loss).backward()
+        assert moe.experts.w_in.grad is not None and moe.experts.w_in.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 8), (0, 3, 8)])
+def test_soft_moe_on_empty_token_axis(shape):
+    moe = MoE(8, 6, num_experts=3, top_k=1, router="soft", router_kwargs={"slots_per_expert": 2})
+    x = torch.randn(*shape, requires_grad=True)
+    y, aux = moe(x)
+    assert y.shape == x.shape and aux.num_tokens == 0 and float(aux.router_entropy) == 0.0
+    y.sum().backward()
+    mask = torch.zeros(shape[:-1], dtype=torch.bool)
+    assert moe(x, mask=mask)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("router", SPARSE_ROUTERS + ["soft"])
+def test_all_tokens_masked(router):
+    """A batch of padding only: no pair, zero output, finite statistics and losses."""
+    moe = MoE(8, 6, num_experts=4, top_k=2, router=router, router_kwargs={"z_loss_coef": 1e-3}).train()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y, aux = moe(x, mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(y, torch.zeros_like(y)) and aux.num_tokens == 0
+    for value in (aux.aux_loss, aux.dropped_frac, aux.router_entropy, aux.expert_load_cv):
+        assert torch.isfinite(value).all()
+    (y.sum() + aux.aux_loss).backward()
+
+
+def test_layer_dispatches_on_router_kind():
+    """A router of kind "soft" takes the Soft MoE path, whatever its class is called."""
+    from moezoo.layers import SoftMoERouter
+
+    calls = []
+
+    class MySoft(SoftMoERouter):
+        def forward(self, x_GLD, mask_GL=None):
+            calls.append(tuple(x_GLD.shape))
+            return super().forward(x_GLD, mask_GL)
+
+    moe = MoE(8, 6, num_experts=2, top_k=1, router=MySoft(8, 2))
+    moe(torch.randn(3, 4, 8))
+    assert calls == [(3, 4, 8)]

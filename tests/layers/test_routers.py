@@ -189,9 +189,9 @@ def test_registry_and_bad_arguments():
         get_router("nope", 8, 4)
     with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts=4\\]"):
         get_router("topk", 8, 4, top_k=5)
-    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
         get_router("topk", 8, 4, capacity_factor=0.0)
-    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
         get_router("expert_choice", 8, 4, capacity_factor=-1.0)
     with pytest.raises(ValueError, match="drop_policy"):
         get_router("topk", 8, 4, drop_policy="random")
@@ -211,5 +211,79 @@ def test_noisy_gating_only_in_training(noise):
     if noise == "gaussian":
         second.gate_N.sum().backward()
         assert noisy.noise_gate.weight.grad is not None and noisy.noise_gate.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="noise must be None, 'gaussian' or 'jitter'"):
+    with pytest.raises(ValueError, match="noise must be one of None, 'gaussian', 'jitter'; got 'uniform'"):
         TopKRouter(8, 4, noise="uniform")
+
+
+# ----------------------------------------------------------------------------------- options and their checks
+
+
+def test_bad_argument_names_list_what_the_router_accepts():
+    """The message names the rejected argument and every accepted one (not the arguments passed)."""
+    with pytest.raises(TypeError) as err:
+        get_router("topk", 8, 4, top_kk=2, capacity_factor=1.0)
+    message = str(err.value)
+    assert message.startswith("router='topk' does not accept top_kk; it accepts top_k, noise, noise_eps, ")
+    assert "capacity_factor" in message and "z_loss_coef" in message
+
+
+def test_a_wrong_type_is_not_an_unknown_argument():
+    with pytest.raises(TypeError, match="capacity_factor must be a finite number > 0 or None") as err:
+        get_router("topk", 8, 4, capacity_factor="a")
+    assert "does not accept" not in str(err.value)
+    with pytest.raises(TypeError, match="top_k must be an integer in \\[1, num_experts=4\\], got 2.0"):
+        get_router("sinkhorn", 8, 4, top_k=2.0)
+    with pytest.raises(TypeError, match="balanced_eval must be True or False"):
+        get_router("sinkhorn", 8, 4, balanced_eval="yes")
+
+
+@pytest.mark.parametrize("name", ["topk", "expert_choice"])
+def test_infinite_capacity_fails_at_construction(name):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0.*got inf"):
+        get_router(name, 8, 4, capacity_factor=math.inf)
+
+
+def test_soft_moe_checks_top_k():
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts=4\\], got 99"):
+        get_router("soft", 8, 4, top_k=99)
+    get_router("soft", 8, 4, top_k=4)
+
+
+def test_null_experts_raise_the_top_k_bound():
+    assert get_router("topk", 8, 4, top_k=6, num_null_experts=2).top_k == 6
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts \\+ num_null_experts=6\\]"):
+        get_router("topk", 8, 4, top_k=7, num_null_experts=2)
+
+
+def test_check_router_kwargs_without_building():
+    from moezoo.layers import check_router_kwargs, router_options
+
+    check_router_kwargs("topk", {"top_k": 2, "capacity_factor": 1.25})  # no dim, no num_experts: nothing built
+    check_router_kwargs("topk", {"top_k": 6, "num_null_experts": 2}, num_experts=4)
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts=4\\]"):
+        check_router_kwargs("topk", {"top_k": 6}, num_experts=4)
+    with pytest.raises(ValueError, match="router='nope' is unknown; registered routers are"):
+        check_router_kwargs("nope", {})
+    with pytest.raises(TypeError, match="router='soft' does not accept capacity_factor; it accepts top_k, slots_per"):
+        check_router_kwargs("soft", {"capacity_factor": 1.0})
+    with pytest.raises(ValueError, match="segment_size must be a positive integer"):
+        check_router_kwargs("segment", {"segment_size": 0})  # a subclass's own option
+    with pytest.raises(ValueError, match="noise must be one of"):
+        check_router_kwargs("segment", {"noise": "uniform"})  # ... and its parent's, passed through **kwargs
+    with pytest.raises(ValueError, match="num_experts must be an integer >= 2"):
+        check_router_kwargs("promoe", {}, num_experts=1)
+    with pytest.raises(ValueError, match="embed_dim must be an integer >= 1"):
+        check_router_kwargs("global_embedding", {"embed_dim": 0})
+    omni = router_options("omni")  # its own defaults first, then TopKRouter's options through **kwargs
+    assert omni["top_k"] == 1 and omni["balance_coef"] == 0.01 and omni["capacity_factor"] is None
+    assert list(router_options("language")) == ["top_k", "normalize"]
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_every_router_has_a_kind_and_valid_defaults(name):
+    from moezoo.layers import SoftMoERouter, SparseRouter, check_router_kwargs
+
+    router_class = ROUTERS[name]
+    assert router_class.kind in ("sparse", "soft")
+    assert issubclass(router_class, SoftMoERouter if router_class.kind == "soft" else SparseRouter)
+    check_router_kwargs(name, {}, num_experts=4)

@@ -21,15 +21,17 @@ def test_registry_lists_and_builds():
 @pytest.mark.parametrize("router", ["topk", "expert_choice", "sinkhorn", "sigmoid_lossfree", "relu", "soft"])
 def test_forward_with_aux_every_router(router):
     kwargs = {"slots_per_expert": 4} if router == "soft" else {}
-    model = moezoo.create_model("moe_vit_debug", img_size=8, patch_size=2, router=router, router_kwargs=kwargs)
+    model = moezoo.create_model(
+        "moe_vit_debug", img_size=8, patch_size=2, moe={"router": router, "router_kwargs": kwargs}
+    )
     logits, auxes = model.forward_with_aux(torch.randn(3, 1, 8, 8))
     assert logits.shape == (3, 10) and len(auxes) == 2
     logits.sum().backward()
 
 
 def test_dense_twin_has_equal_active_parameters():
-    moe = moezoo.create_model("moe_vit_tiny", img_size=8, patch_size=2, num_shared_experts=1)
-    dense = moezoo.create_model("moe_vit_tiny", img_size=8, patch_size=2, num_shared_experts=1, dense=True)
+    moe = moezoo.create_model("moe_vit_tiny", img_size=8, patch_size=2, moe={"num_shared_experts": 1})
+    dense = moezoo.create_model("moe_vit_tiny", img_size=8, patch_size=2, moe={"num_shared_experts": 1, "dense": True})
     moe_counts, dense_counts = parameter_counts(moe), parameter_counts(dense)
     router_params = sum(layer.router.gate.weight.numel() for layer in moezoo.models.moe_layers(moe))
     assert moe_counts["active"] == dense_counts["active"] + router_params

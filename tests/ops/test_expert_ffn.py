@@ -1,4 +1,5 @@
-"""Every backend of the routed expert FFN against the naive pair loop, forward and all gradients."""
+"""Every backend of the routed expert FFN against the naive pair loop, forward and all gradients; the fused
+path's custom ops; the pair filter and counts of ``moezoo.ops.indexing``; autocast at the seam."""
 
 from __future__ import annotations
 
@@ -6,19 +7,10 @@ import pytest
 import torch
 
 import moezoo.ops.fused as fused
-from moezoo.ops import BACKENDS, expert_ffn, sort_by_expert
+from moezoo.ops import BACKENDS, count_per_expert, expert_ffn, sort_by_expert, true_indices
 from tests import oracles
 
 CPU_BACKENDS = ["reference", "torch"]
-
-
-@pytest.fixture(params=["segment", "bucket"], autouse=True)
-def cpu_layout(request, monkeypatch):
-    """The fused backend's two row layouts (one mm per expert segment, one bmm per bucket of experts) both pass."""
-    monkeypatch.setattr(fused, "LAYOUT", request.param)
-    monkeypatch.setattr(fused, "BUCKET_SIZE", 2)  # several buckets even with few experts
-    return request.param
-
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-9)}
 
@@ -146,3 +138,51 @@ def test_permute_unpermute_identity():
     assert torch.equal(perm.token_sorted_N[inverse], token_idx)
     assert perm.counts == torch.bincount(expert_idx, minlength=7).tolist()
     assert perm.offsets_E1[-1] == 50
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_fused_custom_ops_pass_opcheck(activation):
+    """Fake implementations, schemas and the autograd registration of the fused path's two custom ops."""
+    x, token_idx, expert_idx, gate, w_in, w_out = make_case(9, 8, 6, 4, 2, activation, torch.float32)
+    args = (x, token_idx, expert_idx, gate, w_in, w_out, activation, True)
+    torch.library.opcheck(fused.fused_expert_ffn_op, args)
+    torch.library.opcheck(fused.fused_expert_ffn_op, (*(t.detach() for t in args[:6]), activation, False))
+    out, h, order = fused.fused_expert_ffn_op(*args)
+    saved = (x.detach(), token_idx, expert_idx, gate.detach(), w_in.detach(), w_out.detach(), h, order, activation)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(fused.fused_expert_ffn_bwd_op, (dout, *saved, True, True, True, True))
+    torch.library.opcheck(fused.fused_expert_ffn_bwd_op, (dout, *saved, False, True, False, True))
+
+
+def test_fused_without_saved_h_refuses_backward():
+    x, token_idx, expert_idx, gate, w_in, w_out = make_case(5, 8, 6, 3, 1, "gelu", torch.float32)
+    out, h, _ = fused.fused_expert_ffn_op(x, token_idx, expert_idx, gate, w_in, w_out, "gelu", False)
+    assert h.shape == (0, 6)
+    with pytest.raises(RuntimeError, match="save_h=False"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_runs_the_experts_in_the_autocast_dtype(backend):
+    """Under CPU autocast the seam casts inputs and weights once; fp32 and bf16 inputs both work."""
+    case = make_case(6, 8, 6, 3, 2, "swiglu", torch.float32)
+    want = BACKENDS[backend](*(t.detach() for t in case), "swiglu")
+    for x in (case[0], case[0].bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = expert_ffn(x, *case[1:], "swiglu", backend=backend)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want.detach(), atol=5e-2, rtol=5e-2)  # bf16 GEMMs
+        out.float().sum().backward()
+        assert case[2].grad is None and case[4].grad is not None and case[4].grad.dtype == torch.float32
+        case[4].grad = None
+
+
+def test_true_indices_and_counts():
+    mask = torch.tensor([False, True, True, False, True])
+    assert true_indices(mask).tolist() == [1, 2, 4]
+    assert true_indices(torch.zeros(0, dtype=torch.bool)).tolist() == []
+    with pytest.raises(ValueError, match="1-D bool tensor"):
+        true_indices(mask.long())
+    expert_idx = torch.tensor([3, 0, 3, 3, 1])
+    assert count_per_expert(expert_idx, 5).tolist() == [1, 1, 0, 3, 0]
+    assert count_per_expert(expert_idx[:0], 2).tolist() == [0, 0]

@@ -17,7 +17,7 @@ ROUTERS = ("topk", "omni", "language", "global_embedding")
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_padding_never_changes_real_frames(router):
-    model = create_model("moe_conformer_debug", router=router).eval()
+    model = create_model("moe_conformer_debug", moe={"router": router}).eval()
     short = torch.randn(1, 37, 80)
     long = torch.randn(1, 61, 80)
     batch = torch.zeros(2, 61, 80)
@@ -34,8 +34,8 @@ def test_padding_never_changes_real_frames(router):
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_dense_twin_has_the_active_parameters_of_the_moe(router):
-    moe = create_model("moe_conformer_debug", router=router, top_k=1)
-    dense = create_model("moe_conformer_debug", router=router, top_k=1, dense=True)
+    moe = create_model("moe_conformer_debug", moe={"router": router, "top_k": 1})
+    dense = create_model("moe_conformer_debug", moe={"router": router, "top_k": 1, "dense": True})
     inactive, routers = 0, {}
     for m in moe.modules():
         if isinstance(m, MoE):
@@ -50,7 +50,9 @@ def test_dense_twin_has_the_active_parameters_of_the_moe(router):
 def test_ctc_loss_falls_on_an_overfit_batch():
     torch.manual_seed(0)
     vocab = CharVocab()
-    task = SpeechRecognitionTask("moe_conformer_debug", {"router": "language", "dropout": 0.0}, spec_augment=False)
+    task = SpeechRecognitionTask(
+        "moe_conformer_debug", {"moe": {"router": "language"}, "dropout": 0.0}, spec_augment=False
+    )
     texts = ["drei", "twenty one", "cinco", "vingt"]
     targets = [torch.tensor(vocab.encode(t)) for t in texts]
     lengths = torch.tensor([60, 52, 44, 40])
@@ -84,10 +86,10 @@ def test_model_rejects_bad_input():
         model(torch.randn(2, 30, 40))
     with pytest.raises(ValueError, match="lengths must be"):
         model(torch.randn(2, 30, 80), torch.tensor([31, 3]))
-    with pytest.raises(ValueError, match="router must be one of"):
-        create_model("moe_conformer_debug", router="nope")
+    with pytest.raises(ValueError, match="moe.router='nope' is unknown"):
+        create_model("moe_conformer_debug", moe={"router": "nope"})
     with pytest.raises(ValueError, match="lid_layer must be in"):
-        create_model("moe_conformer_debug", router="language", lid_layer=2)
+        create_model("moe_conformer_debug", moe={"router": "language"}, lid_layer=2)
 
 
 def test_greedy_decoding_and_error_counts_by_hand():

@@ -57,10 +57,10 @@ def test_omni_router_is_one_set_of_weights_used_by_every_layer():
 
 
 def test_moe_conformer_omni_shares_one_router_and_counts_it_once():
-    model = create_model("moe_conformer_debug", router="omni")
+    model = create_model("moe_conformer_debug", moe={"router": "omni"})
     routers = [m.router for m in model.modules() if isinstance(m, MoE)]
     assert len(routers) == 4 and all(r is model.shared_router for r in routers)
-    switch = create_model("moe_conformer_debug", router="topk")
+    switch = create_model("moe_conformer_debug", moe={"router": "topk"})
     n_omni = sum(p.numel() for p in model.parameters())
     n_switch = sum(p.numel() for p in switch.parameters())
     assert n_switch - n_omni == 3 * model.shared_router.gate.weight.numel()
@@ -87,13 +87,13 @@ def test_language_router_needs_posteriors_of_the_right_shape():
         router(torch.randn(3, 5), None)
     with pytest.raises(ValueError, match="lid_probs must have shape"):
         router(torch.randn(3, 5), {"lid_probs": torch.rand(3, 3)})
-    with pytest.raises(ValueError, match="num_experts=4 must equal num_languages=3"):
-        create_model("moe_conformer_debug", router="language", num_experts=4, num_languages=3)
+    with pytest.raises(ValueError, match="moe.num_experts=4 must equal num_languages=3"):
+        create_model("moe_conformer_debug", moe={"router": "language", "num_experts": 4}, num_languages=3)
 
 
 def test_lid_posteriors_gate_every_moe_layer_of_the_model():
     torch.manual_seed(1)
-    model = create_model("moe_conformer_tiny", router="language", lid_layer=1, dropout=0.0).eval()
+    model = create_model("moe_conformer_tiny", moe={"router": "language"}, lid_layer=1, dropout=0.0).eval()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert len(moes) == 6 and all(m.router is model.shared_router for m in moes)  # blocks 1..3, two FFNs each
     x, lengths = torch.randn(2, 40, 80), torch.tensor([40, 23])
@@ -171,10 +171,10 @@ def test_cross_layer_agreement_by_hand():
 
 
 def test_routers_survive_deepcopy_and_state_dict_roundtrip():
-    model = create_model("moe_conformer_debug", router="omni")
+    model = create_model("moe_conformer_debug", moe={"router": "omni"})
     clone = copy.deepcopy(model)
     routers = {id(m.router) for m in clone.modules() if isinstance(m, MoE)}
     assert len(routers) == 1
-    fresh = create_model("moe_conformer_debug", router="omni")
+    fresh = create_model("moe_conformer_debug", moe={"router": "omni"})
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh.shared_router.gate.weight, model.shared_router.gate.weight)

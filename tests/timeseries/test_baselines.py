@@ -16,7 +16,7 @@ from moezoo.cli import main
 from moezoo.models import create_model, list_models
 from moezoo.models.forecast_baselines import ChannelLinear, DLinear, NLinear, SeasonalNaive, moving_average
 from moezoo.models.patchtst_baseline import PatchTST, ResidualAttention, TokenBatchNorm
-from moezoo.tasks.timeseries import ElecDemandDataModule, ForecastingTask
+from moezoo.tasks.timeseries import ElecDemandDataModule
 
 BASELINES = ["last_value", "seasonal_naive", "nlinear", "dlinear", "patchtst"]
 
@@ -234,9 +234,16 @@ def _last_value_mse_mae(data: ElecDemandDataModule) -> tuple[float, float]:
     return sq / count, ab / count
 
 
-def test_fit_and_test_a_model_without_parameters(tmp_path, monkeypatch, capsys):
+ADAM_STEP_DECAY = {
+    "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01, "weight_decay": 0.0}},
+    "lr_scheduler": {"class_path": "moezoo.tasks.optim.StepDecayLR", "init_args": {"constant_epochs": 4, "gamma": 0.9}},
+}
+
+
+@pytest.mark.parametrize("task_args", [None, ADAM_STEP_DECAY], ids=["default-optimizer", "adam-step-decay"])
+def test_fit_and_test_a_model_without_parameters(tmp_path, monkeypatch, capsys, task_args):
     monkeypatch.chdir(tmp_path)
-    config = _config(tmp_path, "last_value_debug", epochs=1)
+    config = _config(tmp_path, "last_value_debug", epochs=1, task_args=task_args)
     main(["fit", "--config", config])
     out = capsys.readouterr().out
     assert "last_value_debug has no trainable parameters: fit runs no optimisation step" in out
@@ -250,28 +257,25 @@ def test_fit_and_test_a_model_without_parameters(tmp_path, monkeypatch, capsys):
     assert "test/mse" in capsys.readouterr().out
 
 
-def test_lr_step_decay_is_the_published_epoch_schedule(tmp_path):
+def test_step_decay_lr_is_the_published_epoch_schedule(tmp_path):
     from moezoo.tasks.cli import cli_main
 
-    config = _config(tmp_path, "nlinear_debug", epochs=7, task_args={"lr": 0.01, "lr_step_decay": [3, 0.9]})
+    config = _config(tmp_path, "nlinear_debug", epochs=7, task_args=ADAM_STEP_DECAY)
     cli = cli_main(["--config", config, "--trainer.limit_val_batches", "1"], run=False)
 
     class LrPerEpoch(L.Callback):
         def __init__(self) -> None:
-            self.lrs: list[float] = []
+            self.lrs: list[list[float]] = []
 
         def on_train_epoch_start(self, trainer, pl_module):
-            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
 
     record = LrPerEpoch()
     cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    expected = [0.01 * 0.9 ** max(0, epoch - 3) for epoch in range(7)]  # PatchTST's lradj="type3"
-    assert record.lrs == pytest.approx(expected, rel=1e-12)
-    assert cli.trainer.optimizers[0].param_groups[0]["weight_decay"] == pytest.approx(0.05)  # task default kept
-
-
-@pytest.mark.parametrize("bad", [[3], [-1, 0.9], [3, 0.0], [3, 1.5], [2.5, 0.9], "type3"])
-def test_lr_step_decay_bad_values_are_a_clear_error(bad):
-    with pytest.raises(ValueError, match="lr_step_decay must be null or"):
-        ForecastingTask("nlinear_debug", lr_step_decay=bad)
+    # PatchTST's lradj="type3": epochs 0-3 at the peak, then x0.9 per epoch (3 optimiser steps an epoch here).
+    expected = [[0.01 * 0.9 ** max(0, epoch - 3)] * 2 for epoch in range(7)]
+    assert record.lrs == [pytest.approx(lrs, rel=1e-12) for lrs in expected]
+    assert cli.trainer.lr_scheduler_configs[0].interval == "epoch"
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer) is torch.optim.Adam and [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0]

@@ -16,7 +16,7 @@ def test_family_is_registered_with_every_size():
 
 
 def test_forward_shapes_aux_and_gradients():
-    model = create_model("moe_patchtst_debug", segment_sizes=[2, 3])
+    model = create_model("moe_patchtst_debug", moe={"segment_sizes": [2, 3]})
     x = torch.randn(4, 32, 3, requires_grad=True)
     y, auxes = model.forward_with_aux(x)
     assert y.shape == (4, 8, 3) and len(auxes) == 2
@@ -54,9 +54,9 @@ def test_channels_are_independent():
 
 
 def test_dense_twin_has_the_same_active_width_and_segment_views():
-    moe = create_model("moe_patchtst_tiny", segment_sizes=[3, 5, 5])
-    twin = create_model("moe_patchtst_tiny", segment_sizes=[3, 5, 5], dense=True)
-    plain = create_model("moe_patchtst_tiny", segment_sizes=1, dense=True)
+    moe = create_model("moe_patchtst_tiny", moe={"segment_sizes": [3, 5, 5]})
+    twin = create_model("moe_patchtst_tiny", moe={"segment_sizes": [3, 5, 5], "dense": True})
+    plain = create_model("moe_patchtst_tiny", moe={"segment_sizes": 1, "dense": True})
     for block, twin_block, plain_block in zip(moe.blocks, twin.blocks, plain.blocks):
         assert isinstance(block.ffn, SegmentMoE)
         assert isinstance(twin_block.ffn, SegmentFeedForward) and isinstance(plain_block.ffn, FeedForward)
@@ -72,7 +72,7 @@ def test_dense_twin_has_the_same_active_width_and_segment_views():
 
 def test_bad_model_arguments_and_input():
     with pytest.raises(ValueError, match="segment_sizes"):
-        create_model("moe_patchtst_debug", segment_sizes=[1, 2, 3])
+        create_model("moe_patchtst_debug", moe={"segment_sizes": [1, 2, 3]})
     with pytest.raises(ValueError, match="patch_len"):
         create_model("moe_patchtst_debug", patch_len=64)
     model = create_model("moe_patchtst_debug")
@@ -82,7 +82,7 @@ def test_bad_model_arguments_and_input():
 
 @pytest.mark.parametrize("loss", ["mse", "huber"])
 def test_task_loss_metrics_and_plot(loss, tmp_path):
-    task = ForecastingTask("moe_patchtst_debug", {"dense": False}, loss=loss)
+    task = ForecastingTask("moe_patchtst_debug", {"moe": {"dense": False}}, loss=loss)
     x, y = torch.randn(4, 32, 3), torch.randn(4, 8, 3)
     value, auxes, metrics, batch_size = task.compute_loss((x, y), "test")
     assert batch_size == 4 and len(auxes) == 2 and set(metrics) == {"mse", "mae"}

@@ -24,15 +24,20 @@ def _model_kwargs(variant: str) -> dict:
     return config["model"]["init_args"]["model_kwargs"]
 
 
+def _flat(kwargs: dict) -> dict:
+    """The model arguments and the MoE settings (``moe``) in one mapping, for comparing configs."""
+    return {**{k: v for k, v in kwargs.items() if k != "moe"}, **kwargs.get("moe", {})}
+
+
 def test_every_router_of_the_study_has_a_config_that_differs_only_in_routing():
-    base = {k: v for k, v in _model_kwargs("topk").items() if k not in ROUTER_KEYS}
+    base = {k: v for k, v in _flat(_model_kwargs("topk")).items() if k not in ROUTER_KEYS}
     routers = set()
     for variant in VIT_VARIANTS:
-        kwargs = _model_kwargs(variant)
+        kwargs = _flat(_model_kwargs(variant))
         assert {k: v for k, v in kwargs.items() if k not in ROUTER_KEYS} == base, variant
         routers.add("dense" if kwargs.get("dense") else kwargs["router"])
     assert routers == {"topk", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense"}
-    assert _model_kwargs("bpr")["router_kwargs"]["drop_policy"] == "batch_priority"
+    assert _flat(_model_kwargs("bpr"))["router_kwargs"]["drop_policy"] == "batch_priority"
 
 
 def test_the_study_is_at_equal_active_compute():

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moezoo.models import PretrainedCfg, create_model, hub, registry
+from moezoo.models import PretrainedCfg, create_model, hub, register_pretrained
+from moezoo.models.registry import unregister_pretrained
 
 PAYLOAD = bytes(range(256)) * 1500  # 384,000 bytes: several 1 MiB-or-less reads, more than one TCP segment
 
@@ -218,17 +219,18 @@ def test_bad_arguments() -> None:
         hub.download_http("http://127.0.0.1:9/w", Path("w"), "0" * 64, retries=-1)
 
 
-def test_create_model_pretrained_over_http(
-    server: tuple[str, ServerState], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_create_model_pretrained_over_http(server: tuple[str, ServerState], tmp_path: Path) -> None:
     url, state = server
     source = create_model("moe_vit_debug", img_size=8, patch_size=2, num_classes=10)
     hub.save_state_dict(source.state_dict(), tmp_path / "debug.safetensors")
     state.body = (tmp_path / "debug.safetensors").read_bytes()
     cfg = _cfg([f"{url}/w.safetensors"], body=state.body)
     cfg.model_kwargs = {"img_size": 8, "patch_size": 2, "num_classes": 10}
-    monkeypatch.setitem(registry._PRETRAINED, "moe_vit_debug", {"httptest": cfg})
-    model = create_model("moe_vit_debug.httptest", pretrained=True).eval()
+    register_pretrained("moe_vit_debug", "httptest", cfg)
+    try:
+        model = create_model("moe_vit_debug.httptest", pretrained=True).eval()
+    finally:
+        unregister_pretrained("moe_vit_debug.httptest")
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=0)
     assert len(state.requests) == 1

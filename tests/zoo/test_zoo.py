@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from moezoo.layers import MoE
-from moezoo.models import create_model, get_pretrained_cfg, hub, list_models, registry
+from moezoo.models import create_model, get_pretrained_cfg, hub, list_models
 from moezoo.models.pretrained import register_record
-from moezoo.models.registry import split_name
-from moezoo.zoo import MAX_FILE_BYTES, MAX_TOTAL_BYTES, compare, count_params, main, render_card
+from moezoo.models.registry import split_name, unregister_pretrained
+from moezoo.tasks.zoo.cli import main
+from moezoo.tasks.zoo.evaluation import compare, run_evaluation
+from moezoo.tasks.zoo.release import MAX_FILE_BYTES, MAX_TOTAL_BYTES
+from moezoo.zoo.cards import render_card
+from moezoo.zoo.summary import count_params
 
 ROOT = Path(__file__).resolve().parents[2]
 CARDS = ROOT / "model_cards"
@@ -49,6 +54,15 @@ def _compute_matched_active(model: torch.nn.Module) -> float:
 
 def _slow_eval(name: str) -> bool:
     return get_pretrained_cfg(name).domain in SLOW_EVAL_DOMAINS
+
+
+@pytest.fixture
+def registered() -> Iterator[list[str]]:
+    """Register test releases (append their record paths' names); they are unregistered after the test."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        unregister_pretrained(name)
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +142,7 @@ def test_count_params_oracle() -> None:
         w_in, w_out = block.ffn.experts.w_in, block.ffn.experts.w_out
         experts += (w_in.numel() + w_out.numel()) * (1 - 2 / 4)
     assert count_params(model) == {"total": total, "active": round(total - experts)}
-    dense = create_model("moe_vit_debug", img_size=8, patch_size=2, dense=True)
+    dense = create_model("moe_vit_debug", img_size=8, patch_size=2, moe={"dense": True})
     assert count_params(dense)["active"] == count_params(dense)["total"] == sum(p.numel() for p in dense.parameters())
 
 
@@ -137,7 +151,7 @@ def test_compare_flags_out_of_tolerance() -> None:
     assert [line.split()[-1] for line in lines] == ["ok", "FAIL", "FAIL"]
 
 
-def test_release_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_release_round_trip(tmp_path: Path, registered: list[str], capsys: pytest.CaptureFixture) -> None:
     """release -> record + weights + card; the record registers, loads, evaluates; a wrong metric fails eval."""
     from moezoo.tasks.vision import ImageClassificationTask
 
@@ -158,9 +172,7 @@ def test_release_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
         str(cards),
     ]
     assert main(args) == 0, capsys.readouterr().err
-    record = weights / "moe_vit_debug.roundtrip.json"
-    monkeypatch.setitem(registry._PRETRAINED, "moe_vit_debug", {})
-    register_record(record)
+    registered.append(register_record(weights / "moe_vit_debug.roundtrip.json"))
     cfg = get_pretrained_cfg("moe_vit_debug.roundtrip")
     assert (cards / "moe_vit_debug.roundtrip.md").read_text() == render_card("moe_vit_debug.roundtrip", cfg)
     cfg.urls = [(weights / cfg.file).as_uri()]  # the test's weights are not in the package folder
@@ -175,22 +187,23 @@ def test_release_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
 
 
 def test_generation_release_ships_the_ema_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, registered: list[str], capsys: pytest.CaptureFixture
 ) -> None:
     """A DiT samples with its EMA copy: the release holds those weights, and eval loads them into both copies."""
     from moezoo.tasks.generation import ImageGenerationTask
-    from moezoo.zoo import run_evaluation
 
     config = ROOT / "configs/smoke/vision_dit_digits_promoe.yaml"
     kwargs = {
         "img_size": 8,
         "patch_size": 2,
         "num_classes": 10,
-        "num_experts": 5,
-        "top_k": 1,
-        "num_shared_experts": 1,
-        "router": "promoe",
-        "router_kwargs": {"temperature": 0.07, "contrastive_coef": 0.01},
+        "moe": {
+            "num_experts": 5,
+            "top_k": 1,
+            "num_shared_experts": 1,
+            "router": "promoe",
+            "router_kwargs": {"temperature": 0.07, "contrastive_coef": 0.01},
+        },
     }
     torch.manual_seed(0)
     task = ImageGenerationTask("moe_dit_debug", kwargs, num_sampling_steps=8, samples_per_class=2)
@@ -202,8 +215,7 @@ def test_generation_release_ships_the_ema_weights(
     args = ["release", "--config", str(config), "--ckpt", str(tmp_path / "t.ckpt"), "--name", "moe_dit_debug.ema"]
     args += ["--domain", "generation", "--dataset", "digits", "--weights-dir", str(weights), "--cards-dir", str(cards)]
     assert main(args) == 0, capsys.readouterr().err
-    monkeypatch.setitem(registry._PRETRAINED, "moe_dit_debug", {})
-    register_record(weights / "moe_dit_debug.ema.json")
+    registered.append(register_record(weights / "moe_dit_debug.ema.json"))
     cfg = get_pretrained_cfg("moe_dit_debug.ema")
     cfg.urls = [(weights / cfg.file).as_uri()]
     model = create_model("moe_dit_debug.ema", pretrained=True)
@@ -215,12 +227,11 @@ def test_generation_release_ships_the_ema_weights(
 
 
 def test_half_precision_release_is_evaluated_with_the_weights_it_ships(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, registered: list[str], capsys: pytest.CaptureFixture
 ) -> None:
     from safetensors.torch import load_file
 
     from moezoo.tasks.vision import ImageClassificationTask
-    from moezoo.zoo import run_evaluation
 
     torch.manual_seed(0)
     task = ImageClassificationTask("moe_vit_debug", {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10})
@@ -233,8 +244,7 @@ def test_half_precision_release_is_evaluated_with_the_weights_it_ships(
     stored = load_file(weights / "moe_vit_debug.half.safetensors")
     full = task.model.state_dict()
     assert all(v.dtype == torch.float16 for k, v in stored.items() if full[k].is_floating_point())
-    monkeypatch.setitem(registry._PRETRAINED, "moe_vit_debug", {})
-    register_record(weights / "moe_vit_debug.half.json")
+    registered.append(register_record(weights / "moe_vit_debug.half.json"))
     cfg = get_pretrained_cfg("moe_vit_debug.half")
     cfg.urls = [(weights / cfg.file).as_uri()]
     assert cfg.storage_dtype == "float16" and "float16" in (tmp_path / "cards" / "moe_vit_debug.half.md").read_text()
@@ -256,6 +266,8 @@ def test_bad_names_are_clear_errors(capsys: pytest.CaptureFixture[str], tmp_path
     assert "--name must be '<model>.<tag>'" in capsys.readouterr().err
     assert main([*args, "--name", "moe_vit_tiny.x", "--domain", "v", "--dataset", "d"]) == 1
     assert "must start with the config's model name 'moe_vit_debug'" in capsys.readouterr().err
+    assert main([*args, "--name", "moe_vit_debug.x", "--domain", "v", "--dataset", "d", "--tolerance", "acc"]) == 1
+    assert "--tolerance must be METRIC=ABS" in capsys.readouterr().err
 
 
 def test_list_and_info(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,292 @@
+"""``MoESpec``: the one MoE configuration object that every model family takes as ``moe=``.
+
+A model's MoE settings (which blocks hold an MoE, how many experts, the router and its options, shared experts,
+Seg-MoE segments, the dense twin) travel as one typed, validated object instead of ten arguments repeated in every
+signature, as torchtitan passes ``MoEArgs``. A model takes ``moe: MoESpec | Mapping | None``:
+
+- a :class:`MoESpec` is used as given;
+- a mapping (``moe: {router: soft, router_kwargs: {slots_per_expert: 12}}`` in a config) overrides the family's
+  and the size's defaults key by key, so ``create_model("moe_vit_tiny", moe={"router": "soft"})`` keeps the
+  tiny size's 8 experts in every other block;
+- ``None`` is those defaults.
+
+The spec is validated when it is built: the types and ranges of its own fields, and the router's options against
+what the router accepts (:func:`check_spec_router`). The option *values* are checked by the router's constructor
+when the model builds its layers. ``dense=True`` is the dense twin: every MoE slot gets a dense FFN whose hidden
+width is the MoE's active width per token (``top_k * expert width + shared experts``).
+
+Old flat arguments (``create_model("moe_vit_tiny", num_experts=8, router="topk", dense=True)``, the ``model_kwargs``
+of the released records) still build, through :func:`upgrade_model_kwargs`: each family registers which of its
+arguments moved into which spec argument, and the builder folds them in with one :class:`LegacyConfigWarning`
+naming the new keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moezoo.layers import ROUTERS
+from moezoo.layers.routers import check_router_kwargs as check_router_kwargs_of_router
+from moezoo.layers.routers import router_options
+from moezoo.ops import BACKENDS
+
+
+class LegacyConfigWarning(FutureWarning):
+    """An old (flat) configuration was upgraded to the current form; the message names the new keys."""
+
+
+# The layer builds the router with these itself (from the spec, the model width and the segment view).
+RESERVED_ROUTER_KWARGS = {
+    "dim": "the model's width",
+    "num_experts": "moe.num_experts",
+    "top_k": "moe.top_k",
+    "segment_size": "moe.segment_sizes",
+}
+
+
+def check_spec_router(
+    name: str, kwargs: Mapping[str, Any], num_experts: int | None = None, top_k: int | None = None
+) -> None:
+    """Raise unless router ``name`` is registered and accepts ``kwargs`` (``moe.router_kwargs``) with these values.
+
+    The router validates its own options (:func:`moezoo.layers.routers.check_router_kwargs`); the spec only refuses
+    the options the layer sets itself from the spec, and names the config keys in its messages.
+    """
+    if not isinstance(name, str) or name not in ROUTERS:
+        raise ValueError(f"moe.router={name!r} is unknown; registered routers are {sorted(ROUTERS)}")
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"moe.router_kwargs must be a mapping of option names to values, got {kwargs!r}")
+    reserved = sorted(set(kwargs) & set(RESERVED_ROUTER_KWARGS))
+    if reserved:
+        where = ", ".join(f"{k}: {RESERVED_ROUTER_KWARGS[k]}" for k in reserved)
+        raise ValueError(f"moe.router_kwargs must not set {reserved}: the layer sets them from the spec ({where})")
+    layer_set = {"top_k": top_k} if top_k is not None and "top_k" in router_options(name) else {}
+    try:
+        check_router_kwargs_of_router(name, {**layer_set, **kwargs}, num_experts=num_experts)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"moe.router_kwargs: {err}") from None
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"moe.{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"moe.{name} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The MoE settings of a model: which blocks hold an MoE and how it is built.
+
+    Args:
+        num_experts: routed experts E per MoE layer.
+        top_k: experts per token K (for expert choice and Soft MoE, the compute-equivalent K).
+        router: a registered router name (``moezoo.layers.ROUTERS``).
+        router_kwargs: the router's own options (``capacity_factor``, ``slots_per_expert`` ...).
+        moe_every, moe_offset: block ``i`` holds an MoE when ``i % moe_every == moe_offset % moe_every``.
+        num_shared_experts: always-on experts of the expert width (DeepSeekMoE).
+        shared_expert_gate: scale the shared expert's output by a sigmoid gate.
+        granularity: fine-grained experts, E*m experts of width F/m with K*m active (same compute).
+        segment_sizes: Seg-MoE (``router: segment``): tokens routed together as one segment, for all blocks or
+            one entry per block; 1 is token-wise routing.
+        backend: expert FFN backend (``"torch"``, ``"reference"``, ``"triton"``); ``None`` chooses by device.
+        dense: build the dense twin (same active parameters and FLOPs per token, no router).
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+    router: str = "topk"
+    router_kwargs: dict[str, Any] = field(default_factory=dict)
+    moe_every: int = 2
+    moe_offset: int = 1
+    num_shared_experts: int = 0
+    shared_expert_gate: bool = False
+    granularity: int = 1
+    segment_sizes: int | list[int] = 1
+    backend: str | None = None
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("num_experts", self.num_experts, 1)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        _check_int("moe_every", self.moe_every, 1)
+        _check_int("moe_offset", self.moe_offset, 0)
+        _check_int("num_shared_experts", self.num_shared_experts, 0)
+        _check_int("granularity", self.granularity, 1)
+        _check_bool("shared_expert_gate", self.shared_expert_gate)
+        _check_bool("dense", self.dense)
+        backends = sorted(set(BACKENDS) | {"triton"})
+        if self.backend is not None and self.backend not in backends:
+            raise ValueError(f"moe.backend must be null or one of {backends}, got {self.backend!r}")
+        check_spec_router(
+            self.router, self.router_kwargs, self.num_experts * self.granularity, self.top_k * self.granularity
+        )
+        object.__setattr__(self, "router_kwargs", dict(self.router_kwargs))
+        sizes = self.segment_sizes
+        if isinstance(sizes, Sequence) and not isinstance(sizes, str):
+            object.__setattr__(self, "segment_sizes", sizes := list(sizes))
+        values = sizes if isinstance(sizes, list) else [sizes]
+        if not values or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in values):
+            raise ValueError(
+                f"moe.segment_sizes must be a positive integer or a list of positive integers (one per block), "
+                f"got {self.segment_sizes!r}"
+            )
+        if self.router == "segment" and self.granularity != 1:
+            raise ValueError(f"moe.granularity must be 1 with router 'segment' (Seg-MoE), got {self.granularity}")
+        if self.router != "segment" and any(w != 1 for w in values):
+            raise ValueError(
+                f"moe.segment_sizes={self.segment_sizes!r} needs router 'segment' (Seg-MoE); router "
+                f"{self.router!r} routes single tokens (segment size 1)"
+            )
+
+    @classmethod
+    def resolve(cls, moe: MoESpec | Mapping[str, Any] | None, defaults: Mapping[str, Any] | None = None) -> MoESpec:
+        """The spec a model builds from its ``moe`` argument: a spec as given, a mapping over ``defaults``."""
+        if isinstance(moe, MoESpec):
+            return moe
+        if moe is not None and not isinstance(moe, Mapping):
+            raise TypeError(f"moe must be a MoESpec, a mapping of its fields or None, got {type(moe).__name__}")
+        values = {**(defaults or {}), **(moe or {})}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(
+                f"moe has no field(s) {unknown}; its fields are {[f.name for f in dataclasses.fields(cls)]}"
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> MoESpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values: what ``moe:`` holds in a config."""
+        return dataclasses.asdict(self)
+
+    @property
+    def router_factory(self) -> Callable[..., Any]:
+        return ROUTERS[self.router]
+
+    @property
+    def needs_side(self) -> tuple[str, ...]:
+        """Side inputs the router reads (``Router.needs_side``): the model must provide them."""
+        return tuple(getattr(self.router_factory, "needs_side", ()))
+
+    @property
+    def shares_router(self) -> bool:
+        """One router instance for every MoE layer of the model (the router class's ``shared_across_layers``)."""
+        return bool(getattr(self.router_factory, "shared_across_layers", False))
+
+    def check_side_inputs(self, provided: Sequence[str], model: str) -> None:
+        """Raise when the router needs side inputs that ``model`` does not compute."""
+        missing = sorted(set(self.needs_side) - set(provided))
+        if missing and not self.dense:
+            raise ValueError(
+                f"moe.router={self.router!r} needs the side input(s) {missing}, which {model} does not provide "
+                f"(it provides {sorted(provided) or 'none'}); choose a router that routes on the tokens alone"
+            )
+
+    def check_depth(self, depth: int) -> None:
+        """Raise unless per-block ``segment_sizes`` has one entry per block."""
+        if isinstance(self.segment_sizes, list) and len(self.segment_sizes) != depth:
+            raise ValueError(
+                f"moe.segment_sizes must be one positive integer or a list of {depth} (one per block), "
+                f"got {self.segment_sizes!r}"
+            )
+
+    def segment_size(self, index: int) -> int:
+        sizes = self.segment_sizes
+        return sizes[index] if isinstance(sizes, list) else sizes
+
+    def is_moe_block(self, index: int) -> bool:
+        return index % self.moe_every == self.moe_offset % self.moe_every
+
+    def active_ffn_dim(self, expert_dim: int) -> int:
+        """Hidden width of the dense twin's FFN: ``top_k`` routed experts plus the shared experts."""
+        return self.top_k * expert_dim + self.num_shared_experts * expert_dim
+
+
+# -- old flat arguments ------------------------------------------------------------------------------------------------
+Folder = Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]
+_SPEC_ARGUMENTS: dict[str, tuple[str, Folder]] = {}  # family -> (its spec argument, the folder of its old arguments)
+
+
+def fold_flat_kwargs(kwargs: Mapping[str, Any], renames: Mapping[str, str], into: str) -> tuple[dict, list[str]]:
+    """Move the old flat arguments ``renames`` (old name -> spec field) into the mapping ``kwargs[into]``.
+
+    Returns the new kwargs and the old names that moved. Keys already inside ``kwargs[into]`` win over flat ones;
+    a ``MoESpec`` instance cannot be combined with flat arguments.
+    """
+    old = sorted(k for k in renames if k in kwargs)
+    if not old:
+        return dict(kwargs), []
+    new = {k: v for k, v in kwargs.items() if k not in renames}
+    nested = new.get(into)
+    if isinstance(nested, MoESpec):
+        raise ValueError(f"{into}=MoESpec(...) cannot be combined with the flat arguments {old}")
+    if nested is not None and not isinstance(nested, Mapping):
+        raise TypeError(f"{into} must be a MoESpec, a mapping of its fields or None, got {type(nested).__name__}")
+    new[into] = {**{renames[k]: kwargs[k] for k in old}, **(nested or {})}
+    return new, old
+
+
+def register_spec_argument(family: str, into: str = "moe", fold: Folder | None = None) -> None:
+    """Declare that ``family`` takes a :class:`MoESpec` as ``into`` and how its old flat arguments fold into it
+    (default: every MoESpec field, under its own name, moves into ``into``)."""
+    identity = {f.name: f.name for f in dataclasses.fields(MoESpec)}
+    _SPEC_ARGUMENTS[family] = (into, fold or (lambda kwargs: fold_flat_kwargs(kwargs, identity, into)))
+
+
+def _family(model: str) -> str | None:
+    base = model.partition(".")[0]
+    for name in (base, base.rsplit("_", 1)[0]):
+        if name in _SPEC_ARGUMENTS:
+            return name
+    return None
+
+
+def upgrade_model_kwargs(model: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The current form of ``kwargs`` for a model (``moe_vit_tiny``, ``moe_vit_tiny.digits``) or family (``moe_vit``):
+    old flat MoE arguments folded into the spec argument. Returns the new kwargs and the old keys that moved (none
+    when ``kwargs`` was current, or the family takes no spec). Warns nothing: callers warn once per config."""
+    family = _family(model)
+    if family is None:
+        return dict(kwargs), []
+    return _SPEC_ARGUMENTS[family][1](kwargs)
+
+
+def spec_argument(model: str) -> str | None:
+    """The argument under which a model (or family) takes its :class:`MoESpec` (``"moe"``), or None."""
+    family = _family(model)
+    return None if family is None else _SPEC_ARGUMENTS[family][0]
+
+
+def warn_legacy(where: str, old_keys: Sequence[str], new_form: str, stacklevel: int = 3) -> None:
+    """The one deprecation warning of an upgraded configuration: which keys moved and where they go now."""
+    warnings.warn(
+        f"{where}: the old-style arguments {sorted(old_keys)} are deprecated; they were read as {new_form} "
+        "(write that instead: the shim that reads old configs will go)",
+        LegacyConfigWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def build_kwargs(family: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A registered size's constructor arguments: ``kwargs`` over the size's ``defaults``, the spec argument merged
+    key by key (a ``MoESpec`` instance replaces it), old flat arguments folded in with one warning."""
+    into = _SPEC_ARGUMENTS[family][0]
+    new, old_keys = upgrade_model_kwargs(family, kwargs)
+    if old_keys:
+        warn_legacy(family, old_keys, f"{into}: {new[into]!r}", stacklevel=4)
+    out = {**defaults, **new}
+    given, default = new.get(into), defaults.get(into)
+    if isinstance(default, Mapping) and (given is None or isinstance(given, Mapping)):
+        out[into] = {**default, **(given or {})}
+    return out
