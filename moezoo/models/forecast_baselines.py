@@ -26,13 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
+from moezoo.models.patchtst import check_forecast_input, check_forecast_sizes
 from moezoo.models.registry import register_model
-
-
-def _check_sizes(seq_len: int, pred_len: int, num_channels: int) -> None:
-    for name, value in (("seq_len", seq_len), ("pred_len", pred_len), ("num_channels", num_channels)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class Forecaster(nn.Module):
@@ -41,22 +36,16 @@ class Forecaster(nn.Module):
 
     def __init__(self, seq_len: int, pred_len: int, num_channels: int) -> None:
         super().__init__()
-        _check_sizes(seq_len, pred_len, num_channels)
+        check_forecast_sizes(seq_len, pred_len, num_channels)
         self.seq_len = seq_len
         self.pred_len = pred_len
         self.num_channels = num_channels
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.num_channels:
-            raise ValueError(
-                f"x must have shape (B, seq_len={self.seq_len}, num_channels={self.num_channels}), got {tuple(x.shape)}"
-            )
 
     def forecast(self, x_BLC: Tensor) -> Tensor:
         raise TypeError(f"{type(self).__name__} must override forecast")
 
     def forward_with_aux(self, x: Tensor) -> tuple[Tensor, list[MoEAux]]:
-        self._check_input(x)
+        check_forecast_input(x, self.seq_len, self.num_channels)
         return self.forecast(x), []
 
     def forward(self, x: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.models.forecast_baselines import Forecaster
-from moezoo.models.patchtst import RevIN, patchify
+from moezoo.models.patchtst import RevIN, check_patching, patchify
 from moezoo.models.registry import register_model
 
 NORMS = ("batch", "layer")
@@ -131,10 +131,7 @@ class PatchTST(Forecaster):
         revin_affine: bool = False,
     ) -> None:
         super().__init__(seq_len, pred_len, num_channels)
-        if not isinstance(patch_len, int) or not 1 <= patch_len <= seq_len:
-            raise ValueError(f"patch_len must be an integer in [1, seq_len={seq_len}], got {patch_len!r}")
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride must be a positive integer, got {stride!r}")
+        check_patching(patch_len, stride, seq_len)
         if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads!r} (a positive integer)")
         if norm not in NORMS:
