@@ -1,7 +1,9 @@
 """The ``moezoo`` console script: a table of subcommands, each dispatched lazily to the module that owns it.
 
 - ``moezoo fit|validate|test|predict --config FILE``: training and evaluation (LightningCLI, :mod:`moezoo.tasks.cli`);
-- ``moezoo bench <name> [options]``: the benchmark named in :data:`BENCHMARKS` (its module's ``main(argv)``);
+- ``moezoo bench <name> [options]``: the benchmark named in :data:`BENCHMARKS` (its module's ``main(argv)``): a micro
+  benchmark of the core (``moezoo.bench``: layer, kernels, parallel) or a domain benchmark that runs ``moezoo fit``
+  of configs (``moezoo.tasks.bench``), and ``tables``, which runs every domain benchmark;
 - ``moezoo zoo <command> [options]``: the pretrained model zoo (:mod:`moezoo.tasks.zoo.cli`);
 - ``moezoo --help`` lists them, ``moezoo --version`` prints the version.
 
@@ -31,12 +33,12 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "layer": ("moezoo.bench.layer", "one MoE layer on the CPU: time and activation memory per backend"),
     "kernels": ("moezoo.bench.kernels", "the MoE layer on the Triton kernels (CUDA): time and TFLOP/s"),
     "parallel": ("moezoo.bench.parallel", "expert parallelism EP=2 vs EP=1 on the CPU (gloo): step time, bytes"),
-    "vision": ("moezoo.bench.vision", "the DiT table and the ViT router study on Fashion-MNIST"),
-    "generation": ("moezoo.bench.generation", "the DiT-MoE table: dense, top-k, expert choice, ProMoE"),
-    "speech": ("moezoo.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
-    "timeseries": ("moezoo.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE"),
-    "detection": ("moezoo.bench.detection", "YOLO-MoE against a single and an equal-compute detector"),
-    "tables": ("moezoo.bench.tables", "every domain's benchmark, then the cross-domain tables and plots"),
+    "vision": ("moezoo.tasks.bench.vision", "the ViT router study on Fashion-MNIST: top-k, expert choice, soft MoE"),
+    "generation": ("moezoo.tasks.bench.generation", "the DiT-MoE table: dense, top-k, expert choice, ProMoE"),
+    "speech": ("moezoo.tasks.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
+    "timeseries": ("moezoo.tasks.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE"),
+    "detection": ("moezoo.tasks.bench.detection", "YOLO-MoE against a single and an equal-compute detector"),
+    "tables": ("moezoo.tasks.bench.tables", "every domain's benchmark, then the cross-domain tables and plots"),
 }
 
 

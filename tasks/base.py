@@ -9,12 +9,11 @@ resolves, so ``moezoo fit --help`` and ``--print_config`` list them for every ta
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -24,6 +23,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.models import create_model
 from moezoo.models.spec import upgrade_model_kwargs, warn_legacy
+from moezoo.stats import RoutingStats, TokenGroups
 from moezoo.tasks.optim import (
     DEFAULT_LR_SCHEDULER,
     DEFAULT_OPTIMIZER,
@@ -34,38 +34,7 @@ from moezoo.tasks.optim import (
     warmup_cosine,
 )
 
-__all__ = ["MoETask", "RoutingSummary", "param_groups", "save_final_checkpoint", "warmup_cosine"]
-
-
-class RoutingSummary:
-    """Accumulates per-layer expert load over an epoch and renders it as a table."""
-
-    def __init__(self) -> None:
-        self.load: dict[int, Tensor] = {}
-        self.stats: dict[int, list[tuple[float, float]]] = {}
-
-    def reset(self) -> None:
-        self.load.clear()
-        self.stats.clear()
-
-    def update(self, auxes: Sequence[MoEAux]) -> None:
-        for i, aux in enumerate(auxes):
-            load = aux.tokens_per_expert_E.detach().float().cpu()
-            self.load[i] = self.load.get(i, torch.zeros_like(load)) + load
-            self.stats.setdefault(i, []).append((float(aux.dropped_frac), float(aux.router_entropy)))
-
-    def table(self) -> str:
-        if not self.load:
-            return "no MoE layers"
-        lines = ["layer | expert load (% of routed pairs)                     | load CV | dropped | entropy"]
-        for i, load in sorted(self.load.items()):
-            share = 100.0 * load / load.sum().clamp_min(1.0)
-            cv = float(load.std(unbiased=False) / load.mean().clamp_min(1e-12))
-            dropped = sum(d for d, _ in self.stats[i]) / len(self.stats[i])
-            entropy = sum(h for _, h in self.stats[i]) / len(self.stats[i])
-            shares = " ".join(f"{s:4.1f}" for s in share.tolist())
-            lines.append(f"{i:5d} | {shares:<52} | {cv:7.3f} | {dropped:7.3f} | {entropy:7.3f}")
-        return "\n".join(lines)
+__all__ = ["MoETask", "param_groups", "save_final_checkpoint", "warmup_cosine"]
 
 
 def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
@@ -131,7 +100,7 @@ class MoETask(L.LightningModule):
         if old_keys:
             warn_legacy(f"{type(self).__name__}: model_kwargs", old_keys, f"model_kwargs: {self.model_kwargs}")
         self.model = create_model(model, **self.model_kwargs)
-        self.routing_summary = RoutingSummary()
+        self.routing_summary = RoutingStats()
 
     #: where, in a Lightning checkpoint's ``state_dict``, the weights a zoo release ships start
     release_prefix = "model."
@@ -159,9 +128,33 @@ class MoETask(L.LightningModule):
             self.log(f"{stage}/{name}", value, prog_bar=name == "acc", **log)
         for name, scalar in summarize_aux(auxes).items():
             self.log(f"{stage}/{name}", scalar, **log)
-        if stage == "test":
-            self.routing_summary.update(auxes)
+        self.last_batch_size = batch_size
+        if stage != "train":
+            self.routing_stats(stage).update(auxes, self.routing_groups(batch))
         return loss
+
+    # -- routing statistics of the evaluation splits (written by moezoo.tasks.callbacks.RoutingAnalytics) -------
+    #: samples in the last batch of ``_shared_step`` (the throughput callback counts them)
+    last_batch_size: int = 0
+
+    def routing_groups(self, batch: Any) -> TokenGroups | None:
+        """The group of each sample of ``batch`` (class, language, domain, channel ...) for the per-group routing
+        shares; ``None`` (the default) counts no groups."""
+        return None
+
+    def routing_stats(self, stage: str) -> RoutingStats:
+        """The accumulator of ``stage`` (``"val"`` or ``"test"``; the test one is :attr:`routing_summary`)."""
+        if stage == "test":
+            return self.routing_summary
+        stats: dict[str, RoutingStats] = self.__dict__.setdefault("_routing_stats", {})
+        return stats.setdefault(stage, RoutingStats())
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Routing analytics and training throughput in every run, unless the trainer already has them."""
+        from moezoo.tasks.callbacks import RoutingAnalytics, ThroughputMonitor
+
+        have = [type(c) for c in getattr(self._trainer, "callbacks", [])]
+        return [cls() for cls in (RoutingAnalytics, ThroughputMonitor) if not any(issubclass(t, cls) for t in have)]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -182,7 +175,7 @@ class MoETask(L.LightningModule):
         self.routing_summary.reset()
 
     def on_test_epoch_end(self) -> None:
-        if self.trainer.is_global_zero and self.routing_summary.load:
+        if self.trainer.is_global_zero and self.routing_summary:
             print(f"\nRouting summary ({self.model_name}, test set)\n{self.routing_summary.table()}")
 
     def build_optimizer(self, total_steps: int) -> tuple[Optimizer, LRScheduler | None]:

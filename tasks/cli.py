@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from moezoo.io import write_json_atomic
-from moezoo.parallel import num_parameters
+from moezoo.stats import count_parameters
 from moezoo.tasks.legacy import register_config_loader
 
 # The domain packages whose tasks and data modules configs name (one per folder of moezoo.tasks). Add a domain here.
@@ -75,7 +75,7 @@ class MoEZooCLI(LightningCLI):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: on every rank
         if results and self.trainer.is_global_zero:
             metrics = {k: float(v) for k, v in results[0].items()}
-            metrics["params/total"] = float(num_parameters(self.model))  # sharded experts at full size
+            metrics["params/total"] = float(count_parameters(self.model).total)  # sharded experts at full size
             write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
 
 

@@ -100,15 +100,8 @@ def moe_layers(module: nn.Module) -> Sequence[MoE]:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters and active parameters per token.
+    """``{"total", "active"}`` parameters of ``model``: :func:`moezoo.stats.count_parameters` (which says what
+    "active per token" means for each kind of layer, Soft MoE included)."""
+    from moezoo.stats import count_parameters
 
-    Active counts every parameter except the routed experts, of which each MoE layer contributes only the
-    ``top_k`` experts a token uses (``top_k / num_experts`` of its expert weights); for Soft MoE, whose every
-    slot is processed by one expert, the same fraction is used with ``top_k`` read from the layer.
-    """
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for layer in moe_layers(model):
-        expert_params = sum(p.numel() for p in layer.experts.parameters())
-        inactive += expert_params - expert_params * layer.top_k // layer.num_experts
-    return {"total": total, "active": total - inactive}
+    return count_parameters(model).as_dict()

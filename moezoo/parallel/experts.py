@@ -355,8 +355,6 @@ def clip_grad_norm_(module: nn.Module, params: list[nn.Parameter], max_norm: flo
 
 def num_parameters(module: nn.Module) -> int:
     """Parameter count of the whole model, every sharded expert counted at its full size (no collective)."""
-    total = sum(p.numel() for p in module.parameters())
-    for _, experts in expert_modules(module):
-        shard = sum(p.numel() for p in experts.parameters())
-        total += shard * (experts.num_experts // experts.num_local_experts - 1)
-    return total
+    from moezoo.stats import count_parameters
+
+    return count_parameters(module).total

@@ -1,6 +1,6 @@
-"""What a release records about its model: parameter counts (total and active per token) and router settings.
+"""What a release records about its routers: each distinct router's class and scalar settings.
 
-Moved unchanged out of the old ``moezoo/zoo.py``; a shared statistics module will replace these.
+(Its parameter counts are :func:`moezoo.models.parameter_counts`, as the benchmarks and the training log count.)
 """
 
 from __future__ import annotations
@@ -11,19 +11,6 @@ from typing import Any
 from torch import nn
 
 from moezoo.layers import MoE
-
-
-def count_params(model: nn.Module) -> dict[str, int]:
-    """Total parameters and the parameters a token uses: routed experts count ``top_k / num_experts`` of theirs
-    (Soft MoE mixes every expert into every token, so all of them count)."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0.0
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        if moe.router.kind == "soft":
-            continue
-        expert = sum(p.numel() for p in moe.experts.parameters())
-        inactive += expert * (1.0 - moe.top_k / moe.num_experts)
-    return {"total": int(total), "active": int(round(total - inactive))}
 
 
 def _scalar_settings(module: nn.Module) -> dict[str, Any]:

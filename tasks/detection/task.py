@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from moezoo.layers import MoEAux
+from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
 from moezoo.tasks.detection.draw import draw_detections
 from moezoo.tasks.detection.evaluate import DetectionEvaluator
@@ -74,9 +75,23 @@ class DetectionTask(MoETask):
         self._last_out = out
         return loss, auxes, parts, batch["images"].shape[0]
 
+    def routing_groups(self, batch: Any) -> TokenGroups | None:
+        """Routing shares per visual domain of the images (none when the data names fewer domains than it uses)."""
+        names, domain_B = tuple(self.evaluator.domain_names), batch["domain"]
+        if domain_B.numel() and int(domain_B.max()) >= len(names):
+            return None
+        return TokenGroups(domain_B, names, "domain")
+
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         loss = self._shared_step(batch, stage)
         assert self._last_out is not None
+        w_BSN = self._last_out["routing"]
+        groups = self.routing_groups(batch)
+        if w_BSN is not None and groups is not None:  # the blend router's weights: its layers are the last S auxes
+            stats = self.routing_stats(stage)
+            first = stats.num_layers - w_BSN.shape[1]
+            for s in range(w_BSN.shape[1]):
+                stats.add_group_weights(first + s, groups, w_BSN[:, s])
         boxes, logits = self.model.decode(self._last_out["preds"])
         from moezoo.models.yolo_boxes import postprocess
 

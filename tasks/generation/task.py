@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moezoo.layers import MoEAux, update_router_states
+from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
 from moezoo.tasks.generation.data import real_images
 from moezoo.tasks.generation.diffusion import SAMPLERS, build_objective, check_guidance_scale, guided
@@ -32,6 +33,7 @@ from moezoo.tasks.generation.fd import (
     load_classifier,
 )
 from moezoo.tasks.generation.metrics import routing_purity
+from moezoo.tasks.vision.classification import class_names
 
 
 def save_grid(images_BCHW: Tensor, path: Path, nrow: int, min_size: int = 28) -> None:
@@ -150,6 +152,11 @@ class ImageGenerationTask(MoETask):
             if purity is not None:
                 metrics["routing_purity"] = torch.tensor(purity)
         return loss, auxes, metrics, x0.shape[0]
+
+    def routing_groups(self, batch: Any) -> TokenGroups:
+        """Routing shares per class (evaluation batches keep every label; training drops some for CFG)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return TokenGroups(batch[1], class_names(datamodule, self.num_classes), "class")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         update_router_states(self.model)

@@ -3,11 +3,9 @@ decoding and exact corpus-level CER/WER (overall and per utterance kind: ``mono`
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -15,7 +13,11 @@ from torch import Tensor
 
 from moezoo.layers import MoEAux
 from moezoo.layers.speech_routers import cross_layer_agreement
+from moezoo.models.conformer import subsampled_lengths
+from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
+from moezoo.tasks.callbacks import CPUTimeBudget
+from moezoo.tasks.speech.data import LANGUAGES
 from moezoo.tasks.speech.text import CharVocab, ctc_greedy_decode, edit_counts
 
 
@@ -28,6 +30,20 @@ def encoder_frame_labels(lid_BT: Tensor, num_frames: int) -> Tensor:
     """10 ms frame labels -> encoder-frame labels (every 4th frame, offset 1 toward the centre): (B, L)."""
     idx_L = (torch.arange(num_frames, device=lid_BT.device) * 4 + 1).clamp(max=lid_BT.shape[1] - 1)
     return lid_BT[:, idx_L]
+
+
+def utterance_groups(batch: dict[str, Any], languages: tuple[str, ...]) -> Tensor:
+    """Group of each utterance ``(B,)``: the index of its language if monolingual (the language of its labelled
+    frames), ``len(languages)`` ("cs") if code-switched, -1 (not counted) for any other kind or no label."""
+    group_B = torch.full((len(batch["kinds"]),), -1, dtype=torch.long)
+    for b, kind in enumerate(batch["kinds"]):
+        if kind == "cs":
+            group_B[b] = len(languages)
+        elif kind == "mono":
+            labels = batch["lid"][b][batch["lid"][b] >= 0]
+            if labels.numel():
+                group_B[b] = int(torch.bincount(labels).argmax())
+    return group_B
 
 
 class SpeechRecognitionTask(MoETask):
@@ -97,9 +113,19 @@ class SpeechRecognitionTask(MoETask):
         routings = [a.routing for a in auxes if a.routing is not None]
         if len(routings) >= 2 and len({r.num_tokens for r in routings}) == 1:
             metrics["routing_agreement"] = torch.tensor(cross_layer_agreement(routings))
+            if stage != "train":  # after the best one-to-one relabelling of experts between consecutive layers
+                metrics["routing_agreement_matched"] = torch.tensor(cross_layer_agreement(routings, matched=True))
         if stage != "train":
             self._accumulate(out.log_probs_BLV, out.lengths_B, batch)
         return loss, auxes, metrics, features.shape[0]
+
+    def routing_groups(self, batch: Any) -> TokenGroups:
+        """Routing shares per language: a monolingual utterance counts for its language, every code-switched one
+        for ``"cs"``; the MoE layers route the real encoder frames only, utterance by utterance."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        languages = tuple(getattr(datamodule, "languages", None) or LANGUAGES)
+        group_B = utterance_groups(batch, languages)
+        return TokenGroups(group_B, (*languages, "cs"), "language", subsampled_lengths(batch["lengths"]))
 
     def _accumulate(self, log_probs: Tensor, lengths: Tensor, batch: dict[str, Any]) -> None:
         hyps = ctc_greedy_decode(log_probs.detach(), lengths)
@@ -158,27 +184,6 @@ class SpeechRecognitionTask(MoETask):
         return {"uids": batch["uids"], "text": self.transcribe(batch["features"], batch["lengths"])}
 
 
-class CPUTimeLimit(L.Callback):
-    """Stop training once this process has used ``max_cpu_minutes`` of CPU time (user + system, all threads).
-
-    On a shared machine wall-clock limits measure the neighbours; this measures the work done.
-    """
-
-    def __init__(self, max_cpu_minutes: float) -> None:
-        if max_cpu_minutes <= 0:
-            raise ValueError(f"max_cpu_minutes must be > 0, got {max_cpu_minutes}")
-        self.max_cpu_s = 60.0 * max_cpu_minutes
-        self.start: float | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = time.process_time()
-
-    def used_s(self) -> float:
-        return 0.0 if self.start is None else time.process_time() - self.start
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.used_s() >= self.max_cpu_s:
-            trainer.should_stop = True
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        print(f"\nCPU time used by training: {self.used_s() / 60:.1f} min (limit {self.max_cpu_s / 60:.1f} min)")
+#: the CPU-time training budget (one implementation, :class:`moezoo.tasks.callbacks.CPUTimeBudget`), under the
+#: name the speech configs use
+CPUTimeLimit = CPUTimeBudget

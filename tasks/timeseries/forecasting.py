@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moezoo.layers import MoEAux
+from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
 
 LOSSES = ("mse", "huber")
@@ -89,6 +90,17 @@ class ForecastingTask(MoETask):
 
     def configure_optimizers(self) -> Any:
         return super().configure_optimizers() if self.trainable else None  # None: Lightning runs without one
+
+    def routing_groups(self, batch: Any) -> TokenGroups:
+        """Routing shares per channel: the channel-independent model routes each window's C channel series as
+        samples ``window * C + channel``, so a sample's group is its channel."""
+        x_WLC = batch[0]
+        channels = x_WLC.shape[-1]
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = list(getattr(datamodule, "columns", None) or [])
+        if len(names) != channels:
+            names = [f"channel {c}" for c in range(channels)]
+        return TokenGroups(torch.arange(x_WLC.shape[0] * channels) % channels, tuple(names), "channel")
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()

@@ -9,7 +9,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moezoo.layers import MoEAux
+from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
+from moezoo.tasks.vision.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule
+
+
+def class_names(datamodule: Any, num_classes: int) -> tuple[str, ...]:
+    """The data's class names (``class_names``; Fashion-MNIST's own), else ``"0"``, ``"1"`` ..."""
+    names = getattr(datamodule, "class_names", None)
+    if names is None and isinstance(datamodule, FashionMNISTDataModule):
+        names = FASHION_MNIST_CLASSES
+    if names is None or len(names) != num_classes:
+        names = tuple(str(i) for i in range(num_classes))
+    return tuple(names)
 
 
 class ImageClassificationTask(MoETask):
@@ -46,6 +58,11 @@ class ImageClassificationTask(MoETask):
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc = (logits.argmax(-1) == y).float().mean()
         return loss, auxes, {"acc": acc}, x.shape[0]
+
+    def routing_groups(self, batch: Any) -> TokenGroups:
+        """Routing shares per class: every token of an image counts for the image's class."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return TokenGroups(batch[1], class_names(datamodule, self.model.num_classes), "class")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -25,22 +25,20 @@ def _quiet_lightning() -> None:
 
 
 def _routing_stats(task: Any) -> dict[str, Any]:
+    """The test split's per-layer routing (the task's :class:`~moezoo.stats.RoutingStats`) in the record's form."""
     summary = getattr(task, "routing_summary", None)
-    if summary is None or not summary.load:
+    if not summary:
         return {}
-    layers = []
-    for i, load in sorted(summary.load.items()):
-        share = load / load.sum().clamp_min(1.0)
-        stats = summary.stats[i]
-        layers.append(
-            {
-                "layer": i,
-                "expert_share": [round(float(s), 6) for s in share],
-                "load_cv": round(float(load.std(unbiased=False) / load.mean().clamp_min(1e-12)), 6),
-                "dropped_frac": round(sum(d for d, _ in stats) / len(stats), 6),
-                "router_entropy": round(sum(h for _, h in stats) / len(stats), 6),
-            }
-        )
+    layers = [
+        {
+            "layer": layer.layer,
+            "expert_share": [round(float(s), 6) for s in layer.expert_load],
+            "load_cv": round(layer.load_cv, 6),
+            "dropped_frac": round(layer.dropped_frac, 6),
+            "router_entropy": round(layer.router_entropy, 6),
+        }
+        for layer in summary.layers()
+    ]
     return {"split": "test", "layers": layers}
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moezoo.layers import MoE
-from moezoo.models import hub
+from moezoo.models import hub, parameter_counts
 from moezoo.models.pretrained import write_record
 from moezoo.models.pretrained_cfg import DEFAULT_TOLERANCE, STORAGE_DTYPES, PretrainedCfg
 from moezoo.models.registry import split_name
@@ -23,7 +23,7 @@ from moezoo.tasks.zoo.citations import citations_for
 from moezoo.tasks.zoo.evaluation import load_release_weights, run_evaluation
 from moezoo.tasks.zoo.specs import complete_spec
 from moezoo.zoo.cards import CARDS_DIR, write_card
-from moezoo.zoo.summary import count_params, router_summary
+from moezoo.zoo.summary import router_summary
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_TOTAL_BYTES = 60 * 1024 * 1024
@@ -127,7 +127,7 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
         description=request.description,
         task=task_spec,
         data=data_spec,
-        params=count_params(model),
+        params=parameter_counts(model),
         dense_twin=request.dense_twin,
         limitations=list(request.limitations),
         citations=citations_for(base, _router_name(model), has_moe_layers, request.citations),

@@ -1,120 +1,78 @@
-"""``moezoo bench detection``: the tables format at tiny settings, the settings names and the ``--merge`` round trip."""
+"""``moezoo bench detection`` end to end at tiny settings: ``moezoo fit`` of the benchmark configs, the tables format,
+the routing read from the routing-analytics files; the benchmark recipe lives in its configs."""
 
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
-from moezoo.bench import detection
-from moezoo.bench.tables import discover, validate
+from moezoo.tasks.bench import detection
+from moezoo.tasks.bench.schema import validate
 
-TINY = ["--size", "debug", "--steps", "2", "--batch-size", "4", "--num-train", "8", "--num-test", "8"]
-RUN_KEYS = {"variant", "seed", "model", "train_images", "metrics", "routing", "routing_load", "params", "mflops",
-            "width", "img_per_s", "train_cpu_s", "train_wall_s"}  # fmt: skip
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--quick", "--seeds", "0", "--trainer.max_steps", "4", "--data.init_args.batch_size", "4",
+        "--data.init_args.num_train", "16", "--data.init_args.num_val", "4",
+        "--data.init_args.num_test", "8"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    path = tmp_path_factory.mktemp("detection") / "detection.json"
-    assert detection.main([*TINY, "--seeds", "0", "1", "--variants", "dense,wide2,moe2", "--json", str(path)]) == 0
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("detection")
+    path = folder / "detection.json"
+    assert detection.main([*TINY, "--variants", "dense,moe2", "--json", str(path), "--out", str(folder / "runs")]) == 0
     return json.loads(path.read_text())
 
 
-def test_json_is_in_the_tables_format_with_the_raw_runs(tiny_json: dict) -> None:
-    data = tiny_json
-    assert validate(data, "detection") == []
-    assert (data["domain"], data["metric"], data["higher_is_better"], data["settings"]) == (
+def test_rows_come_from_the_fitted_runs(tiny: dict) -> None:
+    assert validate(tiny, "detection") == []
+    assert (tiny["domain"], tiny["metric"], tiny["higher_is_better"], tiny["settings"]) == (
         "detection", "map", True, "custom"
     )  # fmt: skip
-    assert data["args"]["steps"] == 2 and data["runtime_s"] > 0
-    assert [(r["variant"], r["seed"]) for r in data["runs"]] == [
-        (v, s) for s in (0, 1) for v in ("dense", "wide2", "moe2")
-    ]
-    assert all(set(r) == RUN_KEYS for r in data["runs"])
-    rows = {r["router"]: r for r in data["rows"]}
-    assert list(rows) == ["dense", "wide2", "moe2"] and {r["model"] for r in rows.values()} == {"moe_yolo_debug"}
-    for router, row in rows.items():
-        runs = [r for r in data["runs"] if r["variant"] == router]
-        assert row["metric"] == pytest.approx(statistics.fmean(r["metrics"]["mAP_clean"] for r in runs))
-        assert row["extra"]["mAP50_degraded"] == pytest.approx(
-            statistics.fmean(r["metrics"]["mAP50_degraded"] for r in runs)
-        )
-        assert row["extra"]["AR100_clean_std"] == pytest.approx(
-            statistics.stdev(r["metrics"]["AR100_clean"] for r in runs)
-        )
-        assert row["active_params"] == row["total_params"] == runs[0]["params"]
-        assert row["train_throughput"] == pytest.approx(statistics.fmean(8 / r["train_wall_s"] for r in runs))
-    assert "mixture's total compute" in rows["wide2"]["extra"]["description"]
-    for router in ("dense", "wide2"):
-        assert rows[router]["expert_load"] is rows[router]["specialisation"] is rows[router]["expert_load_cv"] is None
+    runs = {r["variant"]: r for r in tiny["runs"]}
+    assert runs["moe2"]["command"] == (
+        "moezoo fit --config configs/bench/detection/canvas_moe2.yaml --seed_everything 0 --model.init_args.model "
+        "moe_yolo_debug --trainer.max_steps 4 --data.init_args.batch_size 4 --data.init_args.num_train 16 "
+        "--data.init_args.num_test 8 --model.init_args.optimizer.init_args.lr 0.003 --trainer.limit_val_batches 0 "
+        "--data.init_args.num_val 4"
+    )
+    dense, moe = tiny["rows"]
+    for row, run in ((dense, runs["dense"]), (moe, runs["moe2"])):
+        assert run["global_step"] == 4 and run["model"] == row["model"] == "moe_yolo_debug"
+        assert row["metric"] == run["metrics"]["test/mAP_clean"]
+        assert row["extra"]["mAP50_degraded"] == run["metrics"]["test/mAP50_degraded"]
+        assert row["active_params"] == row["total_params"] == run["params"]["total"]  # every expert runs
+        assert row["extra"]["mflops_per_image"] > 0 and row["infer_throughput"] > 0
+        assert row["train_throughput"] == pytest.approx(run["train_throughput"])  # 4 steps, 3 of warm-up
+    assert moe["extra"]["mflops_per_image"] > 1.9 * dense["extra"]["mflops_per_image"]
+    assert dense["expert_load"] is dense["specialisation"] is dense["expert_load_cv"] is None
 
 
-def test_mixture_row_has_expert_load_per_scale_and_domain_specialisation(tiny_json: dict) -> None:
-    row = next(r for r in tiny_json["rows"] if r["router"] == "moe2")
-    runs = [r for r in tiny_json["runs"] if r["variant"] == "moe2"]
-    load = row["expert_load"]
-    assert len(load) == 3 and all(len(s) == 2 and sum(s) == pytest.approx(1.0) for s in load)
-    for s in range(3):  # naive: the seed mean of each run's per-scale mean weights
-        for n in range(2):
-            assert load[s][n] == pytest.approx(statistics.fmean(r["routing_load"][s][n] for r in runs))
-    cvs = []
-    for r in runs:
-        per_scale = [statistics.pstdev(w) / statistics.fmean(w) for w in r["routing_load"]]
-        cvs.append(statistics.fmean(per_scale))
-    assert row["expert_load_cv"] == pytest.approx(statistics.fmean(cvs))
-    assert row["dropped_frac"] == 0.0
-    spec = row["specialisation"]
-    assert spec["by"] == "domain" and spec["groups"] == ["clean", "degraded"]
-    for g, domain in enumerate(spec["groups"]):
-        assert spec["share"][g] == pytest.approx(
-            [statistics.fmean(r["routing"][domain][n] for r in runs) for n in range(2)]
-        )
+def test_mixture_routing_is_the_callbacks_test_file(tiny: dict) -> None:
+    moe = tiny["rows"][1]
+    run = next(r for r in tiny["runs"] if r["variant"] == "moe2")
+    written = json.loads(Path(run["routing"]["file"]).read_text())
+    assert written["stage"] == "test" and written["global_step"] == 4
+    assert moe["expert_load"] == written["expert_load"] and moe["specialisation"] == written["specialisation"]
+    assert len(moe["expert_load"]) == 3 and all(sum(s) == pytest.approx(1.0) for s in moe["expert_load"])
+    spec = moe["specialisation"]
+    assert spec["by"] == "domain" and spec["groups"] == ["clean", "degraded"] and spec["layer"] == 2
+    assert moe["dropped_frac"] == 0.0 and moe["expert_load_cv"] == written["expert_load_cv"]
 
 
-def test_merge_round_trip_reproduces_the_rows(tiny_json: dict, tmp_path: Path) -> None:
-    by_seed = []
-    for seed in (0, 1):
-        part = {k: v for k, v in tiny_json.items() if k != "runs"}
-        part["runs"] = [r for r in tiny_json["runs"] if r["seed"] == seed]
-        by_seed.append(tmp_path / f"seed{seed}.json")
-        by_seed[-1].write_text(json.dumps(part))
-    out = tmp_path / "merged.json"
-    assert detection.main(["--merge", *map(str, by_seed), "--json", str(out)]) == 0
-    merged = json.loads(out.read_text())
-    assert validate(merged, "detection") == [] and merged["settings"] == "custom"
-    assert merged["merged_from"] == [str(p) for p in by_seed]
-    assert merged["rows"] == tiny_json["rows"], "the rows are a function of the runs alone"
-    assert merged["runs"] == [r for s in (0, 1) for r in tiny_json["runs"] if r["seed"] == s]
-
-
-def test_merge_reads_files_written_before_the_tables_format(tiny_json: dict, tmp_path: Path) -> None:
-    old_runs = [{k: v for k, v in r.items() if k not in ("model", "train_images", "routing_load")}
-                for r in tiny_json["runs"]]  # fmt: skip
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps({"args": tiny_json["args"], "runs": old_runs}))
-    out = tmp_path / "merged.json"
-    assert detection.main(["--merge", str(old), "--json", str(out)]) == 0
-    merged = json.loads(out.read_text())
-    assert validate(merged, "detection") == []
-    rows = {r["router"]: r for r in merged["rows"]}
-    assert rows["moe2"]["model"] == "moe_yolo_debug" and rows["moe2"]["expert_load"] is None
-    assert rows["moe2"]["specialisation"] is not None and rows["moe2"]["train_throughput"] > 0
-
-
-def test_settings_names_and_argument_checks() -> None:
-    assert detection.settings_of(vars(detection.parse_args(["--quick"]))) == "quick"
-    assert detection.settings_of(vars(detection.parse_args(["--full", "--seeds", "3", "--variants", "moe4"]))) == "full"
-    assert detection.settings_of(vars(detection.parse_args([]))) == "full"
-    quick = detection.parse_args(["--quick", "--steps", "7"])
-    assert quick.steps == 7 and quick.size == "debug" and detection.settings_of(vars(quick)) == "custom"
-    for bad in (["--quick", "--full"], ["--variants", "moe9"], ["--steps", "0"]):
-        with pytest.raises(SystemExit):
-            detection.parse_args(bad)
-
-
-def test_tables_discovers_detection_and_generation() -> None:
-    benches, _, _ = discover(["detection", "generation"])
-    assert benches == {"detection": "detection", "generation": "generation"}
+def test_the_recipe_is_in_the_configs(tiny: dict) -> None:
+    """Clipping, the schedule's floor and warmup are config values, and the fitted run used them."""
+    for name in detection.NAMES:
+        config = yaml.safe_load((ROOT / f"configs/bench/detection/canvas_{name}.yaml").read_text())
+        init = config["model"]["init_args"]
+        sched, opt = init["lr_scheduler"]["init_args"], init["optimizer"]["init_args"]
+        assert config["trainer"]["gradient_clip_val"] == 10.0 and config["trainer"]["max_steps"] == 1000
+        recipe = (sched["min_lr_ratio"], sched["warmup_frac"], opt["lr"], init["aux_loss_coef"])
+        assert recipe == (0.05, 0.0334, 2e-3, 1)
+        assert int(sched["warmup_frac"] * 1000) == 1000 // 30 and int(sched["warmup_frac"] * 150) == 150 // 30
+    run = tiny["runs"][0]
+    used = yaml.safe_load((Path(run["log_dir"]) / "config.yaml").read_text())
+    assert used["trainer"]["gradient_clip_val"] == 10.0
+    assert used["model"]["init_args"]["lr_scheduler"]["init_args"]["min_lr_ratio"] == 0.05

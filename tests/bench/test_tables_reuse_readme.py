@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from moezoo.bench import tables
+from moezoo.tasks.bench import render, schema, tables
 
 
 def _domain_json(settings: str = "quick", runtime: float | None = 12.5, **changes: Any) -> dict[str, Any]:
@@ -124,8 +124,8 @@ def test_readme_block_is_replaced_and_figures_are_copied_next_to_it(tmp_path: Pa
     args += ["--readme-figures", str(tmp_path / "docs" / "figures")]
     assert tables.main(args) == 0
     text = readme.read_text()
-    head, rest = text.split(tables.README_BEGIN)
-    block, tail = rest.split(tables.README_END)
+    head, rest = text.split(render.README_BEGIN)
+    block, tail = rest.split(render.README_END)
     assert head == "# project\n\nintro text\n" and tail == "\n\n## after\nkept\n"
     assert "old table" not in text
     generated = (out / "tables.md").read_text()
@@ -142,7 +142,7 @@ def test_readme_block_is_replaced_and_figures_are_copied_next_to_it(tmp_path: Pa
 def test_readme_without_a_figures_folder_links_no_figures(tmp_path: Path, reruns: list) -> None:
     out, readme, args = _readme_case(tmp_path)
     assert tables.main(args) == 0
-    block = readme.read_text().split(tables.README_BEGIN)[1].split(tables.README_END)[0]
+    block = readme.read_text().split(render.README_BEGIN)[1].split(render.README_END)[0]
     generated = (out / "tables.md").read_text()
     assert "](" in generated and "](" not in block  # out/ is git-ignored: links to it would break
     assert "| detection | moe_yolo_debug | moe2 |" in block
@@ -177,29 +177,29 @@ def test_readme_without_markers_fails_early_naming_them(
     args = ["--no-zoo", "--domains", "detection", "--out", str(tmp_path / "out"), "--readme", str(readme)]
     assert tables.main(args) == 2
     err = capsys.readouterr().err
-    assert "['<!-- moezoo-bench-tables:end -->'] are missing" in err and tables.README_BEGIN in err
+    assert "['<!-- moezoo-bench-tables:end -->'] are missing" in err and render.README_BEGIN in err
     assert reruns == [] and not (tmp_path / "out").exists(), "no benchmark runs when the README cannot take them"
     assert readme.read_text() == "# project\n<!-- moezoo-bench-tables:begin -->\nno end marker\n"
     assert tables.main([*args[:-1], str(tmp_path / "missing.md")]) == 2
 
 
 def test_replace_readme_block_rejects_misordered_or_repeated_markers() -> None:
-    begin, end = tables.README_BEGIN, tables.README_END
-    assert tables.replace_readme_block(f"a\n{begin}\nx\n{end}\nb", "T") == f"a\n{begin}\n\nT\n\n{end}\nb"
+    begin, end = render.README_BEGIN, render.README_END
+    assert render.replace_readme_block(f"a\n{begin}\nx\n{end}\nb", "T") == f"a\n{begin}\n\nT\n\n{end}\nb"
     with pytest.raises(ValueError, match="followed by one"):
-        tables.replace_readme_block(f"{end}\n{begin}\n", "T")
+        render.replace_readme_block(f"{end}\n{begin}\n", "T")
     with pytest.raises(ValueError, match="followed by one"):
-        tables.replace_readme_block(f"{begin}\n{end}\n{begin}\n{end}\n", "T")
+        render.replace_readme_block(f"{begin}\n{end}\n{begin}\n{end}\n", "T")
     with pytest.raises(ValueError, match="are missing"):
-        tables.replace_readme_block("nothing here", "T")
+        render.replace_readme_block("nothing here", "T")
 
 
 def test_write_domain_json_keeps_extra_keys_but_not_over_the_format(tmp_path: Path) -> None:
-    row = tables.BenchRow("m", "dense", 1.0, 1, 1, None, None)
+    row = schema.BenchRow("m", "dense", 1.0, 1, 1, None, None)
     path = tmp_path / "d.json"
-    tables.write_domain_json(path, "d", "quick", "ds", "acc", True, "images/s", [row], {"runs": [1], "runtime_s": 2})
+    schema.write_domain_json(path, "d", "quick", "ds", "acc", True, "images/s", [row], {"runs": [1], "runtime_s": 2})
     data = json.loads(path.read_text())
-    assert data["runs"] == [1] and data["runtime_s"] == 2 and tables.validate(data, "d") == []
+    assert data["runs"] == [1] and data["runtime_s"] == 2 and schema.validate(data, "d") == []
     with pytest.raises(ValueError, match="overwrite"):
-        tables.write_domain_json(path, "d", "quick", "ds", "acc", True, "images/s", [row], {"rows": []})
+        schema.write_domain_json(path, "d", "quick", "ds", "acc", True, "images/s", [row], {"rows": []})
     assert json.loads(path.read_text()) == data

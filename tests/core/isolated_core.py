@@ -5,7 +5,7 @@ fresh interpreter). Prints one JSON line with what it did; exits 1 with the reas
 A meta-path finder installed before anything else is imported hides the blocked packages (and the modules below
 them), as if they were not installed.
 
-- every module of the core (``moezoo/`` but ``moezoo/cli.py`` and ``--skip``) and ``moezoo.kernels`` is imported;
+- every module of the core (``moezoo/`` but ``moezoo/cli.py``) and ``moezoo.kernels`` is imported;
   the modules that need triton (``moezoo.kernels.*``, ``moezoo.ops.triton_backend``) must import when triton can,
   and raise ``ImportError`` when it cannot;
 - every registered model is built by ``create_model`` and runs one forward pass on a small input;
@@ -148,7 +148,6 @@ def run_layer_and_release() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--block", nargs="*", default=[], help="packages to block (and everything below them)")
-    parser.add_argument("--skip", nargs="*", default=[], help="core modules not to import (known exceptions)")
     parser.add_argument("--no-models", action="store_true", help="only import the modules")
     args = parser.parse_args()
     blocker = Blocker(args.block)
@@ -162,8 +161,6 @@ def main() -> int:
     triton = importlib.util.find_spec("triton") is not None
     imported, refused = [], []
     for name in core_modules():
-        if name in args.skip:
-            continue
         needs_triton = name.startswith(NEEDS_TRITON)
         try:
             importlib.import_module(name)

@@ -14,28 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from moezoo.models import list_models
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "core" / "isolated_core.py"
 TASKS_SIDE = ("lightning", "omegaconf", "jsonargparse", "moezoo.tasks")
-# Known exceptions: the domain benchmarks train through the tasks and are moving to the tasks side. Remove each
-# entry when its module leaves moezoo/ (the last test fails while an entry names no file).
-KNOWN_CORE_EXCEPTIONS = (
-    "moezoo/bench/speech.py",
-    "moezoo/bench/vision.py",
-    "moezoo/bench/detection.py",
-    "moezoo/bench/generation.py",
-    "moezoo/bench/timeseries.py",
-    "moezoo/bench/tables.py",
-)
-# Private names that cross a module boundary today, in other branches' areas: remove each entry when it is fixed.
-KNOWN_PRIVATE_IMPORTS = {
-    "moezoo/bench/generation.py: moezoo.bench.vision._init_worker",
-    "moezoo/bench/generation.py: moezoo.bench.vision._run_job",
-}
 
 
 def module_name(path: Path) -> str:
@@ -73,7 +56,6 @@ def test_core_source_never_imports_the_tasks_side() -> None:
     offenders = [
         f"{path.relative_to(ROOT)}:{line} imports {module}"
         for path in core_files()
-        if str(path.relative_to(ROOT)) not in KNOWN_CORE_EXCEPTIONS
         for line, module in imported_modules(path)
         if _is_under(module, TASKS_SIDE)
     ]
@@ -111,7 +93,7 @@ def test_no_module_imports_another_modules_private_names() -> None:
             owner, _, name = module.rpartition(".")
             if not module.startswith("moezoo.") or not name.startswith("_") or name.startswith("__"):
                 continue
-            if owner == installed_name(path) or f"{path.relative_to(ROOT)}: {module}" in KNOWN_PRIVATE_IMPORTS:
+            if owner == installed_name(path):
                 continue
             offenders.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert not offenders, "make the name public (and documented) or move the code:\n" + "\n".join(offenders)
@@ -130,17 +112,10 @@ def test_every_family_module_is_imported_explicitly() -> None:
 
 
 def test_core_imports_and_runs_without_the_tasks_side() -> None:
-    skip = [module_name(ROOT / p) for p in KNOWN_CORE_EXCEPTIONS if (ROOT / p).is_file()]
-    args = [sys.executable, str(SCRIPT), "--block", *TASKS_SIDE, "--skip", *skip]
+    args = [sys.executable, str(SCRIPT), "--block", *TASKS_SIDE]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    expected = {module_name(p) for p in core_files()} - set(skip)
+    expected = {module_name(p) for p in core_files()}
     assert expected <= set(report["imported"]) | set(report["refused_without_triton"])
     assert report["models"] == list_models()
-
-
-@pytest.mark.parametrize("exception", KNOWN_CORE_EXCEPTIONS)
-def test_known_exceptions_are_still_there(exception: str) -> None:
-    """An exception whose module moved out of the core must leave the list (empty it at merge)."""
-    assert (ROOT / exception).is_file(), f"{exception} left moezoo/: remove it from KNOWN_CORE_EXCEPTIONS"

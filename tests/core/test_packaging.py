@@ -16,7 +16,6 @@ import tomllib
 
 from moezoo.extras import EXTRAS, MissingExtraError, extra_modules, require
 from moezoo.tasks.cli import DOMAINS
-from tests.core.test_import_direction import KNOWN_CORE_EXCEPTIONS, module_name
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "core" / "isolated_core.py"
@@ -24,8 +23,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # torchvision, a core dependency, needs numpy and pillow: they are always there.
 CORE_TRANSITIVE = {"numpy", "PIL"}
 NON_CORE = sorted({m for extra in EXTRAS for m in extra_modules(extra)} - CORE_TRANSITIVE | {"triton", "moezoo.tasks"})
-# Folders of moezoo.tasks that are not training domains (they need no extra of their own).
-NOT_DOMAINS = {"zoo"}
+# Folders of moezoo.tasks that are not training domains (the zoo and the benchmarks; no extra of their own).
+NOT_DOMAINS = {"zoo", "bench"}
 
 
 def _requirement_name(requirement: str) -> str:
@@ -48,9 +47,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_core_imports_and_runs_with_only_its_dependencies() -> None:
     """`pip install moezoo` then `import moezoo; moezoo.MoE(...)`: nothing beyond the core's dependencies."""
-    skip = [module_name(ROOT / p) for p in KNOWN_CORE_EXCEPTIONS if (ROOT / p).is_file()]
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--block", *NON_CORE, "--skip", *skip],
+        [sys.executable, str(SCRIPT), "--block", *NON_CORE],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,34 +1,54 @@
-"""``moezoo bench timeseries``: settings, the summary table and a clear message for a missing data file."""
+"""``moezoo bench timeseries`` end to end on ETTh1 at tiny settings: ``moezoo fit`` of the benchmark configs at a
+horizon of the command line, routing per channel. (Rows as means over horizons: tests/bench/test_suite.py.)"""
 
 from __future__ import annotations
 
-from moezoo.bench import timeseries as bench
+import json
+from pathlib import Path
+
+import pytest
+
+from moezoo.tasks.bench import timeseries as bench
+from moezoo.tasks.bench.schema import validate
+from moezoo.tasks.bench.suite import parse_args
+
+ETTH1 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ett" / "ETTh1.csv"
+TINY = ["--quick", "--seeds", "0", "--horizons", "12", "--trainer.max_epochs", "1", "--data.init_args.seq_len", "48",
+        "--model.init_args.model_kwargs.seq_len", "48", "--data.init_args.train_stride", "200",
+        "--data.init_args.val_stride", "100", "--trainer.limit_test_batches", "2", "--data.init_args.path",
+        str(ETTH1)]  # fmt: skip
 
 
-def test_quick_and_full_settings():
-    quick = bench._parse(["--quick"])
-    assert quick.horizons == [96] and quick.seeds == [0, 1] and quick.train_stride == 4 and quick.epochs == 3
-    full = bench._parse([])
-    assert full.horizons == [96, 192, 336, 720] and full.seeds == [0, 1, 2] and full.train_stride == 1
-    assert full.variants == ["dense", "moe", "segmoe"] and full.seq_len == 336
+def test_quick_and_full_budgets() -> None:
+    _, quick, name = parse_args(bench.SPEC, ["--quick"])
+    assert name == "quick" and quick.cells == ("96",) and quick.seeds == (0, 1) and "3" in quick.overrides
+    _, full, name = parse_args(bench.SPEC, ["--full"])
+    assert name == "full" and full.cells == ("96", "192", "336", "720") and full.seeds == (0, 1, 2)
+    assert full.variants == ("dense", "moe", "segmoe") and full.overrides == ()
+    assert bench.horizon_overrides("192") == (
+        "--data.init_args.pred_len", "192", "--model.init_args.model_kwargs.pred_len", "192"
+    )  # fmt: skip
 
 
-def test_summary_has_mean_and_spread_over_seeds():
-    args = bench._parse(["--quick", "--variants", "dense", "segmoe"])
-    runs = []
-    for seed, (d, s) in enumerate([(0.40, 0.38), (0.42, 0.40)]):
-        for variant, mse in (("dense", d), ("segmoe", s)):
-            cv = float("nan") if variant == "dense" else 0.25
-            runs.append(
-                {"variant": variant, "horizon": 96, "seed": seed, "mse": mse, "mae": mse + 0.02, "load_cv": cv,
-                 "train_s": 10.0, "epochs": 3.0, "best_epoch": 2.0, "params": 1000.0}
-            )  # fmt: skip
-    table = bench.summarize(runs, args)
-    assert "| 96 | dense | 0.410 ± 0.014 | 0.430 ± 0.014 | 10 | 3 (3) | - | 1000 | 0.37 |" in table
-    assert "| 96 | segmoe | 0.390 ± 0.014 |" in table and "| 0.250 |" in table
-    assert "| segmoe | 0.390 | 0.410 |" in table
-
-
-def test_missing_data_file_is_a_clear_message(tmp_path, capsys):
-    assert bench.main(["--quick", "--data", str(tmp_path / "nope.csv")]) == 2
-    assert "is not a file" in capsys.readouterr().out
+@pytest.mark.skipif(not ETTH1.is_file(), reason=f"{ETTH1} not present")
+def test_rows_average_horizons_and_route_by_channel(tmp_path: Path) -> None:
+    path = tmp_path / "ts.json"
+    assert bench.main([*TINY, "--variants", "dense,segmoe", "--json", str(path), "--out", str(tmp_path / "r")]) == 0
+    data = json.loads(path.read_text())
+    assert validate(data, "timeseries") == [] and data["settings"] == "custom" and len(data["runs"]) == 2
+    run = next(r for r in data["runs"] if r["variant"] == "segmoe" and r["cell"] == "12")
+    assert run["command"].startswith(
+        "moezoo fit --config configs/bench/timeseries/etth1_segmoe.yaml --seed_everything 0"
+    )
+    assert run["command"].endswith("--data.init_args.pred_len 12 --model.init_args.model_kwargs.pred_len 12")
+    dense, seg = data["rows"]
+    for row in (dense, seg):
+        (run,) = [r for r in data["runs"] if r["variant"] == row["extra"]["variant"]]
+        assert row["metric"] == run["metrics"]["test/mse"] == row["extra"]["cells"]["12"]["metric"]
+        assert row["extra"]["mae"] == run["metrics"]["test/mae"] and row["total_params"] == run["params"]["total"]
+    assert dense["active_params"] == dense["total_params"] and seg["active_params"] < seg["total_params"]
+    assert (dense["router"], seg["router"]) == ("dense", "segment") and seg["dropped_frac"] == 0.0
+    assert len(seg["expert_load"]) == 3 and all(sum(layer) == pytest.approx(1.0) for layer in seg["expert_load"])
+    spec = seg["specialisation"]
+    assert spec["by"] == "channel" and spec["groups"] == ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    assert all(sum(share) == pytest.approx(1.0) for share in spec["share"])

@@ -1,8 +1,9 @@
-"""The Fashion-MNIST router study: one config per router at equal active compute; the CPU-time budget."""
+"""The Fashion-MNIST router study: one config per router at equal active compute, ``moezoo bench vision`` through
+``moezoo fit`` of those configs, and the CPU-time budget."""
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,10 +11,15 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from moezoo.bench.vision import VIT_VARIANTS, count_params, render
 from moezoo.layers import MoE
 from moezoo.models import create_model
+from moezoo.stats import count_parameters
+from moezoo.tasks.bench import vision
+from moezoo.tasks.bench.schema import validate
+from moezoo.tasks.vision.data import FASHION_MNIST_CLASSES
 from moezoo.tasks.vision.study import CPUTimeBudget
+
+VIT_VARIANTS = vision.ROUTERS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vision"
 ROUTER_KEYS = ("router", "router_kwargs", "dense")
@@ -42,7 +48,7 @@ def test_every_router_of_the_study_has_a_config_that_differs_only_in_routing():
 
 def test_the_study_is_at_equal_active_compute():
     models = {v: create_model("moe_vit_tiny", **_model_kwargs(v)) for v in VIT_VARIANTS}
-    dense_active = count_params(models["dense"])[1]
+    dense_active = count_parameters(models["dense"]).active
     tokens = (28 // 4) ** 2 + 1
     for variant, model in models.items():
         moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -56,7 +62,7 @@ def test_the_study_is_at_equal_active_compute():
                 assert abs(slots - 2 * tokens) / (2 * tokens) < 0.05
         if variant != "soft":  # the routers' gates (and bias buffers) are the only extra active weights
             gates = sum(m.router.gate.weight.numel() for m in moes)
-            assert count_params(model)[1] - dense_active == pytest.approx(gates, abs=2)
+            assert count_parameters(model).active - dense_active == pytest.approx(gates, abs=2)
 
 
 def test_cpu_time_budget_stops_training_and_rejects_bad_budgets():
@@ -74,36 +80,24 @@ def test_cpu_time_budget_stops_training_and_rejects_bad_budgets():
         CPUTimeBudget(0)
 
 
-def test_bench_table_reports_mean_and_std_over_seeds():
-    runs = {
-        "topk": [dict(acc=0.8, active_params=10, total_params=20), dict(acc=0.9, active_params=10, total_params=20)]
-    }
-    table = render("t", runs, [("acc", "test acc")])
-    assert f"0.850 +- {math.sqrt(0.005):.3f}" in table and "10 / 20" in table
-
-
-def test_router_table_json_carries_seed_averaged_load_and_specialisation(tmp_path):
-    import json
-
-    from moezoo.bench.tables import validate
-    from moezoo.bench.vision import FULL, _write_json
-
-    def run(acc, load, share):
-        spec = {"by": "class", "layer": 3, "groups": ["a", "b"], "share": share}
-        routing = {"expert_load": load, "specialisation": spec} if load else {}
-        base = dict(test_acc=acc, train_img_s=1.0, train_img_cpu_s=1.0, dropped_frac=0.0, steps=5)
-        return {**base, "expert_load_cv": 0.1 if load else math.nan, "total_params": 20, "active_params": 10,
-                "routing": routing}  # fmt: skip
-
-    results = {
-        "topk": [run(0.8, [[0.2, 0.8]], [[1.0, 0.0], [0.5, 0.5]]), run(0.9, [[0.4, 0.6]], [[0.0, 1.0], [0.5, 0.5]])],
-        "dense": [run(0.7, None, None), run(0.7, None, None)],
-    }
+@pytest.mark.slow
+def test_bench_fits_the_study_configs(tmp_path: Path) -> None:
+    """Slow tier (Fashion-MNIST per run): two routers, two steps, through ``moezoo fit`` of the study's configs."""
     path = tmp_path / "vision.json"
-    _write_json(path, "full", FULL, results)
+    args = ["--quick", "--seeds", "0", "--variants", "soft,dense", "--trainer.max_steps", "2"]
+    assert vision.main([*args, "--trainer.limit_test_batches", "2", "--json", str(path), "--out", str(tmp_path)]) == 0
     data = json.loads(path.read_text())
-    assert validate(data, "vision") == []
-    topk, dense = data["rows"]
-    assert topk["expert_load"][0] == pytest.approx([0.3, 0.7])
-    assert topk["specialisation"]["share"] == [[0.5, 0.5], [0.5, 0.5]] and topk["specialisation"]["by"] == "class"
-    assert dense["expert_load"] is None and dense["specialisation"] is None and dense["expert_load_cv"] is None
+    assert validate(data, "vision") == [] and data["settings"] == "custom"
+    soft, dense = data["rows"]
+    runs = {r["variant"]: r for r in data["runs"]}
+    assert runs["soft"]["command"] == (
+        "moezoo fit --config configs/vision/fmnist_vit_soft.yaml --seed_everything 0 --trainer.max_steps 2 "
+        "--trainer.max_epochs -1 --data.init_args.batch_size 64 --trainer.limit_val_batches 0 "
+        "--trainer.limit_test_batches 2"
+    )
+    assert soft["metric"] == runs["soft"]["metrics"]["test/acc"] and soft["infer_throughput"] > 0
+    assert soft["active_params"] == soft["total_params"], "Soft MoE: every expert reaches every token"
+    assert soft["expert_load_cv"] == 0.0 and soft["specialisation"] is None  # slots: uniform load, no pairs
+    assert dense["router"] == "dense" and dense["expert_load"] is None
+    routing = json.loads(Path(runs["soft"]["routing"]["file"]).read_text())
+    assert routing["groups"] == list(FASHION_MNIST_CLASSES) and len(routing["layers"]) == 2

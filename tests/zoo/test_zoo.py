@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from moezoo.layers import MoE
-from moezoo.models import create_model, get_pretrained_cfg, hub, list_models
+from moezoo.models import create_model, get_pretrained_cfg, hub, list_models, parameter_counts
 from moezoo.models.pretrained import register_record
 from moezoo.models.registry import split_name, unregister_pretrained
 from moezoo.tasks.zoo.cli import main
 from moezoo.tasks.zoo.evaluation import compare, run_evaluation
 from moezoo.tasks.zoo.release import MAX_FILE_BYTES, MAX_TOTAL_BYTES
 from moezoo.zoo.cards import render_card
-from moezoo.zoo.summary import count_params
 
 ROOT = Path(__file__).resolve().parents[2]
 CARDS = ROOT / "model_cards"
@@ -33,7 +32,7 @@ def _compute_matched_active(model: torch.nn.Module) -> float:
     """Active parameters outside the routers at the model's configured compute: ``top_k / num_experts`` of every
     MoE layer's experts.
 
-    For routed MoE this is ``count_params(model)["active"]`` less the (small) router weights; for Soft MoE, whose
+    For routed MoE this is ``parameter_counts(model)["active"]`` less the (small) router weights; for Soft MoE, whose
     every expert touches every token (all parameters active), it is the top-k compute its slots are sized to, which
     the dense twin matches; for Seg-MoE, segment experts count 1/w (their FLOPs per token). Routers are left out:
     the dense twin has none, and Soft MoE's slot embeddings and Seg-MoE's segment gates are large.
@@ -100,7 +99,7 @@ def test_release_is_complete_and_shipped(name: str) -> None:
     assert cfg.metrics and set(cfg.tolerance) == set(cfg.metrics) and cfg.task and cfg.data and cfg.limitations
     assert (ROOT / cfg.config).is_file(), f"training config {cfg.config} is missing"
     model = create_model(name, pretrained=True)
-    assert count_params(model) == cfg.params
+    assert parameter_counts(model) == cfg.params
     blends = any(getattr(m, "blends_expert_outputs", False) for m in model.modules())
     is_moe = blends or any(isinstance(m, MoE) for m in model.modules())
     assert is_moe == (not cfg.model_kwargs.get("dense", False))
@@ -141,9 +140,10 @@ def test_count_params_oracle() -> None:
     for block in model.blocks:  # every block of moe_vit_debug is an MoE with 4 experts, top-2
         w_in, w_out = block.ffn.experts.w_in, block.ffn.experts.w_out
         experts += (w_in.numel() + w_out.numel()) * (1 - 2 / 4)
-    assert count_params(model) == {"total": total, "active": round(total - experts)}
+    assert parameter_counts(model) == {"total": total, "active": round(total - experts)}
     dense = create_model("moe_vit_debug", img_size=8, patch_size=2, moe={"dense": True})
-    assert count_params(dense)["active"] == count_params(dense)["total"] == sum(p.numel() for p in dense.parameters())
+    counts = parameter_counts(dense)
+    assert counts["active"] == counts["total"] == sum(p.numel() for p in dense.parameters())
 
 
 def test_compare_flags_out_of_tolerance() -> None:

@@ -1,0 +1,326 @@
+"""A domain benchmark as data (:class:`BenchSpec`: configs, budgets, what to read) and the command that runs it.
+
+``moezoo bench <domain> [--quick|--full] [--seeds 0,1] [--variants a,b] [--json PATH] [--resume]
+[--merge A.json B.json ...] [--threads N] [--out DIR] [FIT OVERRIDES ...]``
+
+- ``--quick`` (the default) and ``--full`` choose the budget: seeds, default variants and the ``moezoo fit``
+  overrides applied to every run (steps, batch size, evaluation size ...).
+- Any ``--trainer.*``, ``--model.*`` or ``--data.*`` argument is passed on to every ``fit`` after the budget's
+  overrides; the result's settings are then ``"custom"``. Seeds and variants do not change the settings name.
+- Each run is ``moezoo fit --config <variant's config> --seed_everything <seed> <overrides>`` (its ``command`` in
+  the JSON). Its files go to ``--out/<variant>[/<cell>]/seed<seed>``.
+- ``--json PATH`` is rewritten atomically after every run: the tables format (:mod:`moezoo.tasks.bench.schema`)
+  plus ``args`` and the raw ``runs``; ``--resume`` keeps the runs already there (same overrides) and skips them;
+  ``--merge`` tabulates runs made in separate processes (and writes ``--json`` if given).
+
+A row aggregates one variant's runs: the metric is the mean over cells (e.g. forecast horizons) of the mean over
+seeds; ``extra`` holds its std over seeds, the benchmark's extra test metrics (mean and ``_std`` over runs), the
+seeds and the commands. Load CV and dropped fraction are means over runs; the expert load and specialisation are
+those of one run (the first cell, lowest seed): expert indices of different runs are unrelated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from moezoo.tasks.bench.runner import Extras, RunSpec, execute, merge_overrides
+from moezoo.tasks.bench.schema import BenchRow, write_domain_json
+
+FIT_PREFIXES = ("--trainer.", "--model.", "--data.")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the benchmark: its ``--variants`` name, its config (relative to the checkout) and its router label
+    in the tables (``"dense"`` for the dense twin)."""
+
+    name: str
+    config: str
+    router: str
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Seeds, default variants, ``moezoo fit`` overrides and cells (runs averaged within a row) of a setting."""
+
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+    cells: tuple[str, ...] = ("",)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything domain-specific about a benchmark; :func:`main` does the rest."""
+
+    domain: str
+    dataset: str
+    metric: str  # the tables' metric name ("acc")
+    metric_key: str  # the test metric it is read from ("test/acc")
+    higher_is_better: bool
+    throughput_unit: str
+    variants: tuple[Variant, ...]
+    quick: Budget
+    full: Budget
+    extra_metrics: tuple[str, ...] = ()  # test metrics kept in a row's extra (mean and _std over runs)
+    infer: Callable[[L.LightningModule, L.LightningDataModule], float | None] | None = None
+    extras: Extras | None = None  # numbers of a finished run beyond its test metrics
+    cell_option: str | None = None  # the flag naming cells (e.g. "horizons")
+    cell_overrides: Callable[[str], tuple[str, ...]] | None = None
+    notes: str = ""
+    description: str = ""  # the benchmark module's docstring (its --help)
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+
+def _list(values: Sequence[str] | None) -> list[str]:
+    """``["0,1"]`` or ``["0", "1"]`` -> ``["0", "1"]``."""
+    return [v for value in values or () for v in value.split(",") if v]
+
+
+def parse_args(spec: BenchSpec, argv: Sequence[str]) -> tuple[argparse.Namespace, Budget, str]:
+    """The arguments, the budget they select (fit overrides appended) and its name (quick, full or custom)."""
+    budgets = "\n".join(
+        f"--{name}: seeds {list(b.seeds)}, variants {list(b.variants)}"
+        + (f", {spec.cell_option} {list(b.cells)}" if spec.cell_option else "")
+        + f"\n  fit overrides: {' '.join(b.overrides) or '(none: the configs as they are)'}"
+        for name, b in (("quick", spec.quick), ("full", spec.full))
+    )
+    p = argparse.ArgumentParser(
+        prog=f"moezoo bench {spec.domain}",
+        description=spec.description or (__doc__ or "").split("\n\n")[0],
+        epilog=f"{budgets}\n\nAny --trainer.*, --model.* or --data.* argument is passed on to every moezoo fit.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the quick budget (the default)")
+    mode.add_argument("--full", action="store_true", help="the full budget")
+    names = [v.name for v in spec.variants]
+    p.add_argument("--variants", nargs="+", default=None, help=f"comma or space separated, from {names}")
+    p.add_argument("--seeds", nargs="+", default=None, help="comma or space separated seeds")
+    if spec.cell_option:
+        p.add_argument(f"--{spec.cell_option}", nargs="+", default=None, help="comma or space separated")
+    p.add_argument("--json", default=None, help="write the tables format and the raw runs here (after every run)")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --json and skip them")
+    p.add_argument("--merge", nargs="+", default=None, help="only tabulate these --json files (write --json if given)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    p.add_argument("--out", default=f"bench_results/runs/{spec.domain}", help="folder of the runs' files")
+    args, rest = p.parse_known_args(list(argv))
+    unknown = [a for a in rest if a.startswith("--") and not a.startswith(FIT_PREFIXES)]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (fit overrides start with {', '.join(FIT_PREFIXES)})")
+    base = spec.full if args.full else spec.quick
+    args.variants = _list(args.variants) or list(base.variants)
+    bad = [v for v in args.variants if v not in names]
+    if bad:
+        p.error(f"--variants: {bad} are not variants of this benchmark; choose from {names}")
+    try:
+        seeds = tuple(int(s) for s in _list(args.seeds)) or base.seeds
+    except ValueError:
+        p.error(f"--seeds must be integers, got {args.seeds}")
+    cells = tuple(_list(getattr(args, spec.cell_option))) if spec.cell_option else ()
+    try:
+        overrides = merge_overrides(base.overrides, rest)
+    except ValueError as err:
+        p.error(str(err))
+    budget = Budget(seeds, tuple(args.variants), overrides, cells or base.cells)
+    custom = bool(rest) or budget.cells != base.cells
+    return args, budget, "custom" if custom else ("full" if args.full else "quick")
+
+
+def run_specs(spec: BenchSpec, budget: Budget) -> list[RunSpec]:
+    runs = []
+    for cell in budget.cells:
+        cell_args = spec.cell_overrides(cell) if spec.cell_overrides is not None and cell else ()
+        for seed in budget.seeds:
+            for name in budget.variants:
+                overrides = merge_overrides(budget.overrides, cell_args)
+                runs.append(RunSpec(name, seed, spec.variant(name).config, overrides, cell))
+    return runs
+
+
+# -- rows -----------------------------------------------------------------------------------------------------
+def _mean(values: Sequence[Any]) -> float | None:
+    known = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return statistics.fmean(known) if known else None
+
+
+def _std(values: Sequence[Any]) -> float | None:
+    known = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return statistics.stdev(known) if len(known) > 1 else None
+
+
+def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow]:
+    """One row per variant (in the benchmark's order) from its runs (see the module docstring)."""
+    rows = []
+    for variant in spec.variants:
+        vruns = [r for r in runs if r["variant"] == variant.name]
+        if not vruns:
+            continue
+        cells = list(dict.fromkeys(r["cell"] for r in vruns))
+        first = min(vruns, key=lambda r: (cells.index(r["cell"]), r["seed"]))
+        per_cell = {}
+        for cell in cells:
+            values = [r["metrics"].get(spec.metric_key) for r in vruns if r["cell"] == cell]
+            per_cell[cell] = {"metric": _mean(values), "metric_std": _std(values),
+                              "seeds": sorted(r["seed"] for r in vruns if r["cell"] == cell)}  # fmt: skip
+        metric = _mean([c["metric"] for c in per_cell.values()])
+        extra: dict[str, Any] = {"variant": variant.name, "seeds": sorted({r["seed"] for r in vruns}),
+                                 "commands": [r["command"] for r in vruns]}  # fmt: skip
+        if len(cells) == 1:
+            extra[f"{spec.metric}_std"] = per_cell[cells[0]]["metric_std"]
+        if cells != [""]:
+            extra["cells"] = per_cell
+        for key in spec.extra_metrics:
+            values = [r["metrics"].get(key, r["extra"].get(key)) for r in vruns]
+            name = key.removeprefix("test/")
+            extra[name], extra[f"{name}_std"] = _mean(values), _std(values)
+        extra["train_cpu_throughput"] = _mean([r["train_cpu_throughput"] for r in vruns])
+        routed = [r["routing"] for r in vruns if r["routing"]]
+        moe = variant.router != "dense"
+        rows.append(
+            BenchRow(
+                model=first["model"],
+                router=variant.router,
+                metric=math.nan if metric is None else metric,
+                active_params=int(first["params"]["active"]),
+                total_params=int(first["params"]["total"]),
+                train_throughput=_mean([r["train_throughput"] for r in vruns]),
+                infer_throughput=_mean([r["infer_throughput"] for r in vruns]),
+                expert_load_cv=_mean([r["expert_load_cv"] for r in routed]) if moe else None,
+                dropped_frac=_mean([r["dropped_frac"] for r in routed]) if moe else None,
+                expert_load=first["routing"]["expert_load"] if moe and first["routing"] else None,
+                specialisation=first["routing"]["specialisation"] if moe and first["routing"] else None,
+                extra=extra,
+            )
+        )
+    return rows
+
+
+def write_json(spec: BenchSpec, path: str | Path, runs: list[dict[str, Any]], settings: str, args: dict) -> None:
+    extra: dict[str, Any] = {"args": args, "runs": runs}
+    if spec.notes:
+        extra["notes"] = spec.notes
+    if runs and all("wall_s" in r for r in runs):
+        extra["runtime_s"] = round(sum(r["wall_s"] for r in runs), 1)
+    write_domain_json(path, spec.domain, settings, spec.dataset, spec.metric, spec.higher_is_better,
+                      spec.throughput_unit, bench_rows(spec, runs), extra)  # fmt: skip
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def markdown(spec: BenchSpec, rows: Sequence[BenchRow]) -> str:
+    """The rows as a Markdown table: metric mean ± std, the extra metrics, sizes, throughputs and routing."""
+    extras = [k.removeprefix("test/") for k in spec.extra_metrics]
+    head = ["variant", f"{spec.metric} {'↑' if spec.higher_is_better else '↓'}", *extras, "active / total params",
+            f"train {spec.throughput_unit}", f"infer {spec.throughput_unit}", "load CV", "dropped"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        std = row.extra.get(f"{spec.metric}_std")
+        cells = [
+            str(row.extra.get("variant", row.router)),
+            f"{row.metric:.4f}" + (f" ± {std:.4f}" if std is not None else ""),
+        ]
+        for name in extras:
+            mean, spread = row.extra.get(name), row.extra.get(f"{name}_std")
+            cells.append(_num(mean, ".4f") + (f" ± {spread:.4f}" if spread is not None else ""))
+        cells += [f"{row.active_params / 1e6:.3f}M / {row.total_params / 1e6:.3f}M",
+                  _num(row.train_throughput, ".1f"), _num(row.infer_throughput, ".1f"),
+                  _num(row.expert_load_cv, ".3f"), _num(row.dropped_frac, ".3f")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise ValueError(f"{path} has no 'runs' list: pass files written by `moezoo bench ... --json`")
+    return data, data["runs"]
+
+
+def merge(spec: BenchSpec, paths: Sequence[str], out: str | None) -> int:
+    runs: list[dict[str, Any]] = []
+    settings = set()
+    for path in paths:
+        try:
+            data, file_runs = _load_runs(path)
+        except (OSError, ValueError) as err:
+            print(f"moezoo bench {spec.domain}: --merge: {err}", file=sys.stderr)
+            return 2
+        if data.get("domain") != spec.domain:
+            print(f"moezoo bench {spec.domain}: --merge: {path} is for domain {data.get('domain')!r}", file=sys.stderr)
+            return 2
+        settings.add(data.get("settings"))
+        seen = {(r["variant"], r["seed"], r["cell"]) for r in runs}
+        clash = [
+            (r["variant"], r["seed"], r["cell"]) for r in file_runs if (r["variant"], r["seed"], r["cell"]) in seen
+        ]
+        if clash:
+            print(f"moezoo bench {spec.domain}: --merge: runs {clash} appear twice (again in {path})", file=sys.stderr)
+            return 2
+        runs += file_runs
+    print(markdown(spec, bench_rows(spec, runs)))
+    if out:
+        name = settings.pop() if len(settings) == 1 else "mixed"
+        write_json(spec, out, runs, str(name), {"merged_from": list(paths)})
+        print(f"wrote {out}")
+    return 0
+
+
+def main(spec: BenchSpec, argv: Sequence[str] | None = None) -> int:
+    args, budget, settings = parse_args(spec, list(sys.argv[1:] if argv is None else argv))
+    if args.merge:
+        return merge(spec, args.merge, args.json)
+    if args.resume and not args.json:
+        print(f"moezoo bench {spec.domain}: --resume needs --json FILE (the runs to keep)", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    runs: list[dict[str, Any]] = []
+    if args.resume and Path(args.json).is_file():
+        _, runs = _load_runs(args.json)
+    record_args = {"settings": settings, "seeds": list(budget.seeds), "variants": list(budget.variants),
+                   "cells": list(budget.cells), "overrides": list(budget.overrides),
+                   "threads": args.threads}  # fmt: skip
+    done = {(r["variant"], r["seed"], r["cell"]): r for r in runs}
+    todo = run_specs(spec, budget)
+    for run in todo:
+        kept = done.get(run.key)
+        if kept is not None and kept["overrides"] != list(run.overrides):
+            print(f"moezoo bench {spec.domain}: --resume: {args.json} ran {run.key} with other overrides: "
+                  f"{kept['overrides']} (now {list(run.overrides)})", file=sys.stderr)  # fmt: skip
+            return 2
+    print(f"moezoo bench {spec.domain} ({settings}): {len(todo)} runs, {len(done)} kept", flush=True)
+    for run in todo:
+        if run.key in done:
+            continue
+        folder = Path(args.out) / run.variant / (run.cell or ".") / f"seed{run.seed}"
+        print(f"[{spec.domain}] {run.command()}", flush=True)
+        start = time.perf_counter()
+        record = execute(run, folder.resolve(), spec.infer, spec.extras)
+        runs.append(record)
+        took = time.perf_counter() - start
+        value = record["metrics"].get(spec.metric_key)
+        print(f"[{spec.domain}] {run.variant} seed {run.seed} {run.cell}: {spec.metric_key} {value} ({took:.0f} s)")
+        if args.json:  # after every run, so that an interrupted benchmark keeps what it finished
+            write_json(spec, args.json, runs, settings, record_args)
+    if args.json and runs:
+        write_json(spec, args.json, runs, settings, record_args)
+    print(markdown(spec, bench_rows(spec, runs)))
+    return 0

@@ -1,0 +1,64 @@
+"""``moezoo bench vision``: the ViT router study on Fashion-MNIST, run as ``moezoo fit`` of its configs.
+
+Rows (``configs/vision/fmnist_vit_<router>.yaml``, equal active compute per token): top-k token choice, V-MoE
+batch-prioritized routing, expert choice, Sinkhorn, sigmoid with loss-free balancing, Soft MoE and the dense twin.
+Metric: test accuracy (10,000 test images; quick: the first 1,024), with training throughput, inference
+throughput (512 test images), expert-load CV and dropped fraction on the test split, and routing shares per
+class. The DiT generation table is ``moezoo bench generation``.
+
+- ``--full``: the configs as they are (8 epochs of 128, the best validation-accuracy checkpoint tested),
+  seeds 0 and 1: ``moezoo fit --config configs/vision/fmnist_vit_<router>.yaml --seed_everything <seed>``.
+- ``--quick``: 100 steps of 64, no validation, the final weights tested on 1,024 images, seeds 0 and 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from moezoo.tasks.bench.runner import leading_forward, leading_size, test_set_throughput
+from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
+from moezoo.tasks.bench.suite import main as run_main
+
+DOMAIN = "vision"
+ROUTERS = ("topk", "bpr", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense")
+VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS)
+INFER_IMAGES = 512
+
+
+SPEC = BenchSpec(
+    domain=DOMAIN,
+    description=__doc__ or "",
+    dataset="Fashion-MNIST (IDX files), 28x28, 10 classes; test accuracy on the test split",
+    metric="acc",
+    metric_key="test/acc",
+    higher_is_better=True,
+    throughput_unit="images/s",
+    variants=VARIANTS,
+    quick=Budget(
+        seeds=(0, 1),
+        variants=ROUTERS,
+        overrides=(
+            "--trainer.max_steps",
+            "100",
+            "--trainer.max_epochs",
+            "-1",
+            "--data.init_args.batch_size",
+            "64",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.limit_test_batches",
+            "16",
+        ),
+    ),  # fmt: skip
+    full=Budget(seeds=(0, 1), variants=ROUTERS),
+    infer=test_set_throughput(INFER_IMAGES, leading_forward, leading_size),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
