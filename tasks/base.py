@@ -29,6 +29,7 @@ from moezoo.tasks.optim import (
     DEFAULT_OPTIMIZER,
     as_factory,
     build_optimizer,
+    interval,
     param_groups,
     warmup_cosine,
 )
@@ -69,7 +70,8 @@ class MoETask(L.LightningModule):
         optimizer: a callable ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``) or a
             ``{class_path, init_args}`` mapping; default AdamW, lr 1e-3, weight decay 0.05 on matrices only
             (:func:`~moezoo.tasks.optim.param_groups`).
-        lr_scheduler: a callable ``optimizer -> LRScheduler`` or a mapping, stepped once per optimiser step;
+        lr_scheduler: a callable ``optimizer -> LRScheduler`` or a mapping, stepped once per optimiser step (once
+            per epoch for a class with ``interval = "epoch"``, :class:`~moezoo.tasks.optim.StepDecayLR`);
             default :class:`~moezoo.tasks.optim.WarmupCosineLR` (5% warmup, cosine to 1% of the peak over the
             trainer's steps); ``None`` keeps the learning rate constant.
         aux_loss_coef: multiplier on the sum of the routers' (already weighted) auxiliary losses.
@@ -191,4 +193,4 @@ class MoETask(L.LightningModule):
         optimizer, scheduler = self.build_optimizer(int(self.trainer.estimated_stepping_batches))
         if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval(scheduler)}}

@@ -10,6 +10,9 @@ in Python a callable or the same mapping works. The default is the recipe every 
 - :class:`WarmupCosineLR`: linear warmup over ``warmup_frac`` of the run, then cosine decay to
   ``min_lr_ratio * lr``, stepped once per optimiser step; the run's length comes from the trainer
   (``estimated_stepping_batches``), so the schedule fits ``max_epochs`` or ``max_steps`` by itself.
+
+A schedule is stepped once per optimiser step unless its class sets ``interval = "epoch"`` (:func:`interval`):
+:class:`StepDecayLR`, the per-epoch decay of the public PatchTST / LTSF-Linear code, is stepped once per epoch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -105,6 +108,45 @@ class WarmupCosineLR(LRScheduler):
         state = super().state_dict()
         state.pop("total_steps", None)
         return state
+
+
+class StepDecayLR(LRScheduler):
+    """The per-epoch step decay of the public PatchTST / LTSF-Linear training code: the initial learning rate for
+    ``constant_epochs`` epochs, then ``gamma`` times the previous epoch's; epoch ``e`` (from 0) trains at
+    ``lr * gamma ** max(0, e - constant_epochs + 1)``. Stepped once per epoch (``interval = "epoch"``).
+
+    Their ``lradj="type3"`` (PatchTST on ETT, the default of its ``run_longExp.py``) is ``constant_epochs=4,
+    gamma=0.9``; ``lradj="type1"`` (LTSF-Linear's default) is ``constant_epochs=2, gamma=0.5``: both adjust the
+    rate after epoch ``e`` with ``adjust_learning_rate(epoch=e + 1)``, so the first decayed epoch is the 5th / 3rd.
+    """
+
+    interval: ClassVar[str] = "epoch"
+
+    def __init__(
+        self, optimizer: Optimizer, constant_epochs: int = 4, gamma: float = 0.9, last_epoch: int = -1
+    ) -> None:
+        if not isinstance(constant_epochs, int) or isinstance(constant_epochs, bool) or constant_epochs < 1:
+            raise ValueError(f"constant_epochs must be an integer >= 1, got {constant_epochs!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+        self.constant_epochs = constant_epochs
+        self.gamma = float(gamma)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, epoch: int) -> float:
+        return self.gamma ** max(0, epoch - self.constant_epochs + 1)
+
+    def get_lr(self) -> list[float | Tensor]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+def interval(scheduler: LRScheduler) -> str:
+    """When Lightning steps ``scheduler``: ``"epoch"`` for a class that says so (:class:`StepDecayLR`), else
+    ``"step"`` (once per optimiser step, as :class:`WarmupCosineLR` and the task's ``total_steps`` expect)."""
+    value = getattr(type(scheduler), "interval", "step")
+    if value not in ("step", "epoch"):
+        raise ValueError(f"{type(scheduler).__name__}.interval must be 'step' or 'epoch', got {value!r}")
+    return value
 
 
 def _check_total_steps(total_steps: Any, allow_none: bool) -> None:

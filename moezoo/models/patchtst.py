@@ -79,6 +79,38 @@ class ForecastBlock(nn.Module):
         return x + self.drop(run_ffn(self.ffn, self.norm2(x), auxes))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_forecast_sizes(seq_len: Any, pred_len: Any, num_channels: Any) -> None:
+    """Every forecaster's sizes: look-back L, horizon H and channels C, positive integers."""
+    for name, value in (("seq_len", seq_len), ("pred_len", pred_len), ("num_channels", num_channels)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_patching(patch_len: Any, stride: Any, seq_len: int) -> None:
+    """PatchTST's patching: ``1 <= patch_len <= seq_len`` and a positive ``stride``."""
+    if not _is_int(patch_len) or not 1 <= patch_len <= seq_len:
+        raise ValueError(f"patch_len must be an integer in [1, seq_len={seq_len}], got {patch_len!r}")
+    if not _is_int(stride) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+
+
+def check_forecast_input(x: Tensor, seq_len: int, num_channels: int) -> None:
+    """A forecaster's input is ``(B, seq_len, num_channels)``."""
+    if x.dim() != 3 or x.shape[1] != seq_len or x.shape[2] != num_channels:
+        raise ValueError(f"x must have shape (B, seq_len={seq_len}, num_channels={num_channels}), got {tuple(x.shape)}")
+
+
+def patchify(series_NL: Tensor, patch_len: int, stride: int) -> Tensor:
+    """PatchTST's patching ``(N, L) -> (N, (L - patch_len) // stride + 2, patch_len)``: repeat the last value
+    ``stride`` times at the end (``padding_patch="end"``), then unfold with step ``stride``."""
+    padded = torch.cat([series_NL, series_NL[:, -1:].expand(-1, stride)], dim=1)
+    return padded.unfold(1, patch_len, stride)
+
+
 class MoEPatchTST(nn.Module):
     """PatchTST with Seg-MoE feed-forwards: ``forward(x (B, L, C)) -> (B, H, C)``.
 
@@ -118,13 +150,8 @@ class MoEPatchTST(nn.Module):
         revin_affine: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("seq_len", seq_len), ("pred_len", pred_len), ("num_channels", num_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(patch_len, int) or not 1 <= patch_len <= seq_len:
-            raise ValueError(f"patch_len must be an integer in [1, seq_len={seq_len}], got {patch_len!r}")
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride must be a positive integer, got {stride!r}")
+        check_forecast_sizes(seq_len, pred_len, num_channels)
+        check_patching(patch_len, stride, seq_len)
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         spec = MoESpec.resolve(moe, MOE_DEFAULTS)
@@ -148,19 +175,12 @@ class MoEPatchTST(nn.Module):
         self.head_drop = nn.Dropout(head_dropout)
         self.head = nn.Linear(self.num_patches * dim, pred_len)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 3 or x.shape[1] != self.seq_len or x.shape[2] != self.num_channels:
-            raise ValueError(
-                f"x must have shape (B, seq_len={self.seq_len}, num_channels={self.num_channels}), got {tuple(x.shape)}"
-            )
-
     def patchify(self, series_NL: Tensor) -> Tensor:
         """``(N, L) -> (N, P, patch_len)``: repeat the last value ``stride`` times, then unfold."""
-        padded = torch.cat([series_NL, series_NL[:, -1:].expand(-1, self.stride)], dim=1)
-        return padded.unfold(1, self.patch_len, self.stride)
+        return patchify(series_NL, self.patch_len, self.stride)
 
     def forward_with_aux(self, x: Tensor) -> tuple[Tensor, list[MoEAux]]:
-        self._check_input(x)
+        check_forecast_input(x, self.seq_len, self.num_channels)
         batch = x.shape[0]
         stats = None
         if self.revin is not None:

@@ -1,4 +1,5 @@
-"""Long-term forecasting with ``moe_patchtst`` (or any registered forecaster with ``forward_with_aux``)."""
+"""Long-term forecasting with ``moe_patchtst`` or any registered forecaster with ``forward_with_aux``: the baselines
+(``last_value``, ``seasonal_naive``, ``nlinear``, ``dlinear``, ``patchtst``) train and test through the same task."""
 
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ class ForecastingTask(MoETask):
         num_plot_windows: at the end of a test, plot the first window of each of the first n test batches
             (look-back, truth, forecast of the last channel, the target) into ``<log dir>/forecasts.png``.
         model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
-            :class:`moezoo.tasks.base.MoETask`.
+            :class:`moezoo.tasks.base.MoETask`. The public PatchTST / LTSF-Linear recipes use
+            ``optimizer: torch.optim.Adam`` and ``lr_scheduler: moezoo.tasks.optim.StepDecayLR`` (per epoch).
+
+    A model without trainable parameters (``last_value``, ``seasonal_naive``) gets no optimiser: ``fit`` runs its
+    epochs without an optimisation step (validation and checkpoints as usual) and says so once; ``test`` scores it.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class ForecastingTask(MoETask):
         self.loss_name = loss
         self.huber_delta = huber_delta
         self.num_plot_windows = num_plot_windows
+        self.trainable = any(p.requires_grad for p in self.model.parameters())
         self._plot_windows: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -70,6 +76,20 @@ class ForecastingTask(MoETask):
             # The first window of each test batch: windows spread over the test period.
             self._plot_windows.append((x[0, :, -1].cpu(), y[0, :, -1].cpu(), pred[0, :, -1].detach().cpu()))
         return loss, auxes, metrics, x.shape[0]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        loss = self._shared_step(batch, "train")
+        return loss if self.trainable else None  # None: Lightning skips backward and the optimiser step
+
+    def on_fit_start(self) -> None:
+        if not self.trainable and self.trainer.is_global_zero:
+            print(
+                f"{self.model_name} has no trainable parameters: fit runs no optimisation step (the training "
+                f"epochs only log the training error; validation and test score the model as it is)"
+            )
+
+    def configure_optimizers(self) -> Any:
+        return super().configure_optimizers() if self.trainable else None  # None: Lightning runs without one
 
     def routing_groups(self, batch: Any) -> TokenGroups:
         """Routing shares per channel: the channel-independent model routes each window's C channel series as

@@ -13,7 +13,7 @@ from moezoo.tasks.base import MoETask
 from moezoo.tasks.cli import cli_main
 from moezoo.tasks.detection import DetectionTask
 from moezoo.tasks.generation import ImageGenerationTask
-from moezoo.tasks.optim import WarmupCosineLR, param_groups, warmup_cosine
+from moezoo.tasks.optim import StepDecayLR, WarmupCosineLR, interval, param_groups, warmup_cosine
 from moezoo.tasks.speech import SpeechRecognitionTask
 from moezoo.tasks.timeseries import ForecastingTask
 from moezoo.tasks.vision import ImageClassificationTask
@@ -90,6 +90,26 @@ def test_warmup_cosine_scheduler_checks_and_stretches_on_a_new_length():
     scheduler.set_total_steps(4)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # step 0 of a 2-step warmup
     assert "total_steps" not in scheduler.state_dict()  # a resumed run takes its own length
+
+
+def test_step_decay_holds_then_decays_per_epoch_and_checks_its_arguments():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    scheduler = StepDecayLR(optimizer, constant_epochs=2, gamma=0.5)  # LTSF-Linear's lradj="type1"
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [1.0, 1.0, 0.5, 0.25, 0.125]
+    assert (interval(scheduler), interval(WarmupCosineLR(optimizer))) == ("epoch", "step")
+    for kwargs, match in [
+        (dict(constant_epochs=0), "constant_epochs must be an integer >= 1, got 0"),
+        (dict(constant_epochs=2.5), "constant_epochs must be an integer >= 1, got 2.5"),
+        (dict(gamma=0.0), r"gamma must be a number in \(0, 1\], got 0.0"),
+        (dict(gamma=1.5), r"gamma must be a number in \(0, 1\], got 1.5"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            StepDecayLR(optimizer, **kwargs)
 
 
 class _Digits(L.LightningDataModule):
