@@ -219,7 +219,7 @@ def how_to(cfg: PretrainedCfg, base: str, load: str) -> list[str]:
             f"image = np.zeros(({h}, {w}), dtype=np.uint8)  # your raw image, 0..255",
             "with torch.no_grad():",
             "    out = model(transform(image)[None])",
-            "boxes, logits = model.decode(out['preds'])",
+            'boxes, logits = model.decode(out["preds"])',
             "print(postprocess(boxes, logits, conf_thres=0.25)[0])  # boxes (x1, y1, x2, y2), scores, labels",
         ]
     else:
