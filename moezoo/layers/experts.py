@@ -30,9 +30,7 @@ class GroupedExperts(nn.Module):
     """E feed-forward experts with stacked weights ``w_in (E, D, H)`` and ``w_out (E, F, D)``, and with
     ``bias=True`` biases ``b_in (E, H)`` and ``b_out (E, D)`` (initialised like ``nn.Linear``'s)."""
 
-    def __init__(
-        self, num_experts: int, dim: int, ffn_dim: int, activation: str = "gelu", bias: bool = False
-    ) -> None:
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, activation: str = "gelu", bias: bool = False) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.dim = dim

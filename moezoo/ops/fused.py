@@ -217,7 +217,8 @@ def fused_expert_ffn_bwd_op(
     need_db_in: bool,
     need_db_out: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dgate, dw_in, dw_out, db_in, db_out)`` in the dtypes of their inputs; a gradient not asked for is empty."""
+    """``(dx, dgate, dw_in, dw_out, db_in, db_out)`` in the dtypes of their inputs; a gradient not asked for is
+    empty."""
     num_experts, dim, hidden = w_in_EDH.shape
     ffn_dim = w_out_EFD.shape[1]
     perm = sort_by_expert(token_idx_N, expert_idx_N, num_experts, order_N)

@@ -232,8 +232,18 @@ def _expert_ffn_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.activation, ctx.block_m, ctx.save_h = inputs[12], inputs[13], inputs[14]
     ctx.has_b_in, ctx.has_b_out = b_in_EH is not None, b_out_ED is not None
     ctx.save_for_backward(
-        x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, output[1], tokens, offsets,
-        block_expert, sorted_pair,
+        x_TD,
+        token_idx_N,
+        expert_idx_N,
+        gate_N,
+        w_in_EDH,
+        w_out_EFD,
+        b_out_ED,
+        output[1],
+        tokens,
+        offsets,
+        block_expert,
+        sorted_pair,
     )
     ctx.mark_non_differentiable(output[1])
 

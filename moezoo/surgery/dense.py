@@ -121,9 +121,14 @@ def sequential_run(seq: nn.Sequential) -> tuple[int, int] | None:
         while j < len(mods) and isinstance(mods[j], nn.Dropout):
             j += 1
         fc_in = mods[i]
-        if j < len(mods) and type(mods[j]) is nn.Linear and (mods[j].in_features, mods[j].out_features) == (
-            fc_in.out_features,
-            fc_in.in_features,
+        if (
+            j < len(mods)
+            and type(mods[j]) is nn.Linear
+            and (mods[j].in_features, mods[j].out_features)
+            == (
+                fc_in.out_features,
+                fc_in.in_features,
+            )
         ):
             stop = j + 1
             while stop < len(mods) and isinstance(mods[stop], nn.Dropout):
@@ -156,18 +161,23 @@ def _read(module: nn.Module, what: str) -> DenseFFN:
     kind = _timm_kind(module)
     if kind == "Mlp":
         _check_identity_norm(module, what)
-        act = _need_act(module.act, what)
-        ffn = _from_linears(act, _linear(module.fc1, what), _linear(module.fc2, what), _dropout_p(module.drop2))
-        ffn.notes += _hidden_dropout_note(_dropout_p(module.drop1))
+        act = _need_act(module.get_submodule("act"), what)
+        ffn = _from_linears(
+            act,
+            _linear(module.get_submodule("fc1"), what),
+            _linear(module.get_submodule("fc2"), what),
+            _dropout_p(module.get_submodule("drop2")),
+        )
+        ffn.notes += _hidden_dropout_note(_dropout_p(module.get_submodule("drop1")))
         return ffn
     if kind in ("GluMlp", "SwiGLU"):
         _check_identity_norm(module, what)
-        act = _need_act(module.act, what)
+        act = _need_act(module.get_submodule("act"), what)
         if act not in GATED_OF:
             raise ValueError(f"{what}: gated {act} has no moezoo equivalent; choose SiLU, GELU or ReLU")
-        fc_out = _linear(module.fc2, what)
+        fc_out = _linear(module.get_submodule("fc2"), what)
         if kind == "GluMlp":
-            fc1 = _linear(module.fc1, what)
+            fc1 = _linear(module.get_submodule("fc1"), what)
             if getattr(module, "chunk_dim", -1) not in (-1, 1) or fc1.weight.dim() != 2:
                 raise ValueError(f"{what}: only linear GluMlp (use_conv=False) converts")
             first, second = fc1.weight.detach().chunk(2, dim=0)
@@ -175,7 +185,7 @@ def _read(module: nn.Module, what: str) -> DenseFFN:
             b1 = fc1.bias.detach().chunk(2) if fc1.bias is not None else None
             b_in = None if b1 is None else (torch.cat([b1[1], b1[0]]) if module.gate_last else torch.cat(b1))
         else:
-            fc_g, fc_x = _linear(module.fc1_g, what), _linear(module.fc1_x, what)
+            fc_g, fc_x = _linear(module.get_submodule("fc1_g"), what), _linear(module.get_submodule("fc1_x"), what)
             gate_w, up_w = fc_g.weight.detach(), fc_x.weight.detach()
             b_in = None
             if fc_g.bias is not None or fc_x.bias is not None:
@@ -189,14 +199,17 @@ def _read(module: nn.Module, what: str) -> DenseFFN:
             fc_out.weight.detach().t(),
             b_in,
             None if fc_out.bias is None else fc_out.bias.detach(),
-            _dropout_p(module.drop2),
+            _dropout_p(module.get_submodule("drop2")),
         )
-        ffn.notes += _hidden_dropout_note(_dropout_p(module.drop1))
+        ffn.notes += _hidden_dropout_note(_dropout_p(module.get_submodule("drop1")))
         return ffn
     if type(module).__name__ == "FeedForward" and type(module).__module__.startswith("torchaudio."):
-        fc_in, fc_out = _linear(module.intermediate_dense, what), _linear(module.output_dense, what)
-        ffn = _from_linears("gelu", fc_in, fc_out, _dropout_p(module.output_dropout))
-        ffn.notes += _hidden_dropout_note(_dropout_p(module.intermediate_dropout))
+        fc_in, fc_out = (
+            _linear(module.get_submodule("intermediate_dense"), what),
+            _linear(module.get_submodule("output_dense"), what),
+        )
+        ffn = _from_linears("gelu", fc_in, fc_out, _dropout_p(module.get_submodule("output_dropout")))
+        ffn.notes += _hidden_dropout_note(_dropout_p(module.get_submodule("intermediate_dropout")))
         return ffn
     if isinstance(module, nn.Sequential) and (run := sequential_run(module)) is not None:
         start, stop = run
@@ -205,7 +218,7 @@ def _read(module: nn.Module, what: str) -> DenseFFN:
         fc_out_at = next(i for i in range(2, len(mods)) if isinstance(mods[i], nn.Linear))
         hidden_p = sum(_dropout_p(m) for m in mods[2:fc_out_at])
         out_p = sum(_dropout_p(m) for m in mods[fc_out_at + 1 :])
-        ffn = _from_linears(act, mods[0], mods[fc_out_at], out_p)
+        ffn = _from_linears(act, _linear(mods[0], what), _linear(mods[fc_out_at], what), out_p)
         ffn.notes += _hidden_dropout_note(hidden_p)
         return ffn
     raise ValueError(

@@ -86,9 +86,12 @@ def keep_experts(moe: MoE, keep: Sequence[int]) -> None:
         if name in ROUTER_EXPERT_ROWS:
             owner = router.get_submodule(name.rpartition(".")[0])
             owner.weight = nn.Parameter(p.detach()[rows.to(p.device)].clone(), requires_grad=p.requires_grad)
-            owner.out_features = len(rows)
+            if isinstance(owner, nn.Linear):
+                owner.out_features = len(rows)
         elif p.dim() > 0 and old in p.shape:
-            raise ValueError(f"router {type(router).__name__} has a per-expert parameter {name!r} that pruning cannot slice")
+            raise ValueError(
+                f"router {type(router).__name__} has a per-expert parameter {name!r} that pruning cannot slice"
+            )
     for name, b in list(router.named_buffers()):
         if name in ROUTER_EXPERT_BUFFERS:
             setattr(router, name, b[index.to(b.device)].clone())

@@ -108,7 +108,9 @@ def find_ffns(model: nn.Module, select: Select = None) -> list[tuple[str, nn.Mod
     modules = dict(model.named_modules())
     if select is not None and not callable(select):
         if isinstance(select, str) or not all(isinstance(s, str) for s in select):
-            raise TypeError(f"select must be None, a predicate (path, module) -> bool or a list of paths, got {select!r}")
+            raise TypeError(
+                f"select must be None, a predicate (path, module) -> bool or a list of paths, got {select!r}"
+            )
         missing = [s for s in select if s not in modules]
         if missing:
             raise ValueError(f"select names modules the model does not have: {missing}")
@@ -121,7 +123,9 @@ def find_ffns(model: nn.Module, select: Select = None) -> list[tuple[str, nn.Mod
         if isinstance(module, (MoE, UpcycledMoE)):
             taken.append(path)  # never look inside an MoE
             continue
-        wanted = select(path, module) if callable(select) else is_ffn(module) and not _is_internal(path, module, modules)
+        wanted = (
+            select(path, module) if callable(select) else is_ffn(module) and not _is_internal(path, module, modules)
+        )
         if wanted:
             found.append((path, module))
             taken.append(path)
@@ -136,10 +140,12 @@ def _split_columns(w_in_DH: Tensor, gated: bool, granularity: int) -> list[Tenso
     return [torch.cat([g, u], dim=-1) for g, u in zip(gate.chunk(granularity, dim=-1), up.chunk(granularity, dim=-1))]
 
 
-def _drop_reinit(weights: dict[str, Tensor], ffn: DenseFFN, ratio: float, gated: bool, gen: torch.Generator) -> None:
+def _drop_reinit(
+    w_in: Tensor, w_out: Tensor, b_in: Tensor | None, ffn: DenseFFN, ratio: float, gated: bool, gen: torch.Generator
+) -> None:
     """Drop-Upcycling: re-draw ``ratio`` of one expert's hidden units from a normal with the dense weights'
     mean and standard deviation (columns of ``w_in`` and ``b_in``, rows of ``w_out``)."""
-    ffn_dim = weights["w_out"].shape[0]
+    ffn_dim = w_out.shape[0]
     count = round(ratio * ffn_dim)
     if count == 0:
         return
@@ -150,11 +156,10 @@ def _drop_reinit(weights: dict[str, Tensor], ffn: DenseFFN, ratio: float, gated:
         ref = ref.float()
         return (torch.randn(shape, generator=gen) * ref.std() + ref.mean()).to(t.dtype)
 
-    w_in, w_out = weights["w_in"], weights["w_out"]
     w_in[:, cols] = redraw(w_in, ffn.w_in_DH, (w_in.shape[0], cols.numel()))
     w_out[units] = redraw(w_out, ffn.w_out_FD, (units.numel(), w_out.shape[1]))
-    if weights.get("b_in") is not None and ffn.b_in_H is not None:
-        weights["b_in"][cols] = redraw(weights["b_in"], ffn.b_in_H, (cols.numel(),))
+    if b_in is not None and ffn.b_in_H is not None:
+        b_in[cols] = redraw(b_in, ffn.b_in_H, (cols.numel(),))
 
 
 def build_moe(
@@ -204,21 +209,18 @@ def build_moe(
         for copy in range(num_experts):
             for s in range(granularity):
                 e = copy * granularity + s
-                weights = {
-                    "w_in": in_slices[s].clone(),
-                    "w_out": out_slices[s] * (granularity * scale),
-                    "b_in": b_in_slices[s].clone() if b_in_slices is not None else None,
-                }
+                e_w_in = in_slices[s].clone()
+                e_w_out = out_slices[s] * (granularity * scale)
+                e_b_in = b_in_slices[s].clone() if b_in_slices is not None else None
                 if reinit_ratio > 0:
-                    _drop_reinit(weights, ffn, reinit_ratio, gated, generator)
+                    _drop_reinit(e_w_in, e_w_out, e_b_in, ffn, reinit_ratio, gated, generator)
                 if noise > 0:
-                    for name in ("w_in", "w_out"):
-                        t = weights[name]
+                    for t in (e_w_in, e_w_out):
                         t += noise * t.std() * torch.randn(t.shape, generator=generator)
-                experts.w_in[e].copy_(weights["w_in"])
-                experts.w_out[e].copy_(weights["w_out"])
-                if experts.b_in is not None and experts.b_out is not None and b_out is not None:
-                    experts.b_in[e].copy_(weights["b_in"])
+                experts.w_in[e].copy_(e_w_in)
+                experts.w_out[e].copy_(e_w_out)
+                if experts.b_in is not None and experts.b_out is not None and e_b_in is not None and b_out is not None:
+                    experts.b_in[e].copy_(e_b_in)
                     experts.b_out[e].copy_(b_out * scale)
         if moe.shared is not None:
             moe.shared.fc_in.weight.copy_(w_in.t())
@@ -246,7 +248,9 @@ def _moezoo_caller(model: nn.Module, path: str) -> bool:
     return type(parent).__module__.startswith("moezoo.models")
 
 
-def _check_options(num_experts: int, top_k: int, router_init: str, granularity: int, noise: float, reinit: float) -> None:
+def _check_options(
+    num_experts: int, top_k: int, router_init: str, granularity: int, noise: float, reinit: float
+) -> None:
     for name, value, low in (("num_experts", num_experts, 1), ("top_k", top_k, 1), ("granularity", granularity, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -304,8 +308,18 @@ def upcycle(
         seq_run = sequential_run(module) if isinstance(module, nn.Sequential) else None
         ffn = read_ffn(module, path)
         moe = build_moe(
-            ffn, num_experts, top_k, router, router_kwargs, router_init, granularity, shared_expert, noise,
-            reinit_ratio, generator, backend,
+            ffn,
+            num_experts,
+            top_k,
+            router,
+            router_kwargs,
+            router_init,
+            granularity,
+            shared_expert,
+            noise,
+            reinit_ratio,
+            generator,
+            backend,
         )
         before = _count(module)
         if isinstance(module, FeedForward) and _moezoo_caller(model, path):
@@ -313,7 +327,7 @@ def upcycle(
             kind = "moezoo.FeedForward"
         elif seq_run is not None:
             start, stop = seq_run
-            mods = list(module)
+            mods = list(module.children())
             run = UpcycledMoE(moe, ffn.out_dropout)
             new = nn.Sequential(*mods[:start], run, *mods[stop:])
             kind = f"nn.Sequential[{start}:{stop}]"
@@ -322,12 +336,21 @@ def upcycle(
             kind = f"{type(module).__module__}.{type(module).__name__}"
         _set_child(model, path, new)
         layers.append(
-            UpcycledLayer(path, kind, ffn.activation, ffn.dim, ffn.hidden_dim, ffn.has_bias, before, _count(new), ffn.notes)
+            UpcycledLayer(
+                path, kind, ffn.activation, ffn.dim, ffn.hidden_dim, ffn.has_bias, before, _count(new), ffn.notes
+            )
         )
     options = dict(
-        num_experts=num_experts, top_k=top_k, router=router, router_kwargs=dict(router_kwargs or {}),
-        router_init=router_init, granularity=granularity, shared_expert=shared_expert, noise=noise,
-        reinit_ratio=reinit_ratio, seed=seed,
+        num_experts=num_experts,
+        top_k=top_k,
+        router=router,
+        router_kwargs=dict(router_kwargs or {}),
+        router_init=router_init,
+        granularity=granularity,
+        shared_expert=shared_expert,
+        noise=noise,
+        reinit_ratio=reinit_ratio,
+        seed=seed,
     )
     return UpcycleReport(layers, params_before, _count(model), options)
 

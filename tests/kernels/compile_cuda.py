@@ -33,7 +33,14 @@ POINTER_TYPES = {
 
 
 # (GATED, ACT, HAS_BIAS): every base activation code of grouped_gemm.ACT_CODES, gated and plain, biases on and off.
-ACT_CASES = [(False, 0, False), (True, 2, False), (False, 1, True), (False, 3, True), (True, 0, True), (False, 2, False)]
+ACT_CASES = [
+    (False, 0, False),
+    (True, 2, False),
+    (False, 1, True),
+    (False, 3, True),
+    (True, 0, True),
+    (False, 2, False),
+]
 
 
 def compile_kernel(kernel: Any, constexprs: dict[str, Any], arch: int, data: str = "*bf16", **options: Any) -> None:

@@ -57,7 +57,9 @@ def test_backend_matches_oracle(backend, activation, bias):
     case = make_case(activation, bias, dtype)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     on_device = [t if t is None else t.detach().to(device).requires_grad_(t.requires_grad) for t in case]
-    got = outputs_and_grads(lambda *a: expert_ffn(*a[:7], backend=backend, b_in_EH=a[7], b_out_ED=a[8]), on_device, activation)
+    got = outputs_and_grads(
+        lambda *a: expert_ffn(*a[:7], backend=backend, b_in_EH=a[7], b_out_ED=a[8]), on_device, activation
+    )
     want = outputs_and_grads(oracles.expert_ffn, case, activation)
     assert len(got) == len(want) == (7 if bias else 5)
     for name, g, w in zip(NAMES, got, want):

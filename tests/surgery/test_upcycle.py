@@ -148,7 +148,9 @@ def test_ffn_kinds_and_activations_are_preserved(block, activation):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_granularity_with_zero_router_is_preserved(backend):
     dense = _mlp_model(Mlp(12, 24))
-    model, report = _dense_and_upcycled(dense, num_experts=2, top_k=1, granularity=4, router_init="zero", backend=backend)
+    model, report = _dense_and_upcycled(
+        dense, num_experts=2, top_k=1, granularity=4, router_init="zero", backend=backend
+    )
     moe = model[1].moe
     assert (moe.num_experts, moe.top_k, moe.expert_dim) == (8, 4, 6)
     assert_same_function(dense, model, (torch.randn(6, 12, requires_grad=True),))
