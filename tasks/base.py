@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from moezoo import surgery
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.models import create_model
 from moezoo.models.spec import upgrade_model_kwargs, warn_legacy
@@ -73,6 +74,9 @@ class MoETask(L.LightningModule):
             default :class:`~moezoo.tasks.optim.WarmupCosineLR` (5% warmup, cosine to 1% of the peak over the
             trainer's steps); ``None`` keeps the learning rate constant.
         aux_loss_coef: multiplier on the sum of the routers' (already weighted) auxiliary losses.
+        upcycle_from: start from an upcycled dense model: ``{weights: <release name | weights file | checkpoint>,
+            num_experts, top_k, ...}`` (the options of :func:`moezoo.surgery.upcycle_from`); ``model`` and
+            ``model_kwargs`` then describe the dense model (e.g. ``moe: {dense: true}``).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class MoETask(L.LightningModule):
         optimizer: OptimizerCallable | Mapping[str, Any] = DEFAULT_OPTIMIZER,
         lr_scheduler: LRSchedulerCallable | Mapping[str, Any] | None = DEFAULT_LR_SCHEDULER,
         aux_loss_coef: float = 1.0,
+        upcycle_from: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +103,8 @@ class MoETask(L.LightningModule):
         if old_keys:
             warn_legacy(f"{type(self).__name__}: model_kwargs", old_keys, f"model_kwargs: {self.model_kwargs}")
         self.model = create_model(model, **self.model_kwargs)
+        if upcycle_from is not None:
+            self.upcycle_report = surgery.upcycle_from(self.model, **dict(upcycle_from))
         self.routing_summary = RoutingStats()
 
     #: where, in a Lightning checkpoint's ``state_dict``, the weights a zoo release ships start

@@ -10,7 +10,16 @@
 from moezoo.surgery.calibrate import ExpertStats, calibrate
 from moezoo.surgery.dense import DenseFFN, is_ffn, read_ffn
 from moezoo.surgery.prune import SurgeryReport, merge_experts, prune_experts
-from moezoo.surgery.upcycle import UpcycledMoE, UpcycleReport, find_ffns, moe_layers, upcycle, upcycled_aux
+from moezoo.surgery.upcycle import (
+    UpcycledMoE,
+    UpcycleReport,
+    find_ffns,
+    load_dense_weights,
+    moe_layers,
+    upcycle,
+    upcycle_from,
+    upcycled_aux,
+)
 
 __all__ = [
     "DenseFFN",
@@ -21,10 +30,12 @@ __all__ = [
     "calibrate",
     "find_ffns",
     "is_ffn",
+    "load_dense_weights",
     "merge_experts",
     "moe_layers",
     "prune_experts",
     "read_ffn",
     "upcycle",
+    "upcycle_from",
     "upcycled_aux",
 ]

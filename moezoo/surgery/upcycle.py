@@ -358,3 +358,39 @@ def upcycle(
 def moe_layers(model: nn.Module) -> Iterable[tuple[str, MoE]]:
     """Every ``MoE`` of a model, with its path."""
     return ((path, m) for path, m in model.named_modules() if isinstance(m, MoE))
+
+
+def load_dense_weights(model: nn.Module, weights: str) -> None:
+    """Load a dense starting point into ``model``: a release name (``"moe_vit_tiny.digits_dense"``), a
+    safetensors file, or a ``torch.save`` file holding a state dict or a Lightning checkpoint (whose
+    ``state_dict`` keys start with ``model.``)."""
+    from pathlib import Path
+
+    from moezoo.models.hub import load_pretrained, load_state_dict
+    from moezoo.models.registry import get_pretrained_cfg
+
+    path = Path(weights).expanduser()
+    if not path.exists():
+        if "/" in weights or path.suffix in (".pt", ".ckpt", ".pth", ".safetensors"):
+            raise ValueError(f"upcycle_from weights={weights!r}: no such file")
+        load_pretrained(model, get_pretrained_cfg(weights))
+        return
+    if path.suffix == ".safetensors":
+        state = load_state_dict(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not isinstance(state, dict):
+        raise ValueError(f"upcycle_from weights={weights!r} holds no state dict")
+    model.load_state_dict(state, strict=True)
+
+
+def upcycle_from(model: nn.Module, weights: str | None = None, **options: Any) -> UpcycleReport:
+    """Load the dense starting point ``weights`` (see :func:`load_dense_weights`; ``None``: keep ``model``'s
+    weights) and :func:`upcycle` it with ``options``: the ``upcycle_from:`` block of a task config."""
+    if weights is not None:
+        if not isinstance(weights, str):
+            raise TypeError(f"upcycle_from weights must be a release name or a file path, got {weights!r}")
+        load_dense_weights(model, weights)
+    return upcycle(model, **options)
