@@ -375,12 +375,10 @@ def load_dense_weights(model: nn.Module, weights: str) -> None:
             raise ValueError(f"upcycle_from weights={weights!r}: no such file")
         load_pretrained(model, get_pretrained_cfg(weights))
         return
-    if path.suffix == ".safetensors":
-        state = load_state_dict(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    state: Any = load_state_dict(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        lightning: dict[str, Tensor] = state["state_dict"]
+        state = {k.removeprefix("model."): v for k, v in lightning.items() if k.startswith("model.")}
     if not isinstance(state, dict):
         raise ValueError(f"upcycle_from weights={weights!r} holds no state dict")
     model.load_state_dict(state, strict=True)
