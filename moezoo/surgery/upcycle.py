@@ -375,7 +375,7 @@ def load_dense_weights(model: nn.Module, weights: str) -> None:
             raise ValueError(f"upcycle_from weights={weights!r}: no such file")
         load_pretrained(model, get_pretrained_cfg(weights))
         return
-    state: Any = load_state_dict(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    state: Any = load_state_dict(path) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         lightning: dict[str, Tensor] = state["state_dict"]
         state = {k.removeprefix("model."): v for k, v in lightning.items() if k.startswith("model.")}
