@@ -59,10 +59,15 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _sparse_moes(model: nn.Module) -> dict[str, MoE]:
+def _sparse_moes(model: nn.Module, plan: object, what: str) -> dict[str, MoE]:
+    """The model's MoE layers by path; a ``plan`` mapping (argument ``what``) may name only those."""
     layers = {path: m for path, m in model.named_modules() if isinstance(m, MoE)}
     if not layers:
         raise ValueError("the model has no moezoo.MoE layer")
+    if isinstance(plan, Mapping):
+        unknown = sorted(set(plan) - set(layers))
+        if unknown:
+            raise ValueError(f"{what} names layers that are not MoE layers of the model: {unknown}")
     soft = [path for path, m in layers.items() if m.router.kind != "sparse"]
     if soft:
         raise ValueError(f"pruning and merging need sparse routers; these layers are Soft MoE: {soft}")
@@ -141,13 +146,9 @@ def prune_experts(
     """
     if criterion not in ("reap", "frequency"):
         raise ValueError(f"criterion={criterion!r} is unknown; choose 'reap' or 'frequency'")
-    layers = _sparse_moes(model)
+    layers = _sparse_moes(model, keep, "keep")
     before_total = _count(model)
     entries = []
-    if isinstance(keep, Mapping):
-        unknown = sorted(set(keep) - set(layers))
-        if unknown:
-            raise ValueError(f"keep names layers that are not MoE layers of the model: {unknown}")
     for path, moe in layers.items():
         if isinstance(keep, Mapping):
             if path not in keep:
@@ -192,13 +193,9 @@ def merge_experts(
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {MERGE_METHODS}")
-    layers = _sparse_moes(model)
+    layers = _sparse_moes(model, groups, "groups")
     before_total = _count(model)
     entries = []
-    if isinstance(groups, Mapping):
-        unknown = sorted(set(groups) - set(layers))
-        if unknown:
-            raise ValueError(f"groups names layers that are not MoE layers of the model: {unknown}")
     for path, moe in layers.items():
         layer_stats = stats.get(path) if stats is not None else None
         if isinstance(groups, Mapping):

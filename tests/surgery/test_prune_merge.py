@@ -110,6 +110,8 @@ def test_prune_by_fraction_and_by_indices():
         prune_experts(tiny(), keep=3)
     with pytest.raises(ValueError, match="top_k=2"):
         prune_experts(tiny(), keep={"1.moe": [0]})
+    with pytest.raises(ValueError, match="keep names layers that are not MoE layers"):
+        prune_experts(tiny(), keep={"0": [0, 1]})
     with pytest.raises(ValueError, match="criterion='norm'"):
         prune_experts(tiny(), keep=3, criterion="norm")
 
