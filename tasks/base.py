@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from moezoo import surgery
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.models.registry import build_task_model
 from moezoo.models.spec import upgrade_model_kwargs, warn_legacy
@@ -79,6 +80,9 @@ class MoETask(L.LightningModule):
             A changed head argument in ``model_kwargs`` (``num_classes``, ``vocab_size``, ``pred_len``) loads every
             other tensor and re-initialises the head. A release name without it builds the release's architecture
             with random weights, and says so in the log.
+        upcycle_from: start from an upcycled dense model: ``{weights: <release name | weights file | checkpoint>,
+            num_experts, top_k, ...}`` (the options of :func:`moezoo.surgery.upcycle_from`); ``model`` and
+            ``model_kwargs`` then describe the dense model (e.g. ``moe: {dense: true}``).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class MoETask(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | Mapping[str, Any] | None = DEFAULT_LR_SCHEDULER,
         aux_loss_coef: float = 1.0,
         pretrained: bool = False,
+        upcycle_from: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +112,8 @@ class MoETask(L.LightningModule):
         self.model = build_task_model(model, self.model_kwargs, pretrained)
         # Releases and saved folders record the complete constructor arguments (a release's own included).
         self.model_kwargs = dict(getattr(self.model, "moezoo_kwargs", self.model_kwargs))
+        if upcycle_from is not None:
+            self.upcycle_report = surgery.upcycle_from(self.model, **dict(upcycle_from))
         self.routing_summary = RoutingStats()
 
     #: where, in a Lightning checkpoint's ``state_dict``, the weights a zoo release ships start

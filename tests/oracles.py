@@ -18,14 +18,36 @@ def silu(x: Tensor) -> Tensor:
     return x / (1.0 + torch.exp(-x))
 
 
-def expert_forward(x_D: Tensor, w_in_DH: Tensor, w_out_FD: Tensor, activation: str) -> Tensor:
+def gelu_tanh(x: Tensor) -> Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def relu(x: Tensor) -> Tensor:
+    return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+PLAIN = {"gelu": gelu, "gelu_tanh": gelu_tanh, "silu": silu, "relu": relu}
+GATED = {"swiglu": silu, "geglu": gelu, "reglu": relu}  # act(first half) * second half
+
+
+def expert_forward(
+    x_D: Tensor,
+    w_in_DH: Tensor,
+    w_out_FD: Tensor,
+    activation: str,
+    b_in_H: Tensor | None = None,
+    b_out_D: Tensor | None = None,
+) -> Tensor:
     h = x_D @ w_in_DH
-    if activation == "gelu":
-        a = gelu(h)
+    if b_in_H is not None:
+        h = h + b_in_H
+    if activation in PLAIN:
+        a = PLAIN[activation](h)
     else:
         f = w_out_FD.shape[0]
-        a = silu(h[:f]) * h[f:]
-    return a @ w_out_FD
+        a = GATED[activation](h[:f]) * h[f:]
+    y = a @ w_out_FD
+    return y + b_out_D if b_out_D is not None else y
 
 
 def expert_ffn(
@@ -36,12 +58,17 @@ def expert_ffn(
     w_in: Tensor,
     w_out: Tensor,
     activation: str,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
 ) -> Tensor:
     """``out[t] = sum over pairs n with token t of gate[n] * expert_{e_n}(x[t])``, one pair at a time."""
     rows = [x_TD.new_zeros(x_TD.shape[1]) for _ in range(x_TD.shape[0])]
     for n in range(token_idx_N.shape[0]):
         t, e = int(token_idx_N[n]), int(expert_idx_N[n])
-        rows[t] = rows[t] + gate_N[n].to(x_TD.dtype) * expert_forward(x_TD[t], w_in[e], w_out[e], activation)
+        bi = b_in[e] if b_in is not None else None
+        bo = b_out[e] if b_out is not None else None
+        y = expert_forward(x_TD[t], w_in[e], w_out[e], activation, bi, bo)
+        rows[t] = rows[t] + gate_N[n].to(x_TD.dtype) * y
     return torch.stack(rows) if rows else x_TD.new_zeros(x_TD.shape)
 
 

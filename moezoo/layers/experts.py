@@ -1,6 +1,7 @@
 """Expert weights and the dense feed-forward blocks they are compared with.
 
-Legend: D model dim, F expert hidden, H = F (GELU) or 2F (SwiGLU), E experts, M rows per expert.
+Legend: D model dim, F expert hidden, H = F (plain activations) or 2F (gated: SwiGLU, GEGLU, ReGLU), E experts,
+M rows per expert.
 """
 
 from __future__ import annotations
@@ -19,42 +20,76 @@ def _init_uniform(weight: Tensor, fan_in: int) -> None:
     nn.init.uniform_(weight, -bound, bound)
 
 
-class GroupedExperts(nn.Module):
-    """E feed-forward experts with stacked weights ``w_in (E, D, H)`` and ``w_out (E, F, D)``, no biases."""
+def _check_bias(bias: bool) -> bool:
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {bias!r}")
+    return bias
 
-    def __init__(self, num_experts: int, dim: int, ffn_dim: int, activation: str = "gelu") -> None:
+
+class GroupedExperts(nn.Module):
+    """E feed-forward experts with stacked weights ``w_in (E, D, H)`` and ``w_out (E, F, D)``, and with
+    ``bias=True`` biases ``b_in (E, H)`` and ``b_out (E, D)`` (initialised like ``nn.Linear``'s)."""
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, activation: str = "gelu", bias: bool = False) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.dim = dim
         self.ffn_dim = ffn_dim
         self.activation = check_activation(activation)
-        self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden_width(activation, ffn_dim)))
+        hidden = hidden_width(activation, ffn_dim)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         _init_uniform(self.w_in, dim)
         _init_uniform(self.w_out, ffn_dim)
+        self.b_in: nn.Parameter | None = None
+        self.b_out: nn.Parameter | None = None
+        if _check_bias(bias):
+            self.b_in = nn.Parameter(torch.empty(num_experts, hidden))
+            self.b_out = nn.Parameter(torch.empty(num_experts, dim))
+            _init_uniform(self.b_in, dim)
+            _init_uniform(self.b_out, ffn_dim)
+
+    @property
+    def bias(self) -> bool:
+        return self.b_in is not None
 
     def forward(
         self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, gate_N: Tensor, backend: str | None = None
     ) -> Tensor:
         """Routed computation: ``out[t] = sum over pairs of gate * expert(x[t])``."""
         return expert_ffn(
-            x_TD, token_idx_N, expert_idx_N, gate_N, self.w_in, self.w_out, self.activation, backend=backend
+            x_TD,
+            token_idx_N,
+            expert_idx_N,
+            gate_N,
+            self.w_in,
+            self.w_out,
+            self.activation,
+            backend=backend,
+            b_in_EH=self.b_in,
+            b_out_ED=self.b_out,
         )
 
     def forward_dense(self, x_EMD: Tensor) -> Tensor:
         """Every expert on its own batch of rows (Soft MoE slots): ``(E, M, D) -> (E, M, D)``."""
-        return torch.bmm(act_forward(torch.bmm(x_EMD, self.w_in), self.activation), self.w_out)
+        h_EMH = torch.bmm(x_EMD, self.w_in)
+        if self.b_in is not None:
+            h_EMH = h_EMH + self.b_in.unsqueeze(1)
+        y_EMD = torch.bmm(act_forward(h_EMH, self.activation), self.w_out)
+        return y_EMD + self.b_out.unsqueeze(1) if self.b_out is not None else y_EMD
 
 
 class FeedForward(nn.Module):
-    """A dense FFN ``act(x W_in) W_out`` without biases: the dense twin of an MoE and the shared expert."""
+    """A dense FFN ``act(x W_in + b_in) W_out + b_out`` (biases with ``bias=True``): the dense twin of an MoE and
+    the shared expert."""
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu") -> None:
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = False) -> None:
         super().__init__()
         self.activation = check_activation(activation)
         self.hidden_dim = hidden_dim
-        self.fc_in = nn.Linear(dim, hidden_width(activation, hidden_dim), bias=False)
-        self.fc_out = nn.Linear(hidden_dim, dim, bias=False)
+        bias = _check_bias(bias)
+        self.fc_in = nn.Linear(dim, hidden_width(activation, hidden_dim), bias=bias)
+        self.fc_out = nn.Linear(hidden_dim, dim, bias=bias)
         _init_uniform(self.fc_in.weight, dim)
         _init_uniform(self.fc_out.weight, hidden_dim)
 

@@ -114,7 +114,9 @@ class MoE(nn.Module):
             the router's (``num_experts``, or ``num_experts + num_null_experts`` for top-k with null experts).
         router: a registered router name or a :class:`Router` instance (which may be shared across layers).
         router_kwargs: extra arguments for the router when it is built by name (``top_k`` is the layer's).
-        activation: ``"gelu"`` or ``"swiglu"``.
+        activation: ``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"relu"`` or a gated form ``"swiglu"``, ``"geglu"``,
+            ``"reglu"`` (``moezoo.ops.ACTIVATIONS``).
+        bias: experts (and the shared expert) with biases ``b_in``, ``b_out`` (for upcycling dense FFNs with biases).
         num_shared_experts: always-on experts of width F each (DeepSeekMoE), fused into one dense FFN.
         shared_expert_gate: scale the shared expert's output by a per-token sigmoid gate.
         granularity: fine-grained experts: E*m experts of width F/m with K*m active (same compute).
@@ -138,6 +140,7 @@ class MoE(nn.Module):
         granularity: int = 1,
         backend: str | None = None,
         check_finite: bool = True,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
@@ -171,8 +174,9 @@ class MoE(nn.Module):
             self.router = router
         else:
             raise TypeError(f"router must be a registered router name or a Router instance, got {router!r}")
-        self.experts = GroupedExperts(self.num_experts, dim, self.expert_dim, activation)
-        self.shared = FeedForward(dim, num_shared_experts * ffn_dim, activation) if num_shared_experts else None
+        self.experts = GroupedExperts(self.num_experts, dim, self.expert_dim, activation, bias)
+        shared_dim = num_shared_experts * ffn_dim
+        self.shared = FeedForward(dim, shared_dim, activation, bias) if num_shared_experts else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if (shared_expert_gate and self.shared is not None) else None
 
     @property

@@ -1,6 +1,6 @@
 """The seam between the MoE layers and the compute backends.
 
-Every backend implements one contract, ``expert_ffn`` (see ``reference.py``):
+Every backend implements one contract, ``expert_ffn`` (see ``reference.py``), with optional expert biases:
 
 - ``"reference"``: a readable autograd composition (the spec);
 - ``"torch"``: the fused PyTorch path with a hand-written backward (CPU default);
@@ -35,7 +35,8 @@ from moezoo.ops.indexing import count_per_expert, size_max, size_min, true_indic
 from moezoo.ops.permute import Permutation, sort_by_expert
 from moezoo.ops.reference import expert_ffn_reference
 
-ExpertFFN = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, str], Tensor]
+# (x, token_idx, expert_idx, gate, w_in, w_out, activation, b_in=None, b_out=None) -> out
+ExpertFFN = Callable[..., Tensor]
 
 BACKENDS: dict[str, ExpertFFN] = {
     "reference": expert_ffn_reference,
@@ -86,21 +87,42 @@ def expert_ffn(
     w_out_EFD: Tensor,
     activation: str = "gelu",
     backend: str | None = None,
+    b_in_EH: Tensor | None = None,
+    b_out_ED: Tensor | None = None,
 ) -> Tensor:
-    """``out[t] = sum_{n: token[n]=t} gate[n] * act(x[t] @ w_in[e_n]) @ w_out[e_n]`` on the chosen backend.
+    """``out[t] = sum_{n: token[n]=t} gate[n] * (act(x[t] @ w_in[e_n] + b_in[e_n]) @ w_out[e_n] + b_out[e_n])``
+    on the chosen backend; the biases are optional (``None``: none).
 
     The output has the compute dtype: the autocast dtype under ``torch.autocast``, else ``x``'s dtype.
     """
     fn = BACKENDS[resolve_backend(backend, x_TD)]
     activation = check_activation(activation)
+    _check_biases(w_in_EDH, w_out_EFD, b_in_EH, b_out_ED)
     device = x_TD.device.type
     if not torch.is_autocast_enabled(device):
-        return fn(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, activation)
+        return fn(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, activation, b_in_EH, b_out_ED)
     dtype = torch.get_autocast_dtype(device)
+    cast = lambda t: None if t is None else t.to(dtype)
     with torch.autocast(device, enabled=False):
         return fn(
-            x_TD.to(dtype), token_idx_N, expert_idx_N, gate_N, w_in_EDH.to(dtype), w_out_EFD.to(dtype), activation
+            x_TD.to(dtype),
+            token_idx_N,
+            expert_idx_N,
+            gate_N,
+            w_in_EDH.to(dtype),
+            w_out_EFD.to(dtype),
+            activation,
+            cast(b_in_EH),
+            cast(b_out_ED),
         )
+
+
+def _check_biases(w_in_EDH: Tensor, w_out_EFD: Tensor, b_in_EH: Tensor | None, b_out_ED: Tensor | None) -> None:
+    num_experts, _, hidden = w_in_EDH.shape
+    dim = w_out_EFD.shape[2]
+    for name, bias, shape in (("b_in_EH", b_in_EH, (num_experts, hidden)), ("b_out_ED", b_out_ED, (num_experts, dim))):
+        if bias is not None and tuple(bias.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(bias.shape)}")
 
 
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":

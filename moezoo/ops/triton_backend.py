@@ -1,7 +1,7 @@
 """The Triton backend of ``expert_ffn``: the kernels of ``moezoo.kernels`` as ``torch.library`` custom ops.
 
-Legend: T tokens, D model dim, F expert hidden, H = F (GELU) or 2F (SwiGLU), E experts, K experts per token,
-N routed pairs, B row blocks, P = B * block_m padded slots.
+Legend: T tokens, D model dim, F expert hidden, H = F (plain activations) or 2F (gated), E experts, K experts per
+token, N routed pairs, B row blocks, P = B * block_m padded slots.
 
 Every op has a fake (meta) implementation whose output shapes depend on input shapes only (the block-padded
 layout is sized by an upper bound), and the differentiable ops register their autograd formula, so a MoE layer
@@ -9,7 +9,8 @@ on this backend traces under ``torch.compile(fullgraph=True)`` with no ``.item()
 
 - ``moezoo::permute``: expert-contiguous, block-padded layout of the pairs (integer outputs);
 - ``moezoo::expert_ffn_fwd`` / ``moezoo::expert_ffn_bwd``: gather -> GEMM + activation -> GEMM + gate -> combine,
-  and the four gradients (x, gate, w_in, w_out).
+  and the gradients (x, gate, w_in, w_out, and the optional biases: the bias gradients are per-expert row sums
+  in PyTorch, ``index_add`` over the pairs, next to the kernels).
 
 Routing stays in the routers (PyTorch ops on every device); see ``moezoo.kernels`` for why there is no fused
 routing or standalone combine op.
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from moezoo.kernels import HAS_TRITON, TRITON_ERROR
-from moezoo.ops.activations import check_activation, hidden_width
+from moezoo.ops.activations import check_activation, hidden_width, split_activation
 
 if not HAS_TRITON:
     raise ImportError(f"the Triton backend needs triton, which failed to import ({TRITON_ERROR})")
@@ -97,9 +98,12 @@ def _layout(tokens: Tensor, offsets: Tensor, block_expert: Tensor, sorted_pair: 
 def expert_ffn_fwd_op(
     x_TD: Tensor,
     token_idx_N: Tensor,
+    expert_idx_N: Tensor,
     gate_N: Tensor,
     w_in_EDH: Tensor,
     w_out_EFD: Tensor,
+    b_in_EH: Tensor | None,
+    b_out_ED: Tensor | None,
     tokens_per_expert_E: Tensor,
     block_offsets_E1: Tensor,
     block_expert_B: Tensor,
@@ -111,8 +115,9 @@ def expert_ffn_fwd_op(
     """``(out (T, D) in x's dtype, h (N, H) pre-activations when save_h, else empty)``."""
     layout = _layout(tokens_per_expert_E, block_offsets_E1, block_expert_B, sorted_pair_P, block_m)
     x_TD = x_TD.contiguous()
-    h_NH, a_NF = expert_in_fwd(x_TD, token_idx_N, layout, w_in_EDH, activation == "swiglu", store_h=save_h)
-    out_TD = expert_out_fwd(a_NF, token_idx_N, gate_N, layout, w_out_EFD, x_TD.shape[0])
+    act, gated = split_activation(activation)
+    h_NH, a_NF = expert_in_fwd(x_TD, token_idx_N, layout, w_in_EDH, act, gated, store_h=save_h, b_in_EH=b_in_EH)
+    out_TD = expert_out_fwd(a_NF, token_idx_N, gate_N, layout, w_out_EFD, x_TD.shape[0], b_out_ED=b_out_ED)
     return out_TD.to(x_TD.dtype), (h_NH if h_NH is not None else _empty(x_TD))
 
 
@@ -120,9 +125,12 @@ def expert_ffn_fwd_op(
 def _(
     x_TD: Tensor,
     token_idx_N: Tensor,
+    expert_idx_N: Tensor,
     gate_N: Tensor,
     w_in_EDH: Tensor,
     w_out_EFD: Tensor,
+    b_in_EH: Tensor | None,
+    b_out_ED: Tensor | None,
     tokens_per_expert_E: Tensor,
     block_offsets_E1: Tensor,
     block_expert_B: Tensor,
@@ -143,6 +151,8 @@ def expert_ffn_bwd_op(
     gate_N: Tensor,
     w_in_EDH: Tensor,
     w_out_EFD: Tensor,
+    expert_idx_N: Tensor,
+    b_out_ED: Tensor | None,
     h_NH: Tensor,
     tokens_per_expert_E: Tensor,
     block_offsets_E1: Tensor,
@@ -154,19 +164,33 @@ def expert_ffn_bwd_op(
     need_dgate: bool,
     need_dw_in: bool,
     need_dw_out: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dgate, dw_in, dw_out)`` in the dtypes of their inputs; a gradient not asked for is empty."""
+    need_db_in: bool,
+    need_db_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dgate, dw_in, dw_out, db_in, db_out)`` in the dtypes of their inputs; a gradient not asked for is
+    empty."""
     layout = _layout(tokens_per_expert_E, block_offsets_E1, block_expert_B, sorted_pair_P, block_m)
     dout_TD = dout_TD.to(h_NH.dtype).contiguous()
+    act, gated = split_activation(activation)
     dh_NH, dgate_N, dw_out = expert_out_bwd(
-        dout_TD, token_idx_N, gate_N, layout, w_out_EFD, h_NH, activation == "swiglu", need_dgate, need_dw_out
+        dout_TD, token_idx_N, gate_N, layout, w_out_EFD, h_NH, act, gated, need_dgate, need_dw_out, b_out_ED
     )
     dx_TD, dw_in = expert_in_bwd(dh_NH, x_TD.contiguous(), token_idx_N, layout, w_in_EDH, need_dx, need_dw_in)
+    num_experts, dim, hidden = w_in_EDH.shape
+    db_in = _empty(w_in_EDH)
+    if need_db_in:
+        db_in = w_in_EDH.new_zeros(num_experts, hidden).index_add_(0, expert_idx_N, dh_NH.to(w_in_EDH.dtype))
+    db_out = _empty(w_out_EFD)
+    if need_db_out and b_out_ED is not None:
+        rows_ND = dout_TD.index_select(0, token_idx_N) * gate_N.to(dout_TD.dtype).unsqueeze(-1)
+        db_out = w_out_EFD.new_zeros(num_experts, dim).index_add_(0, expert_idx_N, rows_ND.to(w_out_EFD.dtype))
     return (
         dx_TD.to(x_TD.dtype) if dx_TD is not None else _empty(x_TD),
         dgate_N.to(gate_N.dtype) if dgate_N is not None else _empty(gate_N),
         dw_in if dw_in is not None else _empty(w_in_EDH),
         dw_out if dw_out is not None else _empty(w_out_EFD),
+        db_in,
+        db_out,
     )
 
 
@@ -178,6 +202,8 @@ def _(
     gate_N: Tensor,
     w_in_EDH: Tensor,
     w_out_EFD: Tensor,
+    expert_idx_N: Tensor,
+    b_out_ED: Tensor | None,
     h_NH: Tensor,
     tokens_per_expert_E: Tensor,
     block_offsets_E1: Tensor,
@@ -189,32 +215,56 @@ def _(
     need_dgate: bool,
     need_dw_in: bool,
     need_dw_out: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    need_db_in: bool,
+    need_db_out: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     pick = lambda need, t: t.new_empty(t.shape) if need else _empty(t)
-    return pick(need_dx, x_TD), pick(need_dgate, gate_N), pick(need_dw_in, w_in_EDH), pick(need_dw_out, w_out_EFD)
+    num_experts, dim, hidden = w_in_EDH.shape
+    db_in = w_in_EDH.new_empty(num_experts, hidden) if need_db_in else _empty(w_in_EDH)
+    db_out = w_out_EFD.new_empty(num_experts, dim) if need_db_out and b_out_ED is not None else _empty(w_out_EFD)
+    grads = pick(need_dx, x_TD), pick(need_dgate, gate_N), pick(need_dw_in, w_in_EDH), pick(need_dw_out, w_out_EFD)
+    return (*grads, db_in, db_out)
 
 
 def _expert_ffn_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, tokens, offsets, block_expert, sorted_pair = inputs[:9]
-    ctx.activation, ctx.block_m, ctx.save_h = inputs[9], inputs[10], inputs[11]
+    x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED = inputs[:8]
+    tokens, offsets, block_expert, sorted_pair = inputs[8:12]
+    ctx.activation, ctx.block_m, ctx.save_h = inputs[12], inputs[13], inputs[14]
+    ctx.has_b_in, ctx.has_b_out = b_in_EH is not None, b_out_ED is not None
     ctx.save_for_backward(
-        x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, output[1], tokens, offsets, block_expert, sorted_pair
+        x_TD,
+        token_idx_N,
+        expert_idx_N,
+        gate_N,
+        w_in_EDH,
+        w_out_EFD,
+        b_out_ED,
+        output[1],
+        tokens,
+        offsets,
+        block_expert,
+        sorted_pair,
     )
     ctx.mark_non_differentiable(output[1])
 
 
 def _expert_ffn_backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None) -> tuple[Tensor | None, ...]:
-    x_TD, token_idx_N, gate_N, w_in_EDH, w_out_EFD, h_NH, tokens, offsets, block_expert, sorted_pair = ctx.saved_tensors
+    x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, h_NH = ctx.saved_tensors[:8]
+    tokens, offsets, block_expert, sorted_pair = ctx.saved_tensors[8:]
     if not ctx.save_h:  # a flag, not h's size: the pair count may be data-dependent under torch.compile
         raise RuntimeError("moezoo::expert_ffn_fwd ran with save_h=False; it cannot be differentiated")
-    need_x, need_gate, need_w_in, need_w_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-    dx, dgate, dw_in, dw_out = expert_ffn_bwd_op(
+    need_x, need_gate, need_w_in, need_w_out = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+    need_b_in = ctx.has_b_in and ctx.needs_input_grad[6]
+    need_b_out = ctx.has_b_out and ctx.needs_input_grad[7]
+    dx, dgate, dw_in, dw_out, db_in, db_out = expert_ffn_bwd_op(
         dout_TD,
         x_TD,
         token_idx_N,
         gate_N,
         w_in_EDH,
         w_out_EFD,
+        expert_idx_N,
+        b_out_ED,
         h_NH,
         tokens,
         offsets,
@@ -226,13 +276,18 @@ def _expert_ffn_backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None) -> tuple
         need_gate,
         need_w_in,
         need_w_out,
+        need_b_in,
+        need_b_out,
     )
     grads = (
         dx if need_x else None,
         None,
+        None,
         dgate if need_gate else None,
         dw_in if need_w_in else None,
         dw_out if need_w_out else None,
+        db_in if need_b_in else None,
+        db_out if need_b_out else None,
     )
     return grads + (None,) * 7
 
@@ -271,21 +326,28 @@ def expert_ffn_triton(
     w_in_EDH: Tensor,
     w_out_EFD: Tensor,
     activation: str,
+    b_in_EH: Tensor | None = None,
+    b_out_ED: Tensor | None = None,
 ) -> Tensor:
     """The ``expert_ffn`` contract on the Triton kernels (see ``moezoo.ops.reference``), in ``x``'s dtype."""
     activation = check_activation(activation)
     _check_shapes(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, activation)
-    check_device(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD)
+    biases = [b for b in (b_in_EH, b_out_ED) if b is not None]
+    check_device(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, *biases)
     num_experts = w_in_EDH.shape[0]
     block_m = choose_block_m(token_idx_N.shape[0], num_experts, x_TD.shape[0])
     tokens, offsets, block_expert, sorted_pair, _ = permute_op(expert_idx_N, num_experts, block_m)
-    save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_N, w_in_EDH, w_out_EFD))
+    params = (x_TD, gate_N, w_in_EDH, w_out_EFD, *biases)
+    save_h = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     out_TD, _ = expert_ffn_fwd_op(
         x_TD,
         token_idx_N,
+        expert_idx_N,
         gate_N,
         w_in_EDH,
         w_out_EFD,
+        b_in_EH,
+        b_out_ED,
         tokens,
         offsets,
         block_expert,

@@ -58,6 +58,8 @@ class ExpertParallelExperts(nn.Module):
     def __init__(self, experts: GroupedExperts, groups: ExpertParallelGroups) -> None:
         super().__init__()
         num_experts, size = experts.num_experts, groups.ep_size
+        if getattr(experts, "b_in", None) is not None:
+            raise ValueError("expert parallelism does not shard expert biases yet: build the MoE with bias=False")
         if num_experts % size:
             raise ValueError(
                 f"expert_parallel_size={size} must divide the number of experts of every MoE layer; "

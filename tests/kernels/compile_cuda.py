@@ -32,6 +32,17 @@ POINTER_TYPES = {
 }
 
 
+# (GATED, ACT, HAS_BIAS): every base activation code of grouped_gemm.ACT_CODES, gated and plain, biases on and off.
+ACT_CASES = [
+    (False, 0, False),
+    (True, 2, False),
+    (False, 1, True),
+    (False, 3, True),
+    (True, 0, True),
+    (False, 2, False),
+]
+
+
 def compile_kernel(kernel: Any, constexprs: dict[str, Any], arch: int, data: str = "*bf16", **options: Any) -> None:
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     signature = {}
@@ -63,29 +74,35 @@ def main(archs: list[int]) -> int:
         launch = dict(num_warps=gemm.num_warps, num_stages=gemm.num_stages)
         for data, precision in (("*bf16", "tf32"), ("*fp32", "ieee")):
             common = dict(PRECISION=precision, BLOCK_M=128, **gemm.kwargs)
-            for swiglu in (False, True):
+            # Every base activation once, plain and gated, with and without biases.
+            for gated, act, bias in ACT_CASES:
+                flags = dict(GATED=gated, ACT=act, HAS_BIAS=bias)
                 compile_kernel(
                     grouped_gemm._expert_in_fwd_kernel,
-                    dict(SWIGLU=swiglu, STORE_H=True, **common),
+                    dict(STORE_H=True, **flags, **common),
                     arch,
                     data,
                     **launch,
                 )
                 compile_kernel(
                     grouped_gemm._expert_out_bwd_kernel,
-                    dict(SWIGLU=swiglu, COMPUTE_DGATE=True, **common),
+                    dict(COMPUTE_DGATE=True, **flags, **common),
                     arch,
                     data,
                     **launch,
                 )
-            compile_kernel(grouped_gemm._expert_out_fwd_kernel, common, arch, data, **launch)
+            for bias in (False, True):
+                compile_kernel(grouped_gemm._expert_out_fwd_kernel, dict(HAS_BIAS=bias, **common), arch, data, **launch)
             compile_kernel(grouped_gemm._expert_in_bwd_kernel, common, arch, data, **launch)
-            for left_by_token, left_act in ((True, 0), (False, 1), (False, 2)):
+            weight_cases = [(True, False, False, 0)] + [(False, True, gated, act) for gated, act, _ in ACT_CASES]
+            for left_by_token, left_act, gated, act in weight_cases:
                 compile_kernel(
                     grouped_gemm._expert_weight_bwd_kernel,
                     dict(
                         LEFT_BY_TOKEN=left_by_token,
                         LEFT_ACT=left_act,
+                        GATED=gated,
+                        ACT=act,
                         PRECISION=precision,
                         BLOCK_M=128,
                         **weight.kwargs,

@@ -59,7 +59,7 @@ def test_bad_shapes_name_the_problem(tb):
 
 
 def _ffn_inputs(tb, activation="swiglu", num_tokens=20, k=2):
-    hidden = 48 if activation == "swiglu" else 24
+    hidden = 48 if activation in ("swiglu", "geglu", "reglu") else 24
     token_idx = torch.arange(num_tokens).repeat_interleave(k).to(DEVICE)
     expert_idx = make_experts(num_tokens * k, 4, "one_expert_empty").to(DEVICE)
     x = torch.randn(num_tokens, 16, device=DEVICE, requires_grad=True)
@@ -69,19 +69,24 @@ def _ffn_inputs(tb, activation="swiglu", num_tokens=20, k=2):
     return token_idx, expert_idx, x, gate, w_in, w_out
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_opcheck_expert_ffn(tb, activation):
+@pytest.mark.parametrize("activation,bias", [("gelu", False), ("swiglu", False), ("gelu_tanh", True)])
+def test_opcheck_expert_ffn(tb, activation, bias):
     token_idx, expert_idx, x, gate, w_in, w_out = _ffn_inputs(tb, activation)
+    b_in = torch.randn(4, w_in.shape[2], device=DEVICE, requires_grad=True) if bias else None
+    b_out = torch.randn(4, 16, device=DEVICE, requires_grad=True) if bias else None
     block_m = tb.choose_block_m(token_idx.shape[0], 4)
     layout = tb.permute_op(expert_idx, 4, block_m)
     torch.library.opcheck(tb.permute_op, (expert_idx, 4, block_m))
-    args = (x, token_idx, gate, w_in, w_out, *layout[:4], activation, block_m, True)
+    args = (x, token_idx, expert_idx, gate, w_in, w_out, b_in, b_out, *layout[:4], activation, block_m, True)
     torch.library.opcheck(tb.expert_ffn_fwd_op, args)
     out, h = tb.expert_ffn_fwd_op(*args)
     dout = torch.randn_like(out)
-    bwd_args = (dout, x.detach(), token_idx, gate.detach(), w_in.detach(), w_out.detach(), h.detach(), *layout[:4])
-    torch.library.opcheck(tb.expert_ffn_bwd_op, (*bwd_args, activation, block_m, True, True, True, True))
-    torch.library.opcheck(tb.expert_ffn_bwd_op, (*bwd_args, activation, block_m, False, True, False, True))
+    leaves = (x.detach(), token_idx, gate.detach(), w_in.detach(), w_out.detach(), expert_idx)
+    bwd_args = (dout, *leaves, None if b_out is None else b_out.detach(), h.detach(), *layout[:4])
+    flags = (True, True, True, True, bias, bias)
+    torch.library.opcheck(tb.expert_ffn_bwd_op, (*bwd_args, activation, block_m, *flags))
+    flags = (False, True, False, True, False, bias)
+    torch.library.opcheck(tb.expert_ffn_bwd_op, (*bwd_args, activation, block_m, *flags))
 
 
 def _moe(activation):

@@ -101,11 +101,12 @@ def test_opcheck_every_op(dtype):
     torch.library.opcheck(tb.permute_op, (expert_idx, NUM_EXPERTS, block_m))
     layout = tb.permute_op(expert_idx, NUM_EXPERTS, block_m)
     leaves = [t.clone().requires_grad_() for t in (x, gate, w_in, w_out)]
-    fwd_args = (leaves[0], token_idx, leaves[1], leaves[2], leaves[3], *layout[:4], "swiglu", block_m, True)
+    fwd_args = (leaves[0], token_idx, expert_idx, *leaves[1:], None, None, *layout[:4], "swiglu", block_m, True)
     torch.library.opcheck(tb.expert_ffn_fwd_op, fwd_args, atol=1e-2, rtol=1e-2)
     _, h = tb.expert_ffn_fwd_op(*fwd_args)
-    bwd_args = (torch.randn_like(x), x, token_idx, gate, w_in, w_out, h.detach(), *layout[:4], "swiglu", block_m)
-    torch.library.opcheck(tb.expert_ffn_bwd_op, (*bwd_args, True, True, True, True), atol=1e-2, rtol=1e-2)
+    bwd_args = (torch.randn_like(x), x, token_idx, gate, w_in, w_out, expert_idx, None, h.detach(), *layout[:4])
+    bwd_args = (*bwd_args, "swiglu", block_m, True, True, True, True, False, False)
+    torch.library.opcheck(tb.expert_ffn_bwd_op, bwd_args, atol=1e-2, rtol=1e-2)
 
 
 def test_moe_compiles_fullgraph():

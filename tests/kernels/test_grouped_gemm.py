@@ -115,13 +115,13 @@ def test_first_gemm_intermediates(activation):
     expert_idx = make_experts(150, NUM_EXPERTS, "one_expert_empty")
     x, _, _, _, w_in, _ = make_case(token_idx, expert_idx, activation, dim=40, num_tokens=50)
     layout = permute_fwd(expert_idx.to(DEVICE), NUM_EXPERTS, 32)
-    swiglu = activation == "swiglu"
-    h, a = expert_in_fwd(x.detach().to(DEVICE), token_idx.to(DEVICE), layout, w_in.detach().to(DEVICE), swiglu)
+    act, gated = {"gelu": ("gelu", False), "swiglu": ("silu", True)}[activation]
+    h, a = expert_in_fwd(x.detach().to(DEVICE), token_idx.to(DEVICE), layout, w_in.detach().to(DEVICE), act, gated)
     want_h, want_a = loops.expert_hidden(x.detach(), token_idx, expert_idx, w_in.detach(), activation)
     torch.testing.assert_close(h.cpu(), want_h, **TOL)
     torch.testing.assert_close(a.cpu(), want_a, **TOL)
     h_none, a_only = expert_in_fwd(
-        x.detach().to(DEVICE), token_idx.to(DEVICE), layout, w_in.detach().to(DEVICE), swiglu, store_h=False
+        x.detach().to(DEVICE), token_idx.to(DEVICE), layout, w_in.detach().to(DEVICE), act, gated, store_h=False
     )
     assert h_none is None
     torch.testing.assert_close(a_only.cpu(), want_a, **TOL)

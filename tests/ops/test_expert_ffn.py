@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moezoo.ops.fused as fused
-from moezoo.ops import BACKENDS, count_per_expert, expert_ffn, sort_by_expert, true_indices
+from moezoo.ops import BACKENDS, count_per_expert, expert_ffn, hidden_width, sort_by_expert, true_indices
 from tests import oracles
 
 CPU_BACKENDS = ["reference", "torch"]
@@ -16,7 +16,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-10
 
 
 def make_case(num_tokens, dim, ffn_dim, num_experts, k, activation, dtype, experts=None):
-    hidden = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+    hidden = hidden_width(activation, ffn_dim)
     x = torch.randn(num_tokens, dim, dtype=dtype, requires_grad=True)
     token_idx = torch.arange(num_tokens).repeat_interleave(k)
     expert_idx = torch.randint(0, num_experts, (num_tokens * k,)) if experts is None else experts
@@ -140,23 +140,27 @@ def test_permute_unpermute_identity():
     assert perm.offsets_E1[-1] == 50
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_fused_custom_ops_pass_opcheck(activation):
+@pytest.mark.parametrize("activation,bias", [("gelu", False), ("swiglu", False), ("relu", True), ("geglu", True)])
+def test_fused_custom_ops_pass_opcheck(activation, bias):
     """Fake implementations, schemas and the autograd registration of the fused path's two custom ops."""
     x, token_idx, expert_idx, gate, w_in, w_out = make_case(9, 8, 6, 4, 2, activation, torch.float32)
-    args = (x, token_idx, expert_idx, gate, w_in, w_out, activation, True)
+    b_in = torch.randn(4, w_in.shape[2], requires_grad=True) if bias else None
+    b_out = torch.randn(4, 8, requires_grad=True) if bias else None
+    args = (x, token_idx, expert_idx, gate, w_in, w_out, b_in, b_out, activation, True)
     torch.library.opcheck(fused.fused_expert_ffn_op, args)
-    torch.library.opcheck(fused.fused_expert_ffn_op, (*(t.detach() for t in args[:6]), activation, False))
+    detached = (None if t is None else t.detach() for t in args[:8])
+    torch.library.opcheck(fused.fused_expert_ffn_op, (*detached, activation, False))
     out, h, order = fused.fused_expert_ffn_op(*args)
-    saved = (x.detach(), token_idx, expert_idx, gate.detach(), w_in.detach(), w_out.detach(), h, order, activation)
+    saved = (x.detach(), token_idx, expert_idx, gate.detach(), w_in.detach(), w_out.detach())
+    saved = (*saved, None if b_out is None else b_out.detach(), h, order, activation)
     dout = torch.randn_like(out)
-    torch.library.opcheck(fused.fused_expert_ffn_bwd_op, (dout, *saved, True, True, True, True))
-    torch.library.opcheck(fused.fused_expert_ffn_bwd_op, (dout, *saved, False, True, False, True))
+    torch.library.opcheck(fused.fused_expert_ffn_bwd_op, (dout, *saved, True, True, True, True, bias, bias))
+    torch.library.opcheck(fused.fused_expert_ffn_bwd_op, (dout, *saved, False, True, False, True, False, bias))
 
 
 def test_fused_without_saved_h_refuses_backward():
     x, token_idx, expert_idx, gate, w_in, w_out = make_case(5, 8, 6, 3, 1, "gelu", torch.float32)
-    out, h, _ = fused.fused_expert_ffn_op(x, token_idx, expert_idx, gate, w_in, w_out, "gelu", False)
+    out, h, _ = fused.fused_expert_ffn_op(x, token_idx, expert_idx, gate, w_in, w_out, None, None, "gelu", False)
     assert h.shape == (0, 6)
     with pytest.raises(RuntimeError, match="save_h=False"):
         out.sum().backward()

@@ -1,0 +1,192 @@
+"""Calibration statistics against a hand count, pruning and merging of experts: never-routed experts pruned and
+identical experts merged leave outputs unchanged; parameter counts and router shapes follow; the result reloads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from moezoo.layers import MoE
+from moezoo.models import create_model
+from moezoo.surgery import calibrate, merge_experts, prune_experts, upcycle
+
+D, F, E = 8, 12, 6
+
+
+def tiny(num_experts=E, top_k=2, bias=True, **router_kwargs):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(D, D),
+        MoEOnly(MoE(D, F, num_experts, top_k, router_kwargs={"normalize": True, **router_kwargs}, bias=bias)),
+    ).eval()
+
+
+class MoEOnly(nn.Module):
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        return self.moe(x)[0]
+
+
+def batches(n=3, rows=10):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(rows, D, generator=gen) for _ in range(n)]
+
+
+def test_calibration_counts_match_a_hand_count():
+    model = tiny()
+    data = batches()
+    stats = calibrate(model, data)["1.moe"]
+    moe = model[1].moe
+    count = torch.zeros(E, dtype=torch.float64)
+    reap = torch.zeros(E, dtype=torch.float64)
+    coact = torch.zeros(E, E, dtype=torch.float64)
+    with torch.no_grad():
+        for x in data:
+            h = model[0](x)
+            r = moe(h)[1].routing
+            per_token: dict[int, list[int]] = {}
+            for t, e, g in zip(r.token_idx_N.tolist(), r.expert_idx_N.tolist(), r.gate_N.tolist()):
+                count[e] += 1
+                hidden = torch.nn.functional.gelu(h[t] @ moe.experts.w_in[e] + moe.experts.b_in[e])
+                y = hidden @ moe.experts.w_out[e] + moe.experts.b_out[e]
+                reap[e] += g * float(y.norm())
+                per_token.setdefault(t, []).append(e)
+            for es in per_token.values():
+                for a in es:
+                    for b in es:
+                        coact[a, b] += 1
+    assert stats.tokens == 30
+    assert torch.equal(stats.count_E, count)
+    torch.testing.assert_close(stats.reap, reap / count.clamp(min=1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.coact_EE, coact)
+    torch.testing.assert_close(stats.frequency.sum(), torch.tensor(2.0, dtype=torch.float64))  # top-2
+
+
+def _starve(model, experts):
+    """Make ``experts`` never chosen: the MoE's inputs are positive (for positive data) and their router rows
+    negative."""
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].bias.fill_(0.1)
+        model[1].moe.router.gate.weight[experts] = -10.0
+
+
+@pytest.mark.parametrize("criterion", ["reap", "frequency"])
+def test_pruning_never_routed_experts_leaves_outputs_unchanged(criterion):
+    model = tiny()
+    _starve(model, [1, 4])
+    x = torch.rand(10, D)
+    want = model(x)
+    stats = calibrate(model, [b.abs() for b in batches()])
+    routed = torch.nonzero(stats["1.moe"].count_E).flatten().tolist()
+    assert 1 not in routed and 4 not in routed and len(routed) >= 2
+    n = len(routed)
+    before = sum(p.numel() for p in model.parameters())
+    report = prune_experts(model, keep=n, criterion=criterion, stats=stats)
+    assert report.kept == {"1.moe": routed}
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
+    moe = model[1].moe
+    per_expert = D * F + F * D + F + D + D  # w_in, w_out, b_in, b_out, one router row
+    assert report.params_before == before and report.params_after == before - (E - n) * per_expert
+    assert moe.experts.w_in.shape == (n, D, F) and moe.router.gate.weight.shape == (n, D)
+    assert moe.num_experts == moe.router.num_experts == moe.experts.num_experts == n
+
+
+def test_prune_by_fraction_and_by_indices():
+    model = tiny()
+    stats = calibrate(model, batches())
+    report = prune_experts(model, keep=0.5, stats=stats)
+    assert len(report.kept["1.moe"]) == 3
+    model = tiny()
+    prune_experts(model, keep={"1.moe": [5, 0, 2]})
+    assert model[1].moe.num_experts == 3
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        prune_experts(tiny(), keep=3)
+    with pytest.raises(ValueError, match="top_k=2"):
+        prune_experts(tiny(), keep={"1.moe": [0]})
+    with pytest.raises(ValueError, match="keep names layers that are not MoE layers"):
+        prune_experts(tiny(), keep={"0": [0, 1]})
+    with pytest.raises(ValueError, match="criterion='norm'"):
+        prune_experts(tiny(), keep=3, criterion="norm")
+
+
+def test_merging_identical_experts_leaves_outputs_unchanged():
+    """An upcycled model's experts are identical copies: merging any partition keeps the dense function."""
+    dense = nn.Sequential(nn.Linear(D, D), nn.Sequential(nn.Linear(D, F), nn.GELU(), nn.Linear(F, D))).eval()
+    model = copy.deepcopy(dense)
+    upcycle(model, num_experts=E, top_k=2)
+    x = torch.randn(10, D)
+    want = model(x)
+    stats = calibrate(model, batches())
+    report = merge_experts(model, groups={"1.0.moe": [[0, 3], [1, 2, 4], [5]]}, stats=stats)
+    moe = model[1][0].moe
+    assert moe.num_experts == 3 and moe.router.gate.weight.shape == (3, D)
+    assert report.groups == {"1.0.moe": [[0, 3], [1, 2, 4], [5]]}
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(x), dense(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["frequency_weighted", "average"])
+def test_merged_weights_are_the_weighted_mean(method):
+    model = tiny()
+    stats = calibrate(model, batches())
+    freq = stats["1.moe"].frequency
+    w_in = model[1].moe.experts.w_in.detach().clone()
+    report = merge_experts(model, groups={"1.moe": [[0, 1, 2], [3], [4, 5]]}, method=method, stats=stats)
+    weights = freq[[0, 1, 2]] if method == "frequency_weighted" else torch.ones(3, dtype=torch.float64)
+    weights = weights / weights.sum()
+    want = sum(float(w) * w_in[e] for w, e in zip(weights, [0, 1, 2]))
+    merged_at = report.layers[0].groups.index([0, 1, 2])
+    torch.testing.assert_close(model[1].moe.experts.w_in[merged_at], want)
+    # the merged expert keeps the router row of its most frequent member
+    rep = max([0, 1, 2], key=lambda e: (float(freq[e]), -e))
+    assert report.kept["1.moe"][merged_at] == rep
+
+
+def test_merge_to_a_count_and_bad_groups():
+    model = tiny()
+    stats = calibrate(model, batches())
+    report = merge_experts(model, groups=2, stats=stats)
+    assert model[1].moe.num_experts == 2
+    assert sorted(e for g in report.groups["1.moe"] for e in g) == list(range(E))
+    with pytest.raises(ValueError, match="must partition"):
+        merge_experts(tiny(), groups={"1.moe": [[0, 1], [2]]})
+    with pytest.raises(ValueError, match="method='ties'"):
+        merge_experts(tiny(), groups=2, method="ties")
+
+
+def test_soft_moe_is_refused():
+    model = nn.Sequential(MoEOnly(MoE(D, F, 4, 1, router="soft")))
+    with pytest.raises(ValueError, match="Soft MoE"):
+        prune_experts(model, keep={"0.moe": [0, 1]})
+
+
+def test_the_saved_result_reloads(tmp_path):
+    """Save the state dict; rebuild: the same model, upcycle and prune/merge replayed from the reports, load."""
+
+    def base():
+        torch.manual_seed(0)
+        return create_model("moe_vit_debug", moe={"dense": True}).eval()
+
+    model = base()
+    up = upcycle(model, num_experts=4, top_k=2)
+    stats = calibrate(model, [torch.randn(2, 1, 28, 28) for _ in range(2)])
+    pruned = prune_experts(model, keep=3, stats=stats)
+    merged = merge_experts(model, groups=2, stats=calibrate(model, [torch.randn(2, 1, 28, 28)]))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    x = torch.randn(2, 1, 28, 28)
+    want = model(x)
+
+    again = base()
+    upcycle(again, **{k: v for k, v in up.options.items()})
+    prune_experts(again, keep=pruned.kept)
+    merge_experts(again, groups=merged.groups)
+    again.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    torch.testing.assert_close(again.eval()(x), want)
+    assert sum(p.numel() for p in again.parameters()) == merged.params_after
