@@ -29,6 +29,17 @@ CASES = {
     "omni": ("omni", {}),
     "language": ("language", {}),
     "global_embedding": ("global_embedding", {"embed_dim": 3}),
+    # moezoo.layers.routers_extra
+    "top_p": ("top_p", {}),
+    "xmoe": ("xmoe", {}),
+    "prototype": ("prototype", {}),
+    "hyper": ("hyper", {}),
+    "attention": ("attention", {}),
+    "mixture_of_routers": ("mixture_of_routers", {}),
+    "gmm": ("gmm", {}),
+    "expert_race": ("expert_race", {}),
+    "vq": ("vq", {}),
+    "stablemoe": ("stablemoe", {}),
 }
 DIM = 8
 
@@ -89,7 +100,9 @@ def test_every_router_compiles_fullgraph(case):
     _assert_compiled_matches_eager(case, mask=None)
 
 
-@pytest.mark.parametrize("case", ["topk", "topk_capacity", "expert_choice", "sinkhorn", "soft", "language"])
+@pytest.mark.parametrize(
+    "case", ["topk", "topk_capacity", "expert_choice", "sinkhorn", "soft", "language", "top_p", "expert_race", "vq"]
+)
 def test_masked_layer_compiles_fullgraph(case):
     """A padding mask makes the token count data-dependent: routers and statistics must not branch on it."""
     mask = torch.tensor([[True, True, False, True, False, False], [True] * 6])
