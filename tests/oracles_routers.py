@@ -56,7 +56,12 @@ def xmoe_logits(x_TD: Tensor, proj_RD: Tensor, emb_ER: Tensor, tau: Tensor) -> l
     rows = []
     for t in range(x_TD.shape[0]):
         h = torch.stack(matvec(proj_RD, x_TD[t]))
-        rows.append([dot(h, emb_ER[e]) / (dot(h, h).sqrt() * dot(emb_ER[e], emb_ER[e]).sqrt()) / tau for e in range(emb_ER.shape[0])])
+        rows.append(
+            [
+                dot(h, emb_ER[e]) / (dot(h, h).sqrt() * dot(emb_ER[e], emb_ER[e]).sqrt()) / tau
+                for e in range(emb_ER.shape[0])
+            ]
+        )
     return rows
 
 
@@ -167,13 +172,15 @@ def vq(x_TD: Tensor, code_ED: Tensor, k: int, commitment: float) -> tuple[Pairs,
         dists = [float(((x_TD[t] - code_ED[e]) ** 2).sum()) for e in range(code_ED.shape[0])]
         for e in order([-d for d in dists])[:k]:
             pairs.append((t, e, torch.tensor(1.0 / k, dtype=x_TD.dtype)))
-            loss = loss + ((x_TD[t].detach() - code_ED[e]) ** 2).sum() + commitment * ((x_TD[t] - code_ED[e].detach()) ** 2).sum()
+            loss = (
+                loss
+                + ((x_TD[t].detach() - code_ED[e]) ** 2).sum()
+                + commitment * ((x_TD[t] - code_ED[e].detach()) ** 2).sum()
+            )
     return pairs, loss / (len(pairs) * x_TD.shape[1])
 
 
-def stablemoe(
-    x_TD: Tensor, centroids_ED: Tensor, distilled_ED: Tensor, k: int, stage: int
-) -> tuple[Pairs, Tensor]:
+def stablemoe(x_TD: Tensor, centroids_ED: Tensor, distilled_ED: Tensor, k: int, stage: int) -> tuple[Pairs, Tensor]:
     """Stage 1: the top-k experts by ``x . c_e``, and the distilled router's cross-entropy on them; stage 2: the
     top-k by the distilled router. Gates ``sigmoid(x . c_e)``."""
     pairs: Pairs = []
@@ -188,3 +195,59 @@ def stablemoe(
             nll = nll - torch.log(q[e])
         pairs += [(t, e, torch.sigmoid(scores[e])) for e in chosen]
     return pairs, nll / (x_TD.shape[0] * k)
+
+
+def gw_pairs(logits: list[list[Tensor]], k: int, normalize: bool, uncertainty: float, training: bool) -> Pairs:
+    """GW-MoE: top-k; in training a token whose routing entropy is >= ``uncertainty * log E`` takes every expert
+    with its softmax probabilities as gates."""
+    pairs: Pairs = []
+    for t, row in enumerate(logits):
+        probs = softmax(row)
+        h = -sum(float(p) * math.log(float(p)) for p in probs)
+        if training and h >= uncertainty * math.log(len(row)):
+            pairs += [(t, e, probs[e]) for e in range(len(row))]
+            continue
+        chosen = order([float(p) for p in probs])[:k]
+        total = sum((probs[e] for e in chosen), probs[0].new_zeros(()))
+        pairs += [(t, e, probs[e] / total if normalize else probs[e]) for e in chosen]
+    return pairs
+
+
+def bilevel_pairs(logits: list[list[Tensor]], group_logits: list[list[Tensor]], k: int) -> Pairs:
+    """SMILE: the top-1 group by its softmax, then the top-k experts of that group by the softmax within it;
+    gate ``p(group) p(expert | group)``."""
+    groups = len(group_logits[0])
+    size = len(logits[0]) // groups
+    pairs: Pairs = []
+    for t, row in enumerate(logits):
+        pg = softmax(group_logits[t])
+        g = order([float(p) for p in pg])[0]
+        inner = softmax(row[g * size : (g + 1) * size])
+        for s in order([float(p) for p in inner])[:k]:
+            pairs.append((t, g * size + s, pg[g] * inner[s]))
+    return pairs
+
+
+def fill_in(kept: Pairs, probs: list[list[Tensor]], capacity: int) -> Pairs:
+    """Rectify-Router fill-in: each expert's ``capacity - kept`` vacant slots go to the tokens of highest
+    probability for it that it does not already hold (ties to the lower token), gate = that probability."""
+    held = {(t, e) for t, e, _ in kept}
+    added: Pairs = []
+    for e in range(len(probs[0])):
+        vacant = capacity - sum(1 for _, ee, _ in kept if ee == e)
+        candidates = [t for t in range(len(probs)) if (t, e) not in held]
+        for t in sorted(candidates, key=lambda tt: (-float(probs[tt][e]), tt))[: max(0, vacant)]:
+            added.append((t, e, probs[t][e]))
+    return kept + added
+
+
+def symmetric_kl(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """Mean over rows of ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2``."""
+    total = logits_a.new_zeros(())
+    rows = logits_a.reshape(-1, logits_a.shape[-1])
+    other = logits_b.reshape(-1, logits_b.shape[-1])
+    for i in range(rows.shape[0]):
+        pa, pb = softmax(list(rows[i])), softmax(list(other[i]))
+        for a, b in zip(pa, pb):
+            total = total + 0.5 * (a * torch.log(a / b) + b * torch.log(b / a))
+    return total / rows.shape[0]

@@ -25,6 +25,12 @@ Routers with their own selection rule:
 - ``"expert_race"`` (:class:`ExpertRaceRouter`): the T*K largest scores of the whole batch (Expert Race).
 - ``"vq"`` (:class:`VQRouter`): the nearest codewords of a learned codebook (VQMoE).
 - ``"stablemoe"`` (:class:`StableMoERouter`): learn-and-distil, then route by the frozen distilled router.
+- ``"gw"`` (:class:`GWRouter`): top-k, but uncertain tokens are broadcast to every expert in training (GW-MoE).
+- ``"bilevel"`` (:class:`BiLevelRouter`): top-1 group, then top-k experts in it (SMILE).
+- ``"thor"`` (:class:`THORRouter`): uniformly random experts (THOR), with :func:`thor_consistency_loss`.
+
+And one more top-k variant: ``"rectify"`` (:class:`RectifyRouter`), capacity top-k whose vacant expert slots are
+filled with the next-best tokens (Rectify-Router's fill-in).
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moezoo.layers.losses import router_z_loss, switch_balance_loss
 from moezoo.layers.routers import (
     RoutingResult,
     Side,
     SparseRouter,
     TopKRouter,
+    check_bool,
     check_int,
     check_non_negative,
     check_number,
@@ -50,7 +58,7 @@ from moezoo.layers.routers import (
     flat_pairs,
     register_router,
 )
-from moezoo.ops import size_max, true_indices
+from moezoo.ops import count_per_expert, size_max, true_indices
 
 
 def _fp32(weight: Tensor) -> Tensor:
@@ -583,6 +591,216 @@ class StableMoERouter(SparseRouter):
             self.step += 1
 
 
+class GWRouter(SparseRouter):
+    """GW-MoE (Wu et al. 2024, Global Workspace): softmax top-k, except that in training an *uncertain* token,
+    whose routing entropy is at least ``uncertainty * log E``, is broadcast to every expert (gates: its full
+    softmax), so that it learns from all of them; evaluation is plain top-k (no extra inference cost). Training
+    therefore costs more than top-k by the share of uncertain tokens (reported by the pair count)."""
+
+    batch_dependent: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        uncertainty: float = 0.9,
+        normalize: bool | None = None,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        GWRouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                uncertainty=uncertainty,
+                normalize=normalize,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
+        super().__init__(dim, num_experts, balance_coef, z_loss_coef)
+        self.top_k = top_k
+        self.uncertainty = uncertainty
+        self.normalize = top_k > 1 if normalize is None else normalize
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_non_negative("uncertainty", options["uncertainty"])
+        if options["uncertainty"] > 1:
+            raise ValueError(f"uncertainty must be a finite number in [0, 1], got {options['uncertainty']!r}")
+        check_bool("normalize", options["normalize"], allow_none=True)
+
+    def uncertain(self, logits_TE: Tensor) -> Tensor:
+        """``(T,)`` True where the routing entropy is at least ``uncertainty * log E`` (nats)."""
+        entropy_T = -(torch.softmax(logits_TE, -1) * torch.log_softmax(logits_TE, -1)).sum(-1)
+        return entropy_T >= self.uncertainty * math.log(self.num_experts)
+
+    def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        top_idx_TK = probs_TE.detach().topk(self.top_k, dim=-1).indices
+        chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx_TK, True)
+        gates_TE = probs_TE
+        if self.normalize:
+            gates_TE = probs_TE / (probs_TE * chosen_TE).sum(-1, keepdim=True)
+        if self.training:
+            broadcast_T = self.uncertain(logits_TE.detach())
+            chosen_TE = chosen_TE | broadcast_T.unsqueeze(-1)
+            gates_TE = torch.where(broadcast_T.unsqueeze(-1), probs_TE, gates_TE)
+        pair_N = true_indices(chosen_TE.reshape(-1))
+        token_idx_N, expert_idx_N = pair_N // self.num_experts, pair_N % self.num_experts
+        gate_N = gates_TE.reshape(-1).index_select(0, pair_N)
+        losses = self.common_losses(logits_TE, probs_TE, top_idx_TK.reshape(-1), self.top_k)
+        return _result(x_TD, self, (token_idx_N, expert_idx_N, gate_N), probs_TE, losses)
+
+
+class BiLevelRouter(SparseRouter):
+    """Bi-level routing (SMILE, He et al. 2022): experts are split into ``num_groups`` groups of consecutive experts
+    (the nodes of a cluster). A token first picks its top-1 group by ``softmax(W_g x)`` (``group_gate``), then its
+    top-k experts inside that group by the softmax of the expert logits restricted to the group; its gate is
+    ``p(group) * p(expert | group)``. Two Switch balance losses (``balance_coef`` each): over groups and over
+    experts within the groups. ``top_k`` must not exceed the group size E / ``num_groups``."""
+
+    batch_dependent: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        num_groups: int = 2,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        BiLevelRouter.check_options(
+            num_experts, dict(top_k=top_k, num_groups=num_groups, balance_coef=balance_coef, z_loss_coef=z_loss_coef)
+        )
+        super().__init__(dim, num_experts, balance_coef, z_loss_coef)
+        self.top_k = top_k
+        self.num_groups = num_groups
+        self.group_gate = nn.Linear(dim, num_groups, bias=False)
+        nn.init.normal_(self.group_gate.weight, std=dim**-0.5)
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_int("num_groups", options["num_groups"], 1)
+        if num_experts is None:
+            check_top_k(options["top_k"], None)
+            return
+        if num_experts % options["num_groups"]:
+            raise ValueError(f"num_experts={num_experts} must be a multiple of num_groups={options['num_groups']}")
+        check_top_k(options["top_k"], num_experts // options["num_groups"], "num_experts / num_groups")
+
+    def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        groups, size = self.num_groups, self.num_experts // self.num_groups
+        logits_TE = self.logits(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            group_logits_TG = F.linear(x_TD.float(), _fp32(self.group_gate.weight))
+        group_probs_TG = torch.softmax(group_logits_TG, dim=-1)
+        inner_TGS = torch.softmax(logits_TE.unflatten(-1, (groups, size)), dim=-1)  # p(expert | group)
+        group_p_T1, group_T1 = group_probs_TG.max(-1, keepdim=True)
+        inner_TS = inner_TGS.gather(1, group_T1.unsqueeze(-1).expand(-1, 1, size)).squeeze(1)
+        inner_p_TK, local_TK = inner_TS.topk(self.top_k, dim=-1)
+        top_idx_TK = group_T1 * size + local_TK
+        gates_TK = group_p_T1 * inner_p_TK
+        probs_TE = (group_probs_TG.unsqueeze(-1) * inner_TGS).flatten(1)  # the joint p(group) p(expert | group)
+        losses: dict[str, Tensor] = {}
+        if self.balance_coef > 0:
+            group_loss = switch_balance_loss(group_probs_TG, group_T1.reshape(-1), 1)
+            expert_loss = switch_balance_loss(inner_TGS.flatten(1) / groups, top_idx_TK.reshape(-1), self.top_k)
+            losses["balance"] = self.balance_coef * (group_loss + expert_loss)
+        if self.z_loss_coef > 0:
+            losses["z_loss"] = self.z_loss_coef * (router_z_loss(logits_TE) + router_z_loss(group_logits_TG))
+        return _result(x_TD, self, flat_pairs(top_idx_TK, gates_TK), probs_TE, losses)
+
+
+class RectifyRouter(TopKRouter):
+    """Rectify-Router's Fill-in Rectification (Zeng et al. 2024): top-k with capacity (``capacity_factor``,
+    default 1.0), after which every expert's vacant slots (capacity minus the pairs it kept) are filled with
+    the tokens of highest routing probability for that expert among those not already routed to it; a filled-in
+    pair's gate is that (noise-free) probability. The Intra-GPU Rectification (re-routing dropped tokens inside
+    their GPU) is a matter of expert placement and is not part of this single-device router. All
+    :class:`TopKRouter` options.
+    """
+
+    batch_dependent: ClassVar[bool] = True
+
+    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, **kwargs: Any) -> None:
+        check_positive("capacity_factor", capacity_factor)
+        super().__init__(dim, num_experts, capacity_factor=capacity_factor, **kwargs)
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_positive("capacity_factor", options["capacity_factor"])
+
+    def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        result = super().forward(x_TD, side)
+        num_tokens, num_experts = x_TD.shape[0], self.num_experts
+        probs_TE = torch.softmax(self.logits(x_TD), dim=-1)[:, :num_experts]  # with gradient (the result's is detached)
+        taken_TE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=x_TD.device)
+        taken_TE[result.token_idx_N, result.expert_idx_N] = True
+        vacant_E = self.capacity(num_tokens) - count_per_expert(result.expert_idx_N, num_experts)
+        # candidates of each expert by decreasing probability; the taken pairs last (never within the vacancy)
+        score_ET = torch.where(taken_TE, -1.0, probs_TE.detach()).t()
+        order_ET = score_ET.argsort(dim=-1, descending=True, stable=True)
+        rank_ET = torch.empty_like(order_ET).scatter_(
+            -1, order_ET, torch.arange(num_tokens, device=x_TD.device).expand_as(order_ET)
+        )
+        fill_TE = ((rank_ET < vacant_E.unsqueeze(-1)) & ~taken_TE.t()).t()
+        pair_N = true_indices(fill_TE.reshape(-1))
+        fill_token_N, fill_expert_N = pair_N // num_experts, pair_N % num_experts
+        fill_gate_N = probs_TE.reshape(-1).index_select(0, pair_N)
+        result.token_idx_N = torch.cat([result.token_idx_N, fill_token_N])
+        result.expert_idx_N = torch.cat([result.expert_idx_N, fill_expert_N])
+        result.gate_N = torch.cat([result.gate_N, fill_gate_N])
+        return result
+
+
+class THORRouter(SparseRouter):
+    """THOR (Zuo et al. 2022, stochastic experts): every token goes to ``top_k`` distinct experts drawn uniformly at
+    random, in training and at inference, each with gate ``1 / top_k``; there is no router to learn. The paper
+    trains such models with a consistency regulariser between two forward passes with different random experts,
+    :func:`thor_consistency_loss` (the task adds it; the router alone cannot see the model's outputs)."""
+
+    batch_dependent: ClassVar[bool] = False
+
+    def __init__(self, dim: int, num_experts: int, top_k: int = 1) -> None:
+        THORRouter.check_options(num_experts, dict(top_k=top_k))
+        super().__init__(dim, num_experts, balance_coef=0.0, z_loss_coef=0.0)
+        del self.gate  # nothing is learned
+        self.top_k = top_k
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+
+    def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        num_tokens = x_TD.shape[0]
+        draw_TE = torch.rand(num_tokens, self.num_experts, device=x_TD.device)
+        top_idx_TK = draw_TE.topk(self.top_k, dim=-1).indices  # a uniform random k-subset per token
+        gates_TK = torch.full(top_idx_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+        probs_TE = torch.full((num_tokens, self.num_experts), 1.0 / self.num_experts, device=x_TD.device)
+        return _result(x_TD, self, flat_pairs(top_idx_TK, gates_TK), probs_TE, {})
+
+
+def thor_consistency_loss(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """THOR's consistency regulariser: the symmetric KL ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2`` between the
+    predictive distributions of two forward passes (last dim: classes), averaged over the leading dims."""
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(
+            f"logits_a and logits_b must have the same shape, got {tuple(logits_a.shape)} and {tuple(logits_b.shape)}"
+        )
+    log_a, log_b = torch.log_softmax(logits_a.float(), -1), torch.log_softmax(logits_b.float(), -1)
+    sym_T = 0.5 * ((log_a.exp() * (log_a - log_b)).sum(-1) + (log_b.exp() * (log_b - log_a)).sum(-1))
+    return sym_T.mean()
+
+
 EXTRA_ROUTERS: dict[str, type[SparseRouter]] = {
     "top_p": TopPRouter,
     "xmoe": XMoERouter,
@@ -594,6 +812,10 @@ EXTRA_ROUTERS: dict[str, type[SparseRouter]] = {
     "expert_race": ExpertRaceRouter,
     "vq": VQRouter,
     "stablemoe": StableMoERouter,
+    "gw": GWRouter,
+    "bilevel": BiLevelRouter,
+    "rectify": RectifyRouter,
+    "thor": THORRouter,
 }
 
 for _name, _cls in EXTRA_ROUTERS.items():

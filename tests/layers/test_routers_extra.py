@@ -198,7 +198,10 @@ def test_prototype_matches_oracle_and_takes_one_expert_per_group(k):
         pairs = naive.prototype_pairs(logits, k)
         group = 8 // k
         probs = torch.stack(
-            [torch.cat([torch.stack(naive.softmax(row[g * group : (g + 1) * group])) for g in range(k)]) / k for row in logits]
+            [
+                torch.cat([torch.stack(naive.softmax(row[g * group : (g + 1) * group])) for g in range(k)]) / k
+                for row in logits
+            ]
         )
         return pairs, {"balance": 0.01 * oracles.switch_balance(probs, [e for _, e, _ in pairs], k)}
 
@@ -318,7 +321,9 @@ def _trained_router(name):
     router = get_router(name, DIM, E, top_k=2 if name != "vq" else 1).train()
     for _ in range(2):
         result = router(torch.randn(12, DIM))
-        sum(result.losses.values(), result.gate_N.sum()).backward()
+        objective = sum(result.losses.values(), result.gate_N.sum())
+        if objective.requires_grad:  # THOR has nothing to train
+            objective.backward()
         router.update_state()
     return router
 
@@ -332,7 +337,10 @@ def test_state_round_trips_through_the_state_dict(name):
     for (n, b), (_, fb) in zip(router.named_buffers(), fresh.named_buffers()):
         assert torch.equal(b, fb), n
     x = torch.randn(8, DIM)
-    a, b = router(x), fresh(x)
+    torch.manual_seed(4)
+    a = router(x)
+    torch.manual_seed(4)
+    b = fresh(x)
     assert torch.equal(a.expert_idx_N, b.expert_idx_N) and torch.equal(a.gate_N, b.gate_N)
 
 
@@ -340,8 +348,8 @@ def test_state_round_trips_through_the_state_dict(name):
 def test_batch_dependence_is_declared_and_true_to_eval_routing(name):
     router_class = ROUTERS[name]
     assert "batch_dependent" in vars(router_class) and isinstance(router_class.batch_dependent, bool)
-    if router_class.batch_dependent:
-        return  # shown for Expert Race above
+    if router_class.batch_dependent or name == "thor":
+        return  # Expert Race and Rectify: shown above; THOR's choice reads no input, only fresh random draws
     router = _trained_router(name).eval()
     x = torch.randn(10, DIM)
     alone, together = router(x[:3]), router(x)
@@ -354,7 +362,7 @@ def test_batch_dependence_is_declared_and_true_to_eval_routing(name):
 @pytest.mark.parametrize("name", list(EXTRA_ROUTERS))
 def test_defaults_are_valid_and_bad_options_name_the_argument(name):
     check_router_kwargs(name, {}, num_experts=4)
-    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts=4\\]"):
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts"):  # bilevel: / num_groups
         check_router_kwargs(name, {"top_k": 5}, num_experts=4)
     with pytest.raises(TypeError, match=f"router='{name}' does not accept bogus"):
         check_router_kwargs(name, {"bogus": 1})
@@ -404,7 +412,9 @@ def test_moe_layer_with_every_new_router_matches_the_oracle(name, backend):
     y, aux = moe(x)
     r = captured["routing"]
     x_TD = x.reshape(-1, 12)
-    want_y = oracles.expert_ffn(x_TD, r.token_idx_N, r.expert_idx_N, r.gate_N, moe.experts.w_in, moe.experts.w_out, "swiglu")
+    want_y = oracles.expert_ffn(
+        x_TD, r.token_idx_N, r.expert_idx_N, r.gate_N, moe.experts.w_in, moe.experts.w_out, "swiglu"
+    )
     torch.testing.assert_close(y, want_y.reshape(x.shape), atol=1e-9, rtol=1e-8)
     params = [x, moe.experts.w_in, moe.experts.w_out]
     got = torch.autograd.grad((y * weight).sum(), params, retain_graph=True)
@@ -426,10 +436,126 @@ def test_triton_backend_takes_every_new_router(name):
     torch.manual_seed(2)
     moe = MoE(16, 24, num_experts=4, top_k=1 if name == "vq" else 2, router=name, backend="triton").to(DEVICE).eval()
     x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    torch.manual_seed(3)  # the same draws for THOR
     y, _ = moe(x)
     moe.backend = "torch"
+    torch.manual_seed(3)
     y_ref, _ = moe(x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     (dx,) = torch.autograd.grad(y.square().sum(), x)
     (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
     torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------ GW-MoE
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gw_broadcasts_uncertain_tokens_in_training_only(training):
+    router = get_router("gw", DIM, E, top_k=2, uncertainty=0.9)
+    router.train(training)
+    x = torch.randn(12, DIM) * torch.linspace(0.05, 3.0, 12).unsqueeze(-1)  # from uncertain to confident tokens
+
+    def oracle(x):
+        logits = [list(row) for row in x @ D(router.gate.weight).t()]
+        pairs = naive.gw_pairs(logits, 2, True, 0.9, training)
+        return pairs, {"balance": _balance(logits, naive.softmax_topk(logits, 2, True), 2)}
+
+    result = check_against_oracle(router, x, oracle)
+    per_token = torch.bincount(result.token_idx_N, minlength=12)
+    if training:
+        assert (per_token == E).any() and (per_token == 2).any()  # both kinds present in this batch
+    else:
+        assert torch.equal(per_token, torch.full((12,), 2))  # no extra inference cost
+
+
+# ------------------------------------------------------------------------------------------------------- SMILE
+
+
+@pytest.mark.parametrize("groups,k", [(2, 1), (2, 2), (4, 1)])
+def test_bilevel_matches_oracle(groups, k):
+    router = get_router("bilevel", DIM, 8, top_k=k, num_groups=groups, z_loss_coef=1e-3)
+
+    def oracle(x):
+        logits = [list(row) for row in x @ D(router.gate.weight).t()]
+        group_logits = [list(row) for row in x @ D(router.group_gate.weight).t()]
+        pairs = naive.bilevel_pairs(logits, group_logits, k)
+        size = 8 // groups
+        group_probs = torch.stack([torch.stack(naive.softmax(row)) for row in group_logits])
+        inner = torch.stack(
+            [
+                torch.cat([torch.stack(naive.softmax(r[g * size : (g + 1) * size])) for g in range(groups)])
+                for r in logits
+            ]
+        )
+        chosen_groups = [e // size for t, e, _ in pairs][::k]
+        balance = oracles.switch_balance(group_probs, chosen_groups, 1)
+        balance = balance + oracles.switch_balance(inner / groups, [e for _, e, _ in pairs], k)
+        z = torch.logsumexp(x @ D(router.gate.weight).t(), -1).square().mean()
+        z = z + torch.logsumexp(x @ D(router.group_gate.weight).t(), -1).square().mean()
+        return pairs, {"balance": 0.01 * balance, "z_loss": 1e-3 * z}
+
+    result = check_against_oracle(router, torch.randn(10, DIM), oracle)
+    groups_of_token = (result.expert_idx_N // (8 // groups)).reshape(10, k)
+    assert (groups_of_token == groups_of_token[:, :1]).all()  # all of a token's experts in its one group
+    with pytest.raises(ValueError, match="top_k must be an integer in \\[1, num_experts / num_groups=2\\]"):
+        get_router("bilevel", DIM, 8, top_k=3, num_groups=4)
+    with pytest.raises(ValueError, match="num_experts=6 must be a multiple of num_groups=4"):
+        get_router("bilevel", DIM, 6, num_groups=4)
+
+
+# ---------------------------------------------------------------------------------------------- Rectify-Router
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+def test_rectify_fills_vacant_slots_with_the_best_remaining_tokens(capacity_factor):
+    num_tokens, k = 12, 2
+    router = get_router("rectify", DIM, E, top_k=k, capacity_factor=capacity_factor, balance_coef=0.0)
+    capacity = math.ceil(capacity_factor * num_tokens * k / E)
+
+    def oracle(x):
+        logits = [list(row) for row in x @ D(router.gate.weight).t()]
+        full = naive.softmax_topk(logits, k, normalize=True)  # token-major, choice-minor
+        priorities = [(i % k) * num_tokens + i // k for i in range(len(full))]
+        keep = oracles.capacity_keep([e for _, e, _ in full], priorities, capacity)
+        kept = [p for p, kk in zip(full, keep) if kk]
+        return naive.fill_in(kept, [naive.softmax(row) for row in logits], capacity), {}
+
+    x = torch.randn(num_tokens, DIM) + 1.5 * torch.randn(1, DIM)  # skewed: some experts overflow, some are vacant
+    result = check_against_oracle(router, x, oracle)
+    load = torch.bincount(result.expert_idx_N, minlength=E)
+    assert torch.equal(load, torch.full((E,), capacity)) or load.sum() == num_tokens * E  # no slot left vacant
+    assert len(set(zip(result.token_idx_N.tolist(), result.expert_idx_N.tolist()))) == result.token_idx_N.numel()
+
+
+# -------------------------------------------------------------------------------------------------------- THOR
+
+
+def test_thor_draws_distinct_uniform_experts_with_equal_gates():
+    from moezoo.layers.routers_extra import thor_consistency_loss
+
+    router = get_router("thor", DIM, E, top_k=2)
+    assert list(router.parameters()) == []
+    result = router.eval()(torch.randn(4000, DIM))  # random at inference too
+    experts = result.expert_idx_N.reshape(4000, 2)
+    assert (experts[:, 0] != experts[:, 1]).all()
+    share = torch.bincount(result.expert_idx_N, minlength=E).float() / 8000
+    assert (share - 1 / E).abs().max() < 0.03  # 4 sigma of a fair draw is about 0.02
+    torch.testing.assert_close(result.gate_N, torch.full((8000,), 0.5))
+    torch.manual_seed(5)
+    a = router(torch.randn(6, DIM))
+    torch.manual_seed(5)
+    b = router(torch.randn(6, DIM))
+    assert torch.equal(a.expert_idx_N, b.expert_idx_N)  # reproducible from the seed
+    la = torch.randn(3, 5, 7, requires_grad=True)
+    lb = torch.randn(3, 5, 7, requires_grad=True)
+    got = thor_consistency_loss(la, lb)
+    want = naive.symmetric_kl(la.double(), lb.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    g = torch.autograd.grad(got, [la, lb])
+    w = torch.autograd.grad(want, [la, lb])
+    for gg, ww in zip(g, w):
+        torch.testing.assert_close(gg, ww.float(), atol=1e-6, rtol=1e-4)
+    assert float(thor_consistency_loss(la, la)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="logits_a and logits_b must have the same shape"):
+        thor_consistency_loss(la, lb[:1])
