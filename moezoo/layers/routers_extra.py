@@ -744,7 +744,7 @@ class RectifyRouter(TopKRouter):
         probs_TE = torch.softmax(self.logits(x_TD), dim=-1)[:, :num_experts]  # with gradient (the result's is detached)
         taken_TE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=x_TD.device)
         taken_TE[result.token_idx_N, result.expert_idx_N] = True
-        vacant_E = self.capacity(num_tokens) - count_per_expert(result.expert_idx_N, num_experts)
+        vacant_E = count_per_expert(result.expert_idx_N, num_experts).neg().add(self.capacity(num_tokens))
         # candidates of each expert by decreasing probability; the taken pairs last (never within the vacancy)
         score_ET = torch.where(taken_TE, -1.0, probs_TE.detach()).t()
         order_ET = score_ET.argsort(dim=-1, descending=True, stable=True)
