@@ -50,6 +50,7 @@ from moezoo.layers.routers import (
     SparseRouter,
     TopKRouter,
     check_bool,
+    check_choice,
     check_int,
     check_non_negative,
     check_number,
@@ -304,8 +305,7 @@ class TopPRouter(SparseRouter):
         check_number("top_p", options["top_p"], low=0.0, strict=True)
         if options["top_p"] > 1:
             raise ValueError(f"top_p must be a finite number in (0, 1], got {options['top_p']!r}")
-        if not isinstance(options["normalize"], bool):
-            raise TypeError(f"normalize must be True or False, got {options['normalize']!r}")
+        check_bool("normalize", options["normalize"])
         check_non_negative("entropy_coef", options["entropy_coef"])
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
@@ -416,10 +416,8 @@ class ExpertRaceRouter(SparseRouter):
     def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
         super().check_options(num_experts, options)
         check_top_k(options["top_k"], num_experts)
-        if options["score"] not in ("softmax", "sigmoid"):
-            raise ValueError(f"score must be one of 'softmax', 'sigmoid'; got {options['score']!r}")
-        if not isinstance(options["eval_threshold"], bool):
-            raise TypeError(f"eval_threshold must be True or False, got {options['eval_threshold']!r}")
+        check_choice("score", options["score"], ("softmax", "sigmoid"))
+        check_bool("eval_threshold", options["eval_threshold"])
         check_number("threshold_momentum", options["threshold_momentum"], low=0.0, strict=True)
         if options["threshold_momentum"] > 1:
             raise ValueError(f"threshold_momentum must be in (0, 1], got {options['threshold_momentum']!r}")

@@ -559,3 +559,18 @@ def test_thor_draws_distinct_uniform_experts_with_equal_gates():
     assert float(thor_consistency_loss(la, la)) == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="logits_a and logits_b must have the same shape"):
         thor_consistency_loss(la, lb[:1])
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("top_p", {"normalize": "yes"}, "normalize must be True or False, got 'yes'"),
+        ("expert_race", {"eval_threshold": 1}, "eval_threshold must be True or False, got 1"),
+        ("top_p", {"top_p": "0.5"}, "top_p must be a finite number > 0"),
+        ("stablemoe", {"stage1_steps": 10.0}, "stage1_steps must be an integer >= 0"),
+        ("gw", {"uncertainty": None}, "uncertainty must be a finite number >= 0"),
+    ],
+)
+def test_bad_option_types(name, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        check_router_kwargs(name, kwargs, num_experts=4)
