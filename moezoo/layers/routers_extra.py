@@ -168,7 +168,7 @@ class AttentionRouter(TopKRouter):
 
 
 class MixtureOfRoutersRouter(TopKRouter):
-    """Mixture of routers (Router Upcycling, Ran et al. 2025): H routers, each a query projection of the token
+    """Mixture of routers (Router Upcycling, 2025): H routers, each a query projection of the token
     (``queries``, D -> H*R) scored against the experts' keys (``keys``, (H, E, R)); the logits are the mean over
     routers of ``q_h . k_{h,e} / sqrt(R)``. The paper initialises queries from attention heads when upcycling a
     dense model; here they are trained from scratch. Otherwise :class:`TopKRouter`."""
@@ -200,7 +200,7 @@ class MixtureOfRoutersRouter(TopKRouter):
 
 
 class GMMRouter(TopKRouter):
-    """Mixture-model router (Input Domain Aware MoE, Hua et al. 2024): the routing distribution is the posterior of
+    """Mixture-model router (Input Domain Aware MoE, 2024): the routing distribution is the posterior of
     an isotropic Gaussian mixture over the projected token ``z = W_p x`` (R dims)::
 
         logit_e = log pi_e - ||z - mu_e||^2 / (2 sigma_e^2) - R log sigma_e
@@ -367,7 +367,7 @@ class PrototypeRouter(SparseRouter):
 
 
 class ExpertRaceRouter(SparseRouter):
-    """Expert Race (Yuan et al. 2025, Race-DiT): the T*K largest scores of the whole ``(T, E)`` score matrix win,
+    """Expert Race (Race-DiT, 2025): the T*K largest scores of the whole ``(T, E)`` score matrix win,
     so a token may get 0..E experts while the batch uses exactly T*K pairs. Scores are the softmax (``score
     "softmax"``) or sigmoid (``"sigmoid"``) of the logits; gates are the selected scores.
 
@@ -451,7 +451,8 @@ class ExpertRaceRouter(SparseRouter):
 
 
 class VQRouter(SparseRouter):
-    """Vector-quantised routing (VQMoE, Do et al. 2024): expert e owns codeword ``c_e`` (``gate.weight``, (E, D));
+    """Vector-quantised routing (VQMoE, "On the effectiveness of discrete representations in sparse MoE"):
+    expert e owns codeword ``c_e`` (``gate.weight``, (E, D));
     a token goes to its ``top_k`` nearest codewords (squared Euclidean distance), each with gate ``1 / top_k``:
     the discrete code, not a score, decides. The codebook learns by the VQ-VAE losses over the pairs,
     ``vq_coef * (||sg(x) - c||^2 + commitment * ||x - sg(c)||^2)`` (mean over pairs and dimensions); the gates
@@ -590,7 +591,7 @@ class StableMoERouter(SparseRouter):
 
 
 class GWRouter(SparseRouter):
-    """GW-MoE (Wu et al. 2024, Global Workspace): softmax top-k, except that in training an *uncertain* token,
+    """GW-MoE (Global Workspace Theory, 2024): softmax top-k, except that in training an *uncertain* token,
     whose routing entropy is at least ``uncertainty * log E``, is broadcast to every expert (gates: its full
     softmax), so that it learns from all of them; evaluation is plain top-k (no extra inference cost). Training
     therefore costs more than top-k by the share of uncertain tokens (reported by the pair count)."""
@@ -656,7 +657,7 @@ class GWRouter(SparseRouter):
 
 
 class BiLevelRouter(SparseRouter):
-    """Bi-level routing (SMILE, He et al. 2022): experts are split into ``num_groups`` groups of consecutive experts
+    """Bi-level routing (SMILE, 2022): experts are split into ``num_groups`` groups of consecutive experts
     (the nodes of a cluster). A token first picks its top-1 group by ``softmax(W_g x)`` (``group_gate``), then its
     top-k experts inside that group by the softmax of the expert logits restricted to the group; its gate is
     ``p(group) * p(expert | group)``. Two Switch balance losses (``balance_coef`` each): over groups and over
@@ -717,7 +718,7 @@ class BiLevelRouter(SparseRouter):
 
 
 class RectifyRouter(TopKRouter):
-    """Rectify-Router's Fill-in Rectification (Zeng et al. 2024): top-k with capacity (``capacity_factor``,
+    """Rectify-Router's Fill-in Rectification ("Turn Waste into Worth", 2024): top-k with capacity (``capacity_factor``,
     default 1.0), after which every expert's vacant slots (capacity minus the pairs it kept) are filled with
     the tokens of highest routing probability for that expert among those not already routed to it; a filled-in
     pair's gate is that (noise-free) probability. The Intra-GPU Rectification (re-routing dropped tokens inside
