@@ -1,8 +1,8 @@
 """Layers of the shared sparse-MoE core.
 
-The domain routers live in their own modules (``segment``, ``promoe``, ``speech_routers``, ``routers_extra``) and register
-themselves with :func:`register_router` when imported; they are imported here, explicitly, so that every router
-is available by name as soon as ``moezoo`` is imported.
+The domain routers live in their own modules (``segment``, ``promoe``, ``speech_routers``, ``routers_extra``)
+and register themselves with :func:`register_router` when imported; they are imported here, explicitly, so that
+every router is available by name as soon as ``moezoo`` is imported.
 """
 
 from moezoo.layers import promoe, routers_extra, segment, speech_routers
