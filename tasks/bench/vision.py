@@ -2,6 +2,10 @@
 
 Rows (``configs/vision/fmnist_vit_<router>.yaml``, equal active compute per token): top-k token choice, V-MoE
 batch-prioritized routing, expert choice, Sinkhorn, sigmoid with loss-free balancing, Soft MoE and the dense twin.
+The routers of ``moezoo.layers.routers_extra`` (``EXTRA_ROUTERS``: top-p, X-MoE, M6-T prototypes, HyperRouter,
+attention router, mixture of routers, GMM, Expert Race, VQ, StableMoE, GW-MoE, SMILE bi-level, Rectify fill-in,
+THOR) have configs of their own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in
+the default budgets (each row is CPU hours at ``--full``).
 Metric: test accuracy (10,000 test images; quick: the first 1,024), with training throughput, inference
 throughput (512 test images), expert-load CV and dropped fraction on the test split, and routing shares per
 class. The DiT generation table is ``moezoo bench generation``.
@@ -22,7 +26,23 @@ from moezoo.tasks.bench.suite import main as run_main
 
 DOMAIN = "vision"
 ROUTERS = ("topk", "bpr", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense")
-VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS)
+EXTRA_ROUTERS = (
+    "top_p",
+    "xmoe",
+    "prototype",
+    "hyper",
+    "attention",
+    "mixture_of_routers",
+    "gmm",
+    "expert_race",
+    "vq",
+    "stablemoe",
+    "gw",
+    "bilevel",
+    "rectify",
+    "thor",
+)
+VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS)
 INFER_IMAGES = 512
 
 

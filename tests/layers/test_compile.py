@@ -29,6 +29,21 @@ CASES = {
     "omni": ("omni", {}),
     "language": ("language", {}),
     "global_embedding": ("global_embedding", {"embed_dim": 3}),
+    # moezoo.layers.routers_extra
+    "top_p": ("top_p", {}),
+    "xmoe": ("xmoe", {}),
+    "prototype": ("prototype", {}),
+    "hyper": ("hyper", {}),
+    "attention": ("attention", {}),
+    "mixture_of_routers": ("mixture_of_routers", {}),
+    "gmm": ("gmm", {}),
+    "expert_race": ("expert_race", {}),
+    "vq": ("vq", {}),
+    "stablemoe": ("stablemoe", {}),
+    "gw": ("gw", {"uncertainty": 0.5}),
+    "bilevel": ("bilevel", {"num_groups": 2}),
+    "rectify": ("rectify", {"capacity_factor": 0.75}),
+    "thor": ("thor", {}),
 }
 DIM = 8
 
@@ -71,11 +86,13 @@ def _assert_compiled_matches_eager(
     x = torch.randn(2, 6, DIM, requires_grad=True)
     side = _side(CASES[case][0], x.shape[:-1])
     before = {name: b.clone() for name, b in moe.named_buffers()}
+    torch.manual_seed(1)  # the same draws for random routing (THOR) in both steps
     want = _step(moe, x, mask, side)
     after = {name: b.clone() for name, b in moe.named_buffers()}
     for name, b in moe.named_buffers():  # the compiled step starts from the same router state
         b.copy_(before[name])
     torch._dynamo.reset()
+    torch.manual_seed(1)
     got = _step(torch.compile(moe, fullgraph=True, backend=backend), x, mask, side)  # type: ignore[arg-type]
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -89,7 +106,10 @@ def test_every_router_compiles_fullgraph(case):
     _assert_compiled_matches_eager(case, mask=None)
 
 
-@pytest.mark.parametrize("case", ["topk", "topk_capacity", "expert_choice", "sinkhorn", "soft", "language"])
+@pytest.mark.parametrize(
+    "case",
+    ["topk", "topk_capacity", "expert_choice", "sinkhorn", "soft", "language", "top_p", "expert_race", "gw", "rectify"],
+)
 def test_masked_layer_compiles_fullgraph(case):
     """A padding mask makes the token count data-dependent: routers and statistics must not branch on it."""
     mask = torch.tensor([[True, True, False, True, False, False], [True] * 6])

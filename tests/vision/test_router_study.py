@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from moezoo.layers import MoE
@@ -63,6 +64,23 @@ def test_the_study_is_at_equal_active_compute():
         if variant != "soft":  # the routers' gates (and bias buffers) are the only extra active weights
             gates = sum(m.router.gate.weight.numel() for m in moes)
             assert count_parameters(model).active - dense_active == pytest.approx(gates, abs=2)
+
+
+@pytest.mark.parametrize("variant", vision.EXTRA_ROUTERS)
+def test_every_extra_router_has_a_config_at_equal_active_compute(variant):
+    """``moezoo.layers.routers_extra``: same ViT, data and schedule as top-k; only the router and its options differ;
+    two MoE blocks of 2 x 128 active FFN width (top-p caps at 2; GW-MoE broadcasts extra pairs in training only);
+    the model builds and runs; and the variant is selectable but not in the default budgets."""
+    base = {k: v for k, v in _flat(_model_kwargs("topk")).items() if k not in ROUTER_KEYS}
+    kwargs = _flat(_model_kwargs(variant))
+    assert {k: v for k, v in kwargs.items() if k not in ROUTER_KEYS} == base
+    assert kwargs["router"] == variant
+    model = create_model("moe_vit_tiny", **_model_kwargs(variant)).eval()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(moes) == 2 and all(m.active_ffn_dim == 2 * 128 and m.router.top_k == 2 for m in moes)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert vision.SPEC.variant(variant).config == f"configs/vision/fmnist_vit_{variant}.yaml"
+    assert variant not in vision.SPEC.quick.variants and variant not in vision.SPEC.full.variants
 
 
 def test_cpu_time_budget_stops_training_and_rejects_bad_budgets():

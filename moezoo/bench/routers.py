@@ -1,0 +1,104 @@
+"""Router cost: forward+backward time of a MoE layer with each sparse router, against the same layer with top-k.
+
+``python -m moezoo.bench.routers [--shape T,D,F,E,K] [--repeats 20] [--threads 1] [--routers a,b]``
+
+For every registered sparse router that needs no side input, one training step (forward, backward of the output
+and the router's losses, ``update_state``) of a ``MoE`` layer using it (fused CPU backend): the median over
+repeats as a ratio to the top-k layer's median, the two timed alternately in the same process, so that the numbers
+compare on a shared, noisy CPU. (The router alone takes about a millisecond at the default shape, too short to
+time reliably on a loaded machine; its cost shows in the layer's.) ``pairs/token`` is the mean number of pairs the
+router made in the last step (the layer's expert compute is proportional to it). Routers are built with their
+defaults and the layer's ``top_k``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moezoo.layers import ROUTERS, MoE
+
+
+def _layer_step(name: str, shape: tuple[int, int, int, int, int]) -> tuple[Callable[[], None], list[float]]:
+    """One training step of a MoE layer using router ``name``; ``pairs[0]``: pairs per token of the last step."""
+    tokens, dim, ffn, experts, k = shape
+    torch.manual_seed(0)
+    moe = MoE(dim, ffn, num_experts=experts, top_k=k, router=name, backend="torch").train()
+    x = torch.randn(1, tokens, dim, requires_grad=True)
+    pairs = [0.0]
+
+    def step() -> None:
+        y, aux = moe(x)
+        (y.square().mean() + aux.aux_loss).backward()
+        moe.router.update_state()
+        pairs[0] = float(aux.tokens_per_expert_E.sum()) / tokens
+
+    return step, pairs
+
+
+def _ratio(step: Callable[[], None], base: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Median time of ``step`` over the median time of ``base``, the two timed alternately (drift cancels)."""
+    step()  # warm-up
+    base()
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeats):
+        for i, fn in enumerate((step, base)):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    ms, base_ms = (1e3 * statistics.median(times[i]) for i in (0, 1))
+    return ms / base_ms, base_ms
+
+
+def sparse_routers() -> list[str]:
+    return sorted(n for n, c in ROUTERS.items() if c.kind == "sparse" and not c.needs_side)
+
+
+def table(shape: tuple[int, int, int, int, int], names: Sequence[str], repeats: int) -> str:
+    base, _ = _layer_step("topk", shape)
+    rows, base_ms = [], []
+    for name in names:
+        step, pairs = _layer_step(name, shape)
+        ratio, ms = _ratio(step, base, repeats)
+        base_ms.append(ms)
+        rows.append(f"| {name} | {ratio:.2f}x | {pairs[0]:.2f} |")
+    head = [
+        f"(T, D, F, E, K) = {shape}; top-k layer step {statistics.median(base_ms):.2f} ms (median)",
+        "",
+        "| router | layer step / top-k | pairs/token |",
+        "|---|---|---|",
+    ]
+    return "\n".join(head + rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moezoo.bench.routers", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--shape", default="2048,64,128,8,2", help="T,D,F,E,K (default: the study's MoE layer)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--routers", default=None, help="comma separated (default: every sparse router without side input)")
+    args = p.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        p.error(f"--shape must be five integers T,D,F,E,K, got {args.shape!r}")
+    if len(shape) != 5:
+        p.error(f"--shape must be five integers T,D,F,E,K, got {args.shape!r}")
+    available = sparse_routers()
+    names = args.routers.split(",") if args.routers else available
+    bad = [n for n in names if n not in available]
+    if bad:
+        p.error(f"--routers: {bad} are not sparse routers without side inputs; choose from {available}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    torch.set_num_threads(args.threads)
+    print(table(shape, names, args.repeats))  # type: ignore[arg-type]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""Naive oracles of the routers in ``moezoo.layers.routers_extra``, written from the papers' equations.
+
+Plain Python loops over tokens and experts; they share no code with the library. Each takes the router's own
+parameter tensors (so gradients can be compared) and returns differentiable scalars: ``logits`` as a list of rows
+of 0-d tensors, pairs as ``(token, expert, gate)`` with a 0-d tensor gate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+Pairs = list[tuple[int, int, Tensor]]
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    total = a.new_zeros(())
+    for i in range(a.shape[0]):
+        total = total + a[i] * b[i]
+    return total
+
+
+def matvec(w_OI: Tensor, x_I: Tensor) -> list[Tensor]:
+    return [dot(w_OI[o], x_I) for o in range(w_OI.shape[0])]
+
+
+def softmax(row: list[Tensor]) -> list[Tensor]:
+    top = max(float(v.detach()) for v in row)
+    exps = [torch.exp(v - top) for v in row]
+    total = sum(exps, row[0].new_zeros(()))
+    return [e / total for e in exps]
+
+
+def order(values: list[float]) -> list[int]:
+    """Indices by decreasing value, ties to the lower index."""
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
+def softmax_topk(logits: list[list[Tensor]], k: int, normalize: bool) -> Pairs:
+    pairs = []
+    for t, row in enumerate(logits):
+        probs = softmax(row)
+        chosen = order([float(p) for p in probs])[:k]
+        total = sum((probs[e] for e in chosen), probs[0].new_zeros(()))
+        pairs += [(t, e, probs[e] / total if normalize else probs[e]) for e in chosen]
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------- logits only
+
+
+def xmoe_logits(x_TD: Tensor, proj_RD: Tensor, emb_ER: Tensor, tau: Tensor) -> list[list[Tensor]]:
+    """``cos(W_p x, e_e) / tau``."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        h = torch.stack(matvec(proj_RD, x_TD[t]))
+        rows.append(
+            [
+                dot(h, emb_ER[e]) / (dot(h, h).sqrt() * dot(emb_ER[e], emb_ER[e]).sqrt()) / tau
+                for e in range(emb_ER.shape[0])
+            ]
+        )
+    return rows
+
+
+def hyper_logits(x_TD: Tensor, hyper_FM: Tensor, embedding_M: Tensor, num_experts: int) -> list[list[Tensor]]:
+    """``W = reshape(H e)`` (E, D), then ``W x``."""
+    dim = x_TD.shape[1]
+    flat = matvec(hyper_FM, embedding_M)
+    w = [torch.stack(flat[e * dim : (e + 1) * dim]) for e in range(num_experts)]
+    return [[dot(w[e], x_TD[t]) for e in range(num_experts)] for t in range(x_TD.shape[0])]
+
+
+def attention_logits(x_TD: Tensor, wq: Tensor, wk: Tensor, wv: Tensor) -> list[list[Tensor]]:
+    """Yuan 2.0-M32: ``logit_i = sum_j softmax_j(q_i k_j) v_j``."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        q, k, v = matvec(wq, x_TD[t]), matvec(wk, x_TD[t]), matvec(wv, x_TD[t])
+        row = []
+        for i in range(len(q)):
+            attn = softmax([q[i] * k[j] for j in range(len(k))])
+            row.append(sum((attn[j] * v[j] for j in range(len(v))), q[0].new_zeros(())))
+        rows.append(row)
+    return rows
+
+
+def mixture_of_routers_logits(x_TD: Tensor, queries_FD: Tensor, keys_HER: Tensor) -> list[list[Tensor]]:
+    """Mean over routers h of ``(W_h x) . k_{h,e} / sqrt(R)``."""
+    heads, experts, r = keys_HER.shape
+    rows = []
+    for t in range(x_TD.shape[0]):
+        q = matvec(queries_FD, x_TD[t])
+        row = []
+        for e in range(experts):
+            total = x_TD.new_zeros(())
+            for h in range(heads):
+                total = total + dot(torch.stack(q[h * r : (h + 1) * r]), keys_HER[h, e]) / math.sqrt(r)
+            row.append(total / heads)
+        rows.append(row)
+    return rows
+
+
+def gmm_logits(x_TD: Tensor, proj_RD: Tensor, mu_ER: Tensor, log_sigma_E: Tensor, mix_E: Tensor) -> list[list[Tensor]]:
+    """``log pi_e + log N(z; mu_e, sigma_e^2 I)`` up to the constant ``-R/2 log 2 pi`` (softmax: the posterior)."""
+    r = mu_ER.shape[1]
+    log_pi = [torch.log(p) for p in softmax(list(mix_E))]
+    rows = []
+    for t in range(x_TD.shape[0]):
+        z = torch.stack(matvec(proj_RD, x_TD[t]))
+        row = []
+        for e in range(mu_ER.shape[0]):
+            sigma = torch.exp(log_sigma_E[e])
+            diff = z - mu_ER[e]
+            row.append(log_pi[e] - dot(diff, diff) / (2 * sigma * sigma) - r * torch.log(sigma))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ own selection rules
+
+
+def top_p_pairs(probs: list[list[Tensor]], top_p: float, max_k: int, normalize: bool) -> Pairs:
+    """Experts by decreasing probability until the chosen mass reaches ``top_p`` (at most ``max_k``)."""
+    pairs = []
+    for t, row in enumerate(probs):
+        chosen: list[int] = []
+        mass = 0.0
+        for e in order([float(p) for p in row]):
+            if mass >= top_p or len(chosen) == max_k:
+                break
+            chosen.append(e)
+            mass += float(row[e])
+        total = sum((row[e] for e in chosen), row[0].new_zeros(()))
+        pairs += [(t, e, row[e] / total if normalize else row[e]) for e in sorted(chosen)]
+    return pairs
+
+
+def entropy(probs: list[list[Tensor]]) -> Tensor:
+    total = probs[0][0].new_zeros(())
+    for row in probs:
+        for p in row:
+            total = total - p * torch.log(p)
+    return total / len(probs)
+
+
+def prototype_pairs(logits: list[list[Tensor]], k: int) -> Pairs:
+    """M6-T: K groups of E/K consecutive experts, top-1 by the softmax within each group."""
+    group = len(logits[0]) // k
+    pairs = []
+    for t, row in enumerate(logits):
+        for g in range(k):
+            probs = softmax(row[g * group : (g + 1) * group])
+            best = order([float(p) for p in probs])[0]
+            pairs.append((t, g * group + best, probs[best]))
+    return pairs
+
+
+def expert_race_pairs(scores: list[list[Tensor]], k: int) -> Pairs:
+    """The T*K largest entries of the whole score matrix."""
+    flat = [(float(s), t, e) for t, row in enumerate(scores) for e, s in enumerate(row)]
+    chosen = sorted(flat, key=lambda ste: (-ste[0], ste[1], ste[2]))[: len(scores) * k]
+    return [(t, e, scores[t][e]) for _, t, e in sorted(chosen, key=lambda ste: (ste[1], ste[2]))]
+
+
+def vq(x_TD: Tensor, code_ED: Tensor, k: int, commitment: float) -> tuple[Pairs, Tensor]:
+    """Nearest-codeword routing (gate 1/k) and the VQ-VAE codebook + commitment loss, mean over pairs and dims."""
+    pairs: Pairs = []
+    loss = x_TD.new_zeros(())
+    for t in range(x_TD.shape[0]):
+        dists = [float(((x_TD[t] - code_ED[e]) ** 2).sum()) for e in range(code_ED.shape[0])]
+        for e in order([-d for d in dists])[:k]:
+            pairs.append((t, e, torch.tensor(1.0 / k, dtype=x_TD.dtype)))
+            loss = (
+                loss
+                + ((x_TD[t].detach() - code_ED[e]) ** 2).sum()
+                + commitment * ((x_TD[t] - code_ED[e].detach()) ** 2).sum()
+            )
+    return pairs, loss / (len(pairs) * x_TD.shape[1])
+
+
+def stablemoe(x_TD: Tensor, centroids_ED: Tensor, distilled_ED: Tensor, k: int, stage: int) -> tuple[Pairs, Tensor]:
+    """Stage 1: the top-k experts by ``x . c_e``, and the distilled router's cross-entropy on them; stage 2: the
+    top-k by the distilled router. Gates ``sigmoid(x . c_e)``."""
+    pairs: Pairs = []
+    nll = x_TD.new_zeros(())
+    for t in range(x_TD.shape[0]):
+        scores = matvec(centroids_ED, x_TD[t])
+        distilled = matvec(distilled_ED, x_TD[t].detach())
+        learned = order([float(s) for s in scores])[:k]
+        chosen = learned if stage == 1 else order([float(s) for s in distilled])[:k]
+        q = softmax(distilled)
+        for e in learned:
+            nll = nll - torch.log(q[e])
+        pairs += [(t, e, torch.sigmoid(scores[e])) for e in chosen]
+    return pairs, nll / (x_TD.shape[0] * k)
+
+
+def gw_pairs(logits: list[list[Tensor]], k: int, normalize: bool, uncertainty: float, training: bool) -> Pairs:
+    """GW-MoE: top-k; in training a token whose routing entropy is >= ``uncertainty * log E`` takes every expert
+    with its softmax probabilities as gates."""
+    pairs: Pairs = []
+    for t, row in enumerate(logits):
+        probs = softmax(row)
+        h = -sum(float(p) * math.log(float(p)) for p in probs)
+        if training and h >= uncertainty * math.log(len(row)):
+            pairs += [(t, e, probs[e]) for e in range(len(row))]
+            continue
+        chosen = order([float(p) for p in probs])[:k]
+        total = sum((probs[e] for e in chosen), probs[0].new_zeros(()))
+        pairs += [(t, e, probs[e] / total if normalize else probs[e]) for e in chosen]
+    return pairs
+
+
+def bilevel_pairs(logits: list[list[Tensor]], group_logits: list[list[Tensor]], k: int) -> Pairs:
+    """SMILE: the top-1 group by its softmax, then the top-k experts of that group by the softmax within it;
+    gate ``p(group) p(expert | group)``."""
+    groups = len(group_logits[0])
+    size = len(logits[0]) // groups
+    pairs: Pairs = []
+    for t, row in enumerate(logits):
+        pg = softmax(group_logits[t])
+        g = order([float(p) for p in pg])[0]
+        inner = softmax(row[g * size : (g + 1) * size])
+        for s in order([float(p) for p in inner])[:k]:
+            pairs.append((t, g * size + s, pg[g] * inner[s]))
+    return pairs
+
+
+def fill_in(kept: Pairs, probs: list[list[Tensor]], capacity: int) -> Pairs:
+    """Rectify-Router fill-in: each expert's ``capacity - kept`` vacant slots go to the tokens of highest
+    probability for it that it does not already hold (ties to the lower token), gate = that probability."""
+    held = {(t, e) for t, e, _ in kept}
+    added: Pairs = []
+    for e in range(len(probs[0])):
+        vacant = capacity - sum(1 for _, ee, _ in kept if ee == e)
+        candidates = [t for t in range(len(probs)) if (t, e) not in held]
+        for t in sorted(candidates, key=lambda tt: (-float(probs[tt][e]), tt))[: max(0, vacant)]:
+            added.append((t, e, probs[t][e]))
+    return kept + added
+
+
+def symmetric_kl(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """Mean over rows of ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2``."""
+    total = logits_a.new_zeros(())
+    rows = logits_a.reshape(-1, logits_a.shape[-1])
+    other = logits_b.reshape(-1, logits_b.shape[-1])
+    for i in range(rows.shape[0]):
+        pa, pb = softmax(list(rows[i])), softmax(list(other[i]))
+        for a, b in zip(pa, pb):
+            total = total + 0.5 * (a * torch.log(a / b) + b * torch.log(b / a))
+    return total / rows.shape[0]
