@@ -10,8 +10,10 @@ warning (:mod:`moezoo.tasks.legacy`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
 from moezoo.extras import MissingExtraError, require
 
@@ -53,11 +55,29 @@ def import_domains() -> list[str]:
     return imported
 
 
+def data_settings_of(datamodule: L.LightningDataModule) -> dict[str, Any] | None:
+    """The model settings a data module decides, as ``MoETask(data_settings=...)`` takes them: its
+    ``model_settings()`` (``{model kwarg: (value, data key)}``) as ``{kwarg: {"value": v, "from": "data.<key>"}}``;
+    ``None`` for a data module without ``model_settings``."""
+    settings = getattr(datamodule, "model_settings", None)
+    if not callable(settings):
+        return None
+    init_args = inspect.signature(type(datamodule)).parameters
+
+    def source(key: str) -> str:
+        return f"data.init_args.{key}" if key in init_args else f"{type(datamodule).__name__}.{key} (fixed by the data)"
+
+    return {name: {"value": value, "from": source(key)} for name, (value, key) in settings().items()}
+
+
 class MoEZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="evaluate the test set after fit (best checkpoint)"
         )
+        # Model settings follow the data (image size, channels, classes, vocabulary, look-back ...): known once the
+        # data module is built; a conflicting explicit model_kwargs entry fails in MoETask.__init__, before fit.
+        parser.link_arguments("data", "model.init_args.data_settings", data_settings_of, apply_on="instantiate")
 
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
