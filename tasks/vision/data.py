@@ -416,7 +416,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.predict_set is None:
             c = self.in_chans
             self.predict_set = ImageFileDataset(self.predict_path, self.image_size, c, [0.5] * c, [0.5] * c)
-        return DataLoader(self.predict_set, self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.predict_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
 def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
