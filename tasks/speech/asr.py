@@ -123,8 +123,7 @@ class SpeechRecognitionTask(MoETask):
     def routing_groups(self, batch: Any) -> TokenGroups:
         """Routing shares per language: a monolingual utterance counts for its language, every code-switched one
         for ``"cs"``; the MoE layers route the real encoder frames only, utterance by utterance."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        languages = tuple(getattr(datamodule, "languages", None) or LANGUAGES)
+        languages = self.languages()
         group_B = utterance_groups(batch, languages)
         return TokenGroups(group_B, (*languages, "cs"), "language", subsampled_lengths(batch["lengths"]))
 

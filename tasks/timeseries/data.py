@@ -239,16 +239,18 @@ class ForecastDataModule(L.LightningDataModule):
         return len(self.columns) if self.columns else len(self.series_columns())
 
     def series_columns(self) -> list[str]:
-        """The series' column names, target last, without loading the whole series."""
+        """The series' column names, target last, without loading the whole series (``[]`` when not known)."""
         raise TypeError(f"{type(self).__name__} must override series_columns")
 
     def model_settings(self) -> dict[str, tuple[object, str]]:
         """What the model must match: ``{model kwarg: (value, this module's key)}`` (``moezoo fit`` links them)."""
-        return {
+        settings: dict[str, tuple[object, str]] = {
             "seq_len": (self.seq_len, "seq_len"),
             "pred_len": (self.pred_len, "pred_len"),
-            "num_channels": (self.num_channels, "features"),
         }
+        if self.num_channels:  # unknown before a CSV that is not there yet is read
+            settings["num_channels"] = (self.num_channels, "features")
+        return settings
 
     def load_series(self) -> tuple[np.ndarray, list[str], str]:
         """``(values (T, C), column names with the target last, a name for messages and split="auto")``."""
@@ -365,13 +367,16 @@ class CSVForecastDataModule(ForecastDataModule):
         self.date_column = date_column
 
     def series_columns(self) -> list[str]:
-        """The columns of ``path`` (else ``predict_path``), the target last (read from the header only)."""
+        """The columns of ``path`` (else ``predict_path``), the target last (read from the header only); ``[]``
+        when neither file is there."""
         import pandas as pd
 
         if self.features == "S":
             return [self.target]
         source = self.path if self.path is not None else self.predict_path
-        header = list(pd.read_csv(source, nrows=0).columns) if source and Path(source).is_file() else []
+        if not source or not Path(source).is_file():
+            return []
+        header = list(pd.read_csv(source, nrows=0).columns)
         return [c for c in header if c not in (self.date_column, self.target)] + [self.target]
 
     def load_series(self) -> tuple[np.ndarray, list[str], str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +201,7 @@ def future_dates(dates: Any, steps: int) -> list[str] | None:
 
 
 def plot_forecasts(
-    windows: list[tuple[Tensor, Tensor | None, Tensor]], path: Path, title: str = "", unit: str = "normalised scale"
+    windows: Sequence[tuple[Tensor, Tensor | None, Tensor]], path: Path, title: str = "", unit: str = "normalised scale"
 ) -> Path:
     """One panel per window: the look-back, the true future (when known) and the forecast (matplotlib, Agg
     backend), written atomically."""

@@ -103,8 +103,8 @@ class ImageFileDataset(Dataset):
         from PIL import Image
 
         file = self.files[index]
-        with Image.open(file) as image:
-            image = image.convert(self.mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        with Image.open(file) as opened:
+            image = opened.convert(self.mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.float32) / 255.0
         x = torch.from_numpy(array.copy()).view(self.image_size, self.image_size, -1).permute(2, 0, 1)
         return (x - self.mean) / self.std, self.name(file)

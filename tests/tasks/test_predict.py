@@ -169,7 +169,8 @@ def test_model_settings_follow_the_data(tmp_path, monkeypatch):
 def test_conflicting_explicit_model_setting_names_both_keys(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--config", _smoke("vision_digits_moe_vit.yaml"), "--trainer.logger", "false"]
-    with pytest.raises(ValueError, match=r"model\.init_args\.model_kwargs\.num_classes=3 .*DigitsDataModule\.num_classes"):
+    both = r"model\.init_args\.model_kwargs\.num_classes=3 .*DigitsDataModule\.num_classes"
+    with pytest.raises(ValueError, match=both):
         cli_main([*args, "--model.init_args.model_kwargs.num_classes", "3"], run=False)
     args = ["--config", _smoke("timeseries_elecdemand_seg_moe.yaml"), "--trainer.logger", "false"]
     with pytest.raises(ValueError, match=r"model\.init_args\.model_kwargs\.pred_len=4 .*data\.init_args\.pred_len=8"):
