@@ -174,7 +174,7 @@ class ForecastingTask(MoETask):
             windows = [(torch.tensor(r["lookback"])[:, -1], None, torch.tensor(r["forecast"])[:, -1]) for r in rows]
             target = (rows[0]["columns"] or ["target"])[-1]
             written.append(
-                plot_forecasts(windows, out_dir / "forecasts.png", str(self.hparams.model), f"{target}, data units")
+                plot_forecasts(windows, out_dir / "forecasts.png", str(self.hparams.model), f"{target} (data units)")
             )
         return written
 
