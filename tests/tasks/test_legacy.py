@@ -24,7 +24,7 @@ OLD_MODEL_SECTIONS = {
 class_path: moezoo.tasks.vision.ImageClassificationTask
 init_args:
   model: moe_vit_debug
-  model_kwargs: {patch_size: 2}
+  model_kwargs: {img_size: 8, patch_size: 2, in_chans: 1, num_classes: 10}
   lr: 0.003
 """,
     "smoke/vision_dit_digits_promoe.yaml": """

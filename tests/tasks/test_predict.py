@@ -58,26 +58,22 @@ def test_readme_commands_cover_every_predict_domain():
         assert "--ckpt_path CKPT" in commands[1]
 
 
-def test_classification_own_imagefolder_then_flat_folder(tmp_path, monkeypatch, capsys):
-    """Train on a 2-class RGB ImageFolder with the digits config (only the data block changes: size, channels and
-    classes follow the data), then predict a flat folder with no training data: class names come from the
-    checkpoint, an unreadable file is skipped."""
+def test_classification_predicts_a_flat_folder(tmp_path, monkeypatch, capsys):
+    """Predict a flat folder with no training data: class names come from the checkpoint, an unreadable file is
+    skipped, every image gets its top-5 and its top-1 expert per MoE layer."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name, level in (("cat", 220), ("dog", 30)):
-            for i in range(4):
-                _png(tmp_path / "my_images" / split / name / f"{i}.png", level + rng.integers(-20, 20, (12, 12, 3)))
     for i in range(3):
-        _png(tmp_path / "my_photos" / f"photo{i}.png", rng.integers(0, 255, (16, 16, 3)))
+        _png(tmp_path / "my_photos" / f"photo{i}.png", rng.integers(0, 255, (16, 16)))
     (tmp_path / "my_photos" / "broken.png").write_bytes(b"not an image")
     out = run_readme("vision_digits_moe_vit.yaml", tmp_path)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [row["file"] for row in rows] == ["photo0.png", "photo1.png", "photo2.png"]
     for row in rows:
-        assert row["class"] in ("cat", "dog") and row["top5"][0]["class"] == row["class"]
-        assert [t["class"] for t in row["top5"]] in (["cat", "dog"], ["dog", "cat"])
-        assert sum(t["prob"] for t in row["top5"]) == pytest.approx(1.0, abs=1e-4)
+        assert row["class"] in [str(d) for d in range(10)] and row["top5"][0]["class"] == row["class"]
+        assert len({t["class"] for t in row["top5"]}) == 5
+        probs = [t["prob"] for t in row["top5"]]
+        assert probs == sorted(probs, reverse=True) and probs[0] == row["prob"]
         assert len(row["experts"]) == 2 and all(0 <= e < 4 for e in row["experts"])  # moe_vit_debug: 2 layers x 4
     with open(out / "predictions.csv") as f:
         table = list(csv.DictReader(f))
