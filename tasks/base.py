@@ -35,7 +35,28 @@ from moezoo.tasks.optim import (
     warmup_cosine,
 )
 
-__all__ = ["MoETask", "param_groups", "save_final_checkpoint", "warmup_cosine"]
+__all__ = ["MoETask", "merge_data_settings", "param_groups", "save_final_checkpoint", "warmup_cosine"]
+
+
+def merge_data_settings(model_kwargs: dict[str, Any], data_settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``model_kwargs`` with the settings the data decides filled in (``moezoo fit`` links them from the data
+    module's ``model_settings()``: ``{kwarg: {"value": v, "from": data key}}``).
+
+    A setting given in both places must agree: a conflict raises ``ValueError`` naming both keys.
+    """
+    merged = dict(model_kwargs)
+    for name, setting in (data_settings or {}).items():
+        if not isinstance(setting, Mapping) or "value" not in setting:
+            raise TypeError(f"data_settings[{name!r}] must be a mapping with 'value' (and 'from'), got {setting!r}")
+        value, source = setting["value"], setting.get("from", "data")
+        if name in merged and merged[name] != value:
+            raise ValueError(
+                f"model.init_args.model_kwargs.{name}={merged[name]!r} conflicts with {source}={value!r}: the data "
+                f"decides this setting; remove model.init_args.model_kwargs.{name} from the config (it then follows "
+                f"the data) or change {source}"
+            )
+        merged[name] = value
+    return merged
 
 
 def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
@@ -83,6 +104,9 @@ class MoETask(L.LightningModule):
         upcycle_from: start from an upcycled dense model: ``{weights: <release name | weights file | checkpoint>,
             num_experts, top_k, ...}`` (the options of :func:`moezoo.surgery.upcycle_from`); ``model`` and
             ``model_kwargs`` then describe the dense model (e.g. ``moe: {dense: true}``).
+        data_settings: model settings the data decides (image size, channels, classes, vocabulary, look-back ...):
+            ``{model kwarg: {"value": v, "from": "<the data module's key>"}}``, filled by ``moezoo fit`` from the data
+            module's ``model_settings()`` (:func:`merge_data_settings`); not meant to be written by hand.
     """
 
     def __init__(
@@ -94,6 +118,7 @@ class MoETask(L.LightningModule):
         aux_loss_coef: float = 1.0,
         pretrained: bool = False,
         upcycle_from: Mapping[str, Any] | None = None,
+        data_settings: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,6 +134,7 @@ class MoETask(L.LightningModule):
         self.model_kwargs, old_keys = upgrade_model_kwargs(model, model_kwargs or {})
         if old_keys:
             warn_legacy(f"{type(self).__name__}: model_kwargs", old_keys, f"model_kwargs: {self.model_kwargs}")
+        self.model_kwargs = merge_data_settings(self.model_kwargs, data_settings)
         self.model = build_task_model(model, self.model_kwargs, pretrained)
         # Releases and saved folders record the complete constructor arguments (a release's own included).
         self.model_kwargs = dict(getattr(self.model, "moezoo_kwargs", self.model_kwargs))
@@ -164,11 +190,36 @@ class MoETask(L.LightningModule):
         return stats.setdefault(stage, RoutingStats())
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Routing analytics and training throughput in every run, unless the trainer already has them."""
+        """Routing analytics, training throughput and the prediction writer in every run, unless the trainer
+        already has them."""
         from moezoo.tasks.callbacks import RoutingAnalytics, ThroughputMonitor
+        from moezoo.tasks.predict import PredictionWriter
 
         have = [type(c) for c in getattr(self._trainer, "callbacks", [])]
-        return [cls() for cls in (RoutingAnalytics, ThroughputMonitor) if not any(issubclass(t, cls) for t in have)]
+        wanted = (RoutingAnalytics, ThroughputMonitor, PredictionWriter)
+        return [cls() for cls in wanted if not any(issubclass(t, cls) for t in have)]
+
+    # -- predict (written by moezoo.tasks.predict.PredictionWriter) ----------------------------------------
+    def prediction_rows(self, prediction: Any, batch: Any) -> list[dict[str, Any]]:
+        """One JSON-able dict per item of a predict batch, from :meth:`predict_step`'s output ``prediction``.
+        The default: a dict of per-item tensors or lists, split into rows."""
+        from moezoo.tasks.predict import as_list
+
+        if not isinstance(prediction, Mapping):
+            return []
+        columns = {key: as_list(value) for key, value in prediction.items()}
+        size = min((len(v) for v in columns.values()), default=0)
+        return [{key: values[i] for key, values in columns.items()} for i in range(size)]
+
+    def write_predictions(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """Write the rows of a predict run under ``out_dir``; returns the paths (default ``predictions.jsonl``)."""
+        from moezoo.tasks.predict import write_jsonl_atomic
+
+        return [write_jsonl_atomic(out_dir / "predictions.jsonl", rows)]
+
+    def prediction_summary(self, rows: list[dict[str, Any]]) -> str:
+        """A line or a few for stdout after predict."""
+        return f"{len(rows)} items"
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")

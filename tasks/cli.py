@@ -10,8 +10,10 @@ warning (:mod:`moezoo.tasks.legacy`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
 from moezoo.extras import MissingExtraError, require
 
@@ -53,11 +55,56 @@ def import_domains() -> list[str]:
     return imported
 
 
+def checkpoint_data_settings(ckpt_path: str | None) -> dict[str, Any]:
+    """The ``data_settings`` a Lightning checkpoint of a :class:`~moezoo.tasks.base.MoETask` was trained with
+    (``{}`` for another file), marked as coming from that checkpoint."""
+    if not ckpt_path or not Path(ckpt_path).is_file() or Path(ckpt_path).suffix != ".ckpt":
+        return {}
+    import torch
+
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    settings = (checkpoint.get("hyper_parameters") or {}).get("data_settings") or {}
+    return {name: {"value": s["value"], "from": f"the checkpoint {ckpt_path}"} for name, s in settings.items()}
+
+
+def data_settings_of(
+    datamodule: L.LightningDataModule, defaults: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The model settings a data module decides, as ``MoETask(data_settings=...)`` takes them: its
+    ``model_settings()`` (``{model kwarg: (value, data key)}``) as ``{kwarg: {"value": v, "from": "data.<key>"}}``
+    over ``defaults`` (a checkpoint's: a predict-only data module does not know the class count);
+    ``None`` for a data module without ``model_settings``."""
+    settings = getattr(datamodule, "model_settings", None)
+    if not callable(settings):
+        return defaults or None
+    init_args = inspect.signature(type(datamodule)).parameters
+
+    def source(key: str) -> str:
+        return f"data.init_args.{key}" if key in init_args else f"{type(datamodule).__name__}.{key} (fixed by the data)"
+
+    own = {name: {"value": value, "from": source(key)} for name, (value, key) in settings().items()}
+    return {**(defaults or {}), **own}
+
+
 class MoEZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="evaluate the test set after fit (best checkpoint)"
         )
+        # Model settings follow the data (image size, channels, classes, vocabulary, look-back ...): known once the
+        # data module is built; a conflicting explicit model_kwargs entry fails in MoETask.__init__, before fit.
+        parser.link_arguments("data", "model.init_args.data_settings", self._data_settings, apply_on="instantiate")
+
+    _checkpoint_settings: dict[str, Any] = {}
+
+    def _data_settings(self, datamodule: L.LightningDataModule) -> dict[str, Any] | None:
+        return data_settings_of(datamodule, self._checkpoint_settings)
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path``, the checkpoint's data-decided settings are the defaults of the link (a
+        predict-only data module knows the image size but not the class count the model was trained with)."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        self._checkpoint_settings = checkpoint_data_settings(config.get("ckpt_path"))
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         super().parse_arguments(parser, args)  # type: ignore[arg-type]

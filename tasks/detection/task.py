@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ class DetectionTask(MoETask):
         box_gain, cls_gain, dfl_gain: weights of the CIoU, BCE and distribution focal losses.
         conf_thres, iou_thres, max_det: NMS settings for evaluation.
         predict_conf: score threshold of the boxes ``predict`` draws.
-        predict_dir: where ``predict`` writes the drawn images and ``predictions.jsonl`` (boxes, routing weights).
+        predict_dir: where ``predict`` writes the drawn images and ``predictions.jsonl`` (boxes, routing weights);
+            default ``<log dir>/predictions``, beside the logs, as every task.
         model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
             :class:`moezoo.tasks.base.MoETask`.
     """
@@ -40,7 +40,7 @@ class DetectionTask(MoETask):
         iou_thres: float = 0.6,
         max_det: int = 100,
         predict_conf: float = 0.25,
-        predict_dir: str = "predictions",
+        predict_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, model_kwargs, **kwargs)
@@ -135,10 +135,10 @@ class DetectionTask(MoETask):
         super().on_test_epoch_end()
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
+        """Per image: boxes, scores, class names, domain and routing weights (a record of ``predictions.jsonl``),
+        with the drawn image under ``"drawing"`` (written as ``<image_id>.png`` by :meth:`write_predictions`)."""
         hp = self.hparams
         dets, routing = self.model.predict(batch["images"], hp.predict_conf, hp.iou_thres, hp.max_det)
-        out_dir = Path(hp.predict_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         dm = self.trainer.datamodule if self.trainer is not None else None
         class_names = getattr(dm, "class_names", tuple(str(i) for i in range(self.model.num_classes)))
         domain_names = getattr(dm, "domain_names", ("all",))
@@ -146,7 +146,6 @@ class DetectionTask(MoETask):
         for i, det in enumerate(dets):
             image_id = int(batch["image_id"][i])
             route = routing[i] if routing is not None else None
-            draw_detections(batch["images"][i], det, class_names, route).save(out_dir / f"{image_id:06d}.png")
             record = {
                 "image_id": image_id,
                 "domain": domain_names[int(batch["domain"][i])] if int(batch["domain"][i]) < len(domain_names) else "",
@@ -154,9 +153,31 @@ class DetectionTask(MoETask):
                 "scores": [round(s, 4) for s in det["scores"].tolist()],
                 "labels": [class_names[int(c)] for c in det["labels"].tolist()],
                 "routing": route.tolist() if route is not None else None,
+                "drawing": draw_detections(batch["images"][i], det, class_names, route),
             }
             records.append(record)
-        with open(out_dir / "predictions.jsonl", "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
         return records
+
+    def prediction_rows(self, prediction: Any, batch: Any) -> list[dict[str, Any]]:
+        return list(prediction)
+
+    def write_predictions(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """``<image_id>.png`` (boxes drawn) per image and ``predictions.jsonl``, under ``predict_dir`` when it is
+        set, else beside the logs; every file written atomically."""
+        import io
+
+        from moezoo.io import write_bytes_atomic
+        from moezoo.tasks.predict import write_jsonl_atomic
+
+        folder = Path(self.hparams.predict_dir) if self.hparams.predict_dir else out_dir
+        written = []
+        for row in rows:
+            buffer = io.BytesIO()
+            row["drawing"].save(buffer, format="png")
+            written.append(write_bytes_atomic(folder / f"{row['image_id']:06d}.png", buffer.getvalue()))
+        records = [{k: v for k, v in row.items() if k != "drawing"} for row in rows]
+        return [write_jsonl_atomic(folder / "predictions.jsonl", records), *written[:1]]
+
+    def prediction_summary(self, rows: list[dict[str, Any]]) -> str:
+        boxes = sum(len(row["boxes"]) for row in rows)
+        return f"{len(rows)} images, {boxes} boxes at score >= {self.hparams.predict_conf} (one PNG per image)"

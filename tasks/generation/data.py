@@ -6,11 +6,12 @@ dataset's mean and std instead, so these subclasses undo that and map ``[0, 1]``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 # FashionMNISTDataModule.load_split's and DigitsDataModule.setup's normalisations
 from moezoo.data.transforms import DIGITS_MEAN, DIGITS_STD
@@ -23,6 +24,29 @@ def fashion_mnist_unit_range(root: Path, split: str) -> tuple[Tensor, Tensor]:
     """A Fashion-MNIST split with images in ``[-1, 1]``: ``(x (B, 1, 28, 28), y (B,))``."""
     x, y = FashionMNISTDataModule.load_split(root, split)
     return (x * FMNIST_STD + FMNIST_MEAN) * 2.0 - 1.0, y
+
+
+class ClassRequests:
+    """``predict_classes`` of a generation data module: class ids or names -> a loader of class-id batches."""
+
+    def __init__(self, predict_classes: Sequence[int | str] | None, names: Sequence[str], batch_size: int) -> None:
+        self.names = tuple(names)
+        self.batch_size = batch_size
+        self.ids = [self.resolve(c) for c in (predict_classes if predict_classes is not None else range(len(names)))]
+
+    def resolve(self, value: int | str) -> int:
+        if isinstance(value, str) and value in self.names:
+            return self.names.index(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) < len(self.names):
+            return int(value)
+        raise ValueError(
+            f"predict_classes: {value!r} is not a class; give ids in [0, {len(self.names)}) or names {self.names}"
+        )
+
+    def loader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.tensor(self.ids, dtype=torch.long)), batch_size=self.batch_size)
 
 
 def _rescale(dataset: object, mean: float, std: float) -> None:
@@ -49,13 +73,21 @@ class FashionMNISTGenerationDataModule(FashionMNISTDataModule):
         hflip: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        predict_classes: list[int | str] | None = None,
     ) -> None:
         super().__init__(root, batch_size, val_size, train_limit, max_shift, hflip, num_workers, seed)
+        self.requests = ClassRequests(predict_classes, self.class_names, batch_size)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return  # predict samples the requested classes: no images needed
         super().setup(stage)
         for dataset in (self.train_set, self.val_set, self.test_set):
             _rescale(dataset, FMNIST_MEAN, FMNIST_STD)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of the requested class ids (``predict_classes``; all classes by default)."""
+        return self.requests.loader()
 
 
 class DigitsGenerationDataModule(DigitsDataModule):
@@ -69,12 +101,20 @@ class DigitsGenerationDataModule(DigitsDataModule):
         max_shift: int = 0,
         num_workers: int = 0,
         seed: int = 0,
+        predict_classes: list[int | str] | None = None,
     ) -> None:
         super().__init__(batch_size, val_fraction, test_fraction, max_shift, num_workers, seed)
+        self.requests = ClassRequests(predict_classes, self.class_names, batch_size)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return  # predict samples the requested classes: no images needed
         super().setup(stage)
         _rescale(self.train_set, DIGITS_MEAN, DIGITS_STD)  # the three splits share one TensorDataset
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of the requested class ids (``predict_classes``; all classes by default)."""
+        return self.requests.loader()
 
 
 def real_images(datamodule: object, split: str = "test", limit: int | None = None) -> tuple[Tensor, Tensor]:

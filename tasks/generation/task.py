@@ -10,6 +10,7 @@ At test time ``eval_num_samples`` class-balanced samples are scored with the shi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moezoo.io import temporary_beside
 from moezoo.layers import MoEAux, update_router_states
 from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
@@ -43,8 +45,9 @@ def save_grid(images_BCHW: Tensor, path: Path, nrow: int, min_size: int = 28) ->
     x = (images_BCHW.detach().float().cpu().clamp(-1, 1) + 1) / 2
     if x.shape[-1] < min_size:
         x = F.interpolate(x, scale_factor=-(-min_size // x.shape[-1]), mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=nrow, padding=2, pad_value=0.5)
+    with temporary_beside(path) as tmp:  # atomic: a crash never leaves half a PNG
+        save_image(x, str(tmp), nrow=nrow, padding=2, pad_value=0.5, format="png")
+        os.replace(tmp, path)
 
 
 class ImageGenerationTask(MoETask):
@@ -213,6 +216,46 @@ class ImageGenerationTask(MoETask):
         acc = float((logits.argmax(-1) == y.cpu()).float().mean())
         fd = frechet_distance(*gaussian_stats(feats), *self._real_stats)
         return {"fd_fmnist": fd, "sample_acc": acc}
+
+    # -- predict: sample grids of requested classes (data.init_args.predict_classes) --------------------
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """``samples_per_class`` EMA samples of each class id in ``batch`` (``(class ids,)``) with the task's
+        sampler, step count and CFG scale; the noise seed is ``sample_seed`` + the batch index."""
+        y = (batch[0] if isinstance(batch, (tuple, list)) else batch).long()
+        labels = y.repeat_interleave(self.samples_per_class)
+        images = self.generate(labels, seed=self.sample_seed + batch_idx)
+        return {"class_id": y, "images": images.view(y.shape[0], self.samples_per_class, *images.shape[1:]).cpu()}
+
+    def prediction_rows(self, prediction: Any, batch: Any) -> list[dict[str, Any]]:
+        """Per requested class: ``class_id``, ``class``, the sampler settings and ``images`` (a tensor, written
+        into the grid, not into the JSONL)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = class_names(datamodule, self.num_classes)
+        settings = dict(sampler=self.sampler, num_sampling_steps=self.num_sampling_steps)
+        settings.update(guidance_scale=self.guidance_scale, samples=self.samples_per_class)
+        return [
+            {"class_id": int(c), "class": names[int(c)], **settings, "images": images}
+            for c, images in zip(prediction["class_id"].tolist(), prediction["images"])
+        ]
+
+    def write_predictions(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """``samples.png`` (one row of ``samples_per_class`` images per requested class, in the order asked)
+        and ``samples.jsonl`` (per row of the grid: the class and the sampler settings)."""
+        from moezoo.tasks.predict import write_jsonl_atomic
+
+        if not rows:
+            return []
+        grid = out_dir / "samples.png"
+        save_grid(torch.cat([row["images"] for row in rows]), grid, nrow=self.samples_per_class)
+        meta = [{k: v for k, v in row.items() if k != "images"} | {"grid_row": i} for i, row in enumerate(rows)]
+        return [grid, write_jsonl_atomic(out_dir / "samples.jsonl", meta)]
+
+    def prediction_summary(self, rows: list[dict[str, Any]]) -> str:
+        classes = ", ".join(row["class"] for row in rows)
+        return (
+            f"{len(rows)} classes x {self.samples_per_class} samples ({self.sampler}, {self.num_sampling_steps} "
+            f"steps, CFG scale {self.guidance_scale}): {classes}"
+        )
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

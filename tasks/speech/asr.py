@@ -5,6 +5,7 @@ engine, language, held-out engine: :func:`moezoo.tasks.speech.data.metric_groups
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,8 +126,7 @@ class SpeechRecognitionTask(MoETask):
     def routing_groups(self, batch: Any) -> TokenGroups:
         """Routing shares per language: a monolingual utterance counts for its language, every code-switched one
         for ``"cs"``; the MoE layers route the real encoder frames only, utterance by utterance."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        languages = tuple(getattr(datamodule, "languages", None) or LANGUAGES)
+        languages = self.languages()
         group_B = utterance_groups(batch, languages)
         return TokenGroups(group_B, (*languages, "cs"), "language", subsampled_lengths(batch["lengths"]))
 
@@ -184,8 +184,80 @@ class SpeechRecognitionTask(MoETask):
         out, _ = self.model.forward_with_aux(features, lengths)
         return [self.vocab.decode(ids) for ids in ctc_greedy_decode(out.log_probs_BLV, out.lengths_B)]
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return {"uids": batch["uids"], "text": self.transcribe(batch["features"], batch["lengths"])}
+    # -- the vocabulary and the language names travel in checkpoints ----------------------------------
+    #: language names restored from a checkpoint (the LID head's outputs, in order)
+    saved_languages: tuple[str, ...] | None = None
+
+    def languages(self) -> tuple[str, ...]:
+        """The LID head's language names: the checkpoint's, else the data module's, else the corpus default."""
+        if self.saved_languages is not None:
+            return self.saved_languages
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return tuple(getattr(datamodule, "languages", None) or LANGUAGES)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vocabulary"] = list(self.vocab.symbols)
+        checkpoint["languages"] = list(self.languages())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "vocabulary" in checkpoint:
+            vocab = CharVocab(checkpoint["vocabulary"])
+            if len(vocab) != len(self.vocab):
+                raise ValueError(
+                    f"the checkpoint's vocabulary has {len(vocab)} symbols but the model was built for "
+                    f"{len(self.vocab)} (model_kwargs.vocab_size); build the model with vocab_size={len(vocab)}"
+                )
+            self.vocab = vocab
+        if "languages" in checkpoint:
+            self.saved_languages = tuple(checkpoint["languages"])
+
+    # -- predict -----------------------------------------------------------------------------------
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        """Greedy CTC transcripts and, with a language-ID head (LR-MoE), each utterance's language posteriors
+        (the head's frame posteriors averaged over the utterance's encoder frames)."""
+        if batch is None:  # every file of the batch was unreadable
+            return None
+        out, _ = self.model.forward_with_aux(batch["features"], batch["lengths"])
+        texts = [self.vocab.decode(ids) for ids in ctc_greedy_decode(out.log_probs_BLV, out.lengths_B)]
+        result: dict[str, Any] = {"uid": batch["uids"], "text": texts}
+        if "files" in batch:
+            result["file"] = batch["files"]
+        if out.lid_logits_BLA is not None:
+            mask_BL1 = out.mask_BL.unsqueeze(-1).float()
+            probs_BLA = torch.softmax(out.lid_logits_BLA.float(), dim=-1) * mask_BL1
+            result["language_probs"] = probs_BLA.sum(1) / mask_BL1.sum(1).clamp_min(1.0)
+        return result
+
+    def prediction_rows(self, prediction: Any, batch: Any) -> list[dict[str, Any]]:
+        """Per utterance: ``uid``, ``file`` (predict_path), ``text`` and, with a LID head, ``language`` (the most
+        probable) and ``language_probs`` (``{language: posterior}``)."""
+        if prediction is None:
+            return []
+        probs = prediction.pop("language_probs", None)
+        rows = super().prediction_rows(prediction, batch)
+        if probs is not None:
+            names = self.languages()
+            if len(names) != probs.shape[-1]:
+                names = tuple(f"language {a}" for a in range(probs.shape[-1]))
+            for row, p in zip(rows, probs.tolist()):
+                row["language_probs"] = {name: round(v, 6) for name, v in zip(names, p)}
+                row["language"] = names[max(range(len(p)), key=p.__getitem__)]
+        return rows
+
+    def write_predictions(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """``transcripts.jsonl``: one utterance a line."""
+        from moezoo.tasks.predict import write_jsonl_atomic
+
+        return [write_jsonl_atomic(out_dir / "transcripts.jsonl", rows)]
+
+    def prediction_summary(self, rows: list[dict[str, Any]]) -> str:
+        lines = [f"{len(rows)} utterances"]
+        for row in rows[:5]:
+            language = f" [{row['language']} {row['language_probs'][row['language']]:.2f}]" if "language" in row else ""
+            lines.append(f"  {row.get('file', row['uid'])}{language}: {row['text']!r}")
+        if len(rows) > 5:
+            lines.append(f"  ... ({len(rows) - 5} more in the file)")
+        return "\n".join(lines)
 
 
 #: the CPU-time training budget (one implementation, :class:`moezoo.tasks.callbacks.CPUTimeBudget`), under the

@@ -217,6 +217,68 @@ def collate_speech(items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | N
     }
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def list_audio(path: str | Path) -> list[Path]:
+    """Audio files of a predict input: a folder (recursive, sorted), one audio file, or a list file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    elif path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES:
+        files = [path]
+    elif path.is_file():
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        files = [(path.parent / line) for line in lines if line and not line.startswith("#")]
+    else:
+        raise FileNotFoundError(f"predict_path={str(path)!r} is not an audio file, a folder or a list of audio files")
+    if not files:
+        raise ValueError(f"predict_path={str(path)!r} names no audio files (looked for {', '.join(AUDIO_SUFFIXES)})")
+    return files
+
+
+class AudioFileDataset(Dataset):
+    """Predict-only audio: items ``{"features", "uid", "file"}`` (the training log-mel features); a file that
+    cannot be read gives ``None`` (dropped by :func:`collate_audio`, logged and counted in ``skipped``)."""
+
+    def __init__(self, path: str | Path, n_mels: int = 80) -> None:
+        self.files = list_audio(path)
+        self.root = Path(path) if Path(path).is_dir() else Path(path).parent
+        self.featurizer = LogMel(n_mels)
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        file = self.files[index]
+        try:
+            wave = load_audio(file)
+        except BadAudioError as err:
+            self.skipped[str(file)] = str(err)
+            log.warning("predict: skipped %s", err)
+            return None
+        name = str(file.relative_to(self.root)) if file.is_relative_to(self.root) else str(file)
+        return {"features": self.featurizer(wave), "uid": Path(name).stem, "file": name}
+
+
+def collate_audio(items: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Pad predict-only features with 0; ``None`` items (bad files) are dropped."""
+    good = [it for it in items if it is not None]
+    if not good:
+        return None
+    lengths = torch.tensor([it["features"].shape[0] for it in good])
+    features = torch.zeros(len(good), int(lengths.max()), good[0]["features"].shape[1])
+    for b, it in enumerate(good):
+        features[b, : lengths[b]] = it["features"]
+    return {
+        "features": features,
+        "lengths": lengths,
+        "uids": [it["uid"] for it in good],
+        "files": [it["file"] for it in good],
+    }
+
+
 class SpeechDataModule(L.LightningDataModule):
     """Shared options of every speech source; subclasses provide :meth:`entries` per split.
 
@@ -227,6 +289,9 @@ class SpeechDataModule(L.LightningDataModule):
         max_duration: skip training utterances longer than this (seconds); ``None`` keeps all.
         on_bad: ``"skip"`` (log and count) or ``"error"`` for bad transcripts and audio.
         preload: compute every feature in ``setup`` (small corpora) instead of reading audio per batch.
+        predict_path: audio to transcribe with ``predict``, without any corpus: a folder (searched recursively for
+            ``.wav``/``.flac``/``.ogg``), one audio file, or a text file listing audio paths (one a line, relative
+            to the list's folder). Without it, ``predict`` transcribes the test split.
     """
 
     def __init__(
@@ -237,6 +302,7 @@ class SpeechDataModule(L.LightningDataModule):
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
         preload: bool = False,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -251,6 +317,12 @@ class SpeechDataModule(L.LightningDataModule):
         self.preload = preload
         self.vocab = CharVocab()
         self.datasets: dict[str, SpeechDataset] = {}
+        self.predict_path = predict_path
+        self.predict_set: AudioFileDataset | None = None
+
+    def model_settings(self) -> dict[str, tuple[object, str]]:
+        """What the model must match: ``{model kwarg: (value, this module's key)}`` (``moezoo fit`` links them)."""
+        return {"vocab_size": (len(self.vocab), "vocab"), "num_languages": (len(self.languages), "languages")}
 
     def entries(self, split: str) -> list[SpeechEntry]:
         raise TypeError(f"{type(self).__name__} must override entries(split)")
@@ -264,6 +336,10 @@ class SpeechDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_path is not None:
+            if self.predict_set is None:
+                self.predict_set = AudioFileDataset(self.predict_path)
+            return
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage or "", ("train", "val", "test")):
             self.dataset(split)
@@ -293,7 +369,14 @@ class SpeechDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        """The ``predict_path`` audio, or the test split without it."""
+        if self.predict_path is None:
+            return self._loader("test", shuffle=False)
+        if self.predict_set is None:
+            self.predict_set = AudioFileDataset(self.predict_path)
+        return DataLoader(
+            self.predict_set, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_audio
+        )
 
 
 def _spec_from(preset: str, overrides: dict[str, Any]) -> CorpusSpec:
@@ -360,8 +443,11 @@ class SpeechCorpusDataModule(SpeechDataModule):
         num_workers: int = 0,
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, languages, max_duration, on_bad, preload=True)
+        super().__init__(
+            batch_size, num_workers, languages, max_duration, on_bad, preload=True, predict_path=predict_path
+        )
         overrides = dict(
             languages=languages,
             num_train=num_train,
@@ -386,6 +472,8 @@ class SpeechCorpusDataModule(SpeechDataModule):
         self._splits: list[str] = []
 
     def prepare_data(self) -> None:
+        if self.predict_path is not None and self.trainer is not None and self.trainer.predicting:
+            return  # predict reads predict_path only
         generate_corpus(self.spec, self.root, self.generate_workers)
 
     def entries(self, split: str) -> list[SpeechEntry]:
@@ -411,8 +499,11 @@ class LibriSpeechDataModule(SpeechDataModule):
         num_workers: int = 0,
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, ("en",), max_duration, on_bad, preload=False)
+        super().__init__(
+            batch_size, num_workers, ("en",), max_duration, on_bad, preload=False, predict_path=predict_path
+        )
         self.root = Path(root)
         self.subsets = {"train": tuple(train_subsets), "val": tuple(val_subsets), "test": tuple(test_subsets)}
 
@@ -452,8 +543,11 @@ class CommonVoiceDataModule(SpeechDataModule):
         num_workers: int = 0,
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, languages, max_duration, on_bad, preload=False)
+        super().__init__(
+            batch_size, num_workers, languages, max_duration, on_bad, preload=False, predict_path=predict_path
+        )
         self.root = Path(root)
         self.language = language
         self.tsv = {"train": train_tsv, "val": val_tsv, "test": test_tsv}
@@ -498,8 +592,9 @@ class ManifestDataModule(SpeechDataModule):
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
         preload: bool = False,
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, languages, max_duration, on_bad, preload)
+        super().__init__(batch_size, num_workers, languages, max_duration, on_bad, preload, predict_path=predict_path)
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest or val_manifest}
         self.manifest_skipped: Counter[str] = Counter()
 

