@@ -5,14 +5,18 @@ ImageFolder or CIFAR root. Nothing downloads: every loader reads local files.
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+
+from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION, BadRecords
 
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -209,11 +213,67 @@ class FashionMNISTDataModule(_ArrayImageDataModule):
         self.test_set = TensorDataset(*self.load_split(self.root, "test"))
 
 
+class CheckedImageFolder(Dataset):
+    """torchvision's ``ImageFolder`` listing with bad images skipped, not fatal (:mod:`moezoo.tasks.records`).
+
+    Every file's header is opened here (missing, empty and non-image files are skipped and counted); an image that
+    fails to decode later (a JPEG truncated after its header) is skipped when it is read, with a warning naming it,
+    and the next image of the split takes its place in the batch.
+    """
+
+    def __init__(self, folder: Path, transform: Any, split: str, records: BadRecords) -> None:
+        from PIL import Image
+        from torchvision import datasets
+
+        listing = datasets.ImageFolder(str(folder))
+        self.classes = listing.classes
+        self.transform = transform
+        self.split = split
+        self.records = records
+        self.samples: list[tuple[str, int]] = []
+        for path, label in listing.samples:
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+                records.skip(split, "unreadable_image", path, str(err))
+                continue
+            self.samples.append((path, label))
+        records.check(split, len(listing.samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB")
+            except (OSError, ValueError) as err:
+                self.records.skip(self.split, "corrupt_image", path, str(err))
+                continue
+            return self.transform(rgb), label
+        raise ValueError(f"{self.records.source}: no image of the {self.split} split can be decoded")
+
+
 class ImageFolderDataModule(L.LightningDataModule):
-    """A user's ``root/{train,val[,test]}/<class>/*.png`` tree (torchvision ``ImageFolder``), resized and normalised."""
+    """A user's ``root/{train,val[,test]}/<class>/*.png`` tree (torchvision ``ImageFolder``), resized and normalised.
+
+    Unreadable or corrupt images are skipped with a warning naming them; a split with none usable, or with more than
+    ``max_skip_fraction`` of its images bad, is an error (:class:`CheckedImageFolder`).
+    """
 
     def __init__(
-        self, root: str, image_size: int = 32, grayscale: bool = False, batch_size: int = 128, num_workers: int = 2
+        self,
+        root: str,
+        image_size: int = 32,
+        grayscale: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -221,9 +281,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.grayscale = grayscale
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.records = BadRecords(str(self.root), max_skip_fraction)
 
     def _dataset(self, split: str, train: bool) -> Dataset:
-        from torchvision import datasets, transforms
+        from torchvision import transforms
 
         folder = self.root / split
         if not folder.is_dir():
@@ -235,7 +296,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             steps.append(transforms.RandomHorizontalFlip())
         channels = 1 if self.grayscale else 3
         steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
-        return datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+        return CheckedImageFolder(folder, transforms.Compose(steps), split, self.records)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._dataset("train", train=True)
@@ -253,10 +314,30 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(self.test_set, self.batch_size, num_workers=self.num_workers)
 
 
-def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
-    """Read CIFAR python-version batch files (pickled dicts with ``data`` (N, 3072) uint8 and labels)."""
-    import pickle
+class CIFARUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batch files and nothing else: the only globals it resolves are the few numpy functions that
+    rebuild an array, so a crafted file cannot run code (``pickle.load`` would import and call anything)."""
 
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"a CIFAR batch file may only hold dicts, lists, bytes and numpy arrays; it refers to {module}.{name}"
+            )
+        return super().find_class(module, name)
+
+
+def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+    """Read CIFAR python-version batch files (pickled dicts with ``data`` (N, 3072) uint8 and labels) with the
+    restricted :class:`CIFARUnpickler`."""
     images, labels = [], []
     for name in files:
         path = root / name
@@ -266,7 +347,12 @@ def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Te
                 f"(cifar-10-batches-py or cifar-100-python)"
             )
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            try:
+                batch = CIFARUnpickler(f, encoding="bytes").load()
+            except pickle.UnpicklingError as err:
+                raise ValueError(f"{path} is not a CIFAR batch file: {err}") from err
+        if not isinstance(batch, dict):
+            raise ValueError(f"{path} is not a CIFAR batch: expected a pickled dict, got {type(batch).__name__}")
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         if "data" not in batch or label_key not in batch:
             raise ValueError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}")
