@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SKIP_FRACTION = 0.05
 
 
-class BadRecordWarning(UserWarning):
+class DataWarning(UserWarning):
+    """Something in the data that is likely a mistake but still usable (a duplicate timestamp, a gap)."""
+
+
+class BadRecordWarning(DataWarning):
     """A record (file, row, annotation) was skipped; the message names it and why."""
 
 
