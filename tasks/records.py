@@ -54,7 +54,7 @@ class BadRecords:
         self.max_skip_fraction = check_skip_fraction(max_skip_fraction)
         self.counts: dict[str, Counter[str]] = {}
         self.bad: Counter[str] = Counter()  # per split: skips that count against the ceiling
-        self.first: dict[str, list[str]] = {}  # per split: the first few skipped records, for error messages
+        self.first: dict[str, list[str]] = {}  # per split: the first few bad records, for error messages
         self.totals: dict[str, int] = {}
 
     def skip(self, split: str, reason: str, record: str, detail: str = "", bad: bool = True) -> None:
@@ -64,7 +64,7 @@ class BadRecords:
         self.counts.setdefault(split, Counter())[reason] += 1
         self.bad[split] += int(bad)
         first = self.first.setdefault(split, [])
-        if len(first) < 3:
+        if bad and len(first) < 3:
             first.append(record)
         warnings.warn(
             f"{self.source}: skipping {record} in the {split} split ({reason}{': ' + detail if detail else ''})",
@@ -108,7 +108,7 @@ class BadRecords:
             )
         self._check_ceiling(split, total)
         if split in self.counts:
-            log.warning("%s: %s split: %d of %d records usable; %s", self.source, split, usable, total, self._describe(split))
+            log.warning("%s: %s split: %d of %d usable; %s", self.source, split, usable, total, self._describe(split))
         return usable
 
     def summary(self) -> str:

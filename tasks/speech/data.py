@@ -6,9 +6,10 @@ spectrograms (25 ms windows, 10 ms hop), normalised per utterance. Bad input nev
 transcripts, characters outside the vocabulary and over-long utterances are skipped when the list is read;
 unreadable, missing or empty audio and declared sample rates that do not match the file are skipped when the
 dataset is built (a header read; :func:`probe_audio`) or, for damage past the header, when they are loaded.
-Every skip is warned about naming the file and counted by split and reason in one :class:`~moezoo.tasks.records.BadRecords`
-ledger (``dataset.skipped``); a split with no usable utterance, or more unreadable files than ``max_skip_fraction``,
-is an error before training starts; ``on_bad="error"`` raises at the first bad utterance instead.
+Every skip is warned about naming the file and counted by split and reason in one
+:class:`~moezoo.tasks.records.BadRecords` ledger (``dataset.skipped``); a split with no usable utterance, or
+more unreadable files than ``max_skip_fraction``, is an error before training starts; ``on_bad="error"`` raises at
+the first bad utterance instead.
 """
 
 from __future__ import annotations
