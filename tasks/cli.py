@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
+from typing import Union
 
 from moezoo.extras import MissingExtraError, require
 
@@ -34,6 +35,9 @@ DOMAINS = (
     "moezoo.tasks.detection",
 )
 log = logging.getLogger(__name__)
+# Lightning annotates these Union[float, int, None], so the parser reads "1" as 1.0 (100 % of the batches); with int
+# tried first, 1 means one batch and 1.0 all of them, as in Lightning's own documentation.
+INT_FIRST_TRAINER_ARGS = tuple(f"limit_{stage}_batches" for stage in ("train", "val", "test", "predict"))
 
 
 def import_domains() -> list[str]:
@@ -55,6 +59,10 @@ def import_domains() -> list[str]:
 
 class MoEZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in INT_FIRST_TRAINER_ARGS:
+            action = parser._option_string_actions.get(f"--trainer.{name}")
+            if action is not None and hasattr(action, "_typehint"):
+                action._typehint = Union[int, float, None]  # noqa: UP007 (a runtime type hint object)
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="evaluate the test set after fit (best checkpoint)"
         )
