@@ -225,8 +225,8 @@ def sample_groups(side: Side | None, num_tokens: int | torch.SymInt, device: tor
     """``(sample_idx_T, sample_sizes_B)`` from the side inputs, or all tokens as one sample."""
     if side and SAMPLE_IDX in side and SAMPLE_SIZES in side:
         return side[SAMPLE_IDX], side[SAMPLE_SIZES]
-    sizes = torch.full((1,), num_tokens, dtype=torch.int64, device=device)
-    return torch.zeros(num_tokens, dtype=torch.int64, device=device), sizes
+    sample_T = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    return sample_T, count_per_expert(sample_T, 1)
 
 
 class SparseRouter(Router):
