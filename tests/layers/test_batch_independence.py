@@ -10,23 +10,12 @@ import pytest
 import torch
 
 from moezoo.layers import ROUTERS, MoE, TopKRouter, router_options
+from tests.layers.sides import side_inputs
 
 DIM, FFN, EXPERTS, TOKENS = 16, 32, 4, 6
 
 # Options that switch on a router's batch-dependent rule where it has one (capacity, balanced evaluation).
 BATCH_RULE_OPTIONS = {"capacity_factor": 1.0, "balanced_eval": True}
-
-
-def _side_input(name: str, moe: MoE, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """A valid per-sample side input; a new side input must be added here (the test fails until it is)."""
-    router = moe.router
-    if name == "cfg_dropped":
-        return torch.rand(batch, generator=generator) < 0.5
-    if name == "lid_probs":
-        return torch.softmax(torch.randn(batch, TOKENS, EXPERTS, generator=generator), -1)
-    if name == "global_embedding":
-        return torch.randn(batch, router.embed_dim, generator=generator)  # type: ignore[arg-type]
-    pytest.fail(f"no maker for side input {name!r} of {type(router).__name__}: add one to _side_input")
 
 
 def _layer(name: str, **extra) -> MoE:
@@ -46,7 +35,7 @@ def _items(moe: MoE, x: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Te
 def _data(moe: MoE, batch: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, TOKENS, DIM, generator=generator)
-    return x, {name: _side_input(name, moe, batch, generator) for name in moe.router.needs_side}
+    return x, side_inputs(moe.router, (batch, TOKENS), generator)
 
 
 def _pick(side: dict[str, torch.Tensor], index: slice) -> dict[str, torch.Tensor]:
