@@ -13,7 +13,7 @@ import importlib
 import inspect
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from moezoo.extras import MissingExtraError, require
 
@@ -36,6 +36,9 @@ DOMAINS = (
     "moezoo.tasks.detection",
 )
 log = logging.getLogger(__name__)
+# Lightning annotates these Union[float, int, None], so the parser reads "1" as 1.0 (100 % of the batches); with int
+# tried first, 1 means one batch and 1.0 all of them, as in Lightning's own documentation.
+INT_FIRST_TRAINER_ARGS = tuple(f"limit_{stage}_batches" for stage in ("train", "val", "test", "predict"))
 
 
 def import_domains() -> list[str]:
@@ -88,6 +91,10 @@ def data_settings_of(
 
 class MoEZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in INT_FIRST_TRAINER_ARGS:
+            action = parser._option_string_actions.get(f"--trainer.{name}")
+            if action is not None and hasattr(action, "_typehint"):
+                action._typehint = Union[int, float, None]  # noqa: UP007 (a runtime type hint object)
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="evaluate the test set after fit (best checkpoint)"
         )
@@ -115,6 +122,12 @@ class MoEZooCLI(LightningCLI):
         if subcommand is not None:
             check_ckpt_path(self.config.get(subcommand, {}).get("ckpt_path"), subcommand)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the config's model by the checkpoint's: first make sure both are the same task, so
+        that a checkpoint of another task is an error naming both instead of a failure deep in the run."""
+        check_checkpoint_task(self.config)
+        super()._parse_ckpt_path()
+
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.interrupted:
@@ -133,6 +146,26 @@ class MoEZooCLI(LightningCLI):
             metrics = {k: float(v) for k, v in results[0].items()}
             metrics["params/total"] = float(count_parameters(self.model).total)  # sharded experts at full size
             write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
+
+
+def check_checkpoint_task(config: Any) -> None:
+    """ValueError when ``ckpt_path`` holds a checkpoint of another task than the config's ``model``."""
+    subcommand = config.get("subcommand")
+    ckpt_path = config[subcommand].get("ckpt_path") if subcommand else None
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return
+    import torch
+
+    saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {}).get("_class_path")
+    wanted = config[subcommand].get("model", {}).get("class_path")
+    if not saved or not wanted:
+        return
+    same = saved == wanted if "." in wanted else saved.rsplit(".", 1)[-1] == wanted
+    if not same:
+        raise ValueError(
+            f"ckpt_path={str(ckpt_path)!r} is a checkpoint of the task {saved}, but the config's model is {wanted}: "
+            "use a checkpoint of this task, or the config the checkpoint was trained with"
+        )
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MoEZooCLI:

@@ -14,6 +14,7 @@ Python branches on data-dependent sizes (a mask's token count is one, see ``moez
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.losses import load_cv, routing_entropy
 from moezoo.layers.routers import (
+    SAMPLE_IDX,
+    SAMPLE_SIZES,
     Router,
     RoutingResult,
     SoftRoutingResult,
@@ -73,15 +76,49 @@ def summarize_aux(auxes: Sequence[MoEAux]) -> dict[str, float]:
     return out
 
 
-def _expand_side(side: Mapping[str, Tensor] | None, lead_shape: torch.Size, keep: Tensor | None) -> dict[str, Tensor]:
-    """Per-sample or per-token side inputs -> one row per (kept) flattened token."""
+def check_side(router: Router, side: Mapping[str, Tensor] | None) -> None:
+    """The side inputs a router needs are present (by exact name) and every side input is a finite tensor."""
+    given = dict(side or {})
+    missing = [name for name in router.needs_side if name not in given]
+    if missing:
+        raise ValueError(
+            f"{type(router).__name__} needs the side inputs {list(router.needs_side)}; missing {missing}, "
+            f"got {sorted(given)}"
+        )
+    for name, value in given.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"side input {name!r} must be a tensor, got {type(value).__name__}")
+        if value.is_floating_point() and not torch.compiler.is_compiling() and not all_finite(value):
+            raise ValueError(f"side input {name!r} contains NaN or inf values")
+
+
+def _expand_side(
+    side: Mapping[str, Tensor] | None,
+    lead_shape: torch.Size,
+    keep: Tensor | None,
+    feature_dims: Mapping[str, int] | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample or per-token side inputs -> one row per (kept) flattened token.
+
+    A side input's leading dims are matched against the tokens' leading shape; ``feature_dims[name]`` (the
+    router's ``side_feature_dims``) says how many trailing dims are features, so that a per-sample embedding
+    ``(B, G)`` is not read as per-token when G equals the sequence length.
+    """
     if not side:
         return {}
     out = {}
     for name, value in side.items():
         k = 0
-        while k < len(lead_shape) and k < value.dim() and value.shape[k] == lead_shape[k]:
+        limit = len(lead_shape)
+        if feature_dims and name in feature_dims:
+            limit = min(limit, value.dim() - feature_dims[name])
+        while k < limit and k < value.dim() and value.shape[k] == lead_shape[k]:
             k += 1
+        if feature_dims and name in feature_dims and k != value.dim() - feature_dims[name]:
+            raise ValueError(
+                f"side input {name!r} has shape {tuple(value.shape)}; it must be per sample or per token with "
+                f"{feature_dims[name]} feature dims, its leading dims matching the tokens' {tuple(lead_shape)}"
+            )
         if k == 0:
             raise ValueError(
                 f"side input {name!r} has shape {tuple(value.shape)}; its leading dims must match the tokens' "
@@ -92,6 +129,17 @@ def _expand_side(side: Mapping[str, Tensor] | None, lead_shape: torch.Size, keep
         flat = view.expand(*lead_shape, *extra).reshape(-1, *extra)
         out[name] = flat if keep is None else flat[keep]
     return out
+
+
+def _sample_side(lead_shape: torch.Size, keep: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    """:data:`SAMPLE_IDX` and :data:`SAMPLE_SIZES` for the (kept) flattened tokens: the first axis is the sample
+    axis of inputs ``(B, ..., D)`` with two or more leading dims; ``(L, D)`` or ``(D,)`` is one sample."""
+    num_samples = lead_shape[0] if len(lead_shape) >= 2 else 1
+    per_sample = math.prod(lead_shape) // max(num_samples, 1)
+    sample_T = torch.arange(num_samples, device=device).repeat_interleave(per_sample)
+    if keep is not None:
+        sample_T = sample_T.index_select(0, keep)
+    return {SAMPLE_IDX: sample_T, SAMPLE_SIZES: count_per_expert(sample_T, num_samples)}
 
 
 def all_finite(x: Tensor) -> bool:
@@ -156,6 +204,7 @@ class MoE(nn.Module):
         self.expert_dim = ffn_dim // granularity
         self.backend = backend
         self.check_finite = check_finite
+        self._warned_batch_rule = False
         self.router: Router
         if isinstance(router, str):
             kwargs = dict(router_kwargs or {})
@@ -206,15 +255,32 @@ class MoE(nn.Module):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, side: Mapping[str, Tensor] | None = None
     ) -> tuple[Tensor, MoEAux]:
-        """``x (..., D)`` -> ``(y (..., D), aux)``; ``mask (...)`` True for real tokens; ``side``: router inputs."""
+        """``x (..., D)`` -> ``(y (..., D), aux)``; ``mask (...)`` True for real tokens; ``side``: router inputs.
+
+        At evaluation a router that keeps a batch-dependent rule (``eval_rule="batch"``, or a router declared
+        ``batch_dependent`` without a per-item rule) makes an item's output depend on its batchmates: the layer
+        warns once."""
         self._check_input(x, mask)
+        check_side(self.router, side)
+        if not self.training and not self._warned_batch_rule and not torch.compiler.is_compiling():
+            if self.router.depends_on_batch(training=False):
+                self._warned_batch_rule = True
+                warnings.warn(
+                    f"{type(self.router).__name__} keeps its batch-dependent routing rule at evaluation: an item's "
+                    "output depends on the other items of its batch (and can leak between requests batched "
+                    "together); use eval_rule='item' for batch-independent inference",
+                    stacklevel=2,
+                )
         if self.router.kind == "soft":
             return self._forward_soft(x, mask)
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.dim)
         keep_T = true_indices(mask.reshape(-1)) if mask is not None else None
         x_in = x_TD if keep_T is None else x_TD.index_select(0, keep_T)
-        routing: RoutingResult = self.router(x_in, _expand_side(side, lead, keep_T))
+        side_T = _expand_side(side, lead, keep_T, self.router.side_feature_dims)
+        if not self.training and self.router.batch_dependent:
+            side_T.update(_sample_side(lead, keep_T, x.device))
+        routing: RoutingResult = self.router(x_in, side_T)
         y_in = self.experts(x_in, routing.token_idx_N, routing.expert_idx_N, routing.gate_N, backend=self.backend)
         if self.shared is not None:
             shared = self.shared(x_in)

@@ -17,7 +17,7 @@ prototypes, N routed pairs, A experts that received at least one token.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ class ProMoERouter(SparseRouter):
     """
 
     needs_side = ("cfg_dropped",)
+    side_feature_dims: ClassVar[Mapping[str, int]] = {"cfg_dropped": 0}
 
     def __init__(
         self,
@@ -123,15 +124,18 @@ class ProMoERouter(SparseRouter):
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         num_tokens = x_TD.shape[0]
         device = x_TD.device
-        dropped_T = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-        if side and "cfg_dropped" in side:
-            flag = side["cfg_dropped"]
-            if flag.shape != (num_tokens,):
-                raise ValueError(
-                    f"side['cfg_dropped'] must hold one bool per sample or per token, got shape {tuple(flag.shape)} "
-                    f"for {num_tokens} tokens"
-                )
-            dropped_T = flag.to(device=device, dtype=torch.bool)
+        if not side or "cfg_dropped" not in side:
+            raise ValueError(
+                "ProMoERouter needs the side input 'cfg_dropped' (one bool per sample or per token: True where the "
+                f"class label was dropped for classifier-free guidance); got side keys {sorted(side or {})}"
+            )
+        flag = side["cfg_dropped"]
+        if flag.shape != (num_tokens,):
+            raise ValueError(
+                f"side['cfg_dropped'] must hold one bool per sample or per token, got shape {tuple(flag.shape)} "
+                f"for {num_tokens} tokens"
+            )
+        dropped_T = flag.to(device=device, dtype=torch.bool)
         sim_TP = self.similarity(x_TD)
         cond_C = true_indices(~dropped_T)
         uncond_U = true_indices(dropped_T)

@@ -19,6 +19,13 @@ constructor calls and which :func:`check_router_kwargs` calls without building a
 check its router settings up front). Data-dependent filters use :func:`moezoo.ops.true_indices` and counts use
 :func:`moezoo.ops.count_per_expert`, so every router traces under ``torch.compile(fullgraph=True)``.
 
+Batch independence: a router whose rule can make one token's routing depend on the other tokens of the batch
+(capacity dropping, expert choice, a balanced assignment) sets ``batch_dependent = True``. Such routers take
+``eval_rule``: ``"item"`` (the default) runs a batch-independent rule at evaluation (dropless top-k for capacity
+routing; expert choice and Sinkhorn within each sample's own tokens, which the MoE layer passes as the side inputs
+:data:`SAMPLE_IDX` and :data:`SAMPLE_SIZES`), ``"batch"`` keeps the training rule, and the MoE layer warns once.
+:meth:`Router.depends_on_batch` says which applies to an instance.
+
 State that is not trained by gradients (the loss-free bias, ReLU routing's L1 coefficient) lives in buffers;
 training forwards accumulate observations and :meth:`Router.update_state` applies them once per optimiser step.
 """
@@ -39,6 +46,13 @@ from moezoo.layers.losses import logsumexp_TE, router_z_loss, switch_balance_los
 from moezoo.ops import count_per_expert, size_max, size_min, true_indices
 
 Side = Mapping[str, Tensor]
+
+# Side inputs the MoE layer adds at evaluation for batch-dependent routers: each (kept) token's sample index (T,),
+# int64, non-decreasing, and each sample's number of (kept) tokens (B,). Routers called without them treat all
+# their tokens as one sample.
+SAMPLE_IDX = "sample_idx"
+SAMPLE_SIZES = "sample_sizes"
+EVAL_RULES = ("item", "batch")
 
 
 @dataclass
@@ -150,6 +164,11 @@ class Router(nn.Module):
 
     kind: ClassVar[Literal["sparse", "soft"]]
     needs_side: ClassVar[tuple[str, ...]] = ()
+    # Trailing feature dims of each side input (e.g. 1 for an embedding (..., G)): tells a per-sample input from a
+    # per-token one whose width equals the sequence length. Inputs not named here have no feature dims.
+    side_feature_dims: ClassVar[Mapping[str, int]] = {}
+    # True when the router's rule can make a token's routing depend on its batchmates (see the module docstring).
+    batch_dependent: ClassVar[bool] = False
 
     def __init__(self, dim: int, num_experts: int, balance_coef: float = 0.01, z_loss_coef: float = 0.0) -> None:
         super().__init__()
@@ -195,6 +214,20 @@ class Router(nn.Module):
     def update_state(self) -> None:
         """Apply accumulated non-gradient updates (called once per optimiser step). Default: nothing."""
 
+    def depends_on_batch(self, training: bool) -> bool:
+        """Whether this instance's routing of a token depends on its batchmates, in training or at evaluation.
+        Default: the class's ``batch_dependent`` in both (a router that declares it and has no per-item rule keeps
+        the batch rule on purpose); routers with an ``eval_rule`` override it."""
+        return type(self).batch_dependent
+
+
+def sample_groups(side: Side | None, num_tokens: int | torch.SymInt, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(sample_idx_T, sample_sizes_B)`` from the side inputs, or all tokens as one sample."""
+    if side and SAMPLE_IDX in side and SAMPLE_SIZES in side:
+        return side[SAMPLE_IDX], side[SAMPLE_SIZES]
+    sample_T = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    return sample_T, count_per_expert(sample_T, 1)
+
 
 class SparseRouter(Router):
     """A router that returns pairs: ``forward(x_TD (T, D), side) -> RoutingResult``.
@@ -239,7 +272,11 @@ class TopKRouter(SparseRouter):
     - ``num_null_experts`` (AdaMoE): extra experts that compute nothing; pairs routed to them are removed, so a
       token may use fewer than K real experts (``top_k`` may reach ``num_experts + num_null_experts``).
     - ``normalize``: renormalise the K selected probabilities to sum to 1 (default for K > 1).
+    - ``eval_rule``: with a capacity, ``"item"`` evaluates dropless (batch-independent), ``"batch"`` keeps the
+      capacity at evaluation too.
     """
+
+    batch_dependent: ClassVar[bool] = True  # with a capacity_factor
 
     def __init__(
         self,
@@ -254,6 +291,7 @@ class TopKRouter(SparseRouter):
         normalize: bool | None = None,
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        eval_rule: str = "item",
     ) -> None:
         TopKRouter.check_options(
             num_experts,
@@ -267,9 +305,11 @@ class TopKRouter(SparseRouter):
                 normalize=normalize,
                 balance_coef=balance_coef,
                 z_loss_coef=z_loss_coef,
+                eval_rule=eval_rule,
             ),
         )
         self.num_null_experts = num_null_experts
+        self.eval_rule = eval_rule
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
         self.top_k = top_k
         self.noise = noise
@@ -295,10 +335,14 @@ class TopKRouter(SparseRouter):
         check_positive("capacity_factor", options["capacity_factor"], none_means="dropless")
         check_choice("drop_policy", options["drop_policy"], ("position", "batch_priority"))
         check_bool("normalize", options["normalize"], allow_none=True)
+        check_choice("eval_rule", options["eval_rule"], EVAL_RULES)
 
     @property
     def num_logits(self) -> int:
         return self.num_experts + self.num_null_experts
+
+    def depends_on_batch(self, training: bool) -> bool:
+        return self.capacity_factor is not None and (training or self.eval_rule == "batch")
 
     def capacity(self, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
         assert self.capacity_factor is not None
@@ -322,7 +366,7 @@ class TopKRouter(SparseRouter):
         keep = None
         if self.num_null_experts:
             keep = expert_idx_N < self.num_experts
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and (self.training or self.eval_rule == "batch"):
             num_tokens = x_TD.shape[0]
             rank_T = torch.arange(num_tokens, device=x_TD.device)
             if self.drop_policy == "batch_priority":
@@ -417,8 +461,11 @@ class ExpertChoiceRouter(SparseRouter):
 
     ``C = ceil(capacity_factor * T / E)``; ``capacity_factor`` is the mean number of experts per token, so
     ``capacity_factor = top_k`` matches the compute of top-k token choice (the default). A token may be chosen
-    by 0..E experts.
+    by 0..E experts. With ``eval_rule="item"`` (default) evaluation applies the rule within each sample: each
+    expert takes the top ``ceil(capacity_factor * T_b / E)`` tokens of every sample b of ``T_b`` tokens.
     """
+
+    batch_dependent: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -428,19 +475,31 @@ class ExpertChoiceRouter(SparseRouter):
         capacity_factor: float | None = None,
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
+        eval_rule: str = "item",
     ) -> None:
         ExpertChoiceRouter.check_options(
             num_experts,
-            dict(top_k=top_k, capacity_factor=capacity_factor, balance_coef=balance_coef, z_loss_coef=z_loss_coef),
+            dict(
+                top_k=top_k,
+                capacity_factor=capacity_factor,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+                eval_rule=eval_rule,
+            ),
         )
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
         self.capacity_factor = float(top_k) if capacity_factor is None else capacity_factor
+        self.eval_rule = eval_rule
 
     @classmethod
     def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
         super().check_options(num_experts, options)
         check_top_k(options["top_k"], num_experts)
         check_positive("capacity_factor", options["capacity_factor"], none_means="top_k")
+        check_choice("eval_rule", options["eval_rule"], EVAL_RULES)
+
+    def depends_on_batch(self, training: bool) -> bool:
+        return training or self.eval_rule == "batch"
 
     def capacity(self, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
         per_expert = size_max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
@@ -450,19 +509,33 @@ class ExpertChoiceRouter(SparseRouter):
         num_tokens = x_TD.shape[0]
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        gate_EC, token_EC = probs_TE.t().topk(self.capacity(num_tokens), dim=-1)  # C = 0 when T = 0
-        expert_EC = torch.arange(self.num_experts, device=x_TD.device).unsqueeze(-1).expand_as(token_EC)
-        mean_experts_per_token = size_max(1, gate_EC.shape[0] * gate_EC.shape[1] // size_max(1, num_tokens))
-        losses = self.common_losses(logits_TE, probs_TE, expert_EC.reshape(-1), mean_experts_per_token)
-        return RoutingResult(
-            token_EC.reshape(-1),
-            expert_EC.reshape(-1),
-            gate_EC.reshape(-1),
-            num_tokens,
-            self.num_experts,
-            probs_TE.detach(),
-            losses,
+        if not self.training and self.eval_rule == "item":
+            token_N, expert_N = self._choose_per_sample(probs_TE, *sample_groups(side, num_tokens, x_TD.device))
+            gate_N = probs_TE[token_N, expert_N]
+        else:
+            gate_EC, token_EC = probs_TE.t().topk(self.capacity(num_tokens), dim=-1)  # C = 0 when T = 0
+            expert_EC = torch.arange(self.num_experts, device=x_TD.device).unsqueeze(-1).expand_as(token_EC)
+            token_N, expert_N, gate_N = token_EC.reshape(-1), expert_EC.reshape(-1), gate_EC.reshape(-1)
+        mean_experts_per_token = size_max(1, expert_N.shape[0] // size_max(1, num_tokens))
+        losses = self.common_losses(logits_TE, probs_TE, expert_N, mean_experts_per_token)
+        return RoutingResult(token_N, expert_N, gate_N, num_tokens, self.num_experts, probs_TE.detach(), losses)
+
+    def _choose_per_sample(self, probs_TE: Tensor, sample_T: Tensor, sizes_B: Tensor) -> tuple[Tensor, Tensor]:
+        """Expert choice within each sample: per expert, its top ``C_b`` tokens of every sample b."""
+        num_tokens = probs_TE.shape[0]
+        cap_B = torch.ceil(self.capacity_factor * sizes_B.double() / self.num_experts).long().clamp_min(1)
+        cap_B = torch.minimum(cap_B, sizes_B)
+        order_ET = torch.argsort(probs_TE.detach().t(), dim=-1, descending=True, stable=True)
+        sample_ET = sample_T[order_ET]
+        by_sample = torch.argsort(sample_ET, dim=-1, stable=True)  # samples in order, best tokens first in each
+        order_ET, sample_ET = order_ET.gather(-1, by_sample), sample_ET.gather(-1, by_sample)
+        starts_B = torch.cumsum(sizes_B, 0) - sizes_B
+        rank_ET = torch.arange(num_tokens, device=probs_TE.device) - starts_B[sample_ET]
+        expert_ET = torch.arange(self.num_experts, device=probs_TE.device).unsqueeze(-1).expand_as(order_ET)
+        token_N, expert_N = keep_pairs(
+            (rank_ET < cap_B[sample_ET]).reshape(-1), order_ET.reshape(-1), expert_ET.reshape(-1)
         )
+        return token_N, expert_N
 
 
 def sinkhorn_log(logits_TE: Tensor, num_iters: int) -> Tensor:
@@ -478,13 +551,30 @@ def sinkhorn_log(logits_TE: Tensor, num_iters: int) -> Tensor:
     return log_p
 
 
+def sinkhorn_log_per_sample(logits_TE: Tensor, sample_T: Tensor, num_samples: int, num_iters: int) -> Tensor:
+    """:func:`sinkhorn_log` within each sample: the expert columns are balanced over each sample's own tokens."""
+    index_TE = sample_T.unsqueeze(-1).expand_as(logits_TE)
+    log_p = logits_TE
+    for _ in range(num_iters):
+        max_BE = logits_TE.new_full((num_samples, logits_TE.shape[1]), float("-inf"))
+        max_BE = max_BE.scatter_reduce(0, index_TE, log_p, "amax").detach()
+        shifted = log_p - max_BE[sample_T]
+        sum_BE = logits_TE.new_zeros(num_samples, logits_TE.shape[1]).index_add(0, sample_T, shifted.exp())
+        log_p = shifted - sum_BE.clamp_min(1e-30).log()[sample_T]
+        log_p = log_p - logsumexp_TE(log_p, dim=1)
+    return log_p
+
+
 class SinkhornRouter(SparseRouter):
     """Balanced assignment by Sinkhorn iterations (BASE layers / Selective Sinkhorn).
 
     In training, experts are selected by the top-k of a balanced transport plan computed from the logits
     (no gradient through the selection); gates are the softmax probabilities of the selected experts.
-    At evaluation the selection is greedy top-k unless ``balanced_eval``.
+    At evaluation the selection is greedy top-k unless ``balanced_eval``; then ``eval_rule="item"`` (default)
+    balances within each sample's own tokens and ``"batch"`` over the whole batch.
     """
+
+    batch_dependent: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -495,6 +585,7 @@ class SinkhornRouter(SparseRouter):
         balanced_eval: bool = False,
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
+        eval_rule: str = "item",
     ) -> None:
         SinkhornRouter.check_options(
             num_experts,
@@ -504,8 +595,10 @@ class SinkhornRouter(SparseRouter):
                 balanced_eval=balanced_eval,
                 balance_coef=balance_coef,
                 z_loss_coef=z_loss_coef,
+                eval_rule=eval_rule,
             ),
         )
+        self.eval_rule = eval_rule
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
         self.top_k = top_k
         self.num_iters = num_iters
@@ -517,12 +610,19 @@ class SinkhornRouter(SparseRouter):
         check_top_k(options["top_k"], num_experts)
         check_int("num_iters", options["num_iters"], 1)
         check_bool("balanced_eval", options["balanced_eval"])
+        check_choice("eval_rule", options["eval_rule"], EVAL_RULES)
+
+    def depends_on_batch(self, training: bool) -> bool:
+        return training or (self.balanced_eval and self.eval_rule == "batch")
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         select_TE = logits_TE.detach()
-        if self.training or self.balanced_eval:
+        if not self.training and self.balanced_eval and self.eval_rule == "item":
+            sample_T, sizes_B = sample_groups(side, x_TD.shape[0], x_TD.device)
+            select_TE = sinkhorn_log_per_sample(select_TE, sample_T, sizes_B.shape[0], self.num_iters)
+        elif self.training or self.balanced_eval:
             select_TE = sinkhorn_log(select_TE, self.num_iters)
         top_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
         gates_TK = probs_TE.gather(-1, top_idx_TK)

@@ -59,6 +59,7 @@ class LanguageRouter(SparseRouter):
     """
 
     needs_side: ClassVar[tuple[str, ...]] = ("lid_probs",)
+    side_feature_dims: ClassVar[Mapping[str, int]] = {"lid_probs": 1}
     shared_across_layers: ClassVar[bool] = True  # one (weightless) instance: the LID head is the shared pre-router
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, normalize: bool | None = None) -> None:
@@ -104,6 +105,7 @@ class GlobalEmbeddingRouter(TopKRouter):
     """
 
     needs_side: ClassVar[tuple[str, ...]] = ("global_embedding",)
+    side_feature_dims: ClassVar[Mapping[str, int]] = {"global_embedding": 1}
 
     def __init__(
         self, dim: int, num_experts: int, embed_dim: int = 32, top_k: int = 1, balance_coef: float = 0.01, **kwargs

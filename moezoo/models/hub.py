@@ -103,6 +103,26 @@ def package_weights_dir() -> Path:
     return Path(str(resources.files("moezoo") / "weights"))
 
 
+def cache_path(file: str) -> Path:
+    """Where release file ``file`` lives in the cache: ``file`` must be a plain file name, so that a record can
+    never make the hub read, write or delete outside :func:`checkpoint_dir`."""
+    check_file_name(file)
+    folder = checkpoint_dir()
+    dest = folder / file
+    if dest.resolve().parent != folder.resolve():
+        raise ValueError(f"release file {file!r} resolves outside the cache folder {str(folder)!r}")
+    return dest
+
+
+def check_file_name(file: object) -> None:
+    """A release's ``file`` is a plain file name: no folder part, not ``.``/``..``, no NUL."""
+    if not isinstance(file, str) or not file or file in (".", "..") or any(c in file for c in "/\\\0"):
+        raise ValueError(
+            f"a release's file must be a plain file name (no '/', '\\', '..' or NUL) inside the cache folder, "
+            f"got {file!r}"
+        )
+
+
 def package_url(file: str) -> str:
     return f"{PACKAGE_SCHEME}://weights/{file}"
 
@@ -256,6 +276,7 @@ def fetch(
     ``force`` skips local copies and the cache and downloads again. Raises :class:`ChecksumError` when every copy
     found was corrupt (offline or not), :class:`OfflineError` on an offline miss, :class:`DownloadError` otherwise.
     """
+    check_file_name(cfg.file)
     if not cfg.sha256 or len(cfg.sha256) != 64:
         raise ValueError(f"sha256 of {cfg.file!r} must be 64 hex digits, got {cfg.sha256!r}")
     urls = candidate_urls(cfg)
@@ -275,7 +296,7 @@ def fetch(
             except ChecksumError as err:  # never delete a file we did not write; try the other sources
                 corrupt = True
                 failures.append(f"{url}: {err}")
-    dest = checkpoint_dir() / cfg.file
+    dest = cache_path(cfg.file)
     if dest.is_file() and not force:
         try:
             verify_file(dest, cfg.sha256, cfg.num_bytes)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from moezoo.layers.experts import GroupedExperts
 from moezoo.layers.moe import MoE
-from moezoo.layers.routers import ExpertChoiceRouter, Router, SinkhornRouter, TopKRouter
+from moezoo.layers.routers import Router
 from moezoo.ops import expert_ffn
 from moezoo.parallel.comm import (
     ExpertParallelGroups,
@@ -148,11 +148,7 @@ def routing_scope(router: Router) -> str:
     """What a router's decision depends on: ``"token"``, ``"sequence"`` (Soft MoE) or ``"local_batch"``."""
     if router.kind == "soft":
         return "sequence"
-    if isinstance(router, ExpertChoiceRouter):
-        return "local_batch"
-    if isinstance(router, SinkhornRouter):  # the balanced assignment in training
-        return "local_batch"
-    if isinstance(router, TopKRouter) and router.capacity_factor is not None:
+    if router.depends_on_batch(training=True):  # capacity, expert choice, the balanced assignment in training
         return "local_batch"
     return str(getattr(router, "routing_scope", "token"))
 

@@ -4,15 +4,14 @@ real aerial tree images. Nothing downloads.
 A sample is ``(image (C, S, S) float in [0, 1], boxes (K, 4) xyxy pixels, labels (K,), domain id, image id)``;
 :func:`collate` stacks a batch into a dict with ``targets`` rows ``[image_idx, class, x1, y1, x2, y2]``.
 Bad annotations are either a ``ValueError`` naming the file, the value and what is allowed (unknown class id,
-malformed rows, a dataset without images) or a counted skip reported in ``skipped`` and warned about (boxes
-outside the image, degenerate boxes, unreadable or corrupt image files).
+malformed rows, a dataset without images) or a counted skip reported in ``skipped`` and warned about naming the file
+(boxes outside the image, degenerate boxes, unreadable or corrupt image files; :mod:`moezoo.tasks.records`, which
+also makes a split without a readable image, or with more than ``max_skip_fraction`` of them unreadable, an error).
 """
 
 from __future__ import annotations
 
 import json
-import warnings
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from moezoo.tasks.detection.canvases import DOMAINS, CanvasSet, load_items, make_canvases, split_items
+from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION, BadRecords, check_skip_fraction
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 Sample = tuple[Tensor, Tensor, Tensor, int, int]
@@ -155,7 +155,12 @@ class _DetectionDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self.skipped: Counter[str] = Counter()
+        self.records = BadRecords(type(self).__name__)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped images and boxes of every split, by reason (:mod:`moezoo.tasks.records`)."""
+        return self.records.skipped()
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
@@ -182,10 +187,6 @@ class _DetectionDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
-
-    def _report_skips(self, where: str) -> None:
-        if self.skipped:
-            warnings.warn(f"{where}: skipped {dict(self.skipped)}", stacklevel=3)
 
 
 class CanvasDataModule(_DetectionDataModule):
@@ -289,7 +290,7 @@ class ImageBoxDataset(Dataset):
     """Images (decoded and letterboxed once, cached as uint8) with boxes in pixels of the letterboxed image."""
 
     def __init__(
-        self, items: list[tuple[Path, Tensor, Tensor]], img_size: int, in_chans: int, skipped: Counter[str]
+        self, items: list[tuple[Path, Tensor, Tensor]], img_size: int, in_chans: int, split: str, records: BadRecords
     ) -> None:
         self.images: list[Tensor] = []
         self.boxes: list[Tensor] = []
@@ -298,18 +299,19 @@ class ImageBoxDataset(Dataset):
         for path, boxes, labels in items:
             array = read_image(path, in_chans)
             if array is None:
-                skipped["unreadable_image"] += 1
-                warnings.warn(f"skipping unreadable or corrupt image file {path}", stacklevel=2)
+                records.skip(split, "unreadable_image", str(path), "missing, unreadable or corrupt")
                 continue
             h, w = array.shape[:2]
             boxes = boxes.clone()
             keep = clip_boxes(boxes, w, h, min_keep=0.0, min_side=1.0)
-            skipped["box_outside_image"] += int((~keep).sum())
+            for box in boxes[~keep].tolist():
+                records.skip(split, "box_outside_image", f"a box of {path}", f"{box} in a {w}x{h} image", bad=False)
             img, boxes = letterbox(array, boxes[keep], img_size)
             self.images.append((img * 255).round().to(torch.uint8))
             self.boxes.append(boxes)
             self.labels.append(labels[keep])
             self.paths.append(path)
+        records.check(split, len(items))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -417,8 +419,10 @@ class DetectionFolderDataModule(_DetectionDataModule):
         mosaic_prob: float = 0.0,
         augment: bool = True,
         num_workers: int = 0,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
         super().__init__(batch_size, num_workers, hflip, scale_jitter, mosaic_prob, augment)
+        self.max_skip_fraction = check_skip_fraction(max_skip_fraction)
         if format not in ("coco", "yolo"):
             raise ValueError(f"format must be 'coco' or 'yolo', got {format!r}")
         if img_size % 32:
@@ -442,7 +446,7 @@ class DetectionFolderDataModule(_DetectionDataModule):
         if self.format == "coco":
             items, names = read_coco_json(self.root / "annotations" / f"instances_{split}.json", self.root / split)
             self.class_names, self.num_classes = names, len(names)
-            return ImageBoxDataset(items, self.img_size, self.in_chans, self.skipped)
+            return ImageBoxDataset(items, self.img_size, self.in_chans, split, self.records)
         items = read_yolo_labels(self.root / "images" / split, self.root / "labels" / split, self.num_classes)
         scaled = []
         for path, boxes, labels in items:
@@ -452,21 +456,16 @@ class DetectionFolderDataModule(_DetectionDataModule):
                 continue
             h, w = array.shape[:2]
             scaled.append((path, boxes * torch.tensor([w, h, w, h], dtype=torch.float32), labels))
-        return ImageBoxDataset(scaled, self.img_size, self.in_chans, self.skipped)
+        return ImageBoxDataset(scaled, self.img_size, self.in_chans, split, self.records)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.skipped.clear()
+        self.records = BadRecords(str(self.root), self.max_skip_fraction)  # each split checks itself when built
         train, val, test = self.splits
         self.train_set = self._split(train)
         self.val_set = self._split(val)
         self.test_set = self.val_set if test == val else self._split(test)
-        for name, ds in (("train", self.train_set), ("val", self.val_set)):
-            if len(ds) == 0:
-                skipped = dict(self.skipped)
-                raise ValueError(f"{self.root}: the {name} split has no readable images (skipped: {skipped})")
-        self._report_skips(str(self.root))
 
 
 # -- DeepForest's aerial trees ------------------------------------------------------------------------------------

@@ -4,8 +4,12 @@
 Audio is read with ``soundfile`` and resampled to 16 kHz with torchaudio; features are 80-dim log-mel
 spectrograms (25 ms windows, 10 ms hop), normalised per utterance. Bad input never crashes an epoch: empty
 transcripts, characters outside the vocabulary and over-long utterances are skipped when the list is read;
-unreadable or empty audio and declared sample rates that do not match the file are skipped when they are loaded.
-Every skip is logged and counted by reason (``dataset.skipped``); ``on_bad="error"`` raises instead.
+unreadable, missing or empty audio and declared sample rates that do not match the file are skipped when the
+dataset is built (a header read; :func:`probe_audio`) or, for damage past the header, when they are loaded.
+Every skip is warned about naming the file and counted by split and reason in one
+:class:`~moezoo.tasks.records.BadRecords` ledger (``dataset.skipped``); a split with no usable utterance, or
+more unreadable files than ``max_skip_fraction``, is an error before training starts; ``on_bad="error"`` raises at
+the first bad utterance instead.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moezoo.data.transforms import SPEECH_HOP as HOP
 from moezoo.data.transforms import LogMel
+from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION, BadRecords
 from moezoo.tasks.speech.corpus import LANGUAGES, PRESETS, SAMPLE_RATE, CorpusSpec, generate_corpus
 from moezoo.tasks.speech.text import CharVocab, normalize_text
 
@@ -78,16 +83,30 @@ def metric_groups(entry: SpeechEntry) -> tuple[str, ...]:
     return tuple(groups)
 
 
+def _check_audio(path: str | Path, frames: int, rate: int, declared_rate: int | None) -> None:
+    if frames == 0:
+        raise BadAudioError(f"audio file {str(path)!r} is empty (0 samples)")
+    if declared_rate is not None and declared_rate != rate:
+        raise BadAudioError(f"audio file {str(path)!r} has sample rate {rate} Hz but its manifest says {declared_rate}")
+
+
+def probe_audio(path: str | Path, declared_rate: int | None = None) -> None:
+    """Read only the header of an audio file: :class:`BadAudioError` when it is missing, unreadable, empty or of
+    another sample rate than declared (the checks of :func:`load_audio` that need no decoding)."""
+    try:
+        info = sf.info(str(path))
+    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError
+        raise BadAudioError(f"cannot read audio file {str(path)!r}: {err}") from err
+    _check_audio(path, info.frames, info.samplerate, declared_rate)
+
+
 def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE, declared_rate: int | None = None) -> Tensor:
     """Mono float32 waveform at ``target_rate``; :class:`BadAudioError` naming the file and the problem."""
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError
         raise BadAudioError(f"cannot read audio file {str(path)!r}: {err}") from err
-    if audio.shape[0] == 0:
-        raise BadAudioError(f"audio file {str(path)!r} is empty (0 samples)")
-    if declared_rate is not None and declared_rate != rate:
-        raise BadAudioError(f"audio file {str(path)!r} has sample rate {rate} Hz but its manifest says {declared_rate}")
+    _check_audio(path, audio.shape[0], rate, declared_rate)
     wave = torch.from_numpy(audio).mean(1)
     if rate != target_rate:
         wave = AF.resample(wave, rate, target_rate)
@@ -112,7 +131,9 @@ class SpeechDataset(Dataset):
     """Utterances as ``{"features" (T, M), "tokens" (S,), "lid" (T,), "kind", "groups", "uid"}``; a bad file gives
     ``None`` (``groups``: see :func:`metric_groups`).
 
-    ``preload=True`` computes every feature once (bad files are dropped then); otherwise audio is read lazily.
+    ``preload=True`` computes every feature once (bad files are dropped then); otherwise every file's header is
+    probed here (unreadable files are dropped) and audio is read lazily. Skips go to ``records`` under ``split``
+    (a ledger of its own when None), which then checks the split (:meth:`BadRecords.check`).
     """
 
     def __init__(
@@ -124,6 +145,8 @@ class SpeechDataset(Dataset):
         on_bad: str = "skip",
         preload: bool = False,
         n_mels: int = 80,
+        split: str = "train",
+        records: BadRecords | None = None,
     ) -> None:
         if on_bad not in ("skip", "error"):
             raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
@@ -132,7 +155,8 @@ class SpeechDataset(Dataset):
         self.on_bad = on_bad
         self.max_duration = max_duration
         self.featurizer = LogMel(n_mels)
-        self.skipped: Counter[str] = Counter()
+        self.split = split
+        self.records = BadRecords("speech") if records is None else records
         self.entries = [e for e in entries if self._text_ok(e)]
         self.cache: list[dict[str, Any] | None] | None = None
         if preload:
@@ -140,20 +164,39 @@ class SpeechDataset(Dataset):
             keep = [i for i, item in enumerate(cache) if item is not None]
             self.entries = [self.entries[i] for i in keep]
             self.cache = [cache[i] for i in keep]
+        else:
+            self.entries = [e for e in self.entries if self._audio_ok(e)]
+        self.records.check(split, len(entries))
 
-    def _skip(self, reason: str, message: str) -> None:
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped utterances of this dataset's split, by reason."""
+        return self.records.skipped(self.split)
+
+    def _skip(self, reason: str, message: str, entry: SpeechEntry) -> None:
         if self.on_bad == "error":
             raise ValueError(message)
-        self.skipped[reason] += 1
+        bad = reason not in ("too_long", "too_fast", "out_of_vocabulary")  # filters, not damaged records
+        self.records.skip(self.split, reason, f"{entry.uid} ({entry.audio})", message, bad=bad)
         log.warning("skipping utterance: %s", message)
+
+    def _audio_ok(self, entry: SpeechEntry) -> bool:
+        try:
+            probe_audio(entry.audio, entry.sample_rate)
+        except BadAudioError as err:
+            self._skip("bad_audio", str(err), entry)
+            return False
+        return True
 
     def _text_ok(self, entry: SpeechEntry) -> bool:
         if not entry.text:
-            self._skip("empty_transcript", f"{entry.uid}: the transcript is empty")
+            self._skip("empty_transcript", f"{entry.uid}: the transcript is empty", entry)
             return False
         bad = self.vocab.unknown(entry.text)
         if bad:
-            self._skip("out_of_vocabulary", f"{entry.uid}: characters outside the vocabulary {bad} in {entry.text!r}")
+            self._skip(
+                "out_of_vocabulary", f"{entry.uid}: characters outside the vocabulary {bad} in {entry.text!r}", entry
+            )
             return False
         return True
 
@@ -165,16 +208,20 @@ class SpeechDataset(Dataset):
         try:
             wave = load_audio(entry.audio, SAMPLE_RATE, entry.sample_rate)
         except BadAudioError as err:
-            self._skip("bad_audio", str(err))
+            self._skip("bad_audio", str(err), entry)
             return None
         duration = wave.numel() / SAMPLE_RATE
         if self.max_duration is not None and duration > self.max_duration:
-            self._skip("too_long", f"{entry.uid}: {duration:.1f} s is longer than max_duration={self.max_duration}")
+            self._skip(
+                "too_long", f"{entry.uid}: {duration:.1f} s is longer than max_duration={self.max_duration}", entry
+            )
             return None
         features = self.featurizer(wave)
         tokens = torch.tensor(self.vocab.encode(entry.text), dtype=torch.long)
         if tokens.numel() > (features.shape[0] + 3) // 4:
-            self._skip("too_fast", f"{entry.uid}: {tokens.numel()} characters do not fit {features.shape[0]} frames")
+            self._skip(
+                "too_fast", f"{entry.uid}: {tokens.numel()} characters do not fit {features.shape[0]} frames", entry
+            )
             return None
         lid = frame_languages(entry, features.shape[0], self.languages)
         groups = metric_groups(entry)
@@ -292,6 +339,8 @@ class SpeechDataModule(L.LightningDataModule):
         predict_path: audio to transcribe with ``predict``, without any corpus: a folder (searched recursively for
             ``.wav``/``.flac``/``.ogg``), one audio file, or a text file listing audio paths (one a line, relative
             to the list's folder). Without it, ``predict`` transcribes the test split.
+        max_skip_fraction: the largest share of a split's utterances that may be unreadable or malformed
+            (otherwise ``setup`` raises; :mod:`moezoo.tasks.records`).
     """
 
     def __init__(
@@ -303,6 +352,7 @@ class SpeechDataModule(L.LightningDataModule):
         on_bad: str = "skip",
         preload: bool = False,
         predict_path: str | None = None,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -315,6 +365,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.max_duration = max_duration
         self.on_bad = on_bad
         self.preload = preload
+        self.records = BadRecords(type(self).__name__, max_skip_fraction)
         self.vocab = CharVocab()
         self.datasets: dict[str, SpeechDataset] = {}
         self.predict_path = predict_path
@@ -331,7 +382,14 @@ class SpeechDataModule(L.LightningDataModule):
         if split not in self.datasets:
             max_duration = self.max_duration if split == "train" else None
             self.datasets[split] = SpeechDataset(
-                self.entries(split), self.vocab, self.languages, max_duration, self.on_bad, self.preload
+                self.entries(split),
+                self.vocab,
+                self.languages,
+                max_duration,
+                self.on_bad,
+                self.preload,
+                split=split,
+                records=self.records,
             )
         return self.datasets[split]
 
@@ -345,10 +403,7 @@ class SpeechDataModule(L.LightningDataModule):
             self.dataset(split)
 
     def skipped(self) -> dict[str, int]:
-        total: Counter[str] = Counter()
-        for ds in self.datasets.values():
-            total.update(ds.skipped)
-        return dict(total)
+        return self.records.skipped()
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -444,9 +499,17 @@ class SpeechCorpusDataModule(SpeechDataModule):
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
         predict_path: str | None = None,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, languages, max_duration, on_bad, preload=True, predict_path=predict_path
+            batch_size,
+            num_workers,
+            languages,
+            max_duration,
+            on_bad,
+            preload=True,
+            predict_path=predict_path,
+            max_skip_fraction=max_skip_fraction,
         )
         overrides = dict(
             languages=languages,
@@ -500,9 +563,16 @@ class LibriSpeechDataModule(SpeechDataModule):
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
         predict_path: str | None = None,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, ("en",), max_duration, on_bad, preload=False, predict_path=predict_path
+            batch_size,
+            num_workers,
+            ("en",),
+            max_duration,
+            preload=on_bad,
+            predict_path=predict_path,
+            max_skip_fraction=max_skip_fraction,
         )
         self.root = Path(root)
         self.subsets = {"train": tuple(train_subsets), "val": tuple(val_subsets), "test": tuple(test_subsets)}
@@ -544,9 +614,17 @@ class CommonVoiceDataModule(SpeechDataModule):
         max_duration: float | None = 20.0,
         on_bad: str = "skip",
         predict_path: str | None = None,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, languages, max_duration, on_bad, preload=False, predict_path=predict_path
+            batch_size,
+            num_workers,
+            languages,
+            max_duration,
+            on_bad,
+            preload=False,
+            predict_path=predict_path,
+            max_skip_fraction=max_skip_fraction,
         )
         self.root = Path(root)
         self.language = language
@@ -593,8 +671,18 @@ class ManifestDataModule(SpeechDataModule):
         on_bad: str = "skip",
         preload: bool = False,
         predict_path: str | None = None,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
-        super().__init__(batch_size, num_workers, languages, max_duration, on_bad, preload, predict_path=predict_path)
+        super().__init__(
+            batch_size,
+            num_workers,
+            languages,
+            max_duration,
+            on_bad,
+            preload=preload,
+            predict_path=predict_path,
+            max_skip_fraction=max_skip_fraction,
+        )
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest or val_manifest}
         self.manifest_skipped: Counter[str] = Counter()
 

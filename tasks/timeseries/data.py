@@ -47,6 +47,7 @@ and checks that the task's test MSE is the mean over every window and channel.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from moezoo.tasks.records import DataWarning
 
 ETT_HOUR_BORDERS = (0, 12 * 30 * 24, 16 * 30 * 24, 20 * 30 * 24)  # [0, 8640, 11520, 14400]
 SPLIT_KINDS = ("auto", "ett_hour", "ett_minute", "ratio")
@@ -115,8 +118,10 @@ def read_csv_series(
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Read a dated CSV: ``(values (T, C) float32 with the target last, column names, dates)``.
 
-    Raises ``ValueError`` for a missing date or target column, a non-numeric column, NaNs, or unparsable or
-    unordered dates, naming the column and the first bad row.
+    Raises ``ValueError`` for a missing date or target column, a non-numeric column, NaN or +-inf values, or
+    unparsable or unordered dates, naming the file, the column and the first bad row. Duplicate timestamps and gaps
+    (steps longer than the usual one) are reported with a :class:`~moezoo.tasks.records.DataWarning`
+    (:func:`report_time_irregularities`).
     """
     import pandas as pd
 
@@ -140,6 +145,7 @@ def read_csv_series(
         raise ValueError(f"{path.name}: column {date_column!r} has an unparsable date at row {row}")
     if not dates.is_monotonic_increasing:
         raise ValueError(f"{path.name}: column {date_column!r} is not in increasing time order")
+    report_time_irregularities(dates.to_numpy(), f"{path.name}: column {date_column!r}")
     columns = [c for c in frame.columns if c not in (date_column, target)] + [target]
     if features == "S":
         columns = [target]
@@ -164,8 +170,48 @@ def _numeric_columns(frame, columns: list[str], source: str) -> np.ndarray:  # t
             raise ValueError(
                 f"{source}: column {name!r} has NaN values (first at row {row}); fill or drop them before forecasting"
             )
-        out.append(col.to_numpy(dtype=np.float64))
+        values = col.to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            row = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise ValueError(
+                f"{source}: column {name!r} has an infinite value {values[row]} at row {row}; every value must be "
+                "finite"
+            )
+        out.append(values)
     return np.stack(out, axis=1)
+
+
+def report_time_irregularities(dates: np.ndarray, what: str) -> dict[str, int]:
+    """Warn (:class:`DataWarning`) about duplicate timestamps and gaps in increasing ``dates``; a gap is a step
+    longer than the most common step. Returns ``{"duplicates": n, "gaps": n}``."""
+    steps = np.diff(dates.astype("datetime64[ns]").astype(np.int64))
+    found = {"duplicates": 0, "gaps": 0}
+    if steps.size == 0:
+        return found
+    duplicate = np.flatnonzero(steps == 0)
+    if duplicate.size:
+        found["duplicates"] = int(duplicate.size)
+        warnings.warn(
+            f"{what} has {duplicate.size} duplicate timestamps (first at row {int(duplicate[0]) + 1}: "
+            f"{dates[duplicate[0] + 1]}); windows around them mix two readings of one time",
+            DataWarning,
+            stacklevel=3,
+        )
+    positive = steps[steps > 0]
+    if positive.size:
+        values, counts = np.unique(positive, return_counts=True)
+        usual = values[counts.argmax()]
+        gap = np.flatnonzero(steps > usual)
+        if gap.size:
+            found["gaps"] = int(gap.size)
+            largest = int(steps.max() // usual)
+            warnings.warn(
+                f"{what} has {gap.size} gaps longer than its usual step (first after row {int(gap[0])}: "
+                f"{dates[gap[0]]}; the largest spans {largest} steps); windows across them are not evenly spaced",
+                DataWarning,
+                stacklevel=3,
+            )
+    return found
 
 
 class WindowDataset(Dataset):

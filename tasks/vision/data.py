@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import pickle
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -25,6 +27,7 @@ from moezoo.data.transforms import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
 )
+from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION, BadRecords
 
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -328,12 +331,60 @@ class FashionMNISTDataModule(_ArrayImageDataModule):
         self.test_set = TensorDataset(*self.load_split(self.root, "test"))
 
 
+class CheckedImageFolder(Dataset):
+    """torchvision's ``ImageFolder`` listing with bad images skipped, not fatal (:mod:`moezoo.tasks.records`).
+
+    Every file's header is opened here (missing, empty and non-image files are skipped and counted); an image that
+    fails to decode later (a JPEG truncated after its header) is skipped when it is read, with a warning naming it,
+    and the next image of the split takes its place in the batch.
+    """
+
+    def __init__(self, folder: Path, transform: Any, split: str, records: BadRecords) -> None:
+        from PIL import Image
+        from torchvision import datasets
+
+        listing = datasets.ImageFolder(str(folder))
+        self.classes = listing.classes
+        self.transform = transform
+        self.split = split
+        self.records = records
+        self.samples: list[tuple[str, int]] = []
+        for path, label in listing.samples:
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+                records.skip(split, "unreadable_image", path, str(err))
+                continue
+            self.samples.append((path, label))
+        records.check(split, len(listing.samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB")
+            except (OSError, ValueError) as err:
+                self.records.skip(self.split, "corrupt_image", path, str(err))
+                continue
+            return self.transform(rgb), label
+        raise ValueError(f"{self.records.source}: no image of the {self.split} split can be decoded")
+
+
 class ImageFolderDataModule(L.LightningDataModule):
     """A user's ``root/{train,val[,test]}/<class>/*.png`` tree (torchvision ``ImageFolder``), resized and normalised.
 
     Class names are the ``root/train`` folder names (sorted, as ``ImageFolder`` numbers them). With
     ``predict_path`` (a folder of images, flat or in class folders, or one image) ``predict`` reads those files,
     prepared as the training images; ``root`` may then be left out (the checkpoint carries the class names).
+    Unreadable or corrupt images are skipped with a warning naming them; a split with none usable, or with more than
+    ``max_skip_fraction`` of its images bad, is an error (:class:`CheckedImageFolder`).
     """
 
     def __init__(
@@ -344,6 +395,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 2,
         predict_path: str | None = None,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
     ) -> None:
         super().__init__()
         if root is None and predict_path is None:
@@ -355,6 +407,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.predict_path = predict_path
         self.predict_set: ImageFileDataset | None = None
+        self.records = BadRecords(str(self.root), max_skip_fraction)
 
     @property
     def in_chans(self) -> int:
@@ -385,7 +438,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return settings
 
     def _dataset(self, split: str, train: bool) -> Dataset:
-        from torchvision import datasets, transforms
+        from torchvision import transforms
 
         if self.root is None:
             raise ValueError(f"ImageFolderDataModule: the {split} split needs root (root/{split}/<class>/)")
@@ -399,7 +452,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             steps.append(transforms.RandomHorizontalFlip())
         channels = self.in_chans
         steps += [transforms.ToTensor(), transforms.Normalize([0.5] * channels, [0.5] * channels)]
-        return datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+        return CheckedImageFolder(folder, transforms.Compose(steps), split, self.records)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.predict_path is not None:
@@ -429,10 +482,30 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(self.predict_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
-def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
-    """Read CIFAR python-version batch files (pickled dicts with ``data`` (N, 3072) uint8 and labels)."""
-    import pickle
+class CIFARUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batch files and nothing else: the only globals it resolves are the few numpy functions that
+    rebuild an array, so a crafted file cannot run code (``pickle.load`` would import and call anything)."""
 
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"a CIFAR batch file may only hold dicts, lists, bytes and numpy arrays; it refers to {module}.{name}"
+            )
+        return super().find_class(module, name)
+
+
+def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+    """Read CIFAR python-version batch files (pickled dicts with ``data`` (N, 3072) uint8 and labels) with the
+    restricted :class:`CIFARUnpickler`."""
     images, labels = [], []
     for name in files:
         path = root / name
@@ -442,7 +515,12 @@ def read_cifar_batches(root: Path, files: list[str], label_key: str) -> tuple[Te
                 f"(cifar-10-batches-py or cifar-100-python)"
             )
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            try:
+                batch = CIFARUnpickler(f, encoding="bytes").load()
+            except pickle.UnpicklingError as err:
+                raise ValueError(f"{path} is not a CIFAR batch file: {err}") from err
+        if not isinstance(batch, dict):
+            raise ValueError(f"{path} is not a CIFAR batch: expected a pickled dict, got {type(batch).__name__}")
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         if "data" not in batch or label_key not in batch:
             raise ValueError(f"{path} is not a CIFAR batch: expected keys 'data' and {label_key!r}")

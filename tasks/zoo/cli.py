@@ -24,9 +24,11 @@ from pathlib import Path
 from moezoo.io import write_json_atomic
 from moezoo.models import get_pretrained_cfg, hub, list_models
 from moezoo.models.pretrained_cfg import DEFAULT_TOLERANCE, STORAGE_DTYPES, PretrainedCfg
+from moezoo.tasks.bench.render import HEADLINE_METRICS
 from moezoo.zoo.cards import CARDS_DIR, card_path, render_card, write_card
 
-HEADLINE_METRICS = ("test/acc", "test/mAP", "test/wer", "test/mse", "test/fid")
+# Never a headline: losses and routing statistics say nothing about a release's quality.
+NOT_HEADLINE = ("loss", "aux", "balance", "z_loss", "contrastive", "dropped", "entropy", "load_cv", "params/", "time")
 
 
 def _names(args: argparse.Namespace) -> list[str]:
@@ -39,10 +41,13 @@ def _names(args: argparse.Namespace) -> list[str]:
 
 
 def _headline(cfg: PretrainedCfg) -> str:
+    """The release's quality metric: the first of the benchmark tables' headline metrics it has, else its first
+    test metric that is not a loss or a routing statistic, else "-"."""
     for key in HEADLINE_METRICS:
         if key in cfg.metrics:
             return f"{key}={cfg.metrics[key]:.4f}"
-    return next((f"{k}={v:.4f}" for k, v in sorted(cfg.metrics.items())), "-")
+    quality = (k for k in sorted(cfg.metrics) if k.startswith("test/") and not any(w in k for w in NOT_HEADLINE))
+    return next((f"{k}={cfg.metrics[k]:.4f}" for k in quality), "-")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

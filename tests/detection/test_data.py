@@ -114,8 +114,11 @@ def _coco_fixture(root: Path, extra_ann: dict | None = None) -> None:
 
 def test_coco_json_loader_counts_skips_and_letterboxes(tmp_path):
     _coco_fixture(tmp_path)
-    dm = DetectionFolderDataModule(str(tmp_path), format="coco", img_size=96, batch_size=2, augment=False)
-    with pytest.warns(UserWarning, match="skip"):
+    kwargs = dict(format="coco", img_size=96, batch_size=2, augment=False)
+    with pytest.warns(UserWarning, match="skip"), pytest.raises(ValueError, match=r"1 of 4 records of the train"):
+        DetectionFolderDataModule(str(tmp_path), **kwargs).setup()  # 25 % unreadable > the 5 % default
+    dm = DetectionFolderDataModule(str(tmp_path), **kwargs, max_skip_fraction=0.25)
+    with pytest.warns(UserWarning, match="skipping .*broken.png in the train split"):
         dm.setup()
     assert dm.class_names == ("cat", "dog") and dm.num_classes == 2
     assert len(dm.train_set) == 3  # broken.png skipped; image 4 (no annotations) kept as a negative
@@ -155,7 +158,9 @@ def _yolo_fixture(root: Path, lines: str) -> None:
 
 def test_yolo_txt_loader(tmp_path):
     _yolo_fixture(tmp_path, "1 0.5 0.5 0.25 0.5\n\n0 1.5 1.5 0.1 0.1\n")
-    dm = DetectionFolderDataModule(str(tmp_path), format="yolo", class_names=["a", "b"], img_size=64, augment=False)
+    dm = DetectionFolderDataModule(
+        str(tmp_path), format="yolo", class_names=["a", "b"], img_size=64, augment=False, max_skip_fraction=0.5
+    )
     with pytest.warns(UserWarning, match="skip"):
         dm.setup()
     assert len(dm.train_set) == 2 and dm.skipped["unreadable_image"] == 2 and dm.skipped["box_outside_image"] == 2
@@ -209,3 +214,12 @@ def test_deepforest_datamodule():
     dm = DeepForestDataModule(tile_size=200, img_size=192)
     dm.setup()
     assert len(dm.val_set) == 8 and len(dm.train_set) > 50
+
+
+def test_a_split_of_unreadable_images_is_an_error_naming_them(tmp_path):
+    _yolo_fixture(tmp_path, "")
+    for path in (tmp_path / "images" / "val").glob("*.png"):
+        path.write_bytes(b"")
+    dm = DetectionFolderDataModule(str(tmp_path), format="yolo", num_classes=2, img_size=64, max_skip_fraction=0.5)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"the val split has no usable records .*x.png"):
+        dm.setup()

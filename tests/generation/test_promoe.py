@@ -79,9 +79,12 @@ def test_matches_oracle_forward_and_gradients(k, num_dropped):
     torch.testing.assert_close(router.gate.weight.grad, protos_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_without_side_every_token_is_conditional():
+def test_without_side_is_an_error_and_all_false_means_every_token_is_conditional():
+    """Issue 18 item 6: a missing cfg_dropped used to mean "all conditional" silently."""
     router = ProMoERouter(4, 3, top_k=1)
-    result = router(torch.randn(7, 4))
+    with pytest.raises(ValueError, match="ProMoERouter needs the side input 'cfg_dropped'"):
+        router(torch.randn(7, 4))
+    result = router(torch.randn(7, 4), {"cfg_dropped": torch.zeros(7, dtype=torch.bool)})
     assert int((result.expert_idx_N == 2).sum()) == 0 and result.token_idx_N.numel() == 7
 
 

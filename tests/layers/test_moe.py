@@ -331,3 +331,40 @@ def test_layer_dispatches_on_router_kind():
     moe = MoE(8, 6, num_experts=2, top_k=1, router=MySoft(8, 2))
     moe(torch.randn(3, 4, 8))
     assert calls == [(3, 4, 8)]
+
+
+# -- side inputs (issue 18 item 6) --------------------------------------------------------------------------------
+
+
+def _side_layer(router: str, **kwargs):
+    return MoE(16, 32, 4, 1, router=router, router_kwargs=kwargs, backend="reference")
+
+
+@pytest.mark.parametrize("side", [None, {}, {"cfg_drop": torch.zeros(2, dtype=torch.bool)}])
+def test_a_missing_or_misspelled_side_input_is_an_error_naming_it(side):
+    moe = _side_layer("promoe")
+    with pytest.raises(ValueError, match=r"ProMoERouter needs the side inputs \['cfg_dropped'\]; missing"):
+        moe(torch.randn(2, 5, 16), side=side)
+    with pytest.raises(ValueError, match="ProMoERouter needs the side input 'cfg_dropped'"):
+        moe.router(torch.randn(3, 16), side)  # the router itself too
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_side_inputs_are_rejected_naming_the_input(bad):
+    moe = _side_layer("global_embedding", embed_dim=3)
+    embedding = torch.randn(2, 3)
+    embedding[1, 2] = bad
+    with pytest.raises(ValueError, match="side input 'global_embedding' contains NaN or inf values"):
+        moe(torch.randn(2, 5, 16), side={"global_embedding": embedding})
+
+
+def test_a_per_sample_embedding_as_wide_as_the_sequence_is_per_sample():
+    """(B, G) with G == L used to be read as per-token (B, L) scalars."""
+    torch.manual_seed(0)
+    moe = _side_layer("global_embedding", embed_dim=5).eval()
+    x, embedding = torch.randn(2, 5, 16), torch.randn(2, 5)
+    y, _ = moe(x, side={"global_embedding": embedding})
+    y_tok, _ = moe(x, side={"global_embedding": embedding[:, None, :].expand(2, 5, 5)})  # the same, per token
+    torch.testing.assert_close(y, y_tok)
+    with pytest.raises(ValueError, match=r"side input 'global_embedding' has shape \(2, 5\); it must be per sample"):
+        _side_layer("global_embedding", embed_dim=5)(torch.randn(3, 5, 16), side={"global_embedding": embedding})

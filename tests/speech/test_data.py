@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from moezoo.tasks.records import BadRecordWarning
 from moezoo.tasks.speech.data import (
     POCKETSPHINX_ROOT,
     CommonVoiceDataModule,
@@ -118,7 +119,7 @@ def _manifest_fixture(tmp_path):
 
 def test_manifest_bad_input_is_skipped_logged_and_counted(tmp_path, caplog):
     path = _manifest_fixture(tmp_path)
-    dm = ManifestDataModule(str(path), str(path), batch_size=3)
+    dm = ManifestDataModule(str(path), str(path), batch_size=3, max_skip_fraction=1.0)
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
         batches = _epoch(dm, "train")  # a whole epoch: bad files are dropped from their batches, no crash
@@ -143,9 +144,8 @@ def test_manifest_on_bad_error_raises_with_the_reason(tmp_path):
     good = tmp_path / "only_bad_audio.jsonl"
     good.write_text(json.dumps({"audio": "garbage.wav", "text": "x"}) + "\n")
     dm = ManifestDataModule(str(good), str(good), on_bad="error")
-    dm.setup("fit")
     with pytest.raises(ValueError, match="cannot read audio file"):
-        dm.dataset("train")[0]
+        dm.setup("fit")  # the header probe finds it before training starts
     with pytest.raises(ValueError, match="manifest .* does not exist"):
         ManifestDataModule(str(tmp_path / "nope.jsonl"), str(path)).setup("fit")
 
@@ -214,3 +214,44 @@ def test_metric_groups_of_corpus_rows_old_and_new(tmp_path):
     assert metric_groups(corpus_entry(old, tmp_path)) == ("cs", "engine_espeak", "voice_espeak_m7")
     assert metric_groups(SpeechEntry("u", "x.wav", "hi", "en", "real")) == ("real", "lang_en")
     assert metric_groups(SpeechEntry("u", "x.wav", "hi")) == ("real",)
+
+
+def _manifest(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore::moezoo.tasks.records.BadRecordWarning")
+@pytest.mark.parametrize("broken", ["train", "val"])
+def test_a_split_without_readable_audio_is_an_error_before_training(tmp_path, broken):
+    """Issue 18 item 1: every file of a split missing used to 'succeed' with zero optimiser steps."""
+    sf.write(tmp_path / "good.wav", _tone(2.0), 16000)
+    good = _manifest(tmp_path, "good.jsonl", [{"audio": "good.wav", "text": "hello"}] * 3)
+    bad = _manifest(tmp_path, "bad.jsonl", [{"audio": f"missing{i}.wav", "text": "hello"} for i in range(3)])
+    manifests = {"train": good, "val": good, broken: bad}
+    dm = ManifestDataModule(manifests["train"], manifests["val"], preload=False)
+    with pytest.raises(ValueError, match=rf"the {broken} split has no usable records .*missing0.wav"):
+        dm.setup("fit")
+
+
+def test_skipped_files_are_named_in_a_warning_and_capped_by_max_skip_fraction(tmp_path):
+    """Issue 18 item 1: one unreadable file of 40 is a counted, warned skip; 3 of 40 exceed the 5 % default."""
+    sf.write(tmp_path / "good.wav", _tone(0.5), 16000)
+    rows = [{"audio": "good.wav", "text": "hello"}] * 39 + [{"audio": "gone.wav", "text": "hello"}]
+    one_bad = _manifest(tmp_path, "one_bad.jsonl", rows)
+    dm = ManifestDataModule(one_bad, one_bad)
+    with pytest.warns(BadRecordWarning, match="gone.wav"):
+        dm.setup("fit")
+    assert len(dm.dataset("train")) == 39 and dm.records.skipped("train") == {"bad_audio": 1}
+    assert "train: skipped: bad_audio 1; first: " in dm.records.summary()
+    three_bad = _manifest(tmp_path, "three_bad.jsonl", rows[:37] + rows[-1:] * 3)
+    with pytest.raises(ValueError, match=r"3 of 40 records of the train split .*max_skip_fraction=0.05"):
+        with pytest.warns(BadRecordWarning):
+            ManifestDataModule(three_bad, one_bad).setup("fit")
+    dm = ManifestDataModule(three_bad, one_bad, max_skip_fraction=0.1)
+    with pytest.warns(BadRecordWarning):
+        dm.setup("fit")
+    assert len(dm.dataset("train")) == 37
+    with pytest.raises(ValueError, match=r"max_skip_fraction must be a number in \[0, 1\], got 1.5"):
+        ManifestDataModule(one_bad, one_bad, max_skip_fraction=1.5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from moezoo.tasks.records import BadRecordWarning
 from moezoo.tasks.vision.data import (
     CIFARDataModule,
     DigitsDataModule,
@@ -103,3 +104,60 @@ def test_cifar_python_batches_fixture(tmp_path):
     assert x.shape == (3, 32, 32)
     with pytest.raises(FileNotFoundError, match="python-version archive"):
         CIFARDataModule(str(tmp_path / "nope")).setup()
+
+
+def _image_tree(root, per_class: int, splits=("train", "val"), suffix=".jpg"):
+    for split in splits:
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(image).save(folder / f"{i}{suffix}")
+
+
+def test_image_folder_skips_a_truncated_jpeg_naming_it(tmp_path):
+    """Issue 18 item 2: one truncated JPEG used to stop training mid-epoch with an OSError naming no file."""
+    _image_tree(tmp_path, per_class=20)
+    broken = tmp_path / "train" / "dog" / "7.jpg"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) * 2 // 3])  # the header survives, the scan data does not
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=8, num_workers=0)
+    dm.setup()
+    with pytest.warns(BadRecordWarning, match=r"skipping .*dog/7.jpg in the train split \(corrupt_image"):
+        batches = list(dm.train_dataloader())  # a whole epoch
+    assert sum(len(y) for _, y in batches) == 40
+    assert dm.records.skipped("train") == {"corrupt_image": 1}
+
+
+def test_image_folder_split_with_no_readable_image_or_too_many_is_an_error(tmp_path):
+    _image_tree(tmp_path, per_class=10)
+    for path in (tmp_path / "val").rglob("*.jpg"):
+        path.write_bytes(b"not an image")
+    with pytest.warns(BadRecordWarning), pytest.raises(ValueError, match="the val split has no usable records"):
+        ImageFolderDataModule(str(tmp_path), num_workers=0).setup()
+    for path in (tmp_path / "val").rglob("*.jpg"):
+        Image.new("RGB", (8, 8)).save(path, format="JPEG")
+    (tmp_path / "train" / "cat" / "0.jpg").write_bytes(b"")
+    (tmp_path / "train" / "cat" / "1.jpg").write_bytes(b"GIF89a")
+    with pytest.warns(BadRecordWarning), pytest.raises(ValueError, match=r"2 of 20 records of the train split"):
+        ImageFolderDataModule(str(tmp_path), num_workers=0).setup()  # 10 % > the 5 % default
+    dm = ImageFolderDataModule(str(tmp_path), num_workers=0, max_skip_fraction=0.1)
+    with pytest.warns(BadRecordWarning):
+        dm.setup()
+    assert len(dm.train_set) == 18
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_cifar_batches_are_read_with_a_restricted_unpickler(tmp_path):
+    """Issue 18 item 9: pickle.load ran whatever a user's batch file named."""
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3], b"x": _Evil()}
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(batch, f)
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR batch file: .* refers to builtins.print"):
+        CIFARDataModule(str(tmp_path), batch_size=5, val_size=4).setup()

@@ -169,3 +169,39 @@ def test_etth1_standard_protocol():
     train = data.datasets["train"].data[:8640]
     torch.testing.assert_close(train.mean(0), torch.zeros(7), atol=1e-4, rtol=0)
     torch.testing.assert_close(train.std(0, unbiased=False), torch.ones(7), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_infinite_value_is_a_clear_error_naming_file_and_column(tmp_path, bad):
+    """Issue 18 item 4: +-inf used to pass the loader and fail deep in the model."""
+    values = np.ones((300, 2))
+    values[77, 0] = bad
+    path = write_csv(tmp_path / "inf.csv", 300, columns=("x", "OT"), values=values)
+    with pytest.raises(ValueError, match=r"inf.csv: column 'x' has an infinite value -?inf at row 77"):
+        CSVForecastDataModule(str(path), seq_len=24, pred_len=12).setup()
+
+
+def test_duplicate_timestamps_and_gaps_are_reported(tmp_path):
+    """Issue 18 item 4: duplicate timestamps and time gaps used to pass silently."""
+    import pandas as pd
+
+    from moezoo.tasks.records import DataWarning
+    from moezoo.tasks.timeseries.data import read_csv_series
+
+    path = write_csv(tmp_path / "series.csv", 300, columns=("x", "OT"))
+    frame = pd.read_csv(path)
+    frame = frame.drop(index=range(200, 205))  # a 6-hour gap after row 199 (row 200 once row 50 is doubled)
+    frame = pd.concat([frame.iloc[:51], frame.iloc[50:51], frame.iloc[51:]])  # a duplicate of row 50
+    frame.to_csv(path, index=False)
+    with pytest.warns(DataWarning) as record:
+        read_csv_series(path, "OT")
+    messages = [str(w.message) for w in record]
+    assert any("series.csv: column 'date' has 1 duplicate timestamps (first at row 51" in m for m in messages)
+    assert any("has 1 gaps longer than its usual step (first after row 200" in m for m in messages)
+    assert any("the largest spans 6 steps" in m for m in messages)
+    clean = write_csv(tmp_path / "clean.csv", 300, columns=("x", "OT"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        read_csv_series(clean, "OT")

@@ -257,3 +257,16 @@ def test_hf_hub_source_is_verified(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(hub.ChecksumError, match="hf://owner/repo@v1/w.safetensors"):
         _fetch(cfg)
     assert _cache_listing() == []
+
+
+@pytest.mark.parametrize("name", ["../escape.safetensors", "sub/w.safetensors", "/abs/w.safetensors", "..", "", "a\0b"])
+def test_a_record_file_name_is_confined_to_the_cache_folder(tmp_path: Path, name: str) -> None:
+    """Issue 18 item 9: a record's file name could point outside the cache (read, written or deleted there)."""
+    local = tmp_path / "w.safetensors"
+    local.write_bytes(PAYLOAD)
+    cfg = PretrainedCfg(file=name, sha256=hashlib.sha256(PAYLOAD).hexdigest(), urls=[local.as_uri()])
+    with pytest.raises(ValueError, match="a release's file must be a plain file name"):
+        _fetch(cfg, offline=True)
+    with pytest.raises(ValueError, match="a release's file must be a plain file name"):
+        hub.cache_path(name)
+    assert hub.cache_path("w.safetensors").parent == hub.checkpoint_dir()

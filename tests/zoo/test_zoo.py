@@ -276,3 +276,17 @@ def test_list_and_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(name in out for name in RELEASES) and "shipped" in out
     assert main(["info", RELEASES[0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sha256"] == get_pretrained_cfg(RELEASES[0]).sha256
+
+
+def test_the_headline_metric_is_never_an_aux_loss():
+    """Issue 18 item 8: `zoo list` showed test/aux_loss=0.0000 as the headline of the ProMoE DiT release."""
+    from types import SimpleNamespace
+
+    from moezoo.models import get_pretrained_cfg
+    from moezoo.tasks.zoo.cli import _headline
+
+    metrics = {"test/aux_loss": 0.0, "test/balance": 0.01, "params/total": 5.0, "test/fd_fmnist": 0.71}
+    assert _headline(SimpleNamespace(metrics=metrics)) == "test/fd_fmnist=0.7100"
+    assert _headline(SimpleNamespace(metrics={"test/aux_loss": 0.0, "test/bleu": 3.0})) == "test/bleu=3.0000"
+    assert _headline(SimpleNamespace(metrics={"test/aux_loss": 0.0, "test/dropped_frac": 0.1})) == "-"
+    assert _headline(get_pretrained_cfg("moe_dit_tiny.fmnist_promoe")).startswith("test/fd_fmnist=")

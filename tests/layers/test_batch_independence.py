@@ -1,0 +1,96 @@
+"""Batch-independent inference (issue 18 item 5): at evaluation an item's MoE output does not depend on the other
+items of its batch, for every registered router (parametrised over the registry, so new routers are covered),
+except routers that declare a batch-dependent rule and keep it (``Router.depends_on_batch(training=False)``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from moezoo.layers import ROUTERS, MoE, TopKRouter, router_options
+from tests.layers.sides import side_inputs
+
+DIM, FFN, EXPERTS, TOKENS = 16, 32, 4, 6
+
+# Options that switch on a router's batch-dependent rule where it has one (capacity, balanced evaluation).
+BATCH_RULE_OPTIONS = {"capacity_factor": 1.0, "balanced_eval": True}
+
+
+def _layer(name: str, **extra) -> MoE:
+    options = router_options(name)
+    kwargs = {k: v for k, v in BATCH_RULE_OPTIONS.items() if k in options}
+    kwargs.update(extra)
+    top_k = min(2, EXPERTS - 1)
+    torch.manual_seed(0)
+    return MoE(DIM, FFN, EXPERTS, top_k, router=name, router_kwargs=kwargs, backend="reference").eval()
+
+
+def _items(moe: MoE, x: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return moe(x, side=side)[0]
+
+
+def _data(moe: MoE, batch: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, TOKENS, DIM, generator=generator)
+    return x, side_inputs(moe.router, (batch, TOKENS), generator)
+
+
+def _pick(side: dict[str, torch.Tensor], index: slice) -> dict[str, torch.Tensor]:
+    return {k: v[index] for k, v in side.items()}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_eval_output_of_an_item_does_not_depend_on_its_batchmates(name):
+    moe = _layer(name)
+    if moe.router.depends_on_batch(training=False):
+        pytest.skip(f"{name} declares a batch-dependent rule at evaluation and keeps it")
+    x, side = _data(moe, 5, seed=1)
+    other_x, other_side = _data(moe, 7, seed=2)
+    batch = _items(moe, x, side)
+    for i in range(5):
+        alone = _items(moe, x[i : i + 1], _pick(side, slice(i, i + 1)))
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+        mixed_x = torch.cat([other_x[:3], x[i : i + 1], other_x[3:]])
+        mixed_side = {k: torch.cat([other_side[k][:3], side[k][i : i + 1], other_side[k][3:]]) for k in side}
+        torch.testing.assert_close(_items(moe, mixed_x, mixed_side)[3:4], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(ROUTERS) if ROUTERS[n].batch_dependent])
+def test_the_item_rule_is_the_batch_rule_applied_to_one_item(name):
+    """With eval_rule="item", top-k routing with a capacity evaluates dropless, and expert choice / Sinkhorn give an
+    item in a batch what the batch rule gives that item alone (a batch of one); the batch rule on the whole batch
+    does depend on the batchmates, and the layer says so once."""
+    if "eval_rule" not in router_options(name):
+        pytest.skip(f"{name} has no eval_rule")
+    item, batch_rule = _layer(name), _layer(name, eval_rule="batch")
+    batch_rule.load_state_dict(item.state_dict())
+    x, side = _data(item, 8, seed=3)
+    by_item = _items(item, x, side)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = _items(batch_rule, x, side)
+        _items(batch_rule, x, side)
+    assert sum("keeps its batch-dependent routing rule" in str(w.message) for w in caught) == 1
+    if isinstance(item.router, TopKRouter):
+        dropless = _layer(name, capacity_factor=None)
+        dropless.load_state_dict(item.state_dict())
+        torch.testing.assert_close(by_item, _items(dropless, x, side), atol=1e-5, rtol=1e-5)
+    else:
+        for i in range(8):
+            alone = _items(batch_rule, x[i : i + 1], _pick(side, slice(i, i + 1)))
+            torch.testing.assert_close(by_item[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    if name in ("expert_choice", "sinkhorn", "topk"):  # the batch rule really differs: this test can fail
+        assert not torch.allclose(by_item, whole, atol=1e-4)
+
+
+def test_routers_with_a_per_item_rule_do_not_depend_on_the_batch_at_eval_but_do_in_training():
+    for name in ("topk", "expert_choice", "sinkhorn"):
+        router = _layer(name).router
+        assert router.batch_dependent and router.depends_on_batch(training=True)
+        assert not router.depends_on_batch(training=False)
+    assert not _layer("topk", capacity_factor=None).router.depends_on_batch(training=True)
+    with pytest.raises(ValueError, match="eval_rule must be one of 'item', 'batch'; got 'sample'"):
+        _layer("expert_choice", eval_rule="sample")

@@ -1,0 +1,52 @@
+"""CLI reliability: `--trainer.limit_*_batches 1` is one batch (issue 18 item 3); a checkpoint of another task is an
+error naming both tasks (item 10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moezoo.tasks.cli import cli_main
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke" / "vision_digits_moe_vit.yaml"
+
+
+def _trainer(tmp_path, *args):
+    config = tmp_path / "c.yaml"
+    config.write_text(SMOKE.read_text() + "\n")  # limit_val_batches: 2, limit_test_batches: 2 in the file
+    return cli_main(["--config", str(config), "--trainer.logger", "false", *args], run=False).trainer
+
+
+@pytest.mark.parametrize("value,expected", [("1", 1), ("1.0", 1.0), ("3", 3), ("0.5", 0.5)])
+def test_limit_batches_int_one_is_one_batch(tmp_path, value, expected):
+    trainer = _trainer(tmp_path, "--trainer.limit_train_batches", value, "--trainer.limit_test_batches", value)
+    for limit in (trainer.limit_train_batches, trainer.limit_test_batches):
+        assert limit == expected and type(limit) is type(expected)
+
+
+def test_limit_batches_one_in_a_config_file_is_one_batch(tmp_path):
+    override = tmp_path / "o.yaml"
+    override.write_text("trainer:\n  limit_val_batches: 1\n  limit_predict_batches: 1\n")
+    trainer = _trainer(tmp_path, "--config", str(override))
+    assert trainer.limit_val_batches == 1 and isinstance(trainer.limit_val_batches, int)
+    assert trainer.limit_predict_batches == 1 and isinstance(trainer.limit_predict_batches, int)
+
+
+def test_a_checkpoint_of_another_task_is_an_error_naming_both(tmp_path):
+    """Issue 18 item 10: a vision checkpoint with a time-series config ran the vision task into a class-id error."""
+    import torch
+
+    ckpt = tmp_path / "vision.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "moezoo.tasks.vision.ImageClassificationTask"}}, ckpt)
+    config = SMOKE.parent / "timeseries_elecdemand_seg_moe.yaml"
+    with pytest.raises(
+        ValueError,
+        match=r"a checkpoint of the task moezoo.tasks.vision.ImageClassificationTask, but the config's model is "
+        r"moezoo.tasks.timeseries.ForecastingTask",
+    ):
+        cli_main(["test", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.logger", "false"])
+    from moezoo.tasks.cli import check_checkpoint_task
+
+    for same in ("moezoo.tasks.vision.ImageClassificationTask", "ImageClassificationTask"):
+        check_checkpoint_task({"subcommand": "test", "test": {"ckpt_path": str(ckpt), "model": {"class_path": same}}})
