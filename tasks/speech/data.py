@@ -570,7 +570,8 @@ class LibriSpeechDataModule(SpeechDataModule):
             num_workers,
             ("en",),
             max_duration,
-            preload=on_bad,
+            on_bad,
+            preload=False,
             predict_path=predict_path,
             max_skip_fraction=max_skip_fraction,
         )
