@@ -37,6 +37,10 @@
   not ask for, e.g. of a seed left out, stay in the file as ``other_runs``); runs of the same variant and seed made
   with other overrides or another config are an error (use another ``--out`` or ``--fresh``, which sets the earlier
   file aside as ``compare.replaced-<UTC time>.json`` and starts again).
+
+Why one long file: argument checking, the dense-twin override, resume bookkeeping and the verdict table are one
+command; the runs and aggregation themselves are :mod:`moezoo.tasks.bench.runner` and
+:mod:`~moezoo.tasks.bench.suite`.
 """
 
 from __future__ import annotations

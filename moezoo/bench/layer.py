@@ -22,6 +22,9 @@ ratios, ``[interquartile range]`` and ``(min-max)``. The load average at the sta
 printed with it. ``--threads 1,2`` gives one table per thread count. Memory is what autograd saves for backward
 (MiB), counted with ``saved_tensors_hooks`` over unique storages in one untimed call. ``--json PATH`` writes every
 round's raw times (atomically); ``--render PATH`` prints the tables of such a file again.
+
+Why one long file: the candidates, the per-round breakdown and the table rendering of one benchmark; the timing
+harness is :mod:`moezoo.bench.timing` and the peers :mod:`moezoo.bench.peers`.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ Bad annotations are either a ``ValueError`` naming the file, the value and what 
 malformed rows, a dataset without images) or a counted skip reported in ``skipped`` and warned about naming the file
 (boxes outside the image, degenerate boxes, unreadable or corrupt image files; :mod:`moezoo.tasks.records`, which
 also makes a split without a readable image, or with more than ``max_skip_fraction`` of them unreadable, an error).
+
+Why one long file: the three sources (canvases, COCO-JSON/YOLO-txt folders, DeepForest) share one sample format,
+collate, augmentation and bad-record handling; each reader is a short function beside its data module.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ augmentation of every utterance); ``spec.json`` is written last and marks a comp
 ``python -m moezoo.tasks.speech.corpus --preset default`` generates it with a progress bar. The presets
 ``default``, ``quick`` and ``smoke`` are the original espeak + flite corpora (released checkpoints are evaluated on
 ``default``: their plans must not change); ``engines`` adds festival, ``loeo_<engine>`` leaves one engine out.
+
+Why one long file: planning (voices, splits, acoustic conditions) and rendering (the three engines, caching, the
+manifest) share one utterance plan whose fields must agree; the DSP of the acoustic conditions lives apart in
+:mod:`.augment`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Every skip is warned about naming the file and counted by split and reason in on
 :class:`~moezoo.tasks.records.BadRecords` ledger (``dataset.skipped``); a split with no usable utterance, or
 more unreadable files than ``max_skip_fraction``, is an error before training starts; ``on_bad="error"`` raises at
 the first bad utterance instead.
+
+Why one long file: the four sources (generated corpus, LibriSpeech, Common Voice, manifests) share one entry type,
+vocabulary, feature pipeline, bad-record ledger and predict path; each source is a short subclass of
+:class:`SpeechDataModule`.
 """
 
 from __future__ import annotations

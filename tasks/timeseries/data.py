@@ -43,6 +43,9 @@ So the evaluation protocol was already the published one; the figures that misse
 not from the data path. ``tests/timeseries/test_protocol.py`` pins the ETTh1 test-window counts and the scaler
 statistics against figures computed independently (scikit-learn's scaler on the raw CSV rows, the window formula)
 and checks that the task's test MSE is the mean over every window and channel.
+
+Why one long file: the protocol (splits, look-back overlap, scaler, windows) is one contract that the ETT, CSV and
+embedded-default modules and the predict path must share exactly; a test pins it.
 """
 
 from __future__ import annotations

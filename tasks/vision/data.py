@@ -1,5 +1,8 @@
 """Image classification data: scikit-learn digits (embedded default), Fashion-MNIST IDX files, a user's
 ImageFolder or CIFAR root. Nothing downloads: every loader reads local files.
+
+Why one long file: the four sources (digits, Fashion-MNIST, ImageFolder, CIFAR) share one base data module (splits,
+loaders, model settings, predict folders); each source adds only its reader.
 """
 
 from __future__ import annotations
