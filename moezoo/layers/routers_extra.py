@@ -739,6 +739,8 @@ class RectifyRouter(TopKRouter):
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
         result = super().forward(x_TD, side)
+        if not self.depends_on_batch(self.training):
+            return result  # eval_rule="item" at evaluation: dropless top-k, nothing dropped, nothing to fill in
         num_tokens, num_experts = x_TD.shape[0], self.num_experts
         probs_TE = torch.softmax(self.logits(x_TD), dim=-1)[:, :num_experts]  # with gradient (the result's is detached)
         taken_TE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=x_TD.device)
@@ -767,6 +769,8 @@ class THORRouter(SparseRouter):
     :func:`thor_consistency_loss` (the task adds it; the router alone cannot see the model's outputs)."""
 
     batch_dependent: ClassVar[bool] = False
+    #: its choice is a random draw at evaluation too (the same item can get other experts on another call)
+    random_at_eval: ClassVar[bool] = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1) -> None:
         THORRouter.check_options(num_experts, dict(top_k=top_k))

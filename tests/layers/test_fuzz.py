@@ -13,10 +13,11 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from moezoo.layers import ROUTERS, MoE, get_router, router_options
+from moezoo.layers.routers import check_router_kwargs
 from tests.layers.sides import side_inputs
 
 FUZZ_EXAMPLES = int(os.environ.get("MOEZOO_FUZZ_EXAMPLES", "200"))
@@ -52,6 +53,12 @@ def cases(draw):
     kwargs = _router_kwargs(name, draw)
     max_k = num_experts - 1 if name == "promoe" else num_experts + kwargs.get("num_null_experts", 0)
     top_k = draw(st.integers(1, min(max_k, 3)))
+    try:  # only valid settings here (e.g. num_experts a multiple of a router's num_groups); bad ones: the test below
+        check_router_kwargs(
+            name, {**kwargs, "top_k": top_k} if "top_k" in router_options(name) else kwargs, num_experts
+        )
+    except ValueError:
+        reject()
     lead = draw(st.sampled_from([(0, 4), (1, 1), (2, 5), (3, 4), (1, 0), (4,), (2, 2, 3)]))
     if name == "soft" and len(lead) == 1:
         lead = (1, lead[0])

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from moezoo.models import create_model, get_pretrained_cfg, hub, list_models
-from moezoo.models.spec import LegacyConfigWarning, upgrade_model_kwargs
+from moezoo.models.spec import LegacyConfigWarning
 from moezoo.tasks.cli import cli_main
 from moezoo.tasks.legacy import OLD_DEFAULTS, upgrade_config, upgrade_task_spec
 from moezoo.tasks.specs import complete_task_spec, instantiate_task
@@ -143,9 +143,8 @@ def _offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_released_record_builds_and_loads_its_weights(name, _offline, recwarn):
     """The records keep their old form (their files and sha256 are untouched): the model and the task both build."""
     cfg = get_pretrained_cfg(name)
-    old_model_keys = upgrade_model_kwargs(name, cfg.model_kwargs)[1]  # YOLO-MoE's records have none
     model = create_model(name, pretrained=True)  # loads strictly: every tensor of the file, nothing missing
-    assert len(_legacy_warnings(recwarn.list)) == (1 if old_model_keys else 0)
+    assert not _legacy_warnings(recwarn.list)  # the package's own records are translated silently
     recwarn.clear()
     task = instantiate_task(cfg.task)
     assert len(_legacy_warnings(recwarn.list)) == 1  # every record has the old task arguments
