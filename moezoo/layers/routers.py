@@ -239,7 +239,7 @@ class SparseRouter(Router):
     kind: ClassVar[Literal["sparse"]] = "sparse"
 
     def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must override forward (a SparseRouter returns a RoutingResult)")
 
 
 def apply_capacity(

@@ -287,3 +287,13 @@ def test_every_router_has_a_kind_and_valid_defaults(name):
     assert router_class.kind in ("sparse", "soft")
     assert issubclass(router_class, SoftMoERouter if router_class.kind == "soft" else SparseRouter)
     check_router_kwargs(name, {}, num_experts=4)
+
+
+def test_a_sparse_router_without_forward_says_what_to_override():
+    from moezoo.layers.routers import SparseRouter
+
+    class NoForward(SparseRouter):
+        pass
+
+    with pytest.raises(TypeError, match="NoForward must override forward"):
+        NoForward(8, 4, 0.0, 0.0)(torch.randn(3, 8))
