@@ -7,7 +7,7 @@ Pure PyTorch (matplotlib only inside :mod:`moezoo.stats.heatmaps`, imported lazi
 
 from moezoo.stats.params import ComponentCount, ParameterCounts, count_parameters
 from moezoo.stats.routing import LayerSummary, RoutingStats, TokenGroups
-from moezoo.stats.throughput import RateMeter, median_rate
+from moezoo.stats.throughput import RateMeter, median_rate, median_rates
 
 __all__ = [
     "ComponentCount",
@@ -18,4 +18,5 @@ __all__ = [
     "TokenGroups",
     "count_parameters",
     "median_rate",
+    "median_rates",
 ]

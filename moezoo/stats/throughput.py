@@ -3,8 +3,8 @@
 - :class:`RateMeter` sums timed intervals (``start``/``stop(items)``), skipping the first ``warmup`` intervals
   (allocator and kernel warm-up). The training-throughput callback times each optimiser step with it: forward,
   backward, clipping and the optimiser update, not data loading or validation.
-- :func:`median_rate` times a whole pass (e.g. inference over a fixed set of batches) ``repeats`` times after
-  ``warmup`` untimed passes and returns the median rate.
+- :func:`median_rates` times a whole pass (e.g. inference over a fixed set of batches) ``repeats`` times after
+  ``warmup`` untimed passes and returns the median rates per wall and per CPU second (:func:`median_rate`: wall).
 
 CPU time is the process's user + system time over all threads: steadier than wall time on a shared machine, and
 what a budget in "CPU minutes" counts.
@@ -61,16 +61,22 @@ class RateMeter:
                 "timed_intervals": max(0, self.intervals - self.warmup), "warmup_intervals": self.warmup}  # fmt: skip
 
 
-def median_rate(run: Callable[[], int], repeats: int = 3, warmup: int = 1) -> float:
-    """Median items per wall second of ``run()`` (which returns the number of items it processed) over
-    ``repeats`` timed calls, after ``warmup`` untimed ones."""
+def median_rates(run: Callable[[], int], repeats: int = 3, warmup: int = 1) -> tuple[float, float]:
+    """Median items per wall second and median items per CPU second of ``run()`` (which returns the number of items
+    it processed) over ``repeats`` timed calls, after ``warmup`` untimed ones."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     for _ in range(warmup):
         run()
-    rates = []
+    wall_rates, cpu_rates = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         items = run()
-        rates.append(items / max(time.perf_counter() - start, 1e-12))
-    return statistics.median(rates)
+        wall_rates.append(items / max(time.perf_counter() - wall0, 1e-12))
+        cpu_rates.append(items / max(time.process_time() - cpu0, 1e-12))
+    return statistics.median(wall_rates), statistics.median(cpu_rates)
+
+
+def median_rate(run: Callable[[], int], repeats: int = 3, warmup: int = 1) -> float:
+    """Median items per wall second of ``run()`` (see :func:`median_rates`)."""
+    return median_rates(run, repeats, warmup)[0]

@@ -5,7 +5,10 @@ the command line runs it (fit, then the test of the best checkpoint), and what t
 - the routing statistics of the test split (the file :class:`~moezoo.tasks.callbacks.RoutingAnalytics` wrote);
 - the training throughput (:class:`~moezoo.tasks.callbacks.ThroughputMonitor`'s meter);
 - parameter counts (:func:`moezoo.stats.count_parameters`) and, when the benchmark asks, the inference
-  throughput (:func:`moezoo.stats.median_rate` over test batches) and its own extras (e.g. an extra test set).
+  throughput (:func:`moezoo.stats.median_rates` over test batches) and its own extras (e.g. an extra test set).
+
+Throughputs are kept per wall second and per CPU second of the process (``*_cpu_throughput``); the tables show the
+CPU figures, which a busy shared machine disturbs far less (a benchmark runs at one torch thread).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import lightning as L
 
-from moezoo.stats import count_parameters, median_rate
+from moezoo.stats import count_parameters, median_rates
 from moezoo.tasks.callbacks import RoutingAnalytics, ThroughputMonitor, log_dir_of
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout, whose configs/ the benchmarks run
@@ -30,6 +33,8 @@ ROUTING_KEYS = ("expert_load_cv", "dropped_frac", "router_entropy", "expert_load
 
 Forward = Callable[[L.LightningModule, Any], int]  # runs a model on one test batch, returns the samples in it
 Extras = Callable[[Any], dict[str, Any]]  # the finished LightningCLI -> extra numbers of a run
+Rates = tuple[float, float]  # items per wall second, items per CPU second
+Infer = Callable[[L.LightningModule, L.LightningDataModule], Rates | None]  # a run's inference throughput
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,8 @@ def first_batches(loader: Iterable[Any], max_samples: int, size: Callable[[Any],
     return batches
 
 
-def inference_throughput(task: L.LightningModule, batches: Sequence[Any], forward: Forward) -> float | None:
-    """Median samples per second of ``forward`` over ``batches`` in eval mode, without gradients."""
+def inference_throughput(task: L.LightningModule, batches: Sequence[Any], forward: Forward) -> Rates | None:
+    """Median samples per wall and per CPU second of ``forward`` over ``batches`` in eval mode, without gradients."""
     import torch
 
     if not batches:
@@ -100,18 +105,16 @@ def inference_throughput(task: L.LightningModule, batches: Sequence[Any], forwar
     was_training = task.training
     task.eval()
     with torch.no_grad():
-        rate = median_rate(lambda: sum(forward(task, batch) for batch in batches))
+        rates = median_rates(lambda: sum(forward(task, batch) for batch in batches))
     task.train(was_training)
-    return rate
+    return rates
 
 
-def test_set_throughput(
-    max_samples: int, forward: Forward, size: Callable[[Any], int]
-) -> Callable[[L.LightningModule, L.LightningDataModule], float | None]:
+def test_set_throughput(max_samples: int, forward: Forward, size: Callable[[Any], int]) -> Infer:
     """A benchmark's inference measurement: :func:`inference_throughput` of ``forward`` over the first test batches
     holding ``max_samples`` samples (``size(batch)`` counts a batch's samples)."""
 
-    def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> float | None:
+    def infer(task: L.LightningModule, datamodule: L.LightningDataModule) -> Rates | None:
         return inference_throughput(task, first_batches(datamodule.test_dataloader(), max_samples, size), forward)
 
     return infer
@@ -131,7 +134,7 @@ def leading_forward(task: L.LightningModule, batch: Any) -> int:
 def execute(
     spec: RunSpec,
     root: Path,
-    infer: Callable[[L.LightningModule, L.LightningDataModule], float | None] | None = None,
+    infer: Infer | None = None,
     extras: Extras | None = None,
 ) -> dict[str, Any]:
     """Fit and test ``spec`` with its files under ``root``; the run's record (JSON-able)."""
@@ -160,7 +163,8 @@ def execute(
         "params": count_parameters(getattr(task, "model", task)).as_dict(),
         "train_throughput": meter.wall_rate, "train_cpu_throughput": meter.cpu_rate,
     }  # fmt: skip
-    record["infer_throughput"] = infer(task, cli.datamodule) if infer is not None else None
+    rates = infer(task, cli.datamodule) if infer is not None else None
+    record["infer_throughput"], record["infer_cpu_throughput"] = rates if rates is not None else (None, None)
     record["extra"] = extras(cli) if extras is not None else {}
     record["wall_s"] = time.perf_counter() - start
     del cli, trainer, task

@@ -4,7 +4,7 @@ A domain benchmark's ``--json`` file is an object with at least these keys (othe
 ``runs``, are kept and ignored by the tables)::
 
     {"domain": "vision", "settings": "quick", "dataset": "...", "metric": "acc", "higher_is_better": true,
-     "throughput_unit": "images/s",
+     "throughput_unit": "images/CPU-s",
      "rows": [{"model": "moe_vit_tiny", "router": "topk", "metric": 0.97,
                "active_params": 1, "total_params": 2, "train_throughput": 3.0, "infer_throughput": 4.0,
                "expert_load_cv": 0.1, "dropped_frac": 0.0,
@@ -16,8 +16,9 @@ A domain benchmark's ``--json`` file is an object with at least these keys (othe
 ``"dense"`` is the dense twin of the MoE rows with the same ``model``; their "dense-twin delta" is
 ``metric - dense metric``. ``expert_load``, ``specialisation``, ``expert_load_cv`` and ``dropped_frac`` are
 ``null`` for dense rows. The routing fields are those of :meth:`moezoo.stats.RoutingStats.summary` on the test
-split; parameters are :func:`moezoo.stats.count_parameters`. A benchmark may record its own wall time as a
-top-level ``runtime_s``.
+split; parameters are :func:`moezoo.stats.count_parameters`; ``train_throughput`` and ``infer_throughput`` are in
+``throughput_unit`` (the domain benchmarks: items per CPU second of the process). A benchmark may record its own
+wall time as a top-level ``runtime_s``.
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@
 
 A row aggregates one variant's runs: the metric is the mean over cells (e.g. forecast horizons) of the mean over
 seeds; ``extra`` holds its std over seeds, the benchmark's extra test metrics (mean and ``_std`` over runs), the
-seeds and the commands, the training throughputs (wall and CPU) and the routing statistics (load CV, dropped
-fraction, router entropy) with their std over runs. Load CV and dropped fraction are means over runs; the expert
-load and specialisation are those of one run (the first cell, lowest seed): expert indices of different runs are
-unrelated.
+seeds and the commands, the training and inference throughputs (wall and CPU, with their std over runs) and the
+routing statistics (load CV, dropped fraction, router entropy) with their std over runs. The row's own
+``train_throughput`` / ``infer_throughput`` are the CPU figures (items per CPU second of the process): a benchmark
+runs at one torch thread, where they are steadier than wall time on a shared machine. Load CV and dropped
+fraction are means over runs; the expert load and specialisation are those of one run (the first cell, lowest
+seed): expert indices of different runs are unrelated.
 """
 
 from __future__ import annotations
@@ -34,9 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-
-from moezoo.tasks.bench.runner import Extras, RunSpec, execute, merge_overrides
+from moezoo.tasks.bench.runner import Extras, Infer, RunSpec, execute, merge_overrides
 from moezoo.tasks.bench.schema import BenchRow, write_domain_json
 
 FIT_PREFIXES = ("--trainer.", "--model.", "--data.")
@@ -76,7 +76,7 @@ class BenchSpec:
     quick: Budget
     full: Budget
     extra_metrics: tuple[str, ...] = ()  # test metrics kept in a row's extra (mean and _std over runs)
-    infer: Callable[[L.LightningModule, L.LightningDataModule], float | None] | None = None
+    infer: Infer | None = None
     extras: Extras | None = None  # numbers of a finished run beyond its test metrics
     cell_option: str | None = None  # the flag naming cells (e.g. "horizons")
     cell_overrides: Callable[[str], tuple[str, ...]] | None = None
@@ -189,8 +189,9 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
             values = [r["metrics"].get(key, r["extra"].get(key)) for r in vruns]
             name = key.removeprefix("test/")
             extra[name], extra[f"{name}_std"] = _mean(values), _std(values)
-        for key in ("train_throughput", "train_cpu_throughput"):
-            extra[key], extra[f"{key}_std"] = _mean([r[key] for r in vruns]), _std([r[key] for r in vruns])
+        for key in ("train_throughput", "train_cpu_throughput", "infer_throughput", "infer_cpu_throughput"):
+            values = [r.get(key) for r in vruns]
+            extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
         routed = [r["routing"] for r in vruns if r["routing"]]
         moe = variant.router != "dense"
         for key in ("expert_load_cv", "dropped_frac", "router_entropy"):
@@ -203,8 +204,8 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
                 metric=math.nan if metric is None else metric,
                 active_params=int(first["params"]["active"]),
                 total_params=int(first["params"]["total"]),
-                train_throughput=_mean([r["train_throughput"] for r in vruns]),
-                infer_throughput=_mean([r["infer_throughput"] for r in vruns]),
+                train_throughput=extra["train_cpu_throughput"],
+                infer_throughput=extra["infer_cpu_throughput"],
                 expert_load_cv=_mean([r["expert_load_cv"] for r in routed]) if moe else None,
                 dropped_frac=_mean([r["dropped_frac"] for r in routed]) if moe else None,
                 expert_load=first["routing"]["expert_load"] if moe and first["routing"] else None,
@@ -307,7 +308,7 @@ def run_pending(
     out: Path,
     tag: str,
     show: Callable[[dict[str, Any]], str],
-    infer: Callable[[L.LightningModule, L.LightningDataModule], float | None] | None = None,
+    infer: Infer | None = None,
     extras: Extras | None = None,
     save: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:

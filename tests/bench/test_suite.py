@@ -41,7 +41,7 @@ def _record(spec: RunSpec, acc: float) -> dict[str, Any]:
             "overrides": list(spec.overrides), "command": spec.command(), "log_dir": "x", "model": "toy_model",
             "global_step": 5, "metrics": {"test/acc": acc, "test/loss": 1.0 - acc}, "routing": routing if moe else None,
             "params": {"total": 300 if moe else 100, "active": 100}, "train_throughput": 10.0 + spec.seed,
-            "train_cpu_throughput": 5.0, "infer_throughput": None, "extra": {}, "wall_s": 2.0}  # fmt: skip
+            "train_cpu_throughput": 5 + 2 * spec.seed, "infer_throughput": None, "extra": {}, "wall_s": 2}  # fmt: skip
 
 
 @pytest.fixture
@@ -104,7 +104,8 @@ def test_rows_average_cells_of_seed_means(fake_runs: list, tmp_path: Path, capsy
     )
     assert moe["extra"]["loss"] == pytest.approx(1.0 - statistics.fmean(accs.values()))
     assert (moe["router"], moe["active_params"], moe["total_params"], moe["model"]) == ("topk", 100, 300, "toy_model")
-    assert moe["expert_load_cv"] == pytest.approx(0.15) and moe["train_throughput"] == pytest.approx(10.5)
+    assert moe["expert_load_cv"] == pytest.approx(0.15) and moe["train_throughput"] == pytest.approx(6.0)
+    assert moe["extra"]["train_throughput"] == pytest.approx(10.5) and moe["infer_throughput"] is None
     assert moe["expert_load"] == [[0, 1.0]] and moe["specialisation"]["share"] == [[0, 1.0]]  # seed 0, first cell
     assert (
         dense["router"] == "dense" and dense["expert_load"] is dense["expert_load_cv"] is dense["dropped_frac"] is None

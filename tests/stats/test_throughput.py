@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moezoo.stats import RateMeter, median_rate, throughput
+from moezoo.stats import RateMeter, median_rate, median_rates, throughput
 
 
 class FakeClock:
@@ -53,3 +53,20 @@ def test_median_rate_times_repeats_after_warmup(clock: FakeClock) -> None:
     assert median_rate(run, repeats=3, warmup=1) == pytest.approx(8 / 2.0)
     with pytest.raises(ValueError, match="repeats"):
         median_rate(run, repeats=0)
+
+
+def test_median_rates_time_wall_and_cpu_of_the_same_calls(clock: FakeClock) -> None:
+    # (wall, cpu) per call: a preempted call takes long on the wall clock but not in CPU time
+    durations = iter([(50.0, 50.0), (1.0, 1.0), (8.0, 2.0), (2.0, 2.0)])
+
+    def run() -> int:
+        clock.advance(*next(durations))
+        return 8
+
+    wall, cpu = median_rates(run, repeats=3, warmup=1)
+    assert wall == pytest.approx(8 / 2.0) and cpu == pytest.approx(8 / 2.0)
+    durations = iter([(1.0, 1.0), (4.0, 1.0), (4.0, 1.0), (4.0, 4.0)])
+    wall, cpu = median_rates(run, repeats=3, warmup=1)
+    assert wall == pytest.approx(8 / 4.0) and cpu == pytest.approx(8 / 1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        median_rates(run, repeats=1, warmup=-1)
