@@ -17,19 +17,28 @@ CSV_COLUMNS = (
     "total_params", "train_throughput", "infer_throughput", "throughput_unit", "expert_load_cv", "dropped_frac",
     "settings",
 )  # fmt: skip
-README_BEGIN = "<!-- moezoo-bench-tables:begin -->"
-README_END = "<!-- moezoo-bench-tables:end -->"
 
 
-def replace_readme_block(text: str, block: str) -> str:
-    """``text`` with the lines between the README markers replaced by ``block`` (the markers stay)."""
-    begin, end = text.find(README_BEGIN), text.find(README_END)
+def readme_markers(name: str = "tables") -> tuple[str, str]:
+    """The README lines between which ``moezoo bench <name> --readme`` writes its block (``tables``: the
+    cross-domain tables; a domain's name: that benchmark's own table)."""
+    return f"<!-- moezoo-bench-{name}:begin -->", f"<!-- moezoo-bench-{name}:end -->"
+
+
+README_BEGIN, README_END = readme_markers()
+
+
+def replace_readme_block(text: str, block: str, markers: tuple[str, str] = (README_BEGIN, README_END)) -> str:
+    """``text`` with the lines between the README ``markers`` (:func:`readme_markers`) replaced by ``block`` (the
+    markers stay)."""
+    start, stop = markers
+    begin, end = text.find(start), text.find(stop)
     if begin < 0 or end < 0:
-        absent = [m for m, i in ((README_BEGIN, begin), (README_END, end)) if i < 0]
-        raise ValueError(f"--readme: the marker line(s) {absent} are missing; add {README_BEGIN} and {README_END}")
-    if text.count(README_BEGIN) > 1 or text.count(README_END) > 1 or end < begin:
-        raise ValueError(f"--readme: expected one {README_BEGIN} followed by one {README_END}")
-    head = text[: begin + len(README_BEGIN)]
+        absent = [m for m, i in ((start, begin), (stop, end)) if i < 0]
+        raise ValueError(f"--readme: the marker line(s) {absent} are missing; add {start} and {stop}")
+    if text.count(start) > 1 or text.count(stop) > 1 or end < begin:
+        raise ValueError(f"--readme: expected one {start} followed by one {stop}")
+    head = text[: begin + len(start)]
     return head + "\n\n" + block.strip("\n") + "\n\n" + text[end:]
 
 
