@@ -32,7 +32,7 @@ def test_discover_lists_domains_without_benchmarks() -> None:
     assert set(benches) | set(missing) == set(domains) | set(benches)
     assert not set(benches) & set(missing)
     assert "bench" not in domains and set(benches) >= {"vision", "generation", "speech", "timeseries", "detection"}
-    assert others == ["kernels", "layer", "parallel"] and "tables" not in benches
+    assert others == ["kernels", "layer", "parallel", "routers"] and "tables" not in benches
     with pytest.raises(ValueError, match="not domains"):
         tables.discover(["no_such_domain"])
 
