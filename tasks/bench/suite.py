@@ -18,7 +18,8 @@ seeds; ``extra`` holds its std over seeds, the benchmark's extra test metrics (m
 seeds and the commands, the training throughputs (wall and CPU) and the routing statistics (load CV, dropped
 fraction, router entropy) with their std over runs. Load CV and dropped fraction are means over runs; the expert
 load and specialisation are those of one run (the first cell, lowest seed): expert indices of different runs are
-unrelated.
+unrelated. Dense twins and baselines (:data:`UNROUTED`) have no routing statistics, and a model without parameters
+(a naive forecast) no training throughput; the Markdown marks baselines ``(baseline)``.
 """
 
 from __future__ import annotations
@@ -37,19 +38,25 @@ from typing import Any
 import lightning as L
 
 from moezoo.tasks.bench.runner import Extras, RunSpec, execute, merge_overrides
-from moezoo.tasks.bench.schema import BenchRow, write_domain_json
+from moezoo.tasks.bench.schema import BASELINE, UNROUTED, BenchRow, write_domain_json
 
 FIT_PREFIXES = ("--trainer.", "--model.", "--data.")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A row of the benchmark: its ``--variants`` name, its config (relative to the checkout) and its router label
-    in the tables (``"dense"`` for the dense twin)."""
+    """A row of the benchmark: its ``--variants`` name, its config (relative to the checkout), its router label in
+    the tables (``"dense"`` for the dense twin, ``"baseline"`` for a baseline) and ``moezoo fit`` overrides of its
+    own, applied after the budget's and the command line's (e.g. the single epoch of a model without parameters)."""
 
     name: str
     config: str
     router: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        return self.router not in UNROUTED
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,7 @@ def run_specs(spec: BenchSpec, budget: Budget) -> list[RunSpec]:
         cell_args = spec.cell_overrides(cell) if spec.cell_overrides is not None and cell else ()
         for seed in budget.seeds:
             for name in budget.variants:
-                overrides = merge_overrides(budget.overrides, cell_args)
+                overrides = merge_overrides(budget.overrides, cell_args, spec.variant(name).overrides)
                 runs.append(RunSpec(name, seed, spec.variant(name).config, overrides, cell))
     return runs
 
@@ -179,6 +186,8 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
             per_cell[cell] = {"metric": _mean(values), "metric_std": _std(values),
                               "seeds": sorted(r["seed"] for r in vruns if r["cell"] == cell)}  # fmt: skip
         metric = _mean([c["metric"] for c in per_cell.values()])
+        # A model without parameters trains nothing: its "training" pass is no training throughput.
+        trained = int(first["params"]["total"]) > 0
         extra: dict[str, Any] = {"variant": variant.name, "seeds": sorted({r["seed"] for r in vruns}),
                                  "commands": [r["command"] for r in vruns]}  # fmt: skip
         if len(cells) == 1:
@@ -190,9 +199,10 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
             name = key.removeprefix("test/")
             extra[name], extra[f"{name}_std"] = _mean(values), _std(values)
         for key in ("train_throughput", "train_cpu_throughput"):
-            extra[key], extra[f"{key}_std"] = _mean([r[key] for r in vruns]), _std([r[key] for r in vruns])
+            values = [r[key] for r in vruns] if trained else []
+            extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
         routed = [r["routing"] for r in vruns if r["routing"]]
-        moe = variant.router != "dense"
+        moe = variant.routed
         for key in ("expert_load_cv", "dropped_frac", "router_entropy"):
             values = [r.get(key) for r in routed] if moe else []
             extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
@@ -203,7 +213,7 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
                 metric=math.nan if metric is None else metric,
                 active_params=int(first["params"]["active"]),
                 total_params=int(first["params"]["total"]),
-                train_throughput=_mean([r["train_throughput"] for r in vruns]),
+                train_throughput=_mean([r["train_throughput"] for r in vruns]) if trained else None,
                 infer_throughput=_mean([r["infer_throughput"] for r in vruns]),
                 expert_load_cv=_mean([r["expert_load_cv"] for r in routed]) if moe else None,
                 dropped_frac=_mean([r["dropped_frac"] for r in routed]) if moe else None,
@@ -238,7 +248,7 @@ def markdown(spec: BenchSpec, rows: Sequence[BenchRow]) -> str:
     for row in rows:
         std = row.extra.get(f"{spec.metric}_std")
         cells = [
-            str(row.extra.get("variant", row.router)),
+            str(row.extra.get("variant", row.router)) + (f" ({BASELINE})" if row.router == BASELINE else ""),
             f"{row.metric:.4f}" + (f" ± {std:.4f}" if std is not None else ""),
         ]
         for name in extras:
