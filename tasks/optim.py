@@ -192,8 +192,10 @@ _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 def _spec_class(class_path: Any) -> type | None:
     """The class a spec's ``class_path`` names (a short name looked up in :data:`SHORT_NAME_MODULES`), else None."""
+    if not isinstance(class_path, str) or not _CLASS_PATH.fullmatch(class_path):
+        return None
     paths = [class_path]
-    if isinstance(class_path, str) and "." not in class_path:
+    if "." not in class_path:
         paths += [f"{module}.{class_path}" for module in SHORT_NAME_MODULES]
     for path in paths:
         try:
@@ -288,7 +290,7 @@ def class_options_as_specs(argv: Sequence[str], prefix: str = "--model.init_args
             i += 1
             continue
         value, step = (inline, 1) if eq else (argv[i + 1], 2)
-        cls = _spec_class(value) if _CLASS_PATH.fullmatch(value) else None
+        cls = _spec_class(value)
         if cls is not None and issubclass(cls, TASK_CALLABLES[name][0]):
             out += [f"{prefix}{name}", json.dumps({"class_path": value})]
         else:
