@@ -2,8 +2,8 @@
 
 - ``moezoo fit|validate|test|predict --config FILE``: training and evaluation (LightningCLI, :mod:`moezoo.tasks.cli`);
 - ``moezoo bench <name> [options]``: the benchmark named in :data:`BENCHMARKS` (its module's ``main(argv)``): a micro
-  benchmark of the core (``moezoo.bench``: layer, kernels, parallel) or a domain benchmark that runs ``moezoo fit``
-  of configs (``moezoo.tasks.bench``), and ``tables``, which runs every domain benchmark;
+  benchmark of the core (``moezoo.bench``: layer, kernels, parallel, routers) or a domain benchmark that runs
+  ``moezoo fit`` of configs (``moezoo.tasks.bench``), and ``tables``, which runs every domain benchmark;
 - ``moezoo compare --config CFG [--dense-twin] [--seeds 0,1,2]``: configs and a dense twin over seeds
   (:mod:`moezoo.tasks.compare`);
 - ``moezoo zoo <command> [options]``: the pretrained model zoo (:mod:`moezoo.tasks.zoo.cli`);
@@ -36,10 +36,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "layer": ("moezoo.bench.layer", "one MoE layer on the CPU: time and activation memory per backend"),
     "kernels": ("moezoo.bench.kernels", "the MoE layer on the Triton kernels (CUDA): time and TFLOP/s"),
     "parallel": ("moezoo.bench.parallel", "expert parallelism EP=2 vs EP=1 on the CPU (gloo): step time, bytes"),
+    "routers": ("moezoo.bench.routers", "each sparse router's MoE layer step on the CPU, as a ratio to top-k's"),
     "vision": ("moezoo.tasks.bench.vision", "the ViT router study on Fashion-MNIST: top-k, expert choice, soft MoE"),
     "generation": ("moezoo.tasks.bench.generation", "the DiT-MoE table: dense, top-k, expert choice, ProMoE"),
     "speech": ("moezoo.tasks.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
-    "timeseries": ("moezoo.tasks.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE"),
+    "timeseries": ("moezoo.tasks.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE, baselines"),
     "detection": ("moezoo.tasks.bench.detection", "YOLO-MoE against a single and an equal-compute detector"),
     "tables": ("moezoo.tasks.bench.tables", "every domain's benchmark, then the cross-domain tables and plots"),
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Union
 
@@ -26,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from moezoo.io import write_json_atomic
 from moezoo.stats import count_parameters
 from moezoo.tasks.legacy import register_config_loader
+from moezoo.tasks.optim import class_options_as_specs, config_own_defaults
 
 # The domain packages whose tasks and data modules configs name (one per folder of moezoo.tasks). Add a domain here.
 DOMAINS = (
@@ -114,7 +116,12 @@ class MoEZooCLI(LightningCLI):
         self._checkpoint_settings = checkpoint_data_settings(config.get("ckpt_path"))
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
-        super().parse_arguments(parser, args)  # type: ignore[arg-type]
+        # An optimiser or scheduler class named on the command line gets its own defaults, as in a config.
+        if args is None and class_options_as_specs(sys.argv[1:]) != sys.argv[1:]:
+            self.config = parser.parse_args(class_options_as_specs(sys.argv[1:]))  # as LightningCLI parses sys.argv
+        else:
+            args = class_options_as_specs(args) if isinstance(args, list) else args
+            super().parse_arguments(parser, args)  # type: ignore[arg-type]
         # Before LightningCLI reads --ckpt_path's hyperparameters (a safetensors release is no checkpoint).
         from moezoo.tasks.zoo.finetune import check_ckpt_path
 
@@ -175,7 +182,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MoEZooCLI:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": register_config_loader()},  # omegaconf, then the legacy shim
+        # omegaconf, the legacy shim, then the optimiser's and scheduler's own defaults for a class named in a config
+        parser_kwargs={"parser_mode": register_config_loader(config_own_defaults)},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

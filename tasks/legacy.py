@@ -18,7 +18,7 @@ One :class:`~moezoo.models.spec.LegacyConfigWarning` per config names the new ke
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from moezoo.models.spec import upgrade_model_kwargs, warn_legacy
@@ -115,9 +115,10 @@ def upgrade_config(config: Any) -> Any:
     return config
 
 
-def register_config_loader() -> str:
+def register_config_loader(*steps: Callable[[Any], Any]) -> str:
     """Register the parser mode that ``moezoo fit`` parses configs with: omegaconf (``${...}`` interpolation), then
-    :func:`upgrade_config`. Returns the mode's name."""
+    :func:`upgrade_config`, then each of ``steps`` (functions of the loaded config that are not about the old form,
+    e.g. :func:`moezoo.tasks.optim.config_own_defaults`). Returns the mode's name."""
     import yaml
     from jsonargparse import get_loader, set_loader
 
@@ -130,7 +131,10 @@ def register_config_loader() -> str:
         omegaconf_load = get_loader("omegaconf")
 
     def load(value: str) -> Any:
-        return upgrade_config(omegaconf_load(value))
+        config = upgrade_config(omegaconf_load(value))
+        for step in steps:
+            config = step(config)
+        return config
 
     set_loader(PARSER_MODE, load, (yaml.YAMLError,))
     return PARSER_MODE

@@ -11,6 +11,12 @@ in Python a callable or the same mapping works. The default is the recipe every 
   ``min_lr_ratio * lr``, stepped once per optimiser step; the run's length comes from the trainer
   (``estimated_stepping_batches``), so the schedule fits ``max_epochs`` or ``max_steps`` by itself.
 
+Another class gets its own defaults: ``optimizer: {class_path: torch.optim.Adam, init_args: {lr: 1e-4}}`` trains with
+Adam's ``weight_decay=0``, not the recipe's 0.05; only the default's own class (AdamW) takes the recipe's values for
+the arguments a config leaves out. (LightningCLI's parser, jsonargparse, would otherwise keep every init_arg of the
+default that the new class accepts; :func:`own_class_defaults` writes the new class's defaults into a loaded config,
+see :func:`config_own_defaults`.)
+
 A schedule is stepped once per optimiser step unless its class sets ``interval = "epoch"`` (:func:`interval`):
 :class:`StepDecayLR`, the per-epoch decay of the public PatchTST / LTSF-Linear code, is stepped once per epoch.
 """
@@ -20,8 +26,10 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -169,6 +177,126 @@ def import_class(class_path: Any, argument: str) -> type:
             f"{argument}.class_path must name an importable class ('package.module.Class'), got {class_path!r}"
         )
     return cls
+
+
+#: argument name -> (the base class a spec of it must name, the task's default spec)
+TASK_CALLABLES: dict[str, tuple[type, dict[str, Any]]] = {
+    "optimizer": (Optimizer, DEFAULT_OPTIMIZER),
+    "lr_scheduler": (LRScheduler, DEFAULT_LR_SCHEDULER),
+}
+#: where a class_path without a module (``Adam``, ``StepLR``) is looked up, as LightningCLI resolves short names
+SHORT_NAME_MODULES = ("torch.optim", "torch.optim.lr_scheduler", "moezoo.tasks.optim")
+_PLAIN = (type(None), bool, int, float, str)
+_CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _spec_class(class_path: Any) -> type | None:
+    """The class a spec's ``class_path`` names (a short name looked up in :data:`SHORT_NAME_MODULES`), else None."""
+    if not isinstance(class_path, str) or not _CLASS_PATH.fullmatch(class_path):
+        return None
+    paths = [class_path]
+    if "." not in class_path:
+        paths += [f"{module}.{class_path}" for module in SHORT_NAME_MODULES]
+    for path in paths:
+        try:
+            return import_class(path, "class_path")
+        except ValueError:
+            continue
+    return None
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def own_class_defaults(spec: Any, kind: type, default: Mapping[str, Any]) -> Any:
+    """``spec`` (an ``optimizer`` or ``lr_scheduler`` ``{class_path, init_args}``) with, when it names a class other
+    than ``default``'s, that class's own default written out for every argument it leaves out that the default's
+    class also takes (plain values only); anything else is returned as it is.
+
+    Why: jsonargparse parses a config's spec over the default's, and keeps each of the default's init_args that the
+    new class accepts, so ``torch.optim.Adam`` without ``weight_decay`` would train with AdamW's 0.05 (and
+    ``torch.optim.SGD`` too). Written out, the class's own defaults win; what the spec says is kept.
+    """
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        return spec
+    cls, default_cls = _spec_class(spec["class_path"]), _spec_class(default["class_path"])
+    if cls is None or default_cls is None or cls is default_cls or not issubclass(cls, kind):
+        return spec
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        return spec
+    carried = set(inspect.signature(default_cls).parameters)
+    own = {
+        p.name: p.default
+        for i, p in enumerate(inspect.signature(cls).parameters.values())
+        if i > 0  # the parameters or the optimiser, given when the task builds it
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not p.empty
+        and p.name in carried
+        and _is_plain(p.default)
+    }
+    return {**spec, "init_args": {**own, **init_args}}
+
+
+def task_spec_own_defaults(spec: Any) -> Any:
+    """A task spec ``{class_path, init_args}`` with :func:`own_class_defaults` applied to its ``optimizer`` and
+    ``lr_scheduler`` (a spec of another class than a :class:`~moezoo.tasks.base.MoETask` is returned as it is)."""
+    from moezoo.tasks.base import MoETask
+
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("init_args"), Mapping):
+        return spec
+    cls = _spec_class(spec.get("class_path"))
+    if cls is None or not issubclass(cls, MoETask):
+        return spec
+    init_args = dict(spec["init_args"])
+    for name, (kind, default) in TASK_CALLABLES.items():
+        if name in init_args:
+            init_args[name] = own_class_defaults(init_args[name], kind, default)
+    return {**spec, "init_args": init_args}
+
+
+def config_own_defaults(config: Any) -> Any:
+    """A loaded config (or value) with the optimiser and scheduler classes' own defaults written out
+    (:func:`own_class_defaults`): the task spec under ``model``, a task spec itself, or a bare ``optimizer`` /
+    ``lr_scheduler`` spec (a ``--model.init_args.optimizer '{class_path: ..., init_args: ...}'`` value). Used by the
+    config loader of ``moezoo fit`` (:func:`moezoo.tasks.legacy.register_config_loader`)."""
+    if not isinstance(config, Mapping):
+        return config
+    if isinstance(config.get("model"), Mapping) and "class_path" in config["model"]:
+        return {**config, "model": task_spec_own_defaults(config["model"])}
+    cls = _spec_class(config["class_path"]) if "class_path" in config else None
+    for kind, default in TASK_CALLABLES.values():
+        if cls is not None and issubclass(cls, kind):
+            return own_class_defaults(config, kind, default)
+    return task_spec_own_defaults(config) if cls is not None else config
+
+
+def class_options_as_specs(argv: Sequence[str], prefix: str = "--model.init_args.") -> list[str]:
+    """Command-line arguments with each ``{prefix}optimizer CLASS`` or ``{prefix}optimizer.class_path CLASS`` (also
+    with ``=``, and the same for ``lr_scheduler``) written as ``{prefix}optimizer '{"class_path": "CLASS"}'``: a
+    mapping, which the config loader passes through :func:`config_own_defaults`, so that a class named on the
+    command line also gets its own defaults. Values that name no such class (``null``, a mapping) are left alone."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        key, eq, inline = token.partition("=")
+        name = key.removeprefix(prefix).removesuffix(".class_path") if key.startswith(prefix) else ""
+        if name not in TASK_CALLABLES or (not eq and i + 1 >= len(argv)):
+            out.append(token)
+            i += 1
+            continue
+        value, step = (inline, 1) if eq else (argv[i + 1], 2)
+        cls = _spec_class(value)
+        if cls is not None and issubclass(cls, TASK_CALLABLES[name][0]):
+            out += [f"{prefix}{name}", json.dumps({"class_path": value})]
+        else:
+            out += argv[i : i + step]
+        i += step
+    return out
 
 
 def as_factory(

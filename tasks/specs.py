@@ -1,6 +1,7 @@
 """Task specs (``{class_path, init_args}``) outside the command line: complete them and build tasks from them
 exactly as ``moezoo fit`` does (LightningCLI's jsonargparse: ``**kwargs`` resolved to the base task's arguments,
-``optimizer``/``lr_scheduler`` turned into callables), old specs upgraded first (:mod:`moezoo.tasks.legacy`).
+``optimizer``/``lr_scheduler`` turned into callables, another class than the default's with its own defaults:
+:func:`moezoo.tasks.optim.task_spec_own_defaults`), old specs upgraded first (:mod:`moezoo.tasks.legacy`).
 The zoo records and rebuilds the task of a release with these.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from moezoo.tasks.base import MoETask
 from moezoo.tasks.legacy import upgrade_task_spec_warn
+from moezoo.tasks.optim import task_spec_own_defaults
 
 
 def _parse(spec: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -19,7 +21,8 @@ def _parse(spec: Mapping[str, Any]) -> tuple[Any, Any]:
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(MoETask, "task", required=True)
-    return parser, parser.parse_object({"task": upgrade_task_spec_warn(spec, f"task {spec.get('class_path')}")})
+    upgraded = upgrade_task_spec_warn(spec, f"task {spec.get('class_path')}")
+    return parser, parser.parse_object({"task": task_spec_own_defaults(upgraded)})
 
 
 def complete_task_spec(spec: Mapping[str, Any]) -> dict[str, Any]:

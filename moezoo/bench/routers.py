@@ -1,6 +1,7 @@
 """Router cost: forward+backward time of a MoE layer with each sparse router, against the same layer with top-k.
 
-``python -m moezoo.bench.routers [--shape T,D,F,E,K] [--repeats 20] [--threads 1] [--routers a,b]``
+``moezoo bench routers [--shape T,D,F,E,K] [--repeats 20] [--threads 1] [--routers a,b]`` (or
+``python -m moezoo.bench.routers ...``)
 
 For every registered sparse router that needs no side input, one training step (forward, backward of the output
 and the router's losses, ``update_state``) of a ``MoE`` layer using it (fused CPU backend): the median over
@@ -76,7 +77,7 @@ def table(shape: tuple[int, int, int, int, int], names: Sequence[str], repeats: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moezoo.bench.routers", description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="moezoo bench routers", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--shape", default="2048,64,128,8,2", help="T,D,F,E,K (default: the study's MoE layer)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)

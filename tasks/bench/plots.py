@@ -16,10 +16,11 @@ from moezoo.stats.heatmaps import (
     share_label,
     specialisation_panel,
 )
+from moezoo.tasks.bench.schema import BASELINE, DENSE
 
 
 def quality_vs_active(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Each domain's metric against active parameters per token (squares: dense twins)."""
+    """Each domain's metric against active parameters per token (squares: dense twins, triangles: baselines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,13 +34,19 @@ def quality_vs_active(rows: Sequence[dict[str, Any]], path: Path) -> Path | None
     for ax, domain in zip(axes[0], domains):
         mine = [r for r in rows if r["domain"] == domain]
         for r in mine:
-            marker = "s" if r["router"] == "dense" else "o"
+            marker = {DENSE: "s", BASELINE: "^"}.get(r["router"], "o")
             ax.scatter(r["active_params"], r["metric"], marker=marker, label=f"{r['model']} {r['router']}")
         active = [r["active_params"] for r in mine]
-        # A log axis only when the sizes span a decade; millions on the ticks either way (no minor labels).
-        scale = "log" if max(active) > 10 * max(1, min(active)) else "linear"
-        ax.set(title=domain, xlabel="active parameters per token (millions)", ylabel=mine[0]["metric_name"],
-               xscale=scale)  # fmt: skip
+        positive = [a for a in active if a > 0] or [1]
+        ax.set(title=domain, xlabel="active parameters per token (millions)", ylabel=mine[0]["metric_name"])
+        # A log axis only when the sizes span a decade (symlog, linear below the smallest model with parameters, when
+        # a baseline has none); millions on the ticks either way (no minor labels).
+        if max(positive) <= 10 * min(positive):
+            ax.set_xscale("linear")
+        elif min(active) > 0:
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=min(positive))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:.4g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.tick_params(axis="x", labelsize=7)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moezoo.io import copy_file_atomic
+from moezoo.tasks.bench.schema import DENSE, UNROUTED
 
 CSV_COLUMNS = (
     "domain", "model", "router", "metric_name", "metric", "higher_is_better", "dense_delta", "active_params",
@@ -64,9 +65,9 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         data = run["data"]
         if data is None:
             continue
-        dense = {r["model"]: r["metric"] for r in data["rows"] if r["router"] == "dense"}
+        dense = {r["model"]: r["metric"] for r in data["rows"] if r["router"] == DENSE}
         for r in data["rows"]:
-            twin = dense.get(r["model"]) if r["router"] != "dense" else None
+            twin = dense.get(r["model"]) if r["router"] not in UNROUTED else None
             rows.append(
                 {
                     "domain": run["domain"],
@@ -102,7 +103,8 @@ def markdown(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], mis
         "dense-twin delta = MoE metric - dense twin metric, parameters active per token / total, throughput "
         "in items per CPU second of the benchmark's process (one torch thread) on this machine, "
         "expert-load CV = std/mean of tokens per expert (mean over MoE layers), "
-        "dropped = fraction of tokens routed to no expert.",
+        "dropped = fraction of tokens routed to no expert; router `baseline`: one of the field's reference models "
+        "(no experts, no dense twin) beside the MoE rows.",
         "",
         "| domain | model | router | quality | dense-twin delta | active / total params | train | inference "
         "| expert-load CV | dropped |",

@@ -15,10 +15,12 @@ A domain benchmark's ``--json`` file is an object with at least these keys (othe
 ``settings`` is ``"quick"``, ``"full"`` or ``"custom"`` (options of its own). A row whose ``router`` is
 ``"dense"`` is the dense twin of the MoE rows with the same ``model``; their "dense-twin delta" is
 ``metric - dense metric``. ``expert_load``, ``specialisation``, ``expert_load_cv`` and ``dropped_frac`` are
-``null`` for dense rows. The routing fields are those of :meth:`moezoo.stats.RoutingStats.summary` on the test
-split; parameters are :func:`moezoo.stats.count_parameters`; ``train_throughput`` and ``infer_throughput`` are in
-``throughput_unit`` (the domain benchmarks: items per CPU second of the process). A benchmark may record its own
-wall time as a top-level ``runtime_s``.
+``null`` for dense rows. A row whose ``router`` is ``"baseline"`` is a reference model outside the MoE family (e.g.
+a forecasting baseline such as seasonal naive or DLinear): no routing fields and no dense-twin delta; a baseline
+without parameters (a naive forecast) has ``train_throughput`` ``null``. The routing fields are those of
+:meth:`moezoo.stats.RoutingStats.summary` on the test split; parameters are :func:`moezoo.stats.count_parameters`;
+``train_throughput`` and ``infer_throughput`` are in ``throughput_unit`` (the domain benchmarks: items per CPU
+second of the process). A benchmark may record its own wall time as a top-level ``runtime_s``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from typing import Any
 
 from moezoo.io import write_text_atomic
 
+#: the router labels of the rows without routing: the dense twin and a baseline
+DENSE, BASELINE = "dense", "baseline"
+UNROUTED = (DENSE, BASELINE)
 HEADER_KEYS = ("domain", "settings", "dataset", "metric", "higher_is_better", "throughput_unit")
 REQUIRED_ROW_KEYS = (
     "model", "router", "metric", "active_params", "total_params", "train_throughput", "infer_throughput",

@@ -23,7 +23,9 @@ routing statistics (load CV, dropped fraction, router entropy) with their std ov
 ``train_throughput`` / ``infer_throughput`` are the CPU figures (items per CPU second of the process): a benchmark
 runs at one torch thread, where they are steadier than wall time on a shared machine. Load CV and dropped
 fraction are means over runs; the expert load and specialisation are those of one run (the first cell, lowest
-seed): expert indices of different runs are unrelated.
+seed): expert indices of different runs are unrelated. Dense twins and baselines (:data:`UNROUTED`) have no
+routing statistics, and a model without parameters (a naive forecast) no training throughput; the Markdown marks
+baselines ``(baseline)``.
 """
 
 from __future__ import annotations
@@ -42,19 +44,25 @@ from typing import Any
 from moezoo.io import write_text_atomic
 from moezoo.tasks.bench.render import readme_markers, replace_readme_block
 from moezoo.tasks.bench.runner import Extras, Infer, RunSpec, execute, merge_overrides
-from moezoo.tasks.bench.schema import BenchRow, write_domain_json
+from moezoo.tasks.bench.schema import BASELINE, UNROUTED, BenchRow, write_domain_json
 
 FIT_PREFIXES = ("--trainer.", "--model.", "--data.")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A row of the benchmark: its ``--variants`` name, its config (relative to the checkout) and its router label
-    in the tables (``"dense"`` for the dense twin)."""
+    """A row of the benchmark: its ``--variants`` name, its config (relative to the checkout), its router label in
+    the tables (``"dense"`` for the dense twin, ``"baseline"`` for a baseline) and ``moezoo fit`` overrides of its
+    own, applied after the budget's and the command line's (e.g. the single epoch of a model without parameters)."""
 
     name: str
     config: str
     router: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        return self.router not in UNROUTED
 
 
 @dataclass(frozen=True)
@@ -155,7 +163,7 @@ def run_specs(spec: BenchSpec, budget: Budget) -> list[RunSpec]:
         cell_args = spec.cell_overrides(cell) if spec.cell_overrides is not None and cell else ()
         for seed in budget.seeds:
             for name in budget.variants:
-                overrides = merge_overrides(budget.overrides, cell_args)
+                overrides = merge_overrides(budget.overrides, cell_args, spec.variant(name).overrides)
                 runs.append(RunSpec(name, seed, spec.variant(name).config, overrides, cell))
     return runs
 
@@ -186,6 +194,8 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
             per_cell[cell] = {"metric": _mean(values), "metric_std": _std(values),
                               "seeds": sorted(r["seed"] for r in vruns if r["cell"] == cell)}  # fmt: skip
         metric = _mean([c["metric"] for c in per_cell.values()])
+        # A model without parameters trains nothing: its "training" pass is no training throughput.
+        trained = int(first["params"]["total"]) > 0
         extra: dict[str, Any] = {"variant": variant.name, "seeds": sorted({r["seed"] for r in vruns}),
                                  "commands": [r["command"] for r in vruns]}  # fmt: skip
         if len(cells) == 1:
@@ -197,10 +207,10 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
             name = key.removeprefix("test/")
             extra[name], extra[f"{name}_std"] = _mean(values), _std(values)
         for key in ("train_throughput", "train_cpu_throughput", "infer_throughput", "infer_cpu_throughput"):
-            values = [r.get(key) for r in vruns]
+            values = [r.get(key) for r in vruns] if trained or key.startswith("infer") else []
             extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
         routed = [r["routing"] for r in vruns if r["routing"]]
-        moe = variant.router != "dense"
+        moe = variant.routed
         for key in ("expert_load_cv", "dropped_frac", "router_entropy"):
             values = [r.get(key) for r in routed] if moe else []
             extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
@@ -246,7 +256,7 @@ def markdown(spec: BenchSpec, rows: Sequence[BenchRow]) -> str:
     for row in rows:
         std = row.extra.get(f"{spec.metric}_std")
         cells = [
-            str(row.extra.get("variant", row.router)),
+            str(row.extra.get("variant", row.router)) + (f" ({BASELINE})" if row.router == BASELINE else ""),
             f"{row.metric:.4f}" + (f" ± {std:.4f}" if std is not None else ""),
         ]
         for name in extras:

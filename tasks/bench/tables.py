@@ -3,7 +3,7 @@
 The benchmarks are those of the ``moezoo bench`` table (:data:`moezoo.cli.BENCHMARKS`): a *domain benchmark* is a
 module of :mod:`moezoo.tasks.bench` that sets ``DOMAIN = "<domain>"``. Every task domain
 (:data:`moezoo.tasks.cli.DOMAINS`) without one is listed as "no benchmark yet"; the micro benchmarks of
-``moezoo.bench`` (layer, kernels, parallel) are not quality benchmarks and are listed apart.
+``moezoo.bench`` (layer, kernels, parallel, routers) are not quality benchmarks and are listed apart.
 
 Contract of a domain benchmark: ``moezoo bench <domain> --quick --json PATH`` (its quick settings, minutes on a
 2-core CPU) or ``moezoo bench <domain> --full --json PATH`` (its full settings) exits 0 and writes to PATH the

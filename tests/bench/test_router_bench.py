@@ -1,9 +1,14 @@
-"""``python -m moezoo.bench.routers`` on a tiny shape, and its argument errors."""
+"""``moezoo bench routers`` (``python -m moezoo.bench.routers``) on a tiny shape, its place in the ``moezoo bench``
+table, and its argument errors."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from moezoo import cli
 from moezoo.bench import routers
 
 
@@ -35,3 +40,25 @@ def test_bad_arguments_are_clear_errors(argv, match, capsys) -> None:
     with pytest.raises(SystemExit):
         routers.main(argv)
     assert match in capsys.readouterr().err
+
+
+def test_moezoo_bench_routers_is_a_listed_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.BENCHMARKS["routers"][0] == "moezoo.bench.routers"
+    assert cli.main(["bench", "--help"]) == 0
+    listing = capsys.readouterr().out
+    assert "  routers " in listing and cli.BENCHMARKS["routers"][1] in listing
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "routers", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: moezoo bench routers") and "--shape" in out and "--routers" in out
+    # dispatched through the table: the same rows as the module's own main
+    assert cli.main(["bench", "routers", "--shape", "16,8,8,4,2", "--repeats", "1", "--routers", "topk"]) == 0
+    assert "| topk |" in capsys.readouterr().out
+
+
+def test_python_dash_m_still_works() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "moezoo.bench.routers", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "--shape" in done.stdout, done.stderr

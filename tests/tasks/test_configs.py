@@ -1,19 +1,22 @@
-"""Every YAML in configs/ instantiates in the current form (no LegacyConfigWarning); every smoke config fits, and
-its loss falls on an overfit batch."""
+"""Every YAML in configs/ instantiates in the current form (no LegacyConfigWarning) with the optimiser it states;
+every smoke config fits, and its loss falls on an overfit batch."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moezoo.cli import main
 from moezoo.models.spec import LegacyConfigWarning
 from moezoo.tasks.cli import cli_main
+from moezoo.tasks.optim import import_class
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -32,6 +35,17 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
         cli = cli_main(["--config", str(config), "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model, L.LightningModule)
     assert isinstance(cli.datamodule, L.LightningDataModule)
+    # The optimiser a config states is the one built: its values, and its class's own defaults for the rest (the
+    # recipe's weight decay of 0.05 only for AdamW, the default's class).
+    stated = ((yaml.safe_load(config.read_text()).get("model") or {}).get("init_args") or {}).get("optimizer")
+    if stated and getattr(cli.model, "trainable", True):
+        optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2, 2))])
+        assert type(optimizer) is import_class(stated["class_path"], "class_path")
+        for key, value in (stated.get("init_args") or {}).items():
+            assert optimizer.defaults[key] == value, key
+        if "weight_decay" not in (stated.get("init_args") or {}):
+            own = inspect.signature(type(optimizer)).parameters["weight_decay"].default
+            assert optimizer.defaults["weight_decay"] == (0.05 if stated["class_path"] == "torch.optim.AdamW" else own)
 
 
 class LossRecorder(L.Callback):

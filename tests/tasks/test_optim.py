@@ -1,19 +1,33 @@
-"""Tasks take LightningCLI optimizer / lr-scheduler callables; the default is the recipe they always trained with."""
+"""Tasks take LightningCLI optimizer / lr-scheduler callables; the default is the recipe they always trained with,
+and another class named in a config, on the command line or in a Python spec gets its own defaults."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from moezoo.tasks.base import MoETask
 from moezoo.tasks.cli import cli_main
 from moezoo.tasks.detection import DetectionTask
 from moezoo.tasks.generation import ImageGenerationTask
-from moezoo.tasks.optim import StepDecayLR, WarmupCosineLR, interval, param_groups, warmup_cosine
+from moezoo.tasks.optim import (
+    DEFAULT_OPTIMIZER,
+    StepDecayLR,
+    WarmupCosineLR,
+    class_options_as_specs,
+    config_own_defaults,
+    interval,
+    own_class_defaults,
+    param_groups,
+    warmup_cosine,
+)
+from moezoo.tasks.specs import complete_task_spec, instantiate_task
 from moezoo.tasks.speech import SpeechRecognitionTask
 from moezoo.tasks.timeseries import ForecastingTask
 from moezoo.tasks.vision import ImageClassificationTask
@@ -159,3 +173,111 @@ def test_cli_overrides_reach_the_optimizer(tmp_path, monkeypatch):
     assert isinstance(cli.model, MoETask) and cli.model.lr_scheduler_factory is None
     optimizer, _ = cli.model.build_optimizer(10)
     assert optimizer.defaults["lr"] == 0.05 and optimizer.param_groups[0]["weight_decay"] == 0.05
+
+
+# -- another optimiser or scheduler class gets its own defaults, not the default AdamW's -------------------------
+def _fit_config(tmp_path, optimizer: dict | None, lr_scheduler: object = "default") -> str:
+    init = {"model": "moe_vit_debug", "model_kwargs": VIT}
+    if optimizer is not None:
+        init["optimizer"] = optimizer
+    if lr_scheduler != "default":
+        init["lr_scheduler"] = lr_scheduler
+    config = {"model": {"class_path": "moezoo.tasks.vision.ImageClassificationTask", "init_args": init},
+              "data": {"class_path": "moezoo.tasks.vision.DigitsDataModule"}, "trainer": {"logger": False}}  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _built(args: list[str]) -> tuple[torch.optim.Optimizer, object]:
+    cli = cli_main(args, run=False)
+    return cli.model.build_optimizer(10)
+
+
+@pytest.mark.parametrize(
+    "optimizer,expected",
+    [
+        ({"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}, {"lr": 0.01, "weight_decay": 0.0}),
+        ({"class_path": "torch.optim.Adam"}, {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999)}),
+        ({"class_path": "Adam", "init_args": {"lr": 0.01}}, {"lr": 0.01, "weight_decay": 0.0}),
+        ({"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, {"lr": 0.1, "weight_decay": 0.0, "momentum": 0}),
+        ({"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "weight_decay": 0.05}}, {"weight_decay": 0.05}),
+        ({"class_path": "torch.optim.Adam", "init_args": {"weight_decay": 0.3}}, {"weight_decay": 0.3}),
+        # the default's own class keeps the recipe's values for what a config leaves out
+        ({"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}, {"lr": 0.01, "weight_decay": 0.05}),
+        (None, {"lr": 1e-3, "weight_decay": 0.05}),
+    ],
+    ids=["adam", "adam-bare", "adam-short-name", "sgd", "sgd-stated-decay", "adam-stated-decay", "adamw", "default"],
+)
+def test_a_config_naming_another_optimizer_gets_its_own_defaults(tmp_path, monkeypatch, optimizer, expected):
+    monkeypatch.chdir(tmp_path)
+    built, _ = _built(["--config", _fit_config(tmp_path, optimizer)])
+    name = (optimizer or {"class_path": "AdamW"})["class_path"].rsplit(".", 1)[-1]
+    assert type(built).__name__ == name
+    for key, value in expected.items():
+        assert built.defaults[key] == value, (key, built.defaults[key])
+    assert built.param_groups[0]["weight_decay"] == expected.get("weight_decay", built.defaults["weight_decay"])
+    assert built.param_groups[1]["weight_decay"] == 0.0  # norms and biases: never decayed
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--model.init_args.optimizer", "torch.optim.SGD"],
+        ["--model.init_args.optimizer=torch.optim.SGD"],
+        ["--model.init_args.optimizer.class_path", "torch.optim.SGD"],
+        ["--model.init_args.optimizer", '{"class_path": "torch.optim.SGD"}'],
+    ],
+    ids=["string", "equals", "class_path", "mapping"],
+)
+def test_a_class_named_on_the_command_line_gets_its_own_defaults(tmp_path, monkeypatch, extra):
+    monkeypatch.chdir(tmp_path)
+    built, _ = _built(
+        ["--config", _fit_config(tmp_path, None), *extra, "--model.init_args.optimizer.init_args.lr", "0.2"]
+    )
+    assert type(built) is torch.optim.SGD and built.defaults["lr"] == 0.2 and built.defaults["weight_decay"] == 0.0
+
+
+def test_another_scheduler_class_gets_its_own_defaults_and_stated_values_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scheduler = {"class_path": "moezoo.tasks.optim.StepDecayLR", "init_args": {"gamma": 0.5}}
+    _, built = _built(["--config", _fit_config(tmp_path, None, scheduler)])
+    assert isinstance(built, StepDecayLR) and built.gamma == 0.5 and built.constant_epochs == 4
+
+
+def test_own_class_defaults_and_command_line_rewriting_leave_the_rest_alone():
+    adam = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}
+    pinned = own_class_defaults(adam, torch.optim.Optimizer, DEFAULT_OPTIMIZER)
+    assert pinned["init_args"]["lr"] == 0.01 and pinned["init_args"]["weight_decay"] == 0
+    assert set(pinned["init_args"]) <= set(inspect.signature(torch.optim.AdamW).parameters)  # what could be carried
+    for same in ({"class_path": "torch.optim.AdamW"}, {"class_path": "no.such.Class"}, "torch.optim.Adam", None):
+        assert own_class_defaults(same, torch.optim.Optimizer, DEFAULT_OPTIMIZER) == same
+    config = {"model": {"class_path": "moezoo.tasks.vision.ImageClassificationTask", "init_args": {"optimizer": adam}}}
+    assert config_own_defaults(config)["model"]["init_args"]["optimizer"] == pinned
+    assert config_own_defaults(adam) == pinned and config_own_defaults({"trainer": {"max_steps": 1}}) == {
+        "trainer": {"max_steps": 1}
+    }
+    assert config_own_defaults({"class_path": "lightning.pytorch.callbacks.EarlyStopping"}) == {
+        "class_path": "lightning.pytorch.callbacks.EarlyStopping"
+    }
+    kept = ["fit", "--print_config", "--model.init_args.lr_scheduler", "null",
+            "--model.init_args.optimizer.init_args.lr", "0.1", "--data.init_args.path", "a.b",
+            "--model.init_args.optimizer"]  # fmt: skip
+    assert class_options_as_specs(kept) == kept
+    assert class_options_as_specs(["--print_config", "--model.init_args.lr_scheduler.class_path", "StepDecayLR"]) == [
+        "--print_config", "--model.init_args.lr_scheduler", '{"class_path": "StepDecayLR"}'
+    ]  # fmt: skip
+    assert class_options_as_specs(["--model.init_args.optimizer", "torch.optim.lr_scheduler.StepLR"]) == [
+        "--model.init_args.optimizer", "torch.optim.lr_scheduler.StepLR"
+    ], "not an optimiser: left to the parser's error"  # fmt: skip
+
+
+def test_a_python_spec_naming_adam_gets_adams_defaults():
+    spec = {"class_path": "moezoo.tasks.vision.ImageClassificationTask",
+            "init_args": {"model": "moe_vit_debug", "model_kwargs": VIT,
+                          "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}}}  # fmt: skip
+    assert complete_task_spec(spec)["init_args"]["optimizer"]["init_args"]["weight_decay"] == 0.0
+    built, _ = instantiate_task(spec).build_optimizer(10)
+    assert type(built) is torch.optim.Adam and built.defaults["weight_decay"] == 0.0
+    direct = ImageClassificationTask("moe_vit_debug", VIT, optimizer=spec["init_args"]["optimizer"])
+    assert direct.build_optimizer(10)[0].defaults["weight_decay"] == 0.0

@@ -32,7 +32,7 @@ def test_discover_lists_domains_without_benchmarks() -> None:
     assert set(benches) | set(missing) == set(domains) | set(benches)
     assert not set(benches) & set(missing)
     assert "bench" not in domains and set(benches) >= {"vision", "generation", "speech", "timeseries", "detection"}
-    assert others == ["kernels", "layer", "parallel"] and "tables" not in benches
+    assert others == ["kernels", "layer", "parallel", "routers"] and "tables" not in benches
     with pytest.raises(ValueError, match="not domains"):
         tables.discover(["no_such_domain"])
 
@@ -58,6 +58,20 @@ def test_dense_delta_and_markdown(tmp_path: Path) -> None:
     assert "| b | `moezoo bench b` | failed (exit 1) | 1.0 |" in text
     render.write_csv(rows, tmp_path / "t.csv")
     assert (tmp_path / "t.csv").read_text().splitlines()[0].split(",") == list(render.CSV_COLUMNS)
+
+
+def test_baselines_get_no_dense_delta_and_are_labelled(tmp_path: Path) -> None:
+    # a baseline of the dense twin's model name still gets no delta: it is no MoE row
+    baseline = _row("baseline", 0.7, total_params=0, active_params=0, expert_load_cv=None, dropped_frac=None,
+                    train_throughput=None)  # fmt: skip
+    runs = [_run("a", [_row("topk", 0.9), _row("dense", 0.85), baseline, _row("baseline", 0.6, model="dlinear")])]
+    rows = render.table_rows(runs)
+    assert [r["dense_delta"] for r in rows] == [pytest.approx(0.05), None, None, None]
+    text = render.markdown(rows, runs, [], [], "quick", "moezoo bench tables")
+    assert "| a | m | baseline | m ↑ 0.7000 | - | 0.000M / 0.000M | - samples/s |" in text
+    assert "| a | dlinear | baseline | m ↑ 0.6000 | - |" in text and "router `baseline`" in text
+    written = plots.plot_all(runs, rows, tmp_path)  # a baseline without parameters on the size axis
+    assert written == ["quality_vs_active.png"] and (tmp_path / written[0]).stat().st_size > 1000
 
 
 def test_plots_are_written(tmp_path: Path) -> None:
