@@ -101,6 +101,14 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
+def _arrow(higher_is_better: bool) -> str:
+    return "↑" if higher_is_better else "↓"
+
+
+def _table_head(title: str, columns: Sequence[str]) -> list[str]:
+    return [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _load(path: str | None, resume: bool) -> list[dict[str, Any]]:
     if not (resume and path and Path(path).is_file()):
         return []
@@ -148,14 +156,11 @@ def upcycle_tables(runs: Sequence[dict[str, Any]]) -> str:
         mine = [r for r in runs if r["variant"].startswith(f"{domain}/")]
         if not mine:
             continue
-        arrow = "↑" if spec.higher_is_better else "↓"
-        out += [
-            f"**{domain}**: {spec.release} ({spec.dataset}), {spec.metric} {arrow}, mean ± std over seeds "
-            f"(scratch: {spec.sunk_steps} + S steps from random weights)",
-            "",
-            "| extra steps S | (a) dense + S | (b) upcycled + S | (c) MoE from scratch, total compute | seeds |",
-            "|---|---|---|---|---|",
-        ]
+        out += _table_head(
+            f"**{domain}**: {spec.release} ({spec.dataset}), {spec.metric} {_arrow(spec.higher_is_better)}, mean ± std "
+            f"over seeds (scratch: {spec.sunk_steps} + S steps from random weights)",
+            ("extra steps S", "(a) dense + S", "(b) upcycled + S", "(c) MoE from scratch, total compute", "seeds"),
+        )
         verdicts = []
         for cell in sorted({r["cell"] for r in mine}, key=int):
             vals = {
@@ -266,15 +271,12 @@ def prune_tables(runs: Sequence[dict[str, Any]]) -> str:
         mine = [r for r in runs if r["domain"] == domain]
         if not mine:
             continue
-        arrow = "↑" if spec.higher_is_better else "↓"
         num_experts = mine[0]["num_experts"]
-        out += [
-            f"**{domain}**: {spec.release} ({spec.dataset}), {spec.metric} {arrow} of the whole test set, mean ± std "
-            f"over calibration subsets ({mine[0]['calib']} training samples each)",
-            "",
-            "| experts kept per layer | params | REAP prune | frequency prune | frequency-weighted merge |",
-            "|---|---|---|---|---|",
-        ]
+        out += _table_head(
+            f"**{domain}**: {spec.release} ({spec.dataset}), {spec.metric} {_arrow(spec.higher_is_better)} of the "
+            f"whole test set, mean ± std over calibration subsets ({mine[0]['calib']} training samples each)",
+            ("experts kept per layer", "params", "REAP prune", "frequency prune", "frequency-weighted merge"),
+        )
         verdicts = []
         for keep in sorted({r["keep"] for r in mine}, reverse=True):
             cells = {m: [r[spec.metric] for r in mine if r["keep"] == keep and r["method"] == m] for m in
