@@ -216,7 +216,7 @@ def _calibration_loader(dm: Any, size: int, seed: int) -> list[Any]:
     """``size`` training samples drawn with ``seed``, in batches of 64."""
     import torch
 
-    data = dm.train_set
+    data = dm.train_set if hasattr(dm, "train_set") else dm.datasets["train"]  # image / forecasting data modules
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size].tolist()
     items = [data[i] for i in order]
     return [
