@@ -31,7 +31,7 @@ def build_ffn(
     if spec.dense:
         active = spec.active_ffn_dim(ffn_dim)
         return (
-            FeedForward(dim, active, activation)
+            FeedForward(dim, active, activation, spec.bias)
             if segment == 1
             else SegmentFeedForward(dim, active, segment, activation)
         )
@@ -60,6 +60,7 @@ def build_ffn(
         shared_expert_gate=spec.shared_expert_gate,
         granularity=spec.granularity,
         backend=spec.backend,
+        bias=spec.bias,
     )
 
 

@@ -98,6 +98,9 @@ class MoESpec:
             one entry per block; 1 is token-wise routing.
         backend: expert FFN backend (``"torch"``, ``"reference"``, ``"triton"``); ``None`` chooses by device.
         dense: build the dense twin (same active parameters and FLOPs per token, no router).
+        bias: experts, shared experts and the dense twin's FFN with biases ``b_in``, ``b_out`` (the form of an
+            upcycled dense FFN that had biases); not with Seg-MoE (router ``segment``), whose padding relies on
+            bias-free experts.
     """
 
     num_experts: int = 4
@@ -112,6 +115,7 @@ class MoESpec:
     segment_sizes: int | list[int] = 1
     backend: str | None = None
     dense: bool = False
+    bias: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_experts", self.num_experts, 1)
@@ -123,6 +127,7 @@ class MoESpec:
         _check_int("granularity", self.granularity, 1)
         _check_bool("shared_expert_gate", self.shared_expert_gate)
         _check_bool("dense", self.dense)
+        _check_bool("bias", self.bias)
         backends = sorted(set(BACKENDS) | {"triton"})
         if self.backend is not None and self.backend not in backends:
             raise ValueError(f"moe.backend must be null or one of {backends}, got {self.backend!r}")
@@ -138,6 +143,11 @@ class MoESpec:
             raise ValueError(
                 f"moe.segment_sizes must be a positive integer or a list of positive integers (one per block), "
                 f"got {self.segment_sizes!r}"
+            )
+        if self.router == "segment" and self.bias:
+            raise ValueError(
+                "moe.bias must be false with router 'segment' (Seg-MoE): its zero-padded segments need bias-free "
+                "experts"
             )
         if self.router == "segment" and self.granularity != 1:
             raise ValueError(f"moe.granularity must be 1 with router 'segment' (Seg-MoE), got {self.granularity}")
@@ -214,6 +224,9 @@ class MoESpec:
 
 
 # -- old flat arguments ------------------------------------------------------------------------------------------------
+#: fields added after the flat arguments were retired: never read from a flat argument (``bias=True`` beside
+#: ``moe`` is an unknown model argument, not an old spelling of ``moe.bias``)
+SPEC_ONLY_FIELDS = frozenset({"bias"})
 Folder = Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]
 _SPEC_ARGUMENTS: dict[str, tuple[str, Folder]] = {}  # family -> (its spec argument, the folder of its old arguments)
 
@@ -240,7 +253,7 @@ def fold_flat_kwargs(kwargs: Mapping[str, Any], renames: Mapping[str, str], into
 def register_spec_argument(family: str, into: str = "moe", fold: Folder | None = None) -> None:
     """Declare that ``family`` takes a :class:`MoESpec` as ``into`` and how its old flat arguments fold into it
     (default: every MoESpec field, under its own name, moves into ``into``)."""
-    identity = {f.name: f.name for f in dataclasses.fields(MoESpec)}
+    identity = {f.name: f.name for f in dataclasses.fields(MoESpec) if f.name not in SPEC_ONLY_FIELDS}
     _SPEC_ARGUMENTS[family] = (into, fold or (lambda kwargs: fold_flat_kwargs(kwargs, identity, into)))
 
 

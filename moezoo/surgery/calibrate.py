@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.layers import MoE
+from moezoo.layers.segment import SegmentMoE, to_segments
 
 
 @dataclass
@@ -58,12 +59,24 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _routed_view(moe: MoE, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The rows the layer routes: a :class:`SegmentMoE` routes segments (its input in the segment view, as its
+    forward builds it), any other MoE its tokens."""
+    if not isinstance(moe, SegmentMoE):
+        return x, mask
+    if mask is None:
+        return to_segments(x, moe.segment_size), None
+    x = x * mask.unsqueeze(-1).to(x.dtype)
+    return to_segments(x, moe.segment_size), to_segments(mask.unsqueeze(-1), moe.segment_size).any(-1)
+
+
 @torch.no_grad()
 def _observe(moe: MoE, stats: ExpertStats, x: Tensor, mask: Tensor | None, output: tuple) -> None:
     aux = output[1]
     routing = getattr(aux, "routing", None)
     if routing is None:
         raise ValueError("calibrate needs a sparse router (pairs); Soft MoE layers have no per-expert routing")
+    x, mask = _routed_view(moe, x, mask)
     x_TD = x.reshape(-1, moe.dim)
     if mask is not None:
         x_TD = x_TD[mask.reshape(-1)]

@@ -9,6 +9,12 @@ dense FFN is cut into m hidden slices (``w_out`` scaled by m), and the function 
 starts at zero (``router_init="zero"``): uniform probabilities pick, by ties to the lower index, whole copies.
 With ``shared_expert=True`` the shared expert is the dense FFN and shared and routed outputs are halved.
 
+Virtual groups (He et al., "Upcycling Large Language Models into Mixture of Experts", NVIDIA 2024): with
+``granularity=m`` and ``router_init="virtual_group"`` the m slices of one copy form a group whose router rows are one
+random draw repeated m times, so every slice of a group gets the same logit. Top-(K*m) then selects K whole groups
+(ties inside a group only), each slice of a group gets the same renormalised gate, and the layer computes the dense
+FFN at initialisation while the router is random (not uniform) and starts to prefer some copies over others.
+
 Replacement: moezoo's own blocks call their feed-forward through ``moezoo.models.run_ffn``, so a moezoo
 ``FeedForward`` is replaced by the bare ``MoE`` (masks, side inputs and aux losses flow as for a native MoE).
 Elsewhere the ``MoE`` is wrapped in :class:`UpcycledMoE`, which returns a tensor like the dense block did and
@@ -29,7 +35,7 @@ from moezoo.layers.experts import FeedForward
 from moezoo.ops import hidden_width
 from moezoo.surgery.dense import DenseFFN, is_ffn, read_ffn, sequential_run
 
-ROUTER_INITS = ("random", "zero")
+ROUTER_INITS = ("random", "zero", "virtual_group")
 Select = None | Callable[[str, nn.Module], bool] | Sequence[str]
 
 
@@ -232,7 +238,44 @@ def build_moe(
             for name, p in moe.router.named_parameters():
                 if name.endswith("weight"):
                     p.zero_()
+        elif router_init == "virtual_group":
+            tie_virtual_groups(moe.router, num_experts, granularity)
     return moe.to(device=ffn.w_in_DH.device, dtype=ffn.w_in_DH.dtype)
+
+
+def tie_virtual_groups(router: nn.Module, num_groups: int, granularity: int) -> None:
+    """Give the ``granularity`` experts of each of ``num_groups`` groups (contiguous indices) the same routing
+    parameters: the group's first row of the router's ``gate`` (and of every per-expert vector) is repeated over
+    the group. Raises ``ValueError`` for a router whose logits are then still not tied within each group (one
+    with other per-expert parameters, or no linear gate)."""
+    experts = num_groups * granularity
+    gate = getattr(router, "gate", None)
+    if not isinstance(gate, nn.Linear) or gate.weight.shape[0] < experts:
+        raise ValueError(
+            f"router_init='virtual_group' needs a router with a linear gate over the experts; "
+            f"{type(router).__name__} has none"
+        )
+
+    def tie(t: Tensor) -> None:
+        t[:experts] = t[:experts:granularity].repeat_interleave(granularity, dim=0)
+
+    with torch.no_grad():
+        tie(gate.weight)
+        for tensor in (*router.parameters(recurse=False), *router.buffers(recurse=False)):
+            if tensor.dim() == 1 and tensor.shape[0] in (experts, gate.weight.shape[0]):
+                tie(tensor)
+        logits = getattr(router, "logits", None)
+        probe = torch.randn(4, int(getattr(router, "dim", gate.weight.shape[1])), dtype=gate.weight.dtype)
+        try:
+            values = logits(probe) if callable(logits) else None
+        except (TypeError, ValueError, RuntimeError):
+            values = None
+        grouped = None if values is None else values[:, :experts].reshape(-1, num_groups, granularity)
+        if grouped is None or not torch.allclose(grouped, grouped[..., :1].expand_as(grouped), rtol=1e-5, atol=1e-6):
+            raise ValueError(
+                f"router_init='virtual_group' cannot tie the routing of {type(router).__name__}: its logits depend "
+                "on per-expert parameters other than the gate rows; use router_init='zero' or a top-k router"
+            )
 
 
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -287,7 +330,9 @@ def upcycle(
             ``normalize=True``, the renormalised gates that preserve the dense function).
         select: ``None`` (every recognised FFN, see :mod:`moezoo.surgery.dense`), a predicate
             ``(path, module) -> bool``, or a list of module paths.
-        router_init: ``"random"`` (the router's own initialisation) or ``"zero"`` (uniform routing at the start).
+        router_init: ``"random"`` (the router's own initialisation), ``"zero"`` (uniform routing at the start) or
+            ``"virtual_group"`` (the router rows of the ``granularity`` slices of one copy tied, see the module
+            docstring: with ``granularity > 1`` the dense function is kept under a random router).
         granularity: cut each dense FFN into m hidden slices: E*m experts of width F/m, K*m active.
         shared_expert: add the dense FFN as an always-on shared expert (shared and routed outputs halved).
         noise: add ``noise * std(w) * N(0, 1)`` to each expert's weights (breaks the symmetry of the copies).

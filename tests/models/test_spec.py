@@ -44,6 +44,8 @@ FAMILIES = {  # debug size, extra model arguments, spec argument
         (dict(segment_sizes=[3, 5]), ValueError, r"segment_sizes=\[3, 5\] needs router 'segment'"),
         (dict(router="segment", segment_sizes=[2, 0]), ValueError, r"moe.segment_sizes must be a positive integer"),
         (dict(router="segment", granularity=2), ValueError, r"moe.granularity must be 1 with router 'segment'"),
+        (dict(bias=1), TypeError, r"moe.bias must be true or false, got 1"),
+        (dict(router="segment", bias=True), ValueError, r"moe.bias must be false with router 'segment'"),
     ],
 )
 def test_bad_fields_name_the_key_the_value_and_what_is_allowed(fields, error, match):
@@ -105,6 +107,38 @@ def test_every_family_takes_one_spec_and_its_dense_twin(name):
     dense = create_model(name, **kwargs, **{argument: {"num_experts": 4, "top_k": 1, "dense": True}})
     assert moe_layers(moe) and not moe_layers(dense)
     assert all(layer.num_experts == 4 and layer.top_k == 1 for layer in moe_layers(moe))
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "moe_yolo_debug"])
+def test_bias_builds_experts_and_the_dense_twin_with_biases(name):
+    """``moe.bias`` reaches every MoE layer (experts and shared experts) and the dense twin's FFNs; the default
+    builds none, so released models keep their parameters."""
+    kwargs, argument = FAMILIES[name]
+    moe = {"num_experts": 4, "top_k": 1, "num_shared_experts": 1, "bias": True, "router": "topk", "segment_sizes": 1}
+    model = create_model(name, **kwargs, **{argument: moe})
+    layers = moe_layers(model)
+    assert layers and all(
+        layer.experts.b_in is not None and layer.experts.b_out is not None and layer.shared.fc_in.bias is not None
+        for layer in layers
+    )
+    assert all(layer.experts.b_in is None for layer in moe_layers(create_model(name, **kwargs)))
+    plain = create_model(name, **kwargs, **{argument: {**moe, "bias": False}})
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    per_layer = [
+        4 * (layer.experts.b_in.shape[1] + layer.dim) + layer.shared.hidden_dim + layer.dim for layer in layers
+    ]
+    assert extra == sum(per_layer)
+    twin = create_model(name, **kwargs, **{argument: {**moe, "dense": True}})
+    twin_plain = create_model(name, **kwargs, **{argument: {**moe, "dense": True, "bias": False}})
+    assert sum(p.numel() for p in twin.parameters()) > sum(p.numel() for p in twin_plain.parameters())
+
+
+def test_bias_is_a_spec_field_only_and_a_config_builds_it():
+    spec = MoESpec.resolve({"bias": True, "num_experts": 2, "top_k": 1})
+    assert spec.bias and spec.to_dict()["bias"] is True and MoESpec.resolve(spec.to_dict()) == spec
+    assert upgrade_model_kwargs("moe_vit_tiny", {"bias": True}) == ({"bias": True}, [])  # no old flat spelling
+    with pytest.raises(TypeError):
+        create_model("moe_vit_debug", img_size=8, patch_size=2, bias=True)
 
 
 def test_flat_arguments_fold_into_the_spec_with_one_warning():

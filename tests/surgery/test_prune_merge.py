@@ -190,3 +190,21 @@ def test_the_saved_result_reloads(tmp_path):
     again.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     torch.testing.assert_close(again.eval()(x), want)
     assert sum(p.numel() for p in again.parameters()) == merged.params_after
+
+
+def test_calibration_of_a_segment_moe_counts_segments():
+    """A Seg-MoE routes segments of w tokens: calibration sees the segment view its forward builds (padded and
+    masked the same way), so the counts are per segment and pruning by them works."""
+    from moezoo.layers.segment import SegmentMoE
+
+    torch.manual_seed(0)
+    moe = SegmentMoE(4, 16, num_experts=4, top_k=1, segment_size=3).eval()
+    model = MoEOnly(moe)
+    data = [torch.randn(2, 7, 4), torch.randn(2, 7, 4)]  # 7 tokens -> 3 segments (the last padded)
+    stats = calibrate(model, data)["moe"]
+    assert stats.tokens == 2 * 2 * 3 and float(stats.count_E.sum()) == 12  # top-1 of every segment
+    with torch.no_grad():
+        chosen = torch.cat([moe(x)[1].routing.expert_idx_N for x in data])
+    assert torch.equal(stats.count_E, torch.bincount(chosen, minlength=4).double())
+    prune_experts(model, keep=2, criterion="reap", stats={"moe": stats})
+    assert moe.num_experts == 2 and model(data[0]).shape == data[0].shape

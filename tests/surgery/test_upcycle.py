@@ -156,6 +156,43 @@ def test_granularity_with_zero_router_is_preserved(backend):
     assert_same_function(dense, model, (torch.randn(6, 12, requires_grad=True),))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("block,top_k", [(Mlp(12, 24), 1), (SwiGLU(12, 24), 2)])
+def test_virtual_groups_preserve_the_function_under_a_random_router(block, top_k, backend):
+    """Virtual-group initialisation: the router is random (tokens prefer different copies) yet every token selects
+    whole copies (all m slices of a group), so the fine-grained MoE computes the dense FFN, forward and backward."""
+    dense = _mlp_model(block)
+    model, report = _dense_and_upcycled(
+        dense, num_experts=3, top_k=top_k, granularity=4, router_init="virtual_group", backend=backend, seed=2
+    )
+    moe = model[1].moe
+    assert report.options["router_init"] == "virtual_group" and (moe.num_experts, moe.top_k) == (12, 4 * top_k)
+    gate = moe.router.gate.weight.detach()
+    assert torch.equal(gate, gate[::4].repeat_interleave(4, dim=0)) and gate.abs().sum() > 0
+    x = torch.randn(40, 12, requires_grad=True)
+    assert_same_function(dense, model, (x,))
+    routing = upcycled_aux(model)[0].routing
+    chosen = routing.expert_idx_N.reshape(40, 4 * top_k).sort(dim=1).values
+    groups = chosen.reshape(40, top_k, 4) // 4  # every selected slice's copy, per group of 4 choices
+    assert (groups == groups[..., :1]).all() and (chosen.reshape(40, top_k, 4) % 4 == torch.arange(4)).all()
+    assert len(set(groups[:, :, 0].flatten().tolist())) > 1  # the random router routes tokens to different copies
+
+
+def test_without_virtual_groups_a_random_router_breaks_the_fine_grained_function():
+    """The property above is the virtual groups' doing: the same upcycling with the router's own random rows
+    selects slices of different copies and computes another function."""
+    dense = _mlp_model(Mlp(12, 24)).eval()
+    model, _ = _dense_and_upcycled(dense, num_experts=3, top_k=1, granularity=4, router_init="random", seed=2)
+    x = torch.randn(40, 12)
+    assert (model(x) - dense(x)).abs().max() > 1e-3
+
+
+def test_virtual_groups_refuse_a_router_they_cannot_tie():
+    with pytest.raises(ValueError, match="cannot tie the routing of HyperRouter|linear gate over the experts"):
+        upcycle(_mlp_model(Mlp(12, 24)), num_experts=2, top_k=1, granularity=2, router="hyper",
+                router_init="virtual_group")  # fmt: skip
+
+
 def test_shared_expert_is_the_dense_ffn_and_preserved():
     dense = _mlp_model(SwiGLU(12, 20))
     model, _ = _dense_and_upcycled(dense, num_experts=4, top_k=2, shared_expert=True)
