@@ -8,6 +8,7 @@ resolves, so ``moezoo fit --help`` and ``--print_config`` list them for every ta
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,14 @@ from moezoo.tasks.optim import (
     warmup_cosine,
 )
 
-__all__ = ["MoETask", "merge_data_settings", "param_groups", "save_final_checkpoint", "warmup_cosine"]
+__all__ = [
+    "MoETask",
+    "data_settings_of",
+    "merge_data_settings",
+    "param_groups",
+    "save_final_checkpoint",
+    "warmup_cosine",
+]
 
 
 def merge_data_settings(model_kwargs: dict[str, Any], data_settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -57,6 +65,27 @@ def merge_data_settings(model_kwargs: dict[str, Any], data_settings: Mapping[str
             )
         merged[name] = value
     return merged
+
+
+def data_settings_of(datamodule: Any, defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The model settings a data module decides, as ``MoETask(data_settings=...)`` takes them: its
+    ``model_settings()`` (``{model kwarg: (value, data key)}``) as ``{kwarg: {"value": v, "from": "data.<key>"}}``
+    over ``defaults`` (a checkpoint's: a predict-only data module does not know the class count);
+    ``None`` for a data module without ``model_settings``.
+
+    ``moezoo fit`` links it to ``model.init_args.data_settings`` (:mod:`moezoo.tasks.cli`); tasks built from specs
+    outside the command line (``moezoo zoo release``) apply it through :func:`moezoo.tasks.specs.with_data_settings`.
+    """
+    settings = getattr(datamodule, "model_settings", None)
+    if not callable(settings):
+        return defaults or None
+    init_args = inspect.signature(type(datamodule)).parameters
+
+    def source(key: str) -> str:
+        return f"data.init_args.{key}" if key in init_args else f"{type(datamodule).__name__}.{key} (fixed by the data)"
+
+    own = {name: {"value": value, "from": source(key)} for name, (value, key) in settings().items()}
+    return {**(defaults or {}), **own}
 
 
 def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
