@@ -1,5 +1,5 @@
 """Manifests for the forgetting experiment: fine-tune the speech release on a voice engine it never heard and measure
-CER on that engine and on its original test voices (``configs/finetune/speech_festival_*.yaml``).
+CER on that engine and on its original test voices (``configs/forgetting/speech_festival_*.yaml``).
 
 The release (``moe_conformer_tiny.numbers_omni``) was trained on the ``default`` corpus: espeak-ng and flite voices.
 The ``loeo_flite`` corpus (:mod:`.corpus`) adds festival's English voices to training and keeps flite for its test
