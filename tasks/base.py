@@ -8,8 +8,10 @@ resolves, so ``moezoo fit --help`` and ``--print_config`` list them for every ta
 
 from __future__ import annotations
 
+import fnmatch
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,15 @@ from moezoo.tasks.optim import (
     warmup_cosine,
 )
 
-__all__ = ["MoETask", "merge_data_settings", "param_groups", "save_final_checkpoint", "warmup_cosine"]
+__all__ = [
+    "MoETask",
+    "data_settings_of",
+    "freeze_all_but",
+    "merge_data_settings",
+    "param_groups",
+    "save_final_checkpoint",
+    "warmup_cosine",
+]
 
 
 def merge_data_settings(model_kwargs: dict[str, Any], data_settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -57,6 +67,47 @@ def merge_data_settings(model_kwargs: dict[str, Any], data_settings: Mapping[str
             )
         merged[name] = value
     return merged
+
+
+def data_settings_of(datamodule: Any, defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The model settings a data module decides, as ``MoETask(data_settings=...)`` takes them: its
+    ``model_settings()`` (``{model kwarg: (value, data key)}``) as ``{kwarg: {"value": v, "from": "data.<key>"}}``
+    over ``defaults`` (a checkpoint's: a predict-only data module does not know the class count);
+    ``None`` for a data module without ``model_settings``.
+
+    ``moezoo fit`` links it to ``model.init_args.data_settings`` (:mod:`moezoo.tasks.cli`); tasks built from specs
+    outside the command line (``moezoo zoo release``) apply it through :func:`moezoo.tasks.specs.with_data_settings`.
+    """
+    settings = getattr(datamodule, "model_settings", None)
+    if not callable(settings):
+        return defaults or None
+    init_args = inspect.signature(type(datamodule)).parameters
+
+    def source(key: str) -> str:
+        return f"data.init_args.{key}" if key in init_args else f"{type(datamodule).__name__}.{key} (fixed by the data)"
+
+    own = {name: {"value": value, "from": source(key)} for name, (value, key) in settings().items()}
+    return {**(defaults or {}), **own}
+
+
+def freeze_all_but(model: Any, patterns: Sequence[str]) -> list[str]:
+    """Freeze every parameter of ``model`` whose name matches none of the ``fnmatch`` ``patterns``; returns the
+    names left trainable. A pattern that matches no parameter is a ``ValueError`` (a typo would freeze everything)."""
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"trainable must be a list of name patterns, got {patterns!r}")
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise ValueError(
+            f"trainable: {unmatched} match no parameter of the model; its parameters are named like {names[:6]} ..."
+        )
+    kept = []
+    for name, param in model.named_parameters():
+        keep = any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        param.requires_grad_(keep)
+        if keep:
+            kept.append(name)
+    return kept
 
 
 def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
@@ -107,6 +158,9 @@ class MoETask(L.LightningModule):
         data_settings: model settings the data decides (image size, channels, classes, vocabulary, look-back ...):
             ``{model kwarg: {"value": v, "from": "<the data module's key>"}}``, filled by ``moezoo fit`` from the data
             module's ``model_settings()`` (:func:`merge_data_settings`); not meant to be written by hand.
+        trainable: train only the model's parameters whose names match one of these ``fnmatch`` patterns (e.g.
+            ``["*router*", "head.*"]``: the routers and the head, a remedy against forgetting when fine-tuning);
+            the others are frozen. ``None`` (the default) trains every parameter.
     """
 
     def __init__(
@@ -119,6 +173,7 @@ class MoETask(L.LightningModule):
         pretrained: bool = False,
         upcycle_from: Mapping[str, Any] | None = None,
         data_settings: dict[str, Any] | None = None,
+        trainable: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -140,6 +195,8 @@ class MoETask(L.LightningModule):
         self.model_kwargs = dict(getattr(self.model, "moezoo_kwargs", self.model_kwargs))
         if upcycle_from is not None:
             self.upcycle_report = surgery.upcycle_from(self.model, **dict(upcycle_from))
+        if trainable is not None:
+            freeze_all_but(self.model, trainable)
         self.routing_summary = RoutingStats()
 
     #: where, in a Lightning checkpoint's ``state_dict``, the weights a zoo release ships start

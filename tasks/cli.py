@@ -10,7 +10,6 @@ warning (:mod:`moezoo.tasks.legacy`).
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from moezoo.io import write_json_atomic
 from moezoo.stats import count_parameters
+from moezoo.tasks.base import data_settings_of
 from moezoo.tasks.legacy import register_config_loader
 from moezoo.tasks.optim import class_options_as_specs, config_own_defaults
 
@@ -70,25 +70,6 @@ def checkpoint_data_settings(ckpt_path: str | None) -> dict[str, Any]:
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     settings = (checkpoint.get("hyper_parameters") or {}).get("data_settings") or {}
     return {name: {"value": s["value"], "from": f"the checkpoint {ckpt_path}"} for name, s in settings.items()}
-
-
-def data_settings_of(
-    datamodule: L.LightningDataModule, defaults: dict[str, Any] | None = None
-) -> dict[str, Any] | None:
-    """The model settings a data module decides, as ``MoETask(data_settings=...)`` takes them: its
-    ``model_settings()`` (``{model kwarg: (value, data key)}``) as ``{kwarg: {"value": v, "from": "data.<key>"}}``
-    over ``defaults`` (a checkpoint's: a predict-only data module does not know the class count);
-    ``None`` for a data module without ``model_settings``."""
-    settings = getattr(datamodule, "model_settings", None)
-    if not callable(settings):
-        return defaults or None
-    init_args = inspect.signature(type(datamodule)).parameters
-
-    def source(key: str) -> str:
-        return f"data.init_args.{key}" if key in init_args else f"{type(datamodule).__name__}.{key} (fixed by the data)"
-
-    own = {name: {"value": value, "from": source(key)} for name, (value, key) in settings().items()}
-    return {**(defaults or {}), **own}
 
 
 class MoEZooCLI(LightningCLI):

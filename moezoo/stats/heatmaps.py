@@ -9,6 +9,7 @@ matplotlib (Agg backend) is imported when a figure is drawn.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +64,13 @@ def heatmap_figure(panels: Sequence[Panel], title: str, colorbar_label: str, cma
     fig_w = left + sum(axis_widths) + gap * (len(panels) - 1) + right
     fig_h = bottom + axis_height + top
     fig = plt.figure(figsize=(fig_w, fig_h))
+    colours = plt.get_cmap(cmap).with_extremes(bad="#d0d0d0")  # missing cells (no data) in light grey
     x = left
     image = None
     for panel, values, axis_width in zip(panels, arrays, axis_widths):
         ax = fig.add_axes((x / fig_w, bottom / fig_h, axis_width / fig_w, axis_height / fig_h))
         x += axis_width + gap
-        image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+        image = ax.imshow(values, aspect="auto", cmap=colours, vmin=0.0, vmax=vmax, interpolation="nearest")
         rows, cols = values.shape
         if cols <= MAX_TICKS:
             ax.set_xticks(range(cols))
@@ -96,8 +98,14 @@ def expert_load_panel(
 
 
 def specialisation_panel(share_GE: Sequence[Sequence[float]], groups: Sequence[str], by: str, title: str) -> Panel:
-    """Each group's routing shares over the experts (% of the group's routed pairs)."""
-    return Panel([[100.0 * v for v in row] for row in share_GE], title, by, list(groups))
+    """Each group's routing shares over the experts (% of the group's routed pairs). A group with no routed pairs
+    (none of its samples in the split) is drawn blank and labelled ``"<group> (none)"``, not as 0 % everywhere."""
+    rows, labels = [], []
+    for row, group in zip(share_GE, groups):
+        empty = not any(row)
+        rows.append([math.nan if empty else 100.0 * v for v in row])
+        labels.append(f"{group} (none)" if empty else str(group))
+    return Panel(rows, title, by, labels)
 
 
 def png_bytes(fig: Any, dpi: int = 110) -> bytes:

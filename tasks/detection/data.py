@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from moezoo.tasks.detection.canvases import DOMAINS, CanvasSet, load_items, make_canvases, split_items
+from moezoo.tasks.detection.canvases import (
+    DIGIT_CLASSES,
+    DOMAINS,
+    FASHION_CLASSES,
+    CanvasSet,
+    load_items,
+    make_canvases,
+    split_items,
+)
 from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION, BadRecords, check_skip_fraction
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -142,6 +150,8 @@ class _DetectionDataModule(L.LightningDataModule):
     class_names: tuple[str, ...]
     in_chans: int
     domain_names: tuple[str, ...] = ("all",)
+    #: the key of this module that decides the class count (an init argument, or a name for a fixed count)
+    classes_key = "num_classes"
 
     def __init__(
         self, batch_size: int, num_workers: int, hflip: bool, scale_jitter: float, mosaic_prob: float, augment: bool
@@ -159,6 +169,12 @@ class _DetectionDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.records = BadRecords(type(self).__name__)
+
+    def model_settings(self) -> dict[str, tuple[object, str]]:
+        """What the model must match: ``{model kwarg: (value, this module's key)}`` (``moezoo fit`` links them):
+        the class count and the image channels (``moe_yolo`` is fully convolutional: any ``img_size`` that is a
+        multiple of 32 runs)."""
+        return {"num_classes": (self.num_classes, self.classes_key), "in_chans": (self.in_chans, "in_chans")}
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -244,8 +260,10 @@ class CanvasDataModule(_DetectionDataModule):
             max_size=max_size,
         )
         self.seed = seed
-        self.num_classes = 10
-        self.class_names = tuple(str(i) for i in range(10))
+        self.class_names = DIGIT_CLASSES if source == "digits" else FASHION_CLASSES
+        self.num_classes = len(self.class_names)
+
+    classes_key = "source"
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -444,6 +462,18 @@ class DetectionFolderDataModule(_DetectionDataModule):
         else:
             self.class_names = tuple(str(i) for i in range(num_classes or 0))
         self.num_classes = len(self.class_names)
+        self.classes_key = "class_names" if class_names is not None else "num_classes"
+
+    def model_settings(self) -> dict[str, tuple[object, str]]:
+        """As :meth:`_DetectionDataModule.model_settings`; a COCO dataset's classes are the training annotation
+        file's categories (read here, before ``setup``; left out while that file does not exist)."""
+        if self.format == "coco":
+            ann_file = self.root / "annotations" / f"instances_{self.splits[0]}.json"
+            if not ann_file.is_file():
+                return {"in_chans": (self.in_chans, "in_chans")}
+            _, names = read_coco_json(ann_file, self.root / self.splits[0])
+            self.class_names, self.num_classes, self.classes_key = names, len(names), "root"
+        return super().model_settings()
 
     def _split(self, split: str) -> ImageBoxDataset:
         if self.format == "coco":

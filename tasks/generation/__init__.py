@@ -4,7 +4,16 @@ from moezoo.extras import require
 
 require("generation", __name__)  # before the imports it guards
 
-from moezoo.tasks.generation.data import DigitsGenerationDataModule, FashionMNISTGenerationDataModule
+from moezoo.tasks.generation.data import (
+    DigitsGenerationDataModule,
+    FashionMNISTGenerationDataModule,
+    ImageFolderGenerationDataModule,
+)
 from moezoo.tasks.generation.task import ImageGenerationTask
 
-__all__ = ["DigitsGenerationDataModule", "FashionMNISTGenerationDataModule", "ImageGenerationTask"]
+__all__ = [
+    "DigitsGenerationDataModule",
+    "FashionMNISTGenerationDataModule",
+    "ImageFolderGenerationDataModule",
+    "ImageGenerationTask",
+]

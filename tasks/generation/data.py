@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from moezoo.data.transforms import DIGITS_MEAN, DIGITS_STD
 from moezoo.data.transforms import FASHION_MNIST_MEAN as FMNIST_MEAN
 from moezoo.data.transforms import FASHION_MNIST_STD as FMNIST_STD
-from moezoo.tasks.vision.data import FASHION_MNIST_DEBIAN_ROOT, DigitsDataModule, FashionMNISTDataModule
+from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION
+from moezoo.tasks.vision.data import (
+    FASHION_MNIST_DEBIAN_ROOT,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+)
 
 
 def fashion_mnist_unit_range(root: Path, split: str) -> tuple[Tensor, Tensor]:
@@ -115,6 +121,38 @@ class DigitsGenerationDataModule(DigitsDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Batches of the requested class ids (``predict_classes``; all classes by default)."""
         return self.requests.loader()
+
+
+class ImageFolderGenerationDataModule(ImageFolderDataModule):
+    """A user's ``root/{train,val[,test]}/<class>/*.png`` tree for class-conditional generation: the classification
+    module's images (resized, normalised by 0.5/0.5, i.e. already in ``[-1, 1]``; unreadable files skipped and
+    named), one class per folder of ``root/train``; ``predict`` samples ``predict_classes`` (ids or folder names,
+    all classes by default)."""
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        grayscale: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION,
+        predict_classes: list[int | str] | None = None,
+    ) -> None:
+        super().__init__(root, image_size, grayscale, batch_size, num_workers, None, max_skip_fraction)
+        self.predict_classes = predict_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return  # predict samples the requested classes: no images needed
+        super().setup(stage)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of the requested class ids (``predict_classes``; all classes by default)."""
+        names = self.class_names
+        if names is None:
+            raise FileNotFoundError(f"ImageFolderGenerationDataModule: {self.root}/train/<class>/ names the classes")
+        return ClassRequests(self.predict_classes, names, self.batch_size).loader()
 
 
 def real_images(datamodule: object, split: str = "test", limit: int | None = None) -> tuple[Tensor, Tensor]:

@@ -74,8 +74,9 @@ class ImageFileDataset(Dataset):
     """Predict-only images from files, as the training data was prepared: resized to ``image_size`` (square),
     ``in_chans`` channels (grey or RGB), scaled to [0, 1] and normalised with ``mean``/``std``.
 
-    Items are ``(image (C, H, W), name)``, the name relative to the folder given. Files PIL cannot read are
-    skipped when the list is built (``skipped``: name -> reason), with a warning.
+    Items are ``(image (C, H, W), name)``, the name relative to the folder given. Files PIL cannot read or decode
+    (a JPEG truncated after its header included) are skipped when the list is built (``skipped``: name -> reason),
+    with a warning.
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class ImageFileDataset(Dataset):
         for file in list_images(self.root):
             try:
                 with Image.open(file) as image:
-                    image.verify()
+                    image.load()  # decodes: a file truncated after its header fails here, not in the middle of predict
             except Exception as err:  # PIL raises many types for a damaged file
                 self.skipped[self.name(file)] = f"{type(err).__name__}: {err}"
                 log.warning("predict: skipped %s (not a readable image: %s)", file, err)
@@ -339,7 +340,7 @@ class CheckedImageFolder(Dataset):
 
     Every file's header is opened here (missing, empty and non-image files are skipped and counted); an image that
     fails to decode later (a JPEG truncated after its header) is skipped when it is read, with a warning naming it,
-    and the next image of the split takes its place in the batch.
+    and the next image of the split takes its place in the batch; it is counted and named once, not once per epoch.
     """
 
     def __init__(self, folder: Path, transform: Any, split: str, records: BadRecords) -> None:
@@ -352,6 +353,7 @@ class CheckedImageFolder(Dataset):
         self.split = split
         self.records = records
         self.samples: list[tuple[str, int]] = []
+        self.corrupt: set[str] = set()  # files that failed to decode when read (skipped from then on, counted once)
         for path, label in listing.samples:
             try:
                 with Image.open(path):
@@ -370,10 +372,13 @@ class CheckedImageFolder(Dataset):
 
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
+            if path in self.corrupt:
+                continue
             try:
                 with Image.open(path) as image:
                     rgb = image.convert("RGB")
             except (OSError, ValueError) as err:
+                self.corrupt.add(path)
                 self.records.skip(self.split, "corrupt_image", path, str(err))
                 continue
             return self.transform(rgb), label
@@ -411,6 +416,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.predict_path = predict_path
         self.predict_set: ImageFileDataset | None = None
         self.records = BadRecords(str(self.root), max_skip_fraction)
+        self._splits_built = False  # setup runs per stage (fit, then test): the files are screened and counted once
 
     @property
     def in_chans(self) -> int:
@@ -458,13 +464,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         return CheckedImageFolder(folder, transforms.Compose(steps), split, self.records)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.predict_path is not None:
+        if (stage == "predict" and self.predict_path is not None) or self._splits_built:
             return
         self.train_set = self._dataset("train", train=True)
         self.val_set = self._dataset("val", train=False)
         assert self.root is not None  # _dataset checked
         test_dir = self.root / "test"
         self.test_set = self._dataset("test", train=False) if test_dir.is_dir() else self.val_set
+        self._splits_built = True
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers)

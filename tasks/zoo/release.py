@@ -18,7 +18,7 @@ from moezoo.models import hub, parameter_counts
 from moezoo.models.pretrained import write_record
 from moezoo.models.pretrained_cfg import DEFAULT_TOLERANCE, STORAGE_DTYPES, PretrainedCfg
 from moezoo.models.registry import split_name
-from moezoo.tasks.specs import complete_task_spec, instantiate_task
+from moezoo.tasks.specs import complete_task_spec, instantiate_task, with_data_settings
 from moezoo.tasks.zoo.citations import citations_for
 from moezoo.tasks.zoo.contracts import input_contract
 from moezoo.tasks.zoo.evaluation import load_release_weights, run_evaluation
@@ -79,8 +79,11 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
         raise ValueError(f"--storage-dtype must be one of {STORAGE_DTYPES}, got {request.storage_dtype!r}")
     config = OmegaConf.to_container(OmegaConf.load(request.config), resolve=True)
     assert isinstance(config, dict)
-    task_spec = complete_task_spec(config["model"])
     data_spec = complete_spec(config["data"])
+    datamodule = instantiate(data_spec)
+    # The settings the config leaves to the data (image size, classes, vocabulary ...) are recorded in the task's
+    # spec as `moezoo fit` links them, so the record rebuilds the trained architecture without the data module.
+    task_spec = with_data_settings(complete_task_spec(config["model"]), datamodule)
     model_name = task_spec["init_args"]["model"]
     base, _ = split_name(request.name)
     if base != split_name(model_name)[0]:
@@ -132,7 +135,7 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
         dense_twin=request.dense_twin,
         limitations=list(request.limitations),
         citations=citations_for(base, _router_name(model), has_moe_layers, request.citations),
-        input=input_contract(instantiate(data_spec)),
+        input=input_contract(datamodule),
     )
     routers = router_summary(model)
     metrics, routing = run_evaluation(cfg, model=model)

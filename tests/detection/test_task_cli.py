@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moezoo.tasks.cli import cli_main
 
@@ -31,8 +32,56 @@ def test_predict_writes_images_and_routing_weights(tmp_path, monkeypatch):
 
 
 def test_num_classes_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    """A conflicting explicit setting stops before training, naming the model key and the data key."""
     monkeypatch.chdir(tmp_path)
     args = ["validate", "--config", SMOKE, "--trainer.logger", "false"]
-    args += ["--model.init_args.model_kwargs.num_classes", "3"]
-    with pytest.raises(ValueError, match="num_classes=10"):
-        cli_main(args)
+    both = r"model\.init_args\.model_kwargs\.num_classes=3 conflicts with data\.init_args\.source=10"
+    with pytest.raises(ValueError, match=both):
+        cli_main([*args, "--model.init_args.model_kwargs.num_classes", "3"])
+    both = (
+        r"model\.init_args\.model_kwargs\.in_chans=3 conflicts with CanvasDataModule\.in_chans \(fixed by the data\)=1"
+    )
+    with pytest.raises(ValueError, match=both):
+        cli_main([*args, "--model.init_args.model_kwargs.in_chans", "3"])
+
+
+def _config_without_model_settings(tmp_path: Path, data: dict) -> str:
+    """The smoke config with no model_kwargs (the settings are left to the data) and ``data`` as its data block."""
+    config = yaml.safe_load(Path(SMOKE).read_text())
+    del config["model"]["init_args"]["model_kwargs"]
+    config["data"] = data
+    path = tmp_path / "detection.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_model_settings_follow_the_detection_data(tmp_path, monkeypatch):
+    """Classes and channels come from the data module: canvases (1 channel, 10 classes), a COCO folder (its
+    annotation file's categories, RGB) and a YOLO folder (its class names, grayscale)."""
+    monkeypatch.chdir(tmp_path)
+    canvas = yaml.safe_load(Path(SMOKE).read_text())["data"]
+    cli = cli_main(
+        ["--config", _config_without_model_settings(tmp_path, canvas), "--trainer.logger", "false"], run=False
+    )
+    assert (cli.model.model.num_classes, cli.model.model.in_chans) == (10, 1)
+    assert cli.model.hparams.data_settings["num_classes"] == {"value": 10, "from": "data.init_args.source"}
+
+    categories = [{"id": 5, "name": "cat"}, {"id": 9, "name": "dog"}, {"id": 11, "name": "fox"}]
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": categories}
+    (tmp_path / "coco" / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    folder = {"class_path": "moezoo.tasks.detection.DetectionFolderDataModule"}
+    folder["init_args"] = {"root": str(tmp_path / "coco"), "format": "coco", "img_size": 64}
+    config = _config_without_model_settings(tmp_path, folder)
+    cli = cli_main(["--config", config, "--trainer.logger", "false"], run=False)
+    assert (cli.model.model.num_classes, cli.model.model.in_chans) == (3, 3)
+    with pytest.raises(ValueError, match=r"model_kwargs\.num_classes=10 conflicts with data\.init_args\.root=3"):
+        cli_main(
+            ["--config", config, "--trainer.logger", "false", "--model.init_args.model_kwargs.num_classes", "10"],
+            run=False,
+        )
+
+    yolo = {"class_path": "moezoo.tasks.detection.DetectionFolderDataModule"}
+    yolo["init_args"] = {"root": "x", "format": "yolo", "class_names": ["a", "b"], "in_chans": 1, "img_size": 64}
+    cli = cli_main(["--config", _config_without_model_settings(tmp_path, yolo), "--trainer.logger", "false"], run=False)
+    assert (cli.model.model.num_classes, cli.model.model.in_chans) == (2, 1)

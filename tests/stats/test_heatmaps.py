@@ -27,3 +27,14 @@ def test_panels_share_one_colour_scale_and_label_their_axes(tmp_path: Path) -> N
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(path.parent.glob(".*"))
     with pytest.raises(ValueError, match="at least one panel"):
         heatmap_figure([], "t", "c")
+
+
+def test_a_group_with_no_routed_pairs_is_blank_and_says_so() -> None:
+    """A validation split without any French utterance: the row is missing data (grey), not 0 % on every expert."""
+    import numpy as np
+
+    panel = specialisation_panel([[0.0, 1.0], [0.0, 0.0]], ["en", "fr"], "language", "MoE layer 0")
+    assert panel.row_labels == ["en", "fr (none)"] and np.isnan(panel.values[1]).all()
+    fig = heatmap_figure([panel], "t", "c")
+    image = next(ax for ax in fig.axes if ax.images).images[0]
+    assert image.get_clim() == (0.0, 100.0) and tuple(image.get_cmap().get_bad()) != tuple(image.get_cmap()(0.0))

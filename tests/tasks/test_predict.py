@@ -22,18 +22,20 @@ ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 
-def readme_commands(config: str) -> list[str]:
-    """The `moezoo ...` lines of the README's "Predict on your own data" block that use ``config``."""
-    section = README.split("## Predict on your own data", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash", 1)[1].split("```", 1)[0]
-    return [line for line in block.splitlines() if line.startswith("moezoo ") and f"configs/smoke/{config}" in line]
+def readme_commands(config: str, folder: str = "smoke") -> list[str]:
+    """The `moezoo ...` lines of the README's "Use your own data" code blocks that use ``configs/<folder>/<config>``."""
+    section = README.split("## Use your own data", 1)[1].split("\n## ", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in section.split("```bash")[1:]]
+    lines = [line for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith("moezoo ") and f"configs/{folder}/{config}" in line]
 
 
-def run_readme(config: str, tmp_path: Path) -> Path:
-    """Run the README's fit and predict of ``config`` in ``tmp_path``; return the predict run's predictions folder."""
-    fit, predict = readme_commands(config)
+def run_readme(config: str, tmp_path: Path, folder: str = "smoke") -> Path:
+    """Run the README's fit and predict of ``configs/<folder>/<config>`` in ``tmp_path`` (its working directory),
+    paths of the repository's configs and the fitted checkpoint substituted; return the predictions folder."""
+    fit, predict = readme_commands(config, folder)
     main(shlex.split(fit.replace("configs/", f"{ROOT}/configs/"))[1:])
-    run_dir = tmp_path / "runs" / "smoke" / Path(config).stem
+    run_dir = tmp_path / "runs" / folder / Path(config).stem
     checkpoints = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert checkpoints, f"fit wrote no checkpoint under {run_dir}"
     before = set(run_dir.rglob("predictions"))

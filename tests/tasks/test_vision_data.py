@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -128,6 +129,10 @@ def test_image_folder_skips_a_truncated_jpeg_naming_it(tmp_path):
         batches = list(dm.train_dataloader())  # a whole epoch
     assert sum(len(y) for _, y in batches) == 40
     assert dm.records.skipped("train") == {"corrupt_image": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BadRecordWarning)  # named once: the next epochs pass over it silently
+        assert sum(len(y) for _, y in dm.train_dataloader()) == 40
+    assert dm.records.skipped("train") == {"corrupt_image": 1}  # 1 of 41 however many epochs (5 % ceiling)
 
 
 def test_image_folder_split_with_no_readable_image_or_too_many_is_an_error(tmp_path):

@@ -290,3 +290,42 @@ def test_the_headline_metric_is_never_an_aux_loss():
     assert _headline(SimpleNamespace(metrics={"test/aux_loss": 0.0, "test/bleu": 3.0})) == "test/bleu=3.0000"
     assert _headline(SimpleNamespace(metrics={"test/aux_loss": 0.0, "test/dropped_frac": 0.1})) == "-"
     assert _headline(get_pretrained_cfg("moe_dit_tiny.fmnist_promoe")).startswith("test/fd_fmnist=")
+
+
+def test_a_config_that_leaves_model_settings_to_the_data_is_released(
+    tmp_path: Path, registered: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Fitted with image size, channels and classes linked from the data (no model_kwargs for them), the config
+    releases: the record's task spec carries the data's settings, so eval rebuilds the trained architecture."""
+    import yaml
+
+    from moezoo.cli import main as moezoo_main
+
+    config = yaml.safe_load((ROOT / "configs/smoke/vision_digits_moe_vit.yaml").read_text())
+    config["model"]["init_args"]["model_kwargs"] = {"patch_size": 2}  # img_size, in_chans, num_classes: the data's
+    path = tmp_path / "digits_linked.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "--config", str(path), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    assert moezoo_main([*fit, "--trainer.limit_val_batches", "0", "--test_after_fit", "false"]) == 0
+    ckpt = sorted((tmp_path / "runs").rglob("*.ckpt"))[-1]
+    weights, cards = tmp_path / "weights", tmp_path / "cards"
+    args = ["release", "--config", str(path), "--ckpt", str(ckpt), "--name", "moe_vit_debug.linked"]
+    args += ["--domain", "vision", "--dataset", "digits", "--weights-dir", str(weights), "--cards-dir", str(cards)]
+    assert main(args) == 0, capsys.readouterr().err
+    registered.append(register_record(weights / "moe_vit_debug.linked.json"))
+    cfg = get_pretrained_cfg("moe_vit_debug.linked")
+    assert {k: cfg.model_kwargs[k] for k in ("img_size", "in_chans", "num_classes")} == {
+        "img_size": 8,
+        "in_chans": 1,
+        "num_classes": 10,
+    }
+    assert cfg.task["init_args"]["data_settings"]["img_size"]["value"] == 8
+    cfg.urls = [(weights / cfg.file).as_uri()]
+    metrics, _ = run_evaluation(cfg, offline=True)  # rebuilt from the record alone
+    assert metrics == cfg.metrics
+    # The same data-decided settings conflicting with an explicit one: the fit error, naming both keys.
+    config["model"]["init_args"]["model_kwargs"]["num_classes"] = 3
+    path.write_text(yaml.safe_dump(config))
+    assert main(args) == 1
+    assert "model.init_args.model_kwargs.num_classes=3 conflicts with" in capsys.readouterr().err
