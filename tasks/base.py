@@ -190,13 +190,13 @@ class MoETask(L.LightningModule):
         return stats.setdefault(stage, RoutingStats())
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Routing analytics, training throughput and the prediction writer in every run, unless the trainer
-        already has them."""
-        from moezoo.tasks.callbacks import RoutingAnalytics, ThroughputMonitor
+        """Routing analytics, training throughput, the prediction writer and the resumable random state in every
+        run, unless the trainer already has them."""
+        from moezoo.tasks.callbacks import ResumableRandomState, RoutingAnalytics, ThroughputMonitor
         from moezoo.tasks.predict import PredictionWriter
 
         have = [type(c) for c in getattr(self._trainer, "callbacks", [])]
-        wanted = (RoutingAnalytics, ThroughputMonitor, PredictionWriter)
+        wanted = (RoutingAnalytics, ThroughputMonitor, PredictionWriter, ResumableRandomState)
         return [cls() for cls in wanted if not any(issubclass(t, cls) for t in have)]
 
     # -- predict (written by moezoo.tasks.predict.PredictionWriter) ----------------------------------------

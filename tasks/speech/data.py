@@ -137,7 +137,8 @@ class SpeechDataset(Dataset):
 
     ``preload=True`` computes every feature once (bad files are dropped then); otherwise every file's header is
     probed here (unreadable files are dropped) and audio is read lazily. Skips go to ``records`` under ``split``
-    (a ledger of its own when None), which then checks the split (:meth:`BadRecords.check`).
+    (a ledger of its own when None), which then checks the split (:meth:`BadRecords.check`); ``unlisted`` records
+    of the split were skipped (and counted in ``records``) before they became entries, e.g. malformed manifest lines.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class SpeechDataset(Dataset):
         n_mels: int = 80,
         split: str = "train",
         records: BadRecords | None = None,
+        unlisted: int = 0,
     ) -> None:
         if on_bad not in ("skip", "error"):
             raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
@@ -170,7 +172,7 @@ class SpeechDataset(Dataset):
             self.cache = [cache[i] for i in keep]
         else:
             self.entries = [e for e in self.entries if self._audio_ok(e)]
-        self.records.check(split, len(entries))
+        self.records.check(split, len(entries) + unlisted)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -372,6 +374,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.records = BadRecords(type(self).__name__, max_skip_fraction)
         self.vocab = CharVocab()
         self.datasets: dict[str, SpeechDataset] = {}
+        self.unlisted: Counter[str] = Counter()  # per split: records skipped before they became entries
         self.predict_path = predict_path
         self.predict_set: AudioFileDataset | None = None
 
@@ -394,6 +397,7 @@ class SpeechDataModule(L.LightningDataModule):
                 self.preload,
                 split=split,
                 records=self.records,
+                unlisted=self.unlisted[split],
             )
         return self.datasets[split]
 
@@ -689,13 +693,20 @@ class ManifestDataModule(SpeechDataModule):
             max_skip_fraction=max_skip_fraction,
         )
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest or val_manifest}
-        self.manifest_skipped: Counter[str] = Counter()
 
     def entries(self, split: str) -> list[SpeechEntry]:
-        return manifest_entries(self.manifests[split], self.on_bad, self.manifest_skipped)
+        before = self.records.skipped(split).get("bad_manifest_line", 0)
+        entries = manifest_entries(self.manifests[split], self.on_bad, self.records, split)
+        self.unlisted[split] = self.records.skipped(split).get("bad_manifest_line", 0) - before
+        return entries
 
 
-def manifest_entries(path: str | Path, on_bad: str = "skip", skipped: Counter[str] | None = None) -> list[SpeechEntry]:
+def manifest_entries(
+    path: str | Path, on_bad: str = "skip", records: BadRecords | None = None, split: str = "train"
+) -> list[SpeechEntry]:
+    """The utterances of a JSONL manifest; a line that is not valid JSON, lacks ``audio``/``text`` or has them of
+    another type is skipped and counted in ``records`` under ``split`` as ``bad_manifest_line`` (``on_bad="error"``
+    raises ValueError naming the file and line)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest {str(path)!r} does not exist")
@@ -713,8 +724,8 @@ def manifest_entries(path: str | Path, on_bad: str = "skip", skipped: Counter[st
             if on_bad == "error":
                 raise ValueError(message) from err
             log.warning("skipping utterance: %s", message)
-            if skipped is not None:
-                skipped["bad_manifest_line"] += 1
+            if records is not None:
+                records.skip(split, "bad_manifest_line", f"{path}:{number}", message)
             continue
         audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
         rate = row.get("sample_rate")
