@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from moezoo.data.transforms import SPEECH_HOP as HOP
+from moezoo.data.transforms import SPEECH_N_FFT as N_FFT
 from moezoo.data.transforms import LogMel
 from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION, BadRecords
 from moezoo.tasks.speech.corpus import LANGUAGES, PRESETS, SAMPLE_RATE, CorpusSpec, generate_corpus
@@ -105,15 +107,25 @@ def probe_audio(path: str | Path, declared_rate: int | None = None) -> None:
 
 
 def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE, declared_rate: int | None = None) -> Tensor:
-    """Mono float32 waveform at ``target_rate``; :class:`BadAudioError` naming the file and the problem."""
+    """Mono float32 waveform at ``target_rate``; :class:`BadAudioError` naming the file and the problem (unreadable,
+    empty, another sample rate than declared, NaN or infinite samples, shorter than one analysis window)."""
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError
         raise BadAudioError(f"cannot read audio file {str(path)!r}: {err}") from err
     _check_audio(path, audio.shape[0], rate, declared_rate)
+    finite = np.isfinite(audio)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite.all(1))[0])
+        raise BadAudioError(f"audio file {str(path)!r} has NaN or infinite samples (first at sample {first})")
     wave = torch.from_numpy(audio).mean(1)
     if rate != target_rate:
         wave = AF.resample(wave, rate, target_rate)
+    if wave.numel() < N_FFT:  # the log-mel features need one whole analysis window
+        raise BadAudioError(
+            f"audio file {str(path)!r} is too short: {wave.numel()} samples at {target_rate} Hz, fewer than one "
+            f"{N_FFT}-sample analysis window"
+        )
     return wave
 
 
@@ -164,12 +176,14 @@ class SpeechDataset(Dataset):
         self.split = split
         self.records = BadRecords("speech") if records is None else records
         self.entries = [e for e in entries if self._text_ok(e)]
+        self.broken: set[int] = set()  # entries found unreadable while loading (skipped and counted once)
         self.cache: list[dict[str, Any] | None] | None = None
         if preload:
             cache = [self._load(i) for i in range(len(self.entries))]
             keep = [i for i, item in enumerate(cache) if item is not None]
             self.entries = [self.entries[i] for i in keep]
             self.cache = [cache[i] for i in keep]
+            self.broken.clear()  # indices of the entries before the bad ones were dropped
         else:
             self.entries = [e for e in self.entries if self._audio_ok(e)]
         self.records.check(split, len(entries) + unlisted)
@@ -211,13 +225,17 @@ class SpeechDataset(Dataset):
 
     def _load(self, index: int) -> dict[str, Any] | None:
         entry = self.entries[index]
+        if index in self.broken:
+            return None  # counted once, when it was first read
         try:
             wave = load_audio(entry.audio, SAMPLE_RATE, entry.sample_rate)
         except BadAudioError as err:
+            self.broken.add(index)
             self._skip("bad_audio", str(err), entry)
             return None
         duration = wave.numel() / SAMPLE_RATE
         if self.max_duration is not None and duration > self.max_duration:
+            self.broken.add(index)
             self._skip(
                 "too_long", f"{entry.uid}: {duration:.1f} s is longer than max_duration={self.max_duration}", entry
             )
@@ -225,6 +243,7 @@ class SpeechDataset(Dataset):
         features = self.featurizer(wave)
         tokens = torch.tensor(self.vocab.encode(entry.text), dtype=torch.long)
         if tokens.numel() > (features.shape[0] + 3) // 4:
+            self.broken.add(index)
             self._skip(
                 "too_fast", f"{entry.uid}: {tokens.numel()} characters do not fit {features.shape[0]} frames", entry
             )

@@ -352,6 +352,7 @@ class CheckedImageFolder(Dataset):
         self.split = split
         self.records = records
         self.samples: list[tuple[str, int]] = []
+        self.broken: set[int] = set()  # samples found corrupt while reading (skipped and counted once)
         for path, label in listing.samples:
             try:
                 with Image.open(path):
@@ -369,11 +370,15 @@ class CheckedImageFolder(Dataset):
         from PIL import Image
 
         for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+            position = (index + attempt) % len(self.samples)
+            if position in self.broken:
+                continue  # counted once, when it was first read
+            path, label = self.samples[position]
             try:
                 with Image.open(path) as image:
                     rgb = image.convert("RGB")
             except (OSError, ValueError) as err:
+                self.broken.add(position)
                 self.records.skip(self.split, "corrupt_image", path, str(err))
                 continue
             return self.transform(rgb), label
