@@ -2,7 +2,8 @@
 
 A file is written to a private temporary path in its destination folder (same file system) and renamed over the
 destination, so a reader sees the old file or the new one, never half of either, and a killed process leaves at
-most a hidden ``.<name>.*.part`` file behind (removed on the next exit through the context manager).
+most a hidden ``.<name>.*.part`` file behind (removed on the next exit through the context manager, or by
+:func:`remove_stale_temporaries`, which ``moezoo fit`` runs over its run folder when it starts).
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ def temporary_beside(dest: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files :func:`temporary_beside` made under ``folder`` (recursively) that a killed process
+    left behind; returns them. Only for a folder no other process is writing to at the same time."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.rglob(".*.part") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from moezoo import surgery
+from moezoo.io import remove_stale_temporaries, temporary_beside
 from moezoo.layers import MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.models.registry import build_task_model
 from moezoo.models.spec import upgrade_model_kwargs, warn_legacy
@@ -37,6 +39,7 @@ from moezoo.tasks.optim import (
     warmup_cosine,
 )
 
+log = logging.getLogger(__name__)
 __all__ = [
     "MoETask",
     "data_settings_of",
@@ -125,11 +128,11 @@ def save_final_checkpoint(trainer: L.Trainer) -> list[Path]:
         if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
             continue  # already saved at this step
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-        tmp = path.with_name(path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, path)
-        trainer.strategy.barrier("save_final_checkpoint")
+        with temporary_beside(path) as tmp:  # a kill leaves a ".last.ckpt.*.part" that the next fit removes
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.replace(tmp, path)
+            trainer.strategy.barrier("save_final_checkpoint")
         written.append(path)
     return written
 
@@ -247,13 +250,13 @@ class MoETask(L.LightningModule):
         return stats.setdefault(stage, RoutingStats())
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Routing analytics, training throughput and the prediction writer in every run, unless the trainer
-        already has them."""
-        from moezoo.tasks.callbacks import RoutingAnalytics, ThroughputMonitor
+        """Routing analytics, training throughput, the prediction writer and the resumable random state in every
+        run, unless the trainer already has them."""
+        from moezoo.tasks.callbacks import ResumableRandomState, RoutingAnalytics, ThroughputMonitor
         from moezoo.tasks.predict import PredictionWriter
 
         have = [type(c) for c in getattr(self._trainer, "callbacks", [])]
-        wanted = (RoutingAnalytics, ThroughputMonitor, PredictionWriter)
+        wanted = (RoutingAnalytics, ThroughputMonitor, PredictionWriter, ResumableRandomState)
         return [cls() for cls in wanted if not any(issubclass(t, cls) for t in have)]
 
     # -- predict (written by moezoo.tasks.predict.PredictionWriter) ----------------------------------------
@@ -289,6 +292,27 @@ class MoETask(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         update_router_states(self.model)
+
+    def on_fit_start(self) -> None:
+        """Remove the temporary files a killed run left in this run's folders (its logger and checkpoint folders,
+        and ``default_root_dir`` unless that is the working directory; :func:`moezoo.io.remove_stale_temporaries`),
+        before anything is written."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        folders: set[Path] = set()
+        if Path(trainer.default_root_dir).resolve() != Path.cwd().resolve():
+            folders.add(Path(trainer.default_root_dir))
+        for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None)
+            if root:
+                folders.add(Path(root))
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                folders.add(Path(callback.dirpath))
+        for folder in sorted(folders):
+            for path in remove_stale_temporaries(folder):
+                log.warning("removed %s, a temporary file left by a run that was killed while writing", path)
 
     def on_train_end(self) -> None:
         save_final_checkpoint(self.trainer)

@@ -6,18 +6,25 @@
 - :class:`ThroughputMonitor`: training samples per second (wall and CPU) of optimiser-step time
   (:class:`moezoo.stats.RateMeter`), logged as ``train/samples_per_s`` and written to ``<log dir>/throughput.json``.
 - :class:`CPUTimeBudget`: stop ``fit`` after a number of CPU minutes.
+- :class:`ResumableRandomState`: the global random state (torch, numpy, Python) saved in every checkpoint and put
+  back when a fit resumes, so that a run resumed from an end-of-epoch checkpoint draws the same shuffles,
+  augmentations, dropout and noise as an uninterrupted one (``tests/tasks/test_soak.py``).
 
 Under DDP each rank counts its own batches; rank 0 writes its statistics (no collective in these callbacks).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from moezoo.io import write_bytes_atomic, write_json_atomic
 from moezoo.stats import RateMeter, RoutingStats, count_parameters
@@ -197,3 +204,67 @@ class CPUTimeBudget(L.Callback):
             f"in {trainer.global_step} steps; budget {self.max_cpu_seconds / 60:.1f} CPU minutes",
             flush=True,
         )
+
+
+RANDOM_STATE_KEY = "moezoo_random_state"
+
+
+class ResumableRandomState(L.Callback):
+    """Save the process's global random state (torch CPU and CUDA, numpy, Python) in every checkpoint and restore it
+    when ``fit`` resumes from one (before the resumed epoch's DataLoader iterator draws its seed); the sanity check
+    leaves the state as it found it.
+
+    Without it a resumed run reseeds from ``seed_everything`` and then draws the next epoch's shuffle, augmentation
+    and noise from another point of the stream than the uninterrupted run did. With it, a single-process run
+    resumed from a checkpoint written at the end of an epoch (or at its last training batch) ends with the same
+    weights as one never interrupted; one resumed from the middle of an epoch does not, because Lightning then
+    restarts the epoch's DataLoader from its first batch (it warns so). Under DDP each rank restores rank 0's state.
+    """
+
+    def __init__(self) -> None:
+        self._outside_sanity: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RANDOM_STATE_KEY] = random_state()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(RANDOM_STATE_KEY)
+        if state is not None and trainer.state.fn == TrainerFn.FITTING:
+            set_random_state(state)  # before the resumed epoch's DataLoader iterator is made (FitLoop.setup_data)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._outside_sanity = random_state()
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The sanity check draws (its DataLoader's seed): put the state back, so that it is the same in a fresh
+        # run, where the sanity check ran before the first epoch, and in a resumed one.
+        if self._outside_sanity is not None:
+            set_random_state(self._outside_sanity)
+            self._outside_sanity = None
+
+
+def random_state() -> dict[str, Any]:
+    """The process's global random state (torch CPU and CUDA, numpy, Python) in types ``torch.load`` reads with
+    ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (
+        str(kind),
+        torch.from_numpy(np.asarray(keys).astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(gauss),
+    )
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Put back a :func:`random_state` (CUDA only on as many devices as it was taken on)."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

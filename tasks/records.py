@@ -54,15 +54,20 @@ class BadRecords:
         self.max_skip_fraction = check_skip_fraction(max_skip_fraction)
         self.counts: dict[str, Counter[str]] = {}
         self.bad: Counter[str] = Counter()  # per split: skips that count against the ceiling
+        self.dropped: Counter[str] = Counter()  # per split: skips that removed a whole record
         self.first: dict[str, list[str]] = {}  # per split: the first few bad records, for error messages
         self.totals: dict[str, int] = {}
 
-    def skip(self, split: str, reason: str, record: str, detail: str = "", bad: bool = True) -> None:
+    def skip(
+        self, split: str, reason: str, record: str, detail: str = "", bad: bool = True, whole: bool = True
+    ) -> None:
         """Count ``record`` of ``split`` as skipped for ``reason`` and warn naming it. ``bad=False`` for records a
-        filter removes on purpose (they do not count against ``max_skip_fraction``). Once :meth:`check` has seen the
-        split's size, the ceiling is enforced at every bad skip."""
+        filter removes on purpose (they do not count against ``max_skip_fraction``); ``whole=False`` for a part of
+        a record that stays usable (a box of an image: counted and named, but the image is not lost). Once
+        :meth:`check` has seen the split's size, the ceiling is enforced at every bad skip."""
         self.counts.setdefault(split, Counter())[reason] += 1
         self.bad[split] += int(bad)
+        self.dropped[split] += int(whole)
         first = self.first.setdefault(split, [])
         if bad and len(first) < 3:
             first.append(record)
@@ -101,7 +106,7 @@ class BadRecords:
         them. Raises ValueError when none is usable or too many are bad; logs the split's summary. Returns the
         number of usable records."""
         self.totals[split] = total
-        usable = total - sum(self.counts.get(split, Counter()).values())
+        usable = total - self.dropped[split]
         if usable <= 0:
             raise ValueError(
                 f"{self.source}: the {split} split has no usable records ({total} found; {self._describe(split)})"

@@ -15,6 +15,7 @@ collate, augmentation and bad-record handling; each reader is a short function b
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -326,7 +327,9 @@ class ImageBoxDataset(Dataset):
             boxes = boxes.clone()
             keep = clip_boxes(boxes, w, h, min_keep=0.0, min_side=1.0)
             for box in boxes[~keep].tolist():
-                records.skip(split, "box_outside_image", f"a box of {path}", f"{box} in a {w}x{h} image", bad=False)
+                records.skip(
+                    split, "box_outside_image", f"a box of {path}", f"{box} in a {w}x{h} image", bad=False, whole=False
+                )
             img, boxes = letterbox(array, boxes[keep], img_size)
             self.images.append((img * 255).round().to(torch.uint8))
             self.boxes.append(boxes)
@@ -399,8 +402,11 @@ def read_yolo_labels(image_dir: Path, label_dir: Path, num_classes: int) -> list
                     values = [float(v) for v in parts]
                 except ValueError:
                     values = []
-                if len(values) != 5 or values[0] != int(values[0]):
-                    raise ValueError(f"{label_file}:{line_no}: expected 'class cx cy w h', got {line.strip()!r}")
+                if len(values) != 5 or not all(math.isfinite(v) for v in values) or values[0] != int(values[0]):
+                    raise ValueError(
+                        f"{label_file}:{line_no}: expected 'class cx cy w h' (an integer class and four finite "
+                        f"numbers), got {line.strip()!r}"
+                    )
                 if not 0 <= int(values[0]) < num_classes:
                     raise ValueError(
                         f"{label_file}:{line_no}: class id {int(values[0])} is unknown; "

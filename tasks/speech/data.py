@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from moezoo.data.transforms import SPEECH_HOP as HOP
+from moezoo.data.transforms import SPEECH_N_FFT as N_FFT
 from moezoo.data.transforms import LogMel
 from moezoo.tasks.records import DEFAULT_MAX_SKIP_FRACTION, BadRecords
 from moezoo.tasks.speech.corpus import LANGUAGES, PRESETS, SAMPLE_RATE, CorpusSpec, generate_corpus
@@ -105,15 +107,25 @@ def probe_audio(path: str | Path, declared_rate: int | None = None) -> None:
 
 
 def load_audio(path: str | Path, target_rate: int = SAMPLE_RATE, declared_rate: int | None = None) -> Tensor:
-    """Mono float32 waveform at ``target_rate``; :class:`BadAudioError` naming the file and the problem."""
+    """Mono float32 waveform at ``target_rate``; :class:`BadAudioError` naming the file and the problem (unreadable,
+    empty, another sample rate than declared, NaN or infinite samples, shorter than one analysis window)."""
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError, RuntimeError or OSError
         raise BadAudioError(f"cannot read audio file {str(path)!r}: {err}") from err
     _check_audio(path, audio.shape[0], rate, declared_rate)
+    finite = np.isfinite(audio)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite.all(1))[0])
+        raise BadAudioError(f"audio file {str(path)!r} has NaN or infinite samples (first at sample {first})")
     wave = torch.from_numpy(audio).mean(1)
     if rate != target_rate:
         wave = AF.resample(wave, rate, target_rate)
+    if wave.numel() < N_FFT:  # the log-mel features need one whole analysis window
+        raise BadAudioError(
+            f"audio file {str(path)!r} is too short: {wave.numel()} samples at {target_rate} Hz, fewer than one "
+            f"{N_FFT}-sample analysis window"
+        )
     return wave
 
 
@@ -137,7 +149,8 @@ class SpeechDataset(Dataset):
 
     ``preload=True`` computes every feature once (bad files are dropped then); otherwise every file's header is
     probed here (unreadable files are dropped) and audio is read lazily. Skips go to ``records`` under ``split``
-    (a ledger of its own when None), which then checks the split (:meth:`BadRecords.check`).
+    (a ledger of its own when None), which then checks the split (:meth:`BadRecords.check`); ``unlisted`` records
+    of the split were skipped (and counted in ``records``) before they became entries, e.g. malformed manifest lines.
     """
 
     def __init__(
@@ -151,6 +164,7 @@ class SpeechDataset(Dataset):
         n_mels: int = 80,
         split: str = "train",
         records: BadRecords | None = None,
+        unlisted: int = 0,
     ) -> None:
         if on_bad not in ("skip", "error"):
             raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
@@ -162,15 +176,17 @@ class SpeechDataset(Dataset):
         self.split = split
         self.records = BadRecords("speech") if records is None else records
         self.entries = [e for e in entries if self._text_ok(e)]
+        self.broken: set[int] = set()  # entries found unreadable while loading (skipped and counted once)
         self.cache: list[dict[str, Any] | None] | None = None
         if preload:
             cache = [self._load(i) for i in range(len(self.entries))]
             keep = [i for i, item in enumerate(cache) if item is not None]
             self.entries = [self.entries[i] for i in keep]
             self.cache = [cache[i] for i in keep]
+            self.broken.clear()  # indices of the entries before the bad ones were dropped
         else:
             self.entries = [e for e in self.entries if self._audio_ok(e)]
-        self.records.check(split, len(entries))
+        self.records.check(split, len(entries) + unlisted)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -209,13 +225,17 @@ class SpeechDataset(Dataset):
 
     def _load(self, index: int) -> dict[str, Any] | None:
         entry = self.entries[index]
+        if index in self.broken:
+            return None  # counted once, when it was first read
         try:
             wave = load_audio(entry.audio, SAMPLE_RATE, entry.sample_rate)
         except BadAudioError as err:
+            self.broken.add(index)
             self._skip("bad_audio", str(err), entry)
             return None
         duration = wave.numel() / SAMPLE_RATE
         if self.max_duration is not None and duration > self.max_duration:
+            self.broken.add(index)
             self._skip(
                 "too_long", f"{entry.uid}: {duration:.1f} s is longer than max_duration={self.max_duration}", entry
             )
@@ -223,6 +243,7 @@ class SpeechDataset(Dataset):
         features = self.featurizer(wave)
         tokens = torch.tensor(self.vocab.encode(entry.text), dtype=torch.long)
         if tokens.numel() > (features.shape[0] + 3) // 4:
+            self.broken.add(index)
             self._skip(
                 "too_fast", f"{entry.uid}: {tokens.numel()} characters do not fit {features.shape[0]} frames", entry
             )
@@ -372,6 +393,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.records = BadRecords(type(self).__name__, max_skip_fraction)
         self.vocab = CharVocab()
         self.datasets: dict[str, SpeechDataset] = {}
+        self.unlisted: Counter[str] = Counter()  # per split: records skipped before they became entries
         self.predict_path = predict_path
         self.predict_set: AudioFileDataset | None = None
 
@@ -394,6 +416,7 @@ class SpeechDataModule(L.LightningDataModule):
                 self.preload,
                 split=split,
                 records=self.records,
+                unlisted=self.unlisted[split],
             )
         return self.datasets[split]
 
@@ -689,13 +712,20 @@ class ManifestDataModule(SpeechDataModule):
             max_skip_fraction=max_skip_fraction,
         )
         self.manifests = {"train": train_manifest, "val": val_manifest, "test": test_manifest or val_manifest}
-        self.manifest_skipped: Counter[str] = Counter()
 
     def entries(self, split: str) -> list[SpeechEntry]:
-        return manifest_entries(self.manifests[split], self.on_bad, self.manifest_skipped)
+        before = self.records.skipped(split).get("bad_manifest_line", 0)
+        entries = manifest_entries(self.manifests[split], self.on_bad, self.records, split)
+        self.unlisted[split] = self.records.skipped(split).get("bad_manifest_line", 0) - before
+        return entries
 
 
-def manifest_entries(path: str | Path, on_bad: str = "skip", skipped: Counter[str] | None = None) -> list[SpeechEntry]:
+def manifest_entries(
+    path: str | Path, on_bad: str = "skip", records: BadRecords | None = None, split: str = "train"
+) -> list[SpeechEntry]:
+    """The utterances of a JSONL manifest; a line that is not valid JSON, lacks ``audio``/``text`` or has them of
+    another type is skipped and counted in ``records`` under ``split`` as ``bad_manifest_line`` (``on_bad="error"``
+    raises ValueError naming the file and line)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest {str(path)!r} does not exist")
@@ -713,8 +743,8 @@ def manifest_entries(path: str | Path, on_bad: str = "skip", skipped: Counter[st
             if on_bad == "error":
                 raise ValueError(message) from err
             log.warning("skipping utterance: %s", message)
-            if skipped is not None:
-                skipped["bad_manifest_line"] += 1
+            if records is not None:
+                records.skip(split, "bad_manifest_line", f"{path}:{number}", message)
             continue
         audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
         rate = row.get("sample_rate")

@@ -133,7 +133,7 @@ def read_csv_series(
         raise FileNotFoundError(f"path={str(path)!r} is not a file; pass the path of your CSV (e.g. ETTh1.csv)")
     if features not in FEATURES:
         raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
-    frame = pd.read_csv(path)
+    frame = read_csv_frame(path, path.name)
     if date_column not in frame.columns:
         raise ValueError(
             f"{path.name}: date_column={date_column!r} is not a column of the CSV; its columns are "
@@ -154,6 +154,19 @@ def read_csv_series(
         columns = [target]
     values = _numeric_columns(frame, columns, path.name)
     return values, columns, dates.to_numpy()
+
+
+def read_csv_frame(path: str | Path, name: str):  # type: ignore[no-untyped-def]
+    """``pandas.read_csv(path)``; an empty, header-only or unparsable file is a ValueError starting with ``name``."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise ValueError(f"{name}: cannot read the CSV ({type(err).__name__}: {err})") from err
+    if frame.empty:
+        raise ValueError(f"{name}: the CSV has no rows (columns: {list(frame.columns)})")
+    return frame
 
 
 def _numeric_columns(frame, columns: list[str], source: str) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -349,7 +362,7 @@ class ForecastDataModule(L.LightningDataModule):
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"predict_path={path!r} is not a file; pass the CSV to forecast from")
-        frame = pd.read_csv(path)
+        frame = read_csv_frame(path, f"predict_path={path!r}")
         columns = self.series_columns()
         missing = [c for c in columns if c not in frame.columns]
         if missing:

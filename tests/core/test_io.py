@@ -34,3 +34,25 @@ def test_copy_and_permissions(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_remove_stale_temporaries_deletes_only_what_temporary_beside_leaves(tmp_path):
+    """A SIGKILL inside temporary_beside leaves its ".<name>.*.part" (found by the soak, tests/tasks/test_soak.py);
+    the next fit removes such files and nothing else."""
+    import os
+
+    from moezoo.io import remove_stale_temporaries, temporary_beside
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    dest = tmp_path / "a" / "b" / "val.json"
+    with temporary_beside(dest) as tmp:
+        kept = tmp.with_name("left_behind" + tmp.name)  # what a killed writer leaves: the finally never runs
+        os.link(tmp, kept)
+    stale = tmp_path / "a" / "b" / kept.name.removeprefix("left_behind")
+    os.replace(kept, stale)
+    others = [tmp_path / "a" / "keep.part", tmp_path / "a" / ".hidden.json", dest.with_name("val.json")]
+    for path in others:
+        path.write_text("{}")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and all(p.exists() for p in others)
+    assert remove_stale_temporaries(tmp_path / "missing") == []

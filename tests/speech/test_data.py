@@ -123,9 +123,10 @@ def test_manifest_bad_input_is_skipped_logged_and_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
         batches = _epoch(dm, "train")  # a whole epoch: bad files are dropped from their batches, no crash
-    assert dm.manifest_skipped == {"bad_manifest_line": 4}  # 2 splits x (missing field + invalid JSON)
     ds = dm.dataset("train")
-    assert ds.skipped == {"empty_transcript": 1, "out_of_vocabulary": 1, "bad_audio": 4}
+    # Malformed manifest lines (a missing field, invalid JSON) are counted in the same ledger as bad audio.
+    assert ds.skipped == {"bad_manifest_line": 2, "empty_transcript": 1, "out_of_vocabulary": 1, "bad_audio": 4}
+    assert dm.skipped()["bad_manifest_line"] == 4  # 2 splits x 2 lines
     assert sum(b["features"].shape[0] for b in batches if b is not None) == 2
     uids = [u for b in batches if b is not None for u in b["uids"]]
     assert len(uids) == 2
@@ -255,3 +256,22 @@ def test_skipped_files_are_named_in_a_warning_and_capped_by_max_skip_fraction(tm
     assert len(dm.dataset("train")) == 37
     with pytest.raises(ValueError, match=r"max_skip_fraction must be a number in \[0, 1\], got 1.5"):
         ManifestDataModule(one_bad, one_bad, max_skip_fraction=1.5)
+
+
+def test_manifest_line_skips_share_the_ledger_summary_and_max_skip_fraction(tmp_path, caplog):
+    """Bad manifest lines count against max_skip_fraction of their split, in the one per-split summary."""
+    sf.write(tmp_path / "good.wav", _tone(2.0), 16000)
+    good = json.dumps({"audio": "good.wav", "text": "hello"})
+    lines = [good] * 9 + ["{not json"]  # 1 bad line of 10: 10 %
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(BadRecordWarning, match=r"m.jsonl:10"):
+        with pytest.raises(ValueError, match=r"1 of 10 records of the train split.*max_skip_fraction=0.05"):
+            ManifestDataModule(str(path), str(path)).setup("fit")
+    dm = ManifestDataModule(str(path), str(path), max_skip_fraction=0.1)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    assert len(dm.dataset("train")) == 9
+    assert dm.dataset("train").skipped == {"bad_manifest_line": 1}
+    assert "train split: 9 of 10 usable" in caplog.text and "bad_manifest_line 1" in caplog.text
+    assert "train: skipped: bad_manifest_line 1" in dm.records.summary()
