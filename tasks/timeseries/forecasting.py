@@ -83,6 +83,7 @@ class ForecastingTask(MoETask):
         return loss if self.trainable else None  # None: Lightning skips backward and the optimiser step
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()  # the base task's clean-up of a killed run's temporary files
         if not self.trainable and self.trainer.is_global_zero:
             print(
                 f"{self.model_name} has no trainable parameters: fit runs no optimisation step (the training "
