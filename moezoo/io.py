@@ -27,7 +27,8 @@ def temporary_beside(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    # the writer's process id is in the name, so that remove_stale_temporaries leaves a live writer's file alone
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".part", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     umask = os.umask(0)
@@ -39,13 +40,29 @@ def temporary_beside(dest: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _writer_alive(path: Path) -> bool:
+    """Whether the process that :func:`temporary_beside` named in ``path`` (``.<name>.<pid>.<random>.part``) still
+    runs; a name without a process id is from no live writer."""
+    parts = path.name.removesuffix(".part").split(".")
+    pid = parts[-2] if len(parts) >= 4 else ""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporary files :func:`temporary_beside` made under ``folder`` (recursively) that a killed process
-    left behind; returns them. Only for a folder no other process is writing to at the same time."""
+    left behind; returns them. A file whose writer still runs (another fit logging into the same folder) is kept."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.rglob(".*.part") if p.is_file()]
+    stale = [p for p in folder.rglob(".*.part") if p.is_file() and not _writer_alive(p)]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 KINDS = ("epoch_end", "last")
-# What a crash can leave beside a file that is written through a temporary one: moezoo.io's ".<name>.<rand>.part",
+# What a crash can leave beside a file that is written through a temporary one: moezoo.io's ".<name>.<pid>.<rand>.part",
 # Lightning's "<name>.tmp" (save_final_checkpoint) and fsspec's "tmp<rand>" in TMPDIR.
 STRAY_SUFFIXES = (".part", ".tmp")
 STEPS, EPOCHS = "soak_checkpoints/steps", "soak_checkpoints/epochs"  # every training step; every epoch end

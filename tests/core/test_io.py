@@ -39,20 +39,30 @@ def test_copy_and_permissions(tmp_path: Path) -> None:
 def test_remove_stale_temporaries_deletes_only_what_temporary_beside_leaves(tmp_path):
     """A SIGKILL inside temporary_beside leaves its ".<name>.*.part" (found by the soak, tests/tasks/test_soak.py);
     the next fit removes such files and nothing else."""
-    import os
+
+    import subprocess
+    import sys
 
     from moezoo.io import remove_stale_temporaries, temporary_beside
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     dest = tmp_path / "a" / "b" / "val.json"
-    with temporary_beside(dest) as tmp:
-        kept = tmp.with_name("left_behind" + tmp.name)  # what a killed writer leaves: the finally never runs
-        os.link(tmp, kept)
-    stale = tmp_path / "a" / "b" / kept.name.removeprefix("left_behind")
-    os.replace(kept, stale)
+    # what a killed writer leaves: a process that exits inside temporary_beside, whose finally never runs
+    leave = (
+        "import os, sys; from moezoo.io import temporary_beside; "
+        "writer = temporary_beside(sys.argv[1]); print(writer.__enter__(), flush=True); os._exit(0)"
+    )
+    stale = Path(
+        subprocess.run(
+            [sys.executable, "-c", leave, str(dest)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    assert stale.is_file() and stale.parent == dest.parent
     others = [tmp_path / "a" / "keep.part", tmp_path / "a" / ".hidden.json", dest.with_name("val.json")]
     for path in others:
         path.write_text("{}")
-    assert remove_stale_temporaries(tmp_path) == [stale]
+    with temporary_beside(dest) as live:  # a writer that still runs (this process) keeps its file
+        assert remove_stale_temporaries(tmp_path) == [stale]
+        assert live.exists()
     assert not stale.exists() and all(p.exists() for p in others)
     assert remove_stale_temporaries(tmp_path / "missing") == []
