@@ -96,7 +96,11 @@ class MoEZooCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         self._checkpoint_settings = checkpoint_data_settings(config.get("ckpt_path"))
 
+    #: the task arguments named on the command line (``--model.init_args.<name>``), kept over a checkpoint's
+    _command_line_model_args: tuple[str, ...] = ()
+
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        self._command_line_model_args = model_args_named(sys.argv[1:] if args is None else args)
         # An optimiser or scheduler class named on the command line gets its own defaults, as in a config.
         if args is None and class_options_as_specs(sys.argv[1:]) != sys.argv[1:]:
             self.config = parser.parse_args(class_options_as_specs(sys.argv[1:]))  # as LightningCLI parses sys.argv
@@ -114,7 +118,19 @@ class MoEZooCLI(LightningCLI):
         """Lightning replaces the config's model by the checkpoint's: first make sure both are the same task, so
         that a checkpoint of another task is an error naming both instead of a failure deep in the run."""
         check_checkpoint_task(self.config)
+        subcommand = self.config.get("subcommand")
+        if not subcommand or not self._command_line_model_args:
+            super()._parse_ckpt_path()
+            return
+        # Lightning lets the checkpoint's hyperparameters overwrite the command line too; what the user typed for
+        # this run (a score threshold, an output folder, an evaluation setting) wins over what training saved.
+        init_args = self.config[subcommand]["model"].get("init_args") or {}
+        typed = {name: init_args[name] for name in self._command_line_model_args if name in init_args}
         super()._parse_ckpt_path()
+        init_args = self.config[subcommand]["model"].get("init_args")
+        for name, value in typed.items():
+            if init_args is not None and name in init_args:
+                init_args[name] = value
 
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
@@ -134,6 +150,24 @@ class MoEZooCLI(LightningCLI):
             metrics = {k: float(v) for k, v in results[0].items()}
             metrics["params/total"] = float(count_parameters(self.model).total)  # sharded experts at full size
             write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
+
+
+def model_args_named(args: object) -> tuple[str, ...]:
+    """The task's arguments a command line sets: ``--model.init_args.predict_conf 0.1`` (or ``=0.1``, or the short
+    ``--model.predict_conf``) names ``predict_conf``; nested ones (``--model.init_args.optimizer.init_args.lr``)
+    name their top-level argument."""
+    if not isinstance(args, (list, tuple)):
+        return ()
+    names = []
+    for arg in args:
+        if not isinstance(arg, str) or not arg.startswith("--model."):
+            continue
+        path = arg.split("=", 1)[0].split(".")[1:]
+        if path and path[0] == "init_args":
+            path = path[1:]
+        if path and path[0] not in ("class_path", "init_args", "dict_kwargs"):
+            names.append(path[0])
+    return tuple(dict.fromkeys(names))
 
 
 def check_checkpoint_task(config: Any) -> None:

@@ -10,12 +10,13 @@ from torch import Tensor
 from moezoo.layers import MoEAux
 from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
+from moezoo.tasks.class_names import NamedClasses
 from moezoo.tasks.detection.draw import draw_detections
 from moezoo.tasks.detection.evaluate import DetectionEvaluator
 from moezoo.tasks.detection.losses import DetectionLoss
 
 
-class DetectionTask(MoETask):
+class DetectionTask(NamedClasses, MoETask):
     """Trains a registered detector (``moe_yolo_*``); validation and test report COCO mAP, mAP50 and AR100 overall
     and per domain (``<stage>/mAP50_clean`` ...) and the mean routing weight of each expert per domain.
 
@@ -140,7 +141,7 @@ class DetectionTask(MoETask):
         hp = self.hparams
         dets, routing = self.model.predict(batch["images"], hp.predict_conf, hp.iou_thres, hp.max_det)
         dm = self.trainer.datamodule if self.trainer is not None else None
-        class_names = getattr(dm, "class_names", tuple(str(i) for i in range(self.model.num_classes)))
+        class_names = self.class_names()
         domain_names = getattr(dm, "domain_names", ("all",))
         records = []
         for i, det in enumerate(dets):

@@ -23,6 +23,7 @@ from moezoo.io import temporary_beside
 from moezoo.layers import MoEAux, update_router_states
 from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
+from moezoo.tasks.class_names import class_names
 from moezoo.tasks.generation.data import real_images
 from moezoo.tasks.generation.diffusion import SAMPLERS, build_objective, check_guidance_scale, guided
 from moezoo.tasks.generation.ema import EMA
@@ -35,7 +36,6 @@ from moezoo.tasks.generation.fd import (
     load_classifier,
 )
 from moezoo.tasks.generation.metrics import routing_purity
-from moezoo.tasks.vision.classification import class_names
 
 
 def save_grid(images_BCHW: Tensor, path: Path, nrow: int, min_size: int = 28) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor
 from moezoo.layers import MoEAux
 from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
+from moezoo.tasks.class_names import NamedClasses
 from moezoo.tasks.predict import (
     as_list,
     class_counts_summary,
@@ -19,20 +20,9 @@ from moezoo.tasks.predict import (
     write_csv_atomic,
     write_jsonl_atomic,
 )
-from moezoo.tasks.vision.data import FASHION_MNIST_CLASSES, FashionMNISTDataModule
 
 
-def class_names(datamodule: Any, num_classes: int) -> tuple[str, ...]:
-    """The data's class names (``class_names``; Fashion-MNIST's own), else ``"0"``, ``"1"`` ..."""
-    names = getattr(datamodule, "class_names", None)
-    if names is None and isinstance(datamodule, FashionMNISTDataModule):
-        names = FASHION_MNIST_CLASSES
-    if names is None or len(names) != num_classes:
-        names = tuple(str(i) for i in range(num_classes))
-    return tuple(names)
-
-
-class ImageClassificationTask(MoETask):
+class ImageClassificationTask(NamedClasses, MoETask):
     """Cross-entropy classification; logs ``<stage>/acc`` and the MoE statistics.
 
     Args:
@@ -66,25 +56,6 @@ class ImageClassificationTask(MoETask):
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc = (logits.argmax(-1) == y).float().mean()
         return loss, auxes, {"acc": acc}, x.shape[0]
-
-    # -- class names: from the data while training, from the checkpoint afterwards -----------------------
-    #: class names restored from a checkpoint (``on_load_checkpoint``); they name the head's outputs
-    saved_class_names: tuple[str, ...] | None = None
-
-    def class_names(self) -> tuple[str, ...]:
-        """The names of the head's classes: the checkpoint's, else the data's, else ``"0"``, ``"1"`` ..."""
-        num_classes = self.model.num_classes
-        if self.saved_class_names is not None and len(self.saved_class_names) == num_classes:
-            return self.saved_class_names
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        return class_names(datamodule, num_classes)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["class_names"] = list(self.class_names())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        names = checkpoint.get("class_names")
-        self.saved_class_names = None if names is None else tuple(str(n) for n in names)
 
     def routing_groups(self, batch: Any) -> TokenGroups:
         """Routing shares per class: every token of an image counts for the image's class."""

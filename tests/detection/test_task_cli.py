@@ -85,3 +85,31 @@ def test_model_settings_follow_the_detection_data(tmp_path, monkeypatch):
     yolo["init_args"] = {"root": "x", "format": "yolo", "class_names": ["a", "b"], "in_chans": 1, "img_size": 64}
     cli = cli_main(["--config", _config_without_model_settings(tmp_path, yolo), "--trainer.logger", "false"], run=False)
     assert (cli.model.model.num_classes, cli.model.model.in_chans) == (2, 1)
+
+
+def test_checkpoint_keeps_the_class_names_it_was_trained_with(tmp_path, monkeypatch):
+    """Trained on Fashion-MNIST canvases, predicting digit canvases: the boxes are named by the checkpoint's
+    classes (the head's outputs), not by the predict data's."""
+    from moezoo.tasks.detection.canvases import DIGIT_CLASSES, FASHION_CLASSES
+    from moezoo.tasks.vision.data import FASHION_MNIST_DEBIAN_ROOT
+
+    if not Path(FASHION_MNIST_DEBIAN_ROOT).is_dir():
+        pytest.skip(f"Fashion-MNIST not installed ({FASHION_MNIST_DEBIAN_ROOT}; apt-get install dataset-fashion-mnist)")
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "--config", SMOKE, "--data.init_args.source", "fashion_mnist", "--trainer.max_epochs", "1"]
+    fit += ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
+    cli_main(fit)
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    assert checkpoints
+    import torch
+
+    assert torch.load(checkpoints[-1], weights_only=False)["class_names"] == list(FASHION_CLASSES)
+    out = tmp_path / "preds"
+    predict = ["predict", "--config", SMOKE, "--ckpt_path", str(checkpoints[-1]), "--trainer.logger", "false"]
+    predict += ["--data.init_args.num_test", "4", "--model.init_args.predict_dir", str(out)]
+    predict += ["--model.init_args.predict_conf", "0.0"]
+    cli_main(predict)
+    labels = {
+        name for line in (out / "predictions.jsonl").read_text().splitlines() for name in json.loads(line)["labels"]
+    }
+    assert labels and labels <= set(FASHION_CLASSES) and not labels & set(DIGIT_CLASSES)

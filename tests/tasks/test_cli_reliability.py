@@ -50,3 +50,13 @@ def test_a_checkpoint_of_another_task_is_an_error_naming_both(tmp_path):
 
     for same in ("moezoo.tasks.vision.ImageClassificationTask", "ImageClassificationTask"):
         check_checkpoint_task({"subcommand": "test", "test": {"ckpt_path": str(ckpt), "model": {"class_path": same}}})
+
+
+def test_command_line_task_arguments_are_found_in_every_spelling():
+    """The arguments kept over a checkpoint's hyperparameters (``MoEZooCLI._parse_ckpt_path``)."""
+    from moezoo.tasks.cli import model_args_named
+
+    args = ["predict", "--config", "c.yaml", "--model.init_args.predict_conf", "0.1", "--model.predict_dir=out"]
+    args += ["--model.init_args.optimizer.init_args.lr", "1e-3", "--model.class_path", "X", "--data.init_args.a", "1"]
+    assert model_args_named(args) == ("predict_conf", "predict_dir", "optimizer")
+    assert model_args_named(None) == ()
