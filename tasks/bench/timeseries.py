@@ -57,7 +57,7 @@ INFER_WINDOWS = 256
 
 def horizon_overrides(horizon: str) -> tuple[str, ...]:
     """The data's and the model's forecast horizon."""
-    return ("--data.init_args.pred_len", horizon, "--model.init_args.model_kwargs.pred_len", horizon)
+    return ("--data.init_args.pred_len", horizon)  # the model's pred_len follows the data's
 
 
 SPEC = BenchSpec(

@@ -46,9 +46,9 @@ def test_num_classes_mismatch_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def _config_without_model_settings(tmp_path: Path, data: dict) -> str:
-    """The smoke config with no model_kwargs (the settings are left to the data) and ``data`` as its data block."""
+    """The smoke config (which leaves the model's classes and channels to the data) with ``data`` as its data block."""
     config = yaml.safe_load(Path(SMOKE).read_text())
-    del config["model"]["init_args"]["model_kwargs"]
+    assert "model_kwargs" not in config["model"]["init_args"]
     config["data"] = data
     path = tmp_path / "detection.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -35,6 +35,10 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
         cli = cli_main(["--config", str(config), "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model, L.LightningModule)
     assert isinstance(cli.datamodule, L.LightningDataModule)
+    # Settings the data decides are left to it, so a config whose data block is swapped for the user's works.
+    stated_kwargs = ((yaml.safe_load(config.read_text())["model"].get("init_args") or {}).get("model_kwargs")) or {}
+    decided = cli.datamodule.model_settings() if hasattr(cli.datamodule, "model_settings") else {}
+    assert not set(stated_kwargs) & set(decided), f"model_kwargs restates what the data decides: {sorted(decided)}"
     # The optimiser a config states is the one built: its values, and its class's own defaults for the rest (the
     # recipe's weight decay of 0.05 only for AdamW, the default's class).
     stated = ((yaml.safe_load(config.read_text()).get("model") or {}).get("init_args") or {}).get("optimizer")

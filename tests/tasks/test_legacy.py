@@ -24,17 +24,15 @@ OLD_MODEL_SECTIONS = {
 class_path: moezoo.tasks.vision.ImageClassificationTask
 init_args:
   model: moe_vit_debug
-  model_kwargs: {img_size: 8, patch_size: 2, in_chans: 1, num_classes: 10}
+  model_kwargs: {patch_size: 2}
   lr: 0.003
 """,
     "smoke/vision_dit_digits_promoe.yaml": """
 class_path: moezoo.tasks.generation.ImageGenerationTask
 init_args:
   model: moe_dit_debug
-  model_kwargs:
-    img_size: 8
+  model_kwargs:  # (img_size, num_classes: the data's)
     patch_size: 2
-    num_classes: 10
     num_experts: 5
     top_k: 1
     num_shared_experts: 1

@@ -17,7 +17,7 @@ from moezoo.tasks.bench.suite import bench_rows, markdown, parse_args, run_specs
 ROOT = Path(__file__).resolve().parents[2]
 ETTH1 = ROOT / ".." / "shared" / "data" / "ett" / "ETTh1.csv"
 TINY = ["--quick", "--seeds", "0", "--horizons", "12", "--trainer.max_epochs", "1", "--data.init_args.seq_len", "48",
-        "--model.init_args.model_kwargs.seq_len", "48", "--data.init_args.train_stride", "200",
+        "--data.init_args.train_stride", "200",
         "--data.init_args.val_stride", "100", "--trainer.limit_test_batches", "2", "--data.init_args.path",
         str(ETTH1)]  # fmt: skip
 
@@ -32,9 +32,7 @@ def test_quick_and_full_budgets() -> None:
     _, full, name = parse_args(bench.SPEC, ["--full"])
     assert name == "full" and full.cells == ("96", "192", "336", "720") and full.seeds == (0, 1, 2)
     assert full.variants == ("dense", "moe", "segmoe", *BASELINES) and full.overrides == ()
-    assert bench.horizon_overrides("192") == (
-        "--data.init_args.pred_len", "192", "--model.init_args.model_kwargs.pred_len", "192"
-    )  # fmt: skip
+    assert bench.horizon_overrides("192") == ("--data.init_args.pred_len", "192")  # the model's follows the data
 
 
 @pytest.mark.skipif(not ETTH1.is_file(), reason=f"{ETTH1} not present")
@@ -47,7 +45,7 @@ def test_rows_average_horizons_and_route_by_channel(tmp_path: Path) -> None:
     assert run["command"].startswith(
         "moezoo fit --config configs/bench/timeseries/etth1_segmoe.yaml --seed_everything 0"
     )
-    assert run["command"].endswith("--data.init_args.pred_len 12 --model.init_args.model_kwargs.pred_len 12")
+    assert run["command"].endswith("--data.init_args.pred_len 12")
     dense, seg = data["rows"]
     for row in (dense, seg):
         (run,) = [r for r in data["runs"] if r["variant"] == row["extra"]["variant"]]
@@ -74,7 +72,7 @@ def test_baselines_are_variants_with_their_recipes() -> None:
         variant = bench.SPEC.variant(name)
         bench_cfg, recipe = _yaml(variant.config), _yaml(f"configs/timeseries/etth1_{name}_336_96.yaml")
         model, own = bench_cfg["model"]["init_args"], recipe["model"]["init_args"]
-        assert model["model"] == own["model"] and model["model_kwargs"] == own["model_kwargs"]
+        assert model["model"] == own["model"] and model.get("model_kwargs") == own.get("model_kwargs")
         for key in ("optimizer", "lr_scheduler"):
             assert model.get(key) == own.get(key), f"{name}: {key}"
         data = bench_cfg["data"]["init_args"]
