@@ -16,7 +16,8 @@ weights:
   :func:`moezoo.ops.fused.choose_gemm`; this is how its rule was measured);
 - with ``--compile``: ``dense+compile`` and ``moezoo+compile`` under ``torch.compile(fullgraph=True)``;
   ``moezoo+compile`` is reported against ``dense+compile``, ``dense+compile`` against ``dense``;
-- with ``--breakdown``: the parts of the MoE layer's time (:func:`breakdown_parts`), timed in the same rounds, and
+- with ``--breakdown``: the parts of the MoE layer's time (:func:`breakdown_parts`; with ``--gemms`` also the expert
+  FFN alone with either way of running its GEMMs), timed in the same rounds, and
   ``moezoo/floor``: the fused layer over what every gather-based implementation with per-expert GEMMs pays.
 
 Timing is interleaved (:mod:`moezoo.bench.timing`): warm-up, then rounds in which every candidate runs once, in turn
@@ -118,7 +119,9 @@ def _six_gemms(
     mm(x.transpose(-1, -2), dh, out=dw_in)
 
 
-def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> dict[str, Callable[[], None]]:
+def breakdown_parts(
+    moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor, gemms: bool = False
+) -> dict[str, Callable[[], None]]:
     """The parts of the MoE layer's forward+backward, each a call to time (clear gradients before each).
 
     ``router``: the router's forward and backward (gate, softmax, top-k, balance loss); ``expert FFN``: the fused
@@ -129,6 +132,9 @@ def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> di
     without per-expert calls or padding would cost; ``gather/scatter``: the four row moves any gather-based
     dispatch makes (gather inputs and scatter-add outputs forward, gather output gradients and scatter-add input
     gradients backward), one ``index_select``/``index_add_`` each.
+
+    With ``gemms``: also ``expert FFN[loop]`` and ``expert FFN[grouped_mm]``, the expert FFN with its GEMMs fixed
+    to one way (see :func:`moezoo.ops.fused.choose_gemm`).
 
     The floor (:func:`floor_ratios`) is ``router + expert GEMMs + (dense - dense GEMMs) + gather/scatter``: the
     router, the GEMMs as the experts must run them, the activation work the dense FFN also does, and the row moves.
@@ -144,12 +150,22 @@ def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> di
         routing = moe.router(x)
         sum(routing.losses.values(), routing.gate_N.sum()).backward()
 
-    def experts_step() -> None:
-        gate.grad = None
-        y = expert_ffn_fused(
-            x, routing.token_idx_N, routing.expert_idx_N, gate, experts.w_in, experts.w_out, experts.activation
-        )
-        y.backward(grad)
+    def experts_step(gemm: str = "auto") -> Callable[[], None]:
+        def run() -> None:
+            gate.grad = None
+            y = expert_ffn_fused(
+                x,
+                routing.token_idx_N,
+                routing.expert_idx_N,
+                gate,
+                experts.w_in,
+                experts.w_out,
+                experts.activation,
+                gemm=gemm,
+            )
+            y.backward(grad)
+
+        return run
 
     perm = sort_by_expert(routing.token_idx_N, routing.expert_idx_N, num_experts)  # the fused path's row order
     starts = [0, *itertools.accumulate(perm.counts)]
@@ -200,13 +216,15 @@ def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> di
 
     parts = {
         "router": router_step,
-        "expert FFN": experts_step,
+        "expert FFN": experts_step(),
         "expert GEMMs": no_grad(expert_gemms),
         "dense GEMMs": no_grad(dense_gemms),
         "balanced bmm": no_grad(balanced_bmm),
         "gather/scatter": no_grad(gather_scatter),
     }
     assert tuple(parts) == BREAKDOWN_PARTS
+    if gemms:
+        parts.update({f"expert FFN[{gemm}]": experts_step(gemm) for gemm in ("loop", "grouped_mm")})
     return parts
 
 
@@ -318,7 +336,7 @@ def bench_shape(
     if breakdown:
         moe, dense = modules["moezoo"], modules["dense"]
         assert isinstance(moe, MoE) and isinstance(dense, FeedForward)
-        calls.update(breakdown_parts(moe, dense, x, grad))
+        calls.update(breakdown_parts(moe, dense, x, grad, gemms=gemms))
     result = interleave(
         calls, {name: baseline(name) for name in calls}, rounds, warmup=warmup, timer=timer, before=zero_grads
     )

@@ -18,12 +18,20 @@ Why it is fast on CPUs (measured with ``moezoo bench layer``):
 - the gate gradient needs no saved output: ``y_n = g_n * a_n @ W_out`` so
   ``dL/dg_n = <dz_n, a_n @ W_out> = <dz_n @ W_out^T, a_n>``, and ``dz_n @ W_out^T`` is needed anyway.
 
-Rows stay expert-contiguous without padding and each chunk runs one ``mm`` per expert segment (chunks cut
-through experts; weight gradients accumulate over the chunks an expert spans). Measured on the project's
-2-core CPU, an index-space padded ``bmm`` layout and ``torch._grouped_mm`` were no faster than this loop at the
-benchmark shapes, and chunks of 16 MiB beat both 4 MiB and 64 MiB chunks. A second layout that padded buckets of
-8 experts to their largest count and ran one ``bmm`` per bucket was measured too (README, layer benchmark) and
-removed: never faster, and its padded row count would have made ``h``'s shape depend on the routing.
+Rows stay expert-contiguous without padding and each chunk runs its expert GEMMs (chunks cut through experts;
+weight gradients accumulate over the chunks an expert spans) in one of two ways, chosen per call by
+:func:`choose_gemm` (``gemm="auto"``, the default) or fixed by the caller (``gemm="loop"``/``"grouped_mm"``; the
+backends ``"torch_loop"``/``"torch_grouped_mm"`` of ``moezoo.ops``): one ``mm`` per expert segment, or one
+``torch._grouped_mm`` per chunk and GEMM role with int32 segment ends as ``offs`` (forward, input gradients, and
+weight gradients as ``a^T @ g`` grouped along the rows). ``torch._grouped_mm`` takes float32/bfloat16/float16
+only and 16-byte-aligned rows; elsewhere ``auto`` takes the loop and an explicit ``"grouped_mm"`` is a
+``ValueError``. Biases, activations, gathers and scatters run the same way in both. Re-measured on the project's
+2-core CPU (numbers at :func:`choose_gemm`): ``torch._grouped_mm`` on the CPU is one ``mm`` per group in C++, so
+it saves only the per-call Python and dispatch cost, and wins only where experts get few rows (at most 64); at the
+benchmark shapes (128 rows per expert and more) it is no faster than the loop. An index-space padded ``bmm``
+layout was no faster either, and chunks of 16 MiB beat both 4 MiB and 64 MiB chunks. A second layout that padded
+buckets of 8 experts to their largest count and ran one ``bmm`` per bucket was measured too (README, layer
+benchmark) and removed: never faster, and its padded row count would have made ``h``'s shape depend on the routing.
 
 Why custom ops: the chunk plan is built on the host from the per-expert row counts (one ``tolist``), which
 ``torch.compile`` cannot trace. As custom ops with fake implementations whose output shapes depend on input
@@ -51,7 +59,7 @@ GEMMS = ("auto", "loop", "grouped_mm")
 # dtypes torch._grouped_mm takes on the CPU; it also wants every row stride and base address 16-byte aligned
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "auto" takes torch._grouped_mm when the mean rows per routed expert are at most this (see choose_gemm)
-GROUPED_MM_MAX_ROWS_PER_EXPERT = 256
+GROUPED_MM_MAX_ROWS_PER_EXPERT = 64
 
 
 def check_gemm(gemm: str) -> str:
@@ -81,7 +89,20 @@ def choose_gemm(gemm: str, counts: list[int], supported: bool) -> str:
     :func:`grouped_mm_supported` says no is a ``ValueError``); ``"auto"`` takes ``torch._grouped_mm`` when it is
     supported and the mean row count of the experts that got rows is at most ``GROUPED_MM_MAX_ROWS_PER_EXPERT``.
 
-    The rule is measured, not modelled: MEASUREMENT
+    On the CPU ``torch._grouped_mm`` runs one ``mm`` per group in C++: it saves the Python and dispatch cost of
+    the per-expert calls (about 2 ms per forward+backward at E=64 and K=4, measured with D=16 where the GEMMs cost
+    nothing), but returns new tensors (a chunk's products and, for several chunks, weight gradients are copied).
+    The threshold comes from the expert FFN alone, forward+backward, gemm="grouped_mm" over gemm="loop" per
+    interleaved round, median [IQR] of 14 rounds, process CPU time at one thread on the project's 2-core CPU while
+    it was busy (load average 7-11), SwiGLU, ``(T, D, F, E, K)`` and mean rows per expert:
+    (256, 256, 128, 64, 4) 16 rows: 0.97 [0.90-1.15]; (1024, 256, 128, 64, 4) 64: 0.96 [0.95-1.01];
+    (2048, 256, 128, 64, 4) 128: 1.00 [0.98-1.03]; (8192, 256, 128, 64, 4) 512: 1.03 [1.01-1.04];
+    (1024, 512, 256, 64, 8) 128: 1.05 [1.03-1.05]; (512, 512, 1024, 8, 2) 128: 0.99 [0.97-1.00];
+    (2048, 512, 1024, 8, 2) 512: 1.03 [1.02-1.04]. So ``torch._grouped_mm`` only where experts get at most 64
+    rows; the whole layer (``moezoo bench layer --gemms --no-naive --no-reference --clock cpu --threads 1
+    --shape ...``, ``moezoo[loop]`` against ``moezoo[grouped_mm]``) showed no difference outside its IQRs at any of
+    these shapes. Two threads could not be measured on the busy machine (wall times 20-40x the one-thread CPU
+    times); re-measure there with ``moezoo bench layer --gemms --threads 2`` on a quiet machine.
     """
     if gemm == "grouped_mm" and not supported:
         raise ValueError(
