@@ -16,6 +16,7 @@ from moezoo.layers import MoE
 from moezoo.ops import ACTIVATIONS, BACKENDS, expert_ffn, hidden_width
 from tests import oracles
 from tests.kernels.conftest import garbage_outputs  # noqa: F401  (autouse: garbage-filled allocations)
+from tests.ops.test_bias_activations import outputs_and_grads
 
 GEMMS = ["loop", "grouped_mm"]
 NAMES = ["out", "dx", "dgate", "dw_in", "dw_out", "db_in", "db_out"]
@@ -33,14 +34,6 @@ def make_case(activation, bias, experts, num_tokens, k, dim=12, ffn_dim=8, num_e
     b_in = torch.randn(num_experts, hidden, dtype=dtype, requires_grad=True) if bias else None
     b_out = torch.randn(num_experts, dim, dtype=dtype, requires_grad=True) if bias else None
     return x, token_idx, experts, gate, w_in, w_out, b_in, b_out
-
-
-def outputs_and_grads(fn, case, activation):
-    x, token_idx, expert_idx, gate, w_in, w_out, b_in, b_out = case
-    out = fn(x, token_idx, expert_idx, gate, w_in, w_out, activation, b_in, b_out)
-    dout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    params = [t for t in (x, gate, w_in, w_out, b_in, b_out) if t is not None]
-    return [out.detach(), *torch.autograd.grad(out, params, dout)]
 
 
 def assert_matches_oracle(gemm, case, activation):
