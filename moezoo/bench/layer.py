@@ -11,17 +11,22 @@ weights:
   (eager; needs ``transformers``, SwiGLU and K > 1 or ``normalize``), and ``grouped_mm``, the experts on
   ``torch._grouped_mm`` directly (:class:`~moezoo.bench.peers.GroupedMMMoE`); their outputs are checked against
   ``moezoo``'s once before timing;
+- with ``--gemms``: ``moezoo[loop]`` and ``moezoo[grouped_mm]``, the MoE layer with the fused path's expert GEMMs
+  fixed to one ``mm`` per expert or to ``torch._grouped_mm`` (``moezoo`` chooses per call, see
+  :func:`moezoo.ops.fused.choose_gemm`; this is how its rule was measured);
 - with ``--compile``: ``dense+compile`` and ``moezoo+compile`` under ``torch.compile(fullgraph=True)``;
   ``moezoo+compile`` is reported against ``dense+compile``, ``dense+compile`` against ``dense``;
-- with ``--breakdown``: the parts of the MoE layer's time (:func:`breakdown_parts`), timed in the same rounds, and
+- with ``--breakdown``: the parts of the MoE layer's time (:func:`breakdown_parts`; with ``--gemms`` also the expert
+  FFN alone with either way of running its GEMMs), timed in the same rounds, and
   ``moezoo/floor``: the fused layer over what every gather-based implementation with per-expert GEMMs pays.
 
-Timing is interleaved (:mod:`moezoo.bench.timing`): warm-up, then rounds in which every candidate runs once, in
-turn; each candidate's time is divided by the dense FFN's of the same round, and a cell is the median of those
-ratios, ``[interquartile range]`` and ``(min-max)``. The load average at the start and the end of each row is
-printed with it. ``--threads 1,2`` gives one table per thread count. Memory is what autograd saves for backward
-(MiB), counted with ``saved_tensors_hooks`` over unique storages in one untimed call. ``--json PATH`` writes every
-round's raw times (atomically); ``--render PATH`` prints the tables of such a file again.
+Timing is interleaved (:mod:`moezoo.bench.timing`): warm-up, then rounds in which every candidate runs once, in turn
+(wall time, or the process's CPU time with ``--clock cpu``); each candidate's time is divided by the dense FFN's of
+the same round, and a cell is the median of those ratios, ``[interquartile range]`` and ``(min-max)``. The load
+average at the start and the end of each row is printed with it. ``--threads 1,2`` gives one table per thread count.
+Memory is what autograd saves for backward (MiB), counted with ``saved_tensors_hooks`` over unique storages in one
+untimed call. ``--json PATH`` writes every round's raw times (atomically); ``--render PATH`` prints the tables of
+such a file again.
 
 Why one long file: the candidates, the per-round breakdown and the table rendering of one benchmark; the timing
 harness is :mod:`moezoo.bench.timing` and the peers :mod:`moezoo.bench.peers`.
@@ -39,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.bench.peers import GroupedMMMoE, NaiveLoopMoE, hf_mixtral_block
-from moezoo.bench.timing import Interleaved, Summary, Timer, format_load, interleave, quartiles, wall_ms
+from moezoo.bench.timing import CLOCKS, Interleaved, Summary, Timer, format_load, interleave, quartiles, wall_ms
 from moezoo.io import write_json_atomic
 from moezoo.layers import FeedForward, MoE
 from moezoo.ops.activations import ACTIVATIONS
@@ -50,6 +55,7 @@ Shape = tuple[int, int, int, int, int]
 DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 64, 8), (2048, 256, 128, 64, 4))
 COMPILED = "+compile"  # suffix of the compiled candidates
 PEERS = ("hf-mixtral", "grouped_mm")
+GEMM_BACKENDS = {"moezoo[loop]": "torch_loop", "moezoo[grouped_mm]": "torch_grouped_mm"}  # --gemms
 # --breakdown: parts timed in the same rounds (see breakdown_parts); FLOOR_PARTS make up the floor
 BREAKDOWN_PARTS = ("router", "expert FFN", "expert GEMMs", "dense GEMMs", "balanced bmm", "gather/scatter")
 FLOOR = "moezoo/floor"
@@ -113,7 +119,9 @@ def _six_gemms(
     mm(x.transpose(-1, -2), dh, out=dw_in)
 
 
-def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> dict[str, Callable[[], None]]:
+def breakdown_parts(
+    moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor, gemms: bool = False
+) -> dict[str, Callable[[], None]]:
     """The parts of the MoE layer's forward+backward, each a call to time (clear gradients before each).
 
     ``router``: the router's forward and backward (gate, softmax, top-k, balance loss); ``expert FFN``: the fused
@@ -124,6 +132,9 @@ def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> di
     without per-expert calls or padding would cost; ``gather/scatter``: the four row moves any gather-based
     dispatch makes (gather inputs and scatter-add outputs forward, gather output gradients and scatter-add input
     gradients backward), one ``index_select``/``index_add_`` each.
+
+    With ``gemms``: also ``expert FFN[loop]`` and ``expert FFN[grouped_mm]``, the expert FFN with its GEMMs fixed
+    to one way (see :func:`moezoo.ops.fused.choose_gemm`).
 
     The floor (:func:`floor_ratios`) is ``router + expert GEMMs + (dense - dense GEMMs) + gather/scatter``: the
     router, the GEMMs as the experts must run them, the activation work the dense FFN also does, and the row moves.
@@ -139,12 +150,22 @@ def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> di
         routing = moe.router(x)
         sum(routing.losses.values(), routing.gate_N.sum()).backward()
 
-    def experts_step() -> None:
-        gate.grad = None
-        y = expert_ffn_fused(
-            x, routing.token_idx_N, routing.expert_idx_N, gate, experts.w_in, experts.w_out, experts.activation
-        )
-        y.backward(grad)
+    def experts_step(gemm: str = "auto") -> Callable[[], None]:
+        def run() -> None:
+            gate.grad = None
+            y = expert_ffn_fused(
+                x,
+                routing.token_idx_N,
+                routing.expert_idx_N,
+                gate,
+                experts.w_in,
+                experts.w_out,
+                experts.activation,
+                gemm=gemm,
+            )
+            y.backward(grad)
+
+        return run
 
     perm = sort_by_expert(routing.token_idx_N, routing.expert_idx_N, num_experts)  # the fused path's row order
     starts = [0, *itertools.accumulate(perm.counts)]
@@ -195,13 +216,15 @@ def breakdown_parts(moe: MoE, dense: FeedForward, x: Tensor, grad: Tensor) -> di
 
     parts = {
         "router": router_step,
-        "expert FFN": experts_step,
+        "expert FFN": experts_step(),
         "expert GEMMs": no_grad(expert_gemms),
         "dense GEMMs": no_grad(dense_gemms),
         "balanced bmm": no_grad(balanced_bmm),
         "gather/scatter": no_grad(gather_scatter),
     }
     assert tuple(parts) == BREAKDOWN_PARTS
+    if gemms:
+        parts.update({f"expert FFN[{gemm}]": experts_step(gemm) for gemm in ("loop", "grouped_mm")})
     return parts
 
 
@@ -225,6 +248,7 @@ def build_candidates(
     with_naive: bool = True,
     with_reference: bool = True,
     peers: bool = False,
+    gemms: bool = False,
     compile_backend: str | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, nn.Module], Tensor, list[str]]:
@@ -241,10 +265,12 @@ def build_candidates(
         for name, module in (("dense", dense), ("moezoo", moe)):
             compiled = torch.compile(module, fullgraph=True, backend=compile_backend)
             modules[name + COMPILED] = compiled  # type: ignore[assignment]
-    if with_reference:
-        reference = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend="reference")
-        reference.load_state_dict(moe.state_dict())
-        modules["reference"] = reference
+    copies = {"reference": "reference"} if with_reference else {}
+    copies.update(GEMM_BACKENDS if gemms else {})
+    for name, backend in copies.items():
+        copy = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend=backend)
+        copy.load_state_dict(moe.state_dict())
+        modules[name] = copy
     if with_naive:
         modules["naive"] = NaiveLoopMoE(moe)
     if peers:
@@ -268,6 +294,7 @@ def bench_shape(
     with_naive: bool = True,
     with_reference: bool = True,
     peers: bool = False,
+    gemms: bool = False,
     breakdown: bool = False,
     compile_backend: str | None = None,
     seed: int = 0,
@@ -281,6 +308,7 @@ def bench_shape(
         with_naive=with_naive,
         with_reference=with_reference,
         peers=peers,
+        gemms=gemms,
         compile_backend=compile_backend,
         seed=seed,
     )
@@ -308,7 +336,7 @@ def bench_shape(
     if breakdown:
         moe, dense = modules["moezoo"], modules["dense"]
         assert isinstance(moe, MoE) and isinstance(dense, FeedForward)
-        calls.update(breakdown_parts(moe, dense, x, grad))
+        calls.update(breakdown_parts(moe, dense, x, grad, gemms=gemms))
     result = interleave(
         calls, {name: baseline(name) for name in calls}, rounds, warmup=warmup, timer=timer, before=zero_grads
     )
@@ -352,6 +380,7 @@ def render(data: dict[str, Any]) -> str:
         rows = [Interleaved.from_dict(run) for run in runs]
         rounds = rows[0].rounds
         compiled = f", torch.compile backend {data['compile_backend']}" if data.get("compile_backend") else ""
+        compiled += ", CPU time" if data.get("clock") == "cpu" else ""
         out.append(
             f"{threads} thread(s), {data['activation']}, forward+backward{compiled}, {rounds} interleaved rounds after "
             f"{rows[0].warmup} warm-up; cell: median ratio to the same round's baseline [IQR] (min-max)"
@@ -400,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         help="add transformers' Mixtral block (grouped_mm experts, eager) and torch._grouped_mm as candidates",
     )
     parser.add_argument(
+        "--gemms",
+        action="store_true",
+        help="add moezoo[loop] and moezoo[grouped_mm]: the MoE layer with its expert GEMMs fixed to one mm per expert "
+        "or to torch._grouped_mm (moezoo chooses per call)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="also time the dense FFN and the MoE layer under torch.compile(fullgraph=True); the compiled layer is "
@@ -415,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the parts of the MoE layer (router, expert FFN, expert GEMMs, dense GEMMs, balanced bmm, "
         "gather/scatter) in the same rounds and report moezoo over their floor",
+    )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall time (default) or the process's CPU time (at one thread, robust to other processes on the cores)",
     )
     parser.add_argument("--json", default=None, help="write every round's raw times here (atomically)")
     parser.add_argument("--render", default=None, help="print the tables of a --json file and exit")
@@ -434,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         "activation": args.activation,
         "torch": torch.__version__,
         "compile_backend": args.compile_backend if args.compile else None,
+        "clock": args.clock,
         "runs": [],
     }
     print(f"{data['command']}: CPU fp32, interleaved rounds")
@@ -448,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
                 with_naive=not args.no_naive,
                 with_reference=not args.no_reference,
                 peers=args.peers,
+                gemms=args.gemms,
                 breakdown=args.breakdown,
                 compile_backend=args.compile_backend if args.compile else None,
+                timer=CLOCKS[args.clock],
             )
             data["runs"].append({"threads": n, **result.as_dict()})
             print(f"done {shape} at {n} thread(s)", flush=True)

@@ -9,9 +9,9 @@ ratios with their spread (interquartile range and min-max) and its median millis
 average (``os.getloadavg``: 1, 5 and 15 minutes) at the start and the end is kept with the raw times, so a table
 can be re-rendered from :meth:`Interleaved.as_dict` (``Interleaved.from_dict`` reads it back).
 
-The clock is a parameter: ``timer(fn)`` calls ``fn`` once and returns milliseconds. :func:`wall_ms` (the
-default) is ``time.perf_counter`` around the call; a CUDA benchmark passes a timer on CUDA events. Tests pass a
-fake timer, so the logic is tested without timing anything.
+The clock is a parameter: ``timer(fn)`` calls ``fn`` once and returns milliseconds. :func:`wall_ms` (the default) is
+``time.perf_counter`` around the call, :func:`cpu_ms` the process's CPU time (``CLOCKS`` names both); a CUDA
+benchmark passes a timer on CUDA events. Tests pass a fake timer, so the logic is tested without timing anything.
 """
 
 from __future__ import annotations
@@ -31,6 +31,17 @@ def wall_ms(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def cpu_ms(fn: Callable[[], object]) -> float:
+    """CPU milliseconds of this process (all its threads) during one call of ``fn``: at one torch thread, what
+    the call costs regardless of other processes sharing the cores (a busy machine stretches wall time, not this)."""
+    start = time.process_time()
+    fn()
+    return (time.process_time() - start) * 1e3
+
+
+CLOCKS: dict[str, Timer] = {"wall": wall_ms, "cpu": cpu_ms}
 
 
 def load_average() -> tuple[float, float, float]:

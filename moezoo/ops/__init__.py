@@ -3,7 +3,9 @@
 Every backend implements one contract, ``expert_ffn`` (see ``reference.py``), with optional expert biases:
 
 - ``"reference"``: a readable autograd composition (the spec);
-- ``"torch"``: the fused PyTorch path with a hand-written backward (CPU default);
+- ``"torch"``: the fused PyTorch path with a hand-written backward (CPU default); its expert GEMMs run as one
+  ``mm`` per expert or on ``torch._grouped_mm``, chosen per call by a measured rule (``moezoo.ops.fused.choose_gemm``);
+  ``"torch_loop"`` and ``"torch_grouped_mm"`` are the same path with that choice fixed;
 - ``"triton"``: the Triton kernels in ``moezoo.kernels`` (CUDA default, when available).
 
 The backend is chosen per call: an explicit argument wins, then the ``MOEZOO_BACKEND`` environment variable,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -41,6 +44,8 @@ ExpertFFN = Callable[..., Tensor]
 BACKENDS: dict[str, ExpertFFN] = {
     "reference": expert_ffn_reference,
     "torch": expert_ffn_fused,
+    "torch_loop": partial(expert_ffn_fused, gemm="loop"),
+    "torch_grouped_mm": partial(expert_ffn_fused, gemm="grouped_mm"),
 }
 BACKEND_ENV = "MOEZOO_BACKEND"
 

@@ -18,12 +18,20 @@ Why it is fast on CPUs (measured with ``moezoo bench layer``):
 - the gate gradient needs no saved output: ``y_n = g_n * a_n @ W_out`` so
   ``dL/dg_n = <dz_n, a_n @ W_out> = <dz_n @ W_out^T, a_n>``, and ``dz_n @ W_out^T`` is needed anyway.
 
-Rows stay expert-contiguous without padding and each chunk runs one ``mm`` per expert segment (chunks cut
-through experts; weight gradients accumulate over the chunks an expert spans). Measured on the project's
-2-core CPU, an index-space padded ``bmm`` layout and ``torch._grouped_mm`` were no faster than this loop at the
-benchmark shapes, and chunks of 16 MiB beat both 4 MiB and 64 MiB chunks. A second layout that padded buckets of
-8 experts to their largest count and ran one ``bmm`` per bucket was measured too (README, layer benchmark) and
-removed: never faster, and its padded row count would have made ``h``'s shape depend on the routing.
+Rows stay expert-contiguous without padding and each chunk runs its expert GEMMs (chunks cut through experts;
+weight gradients accumulate over the chunks an expert spans) in one of two ways, chosen per call by
+:func:`choose_gemm` (``gemm="auto"``, the default) or fixed by the caller (``gemm="loop"``/``"grouped_mm"``; the
+backends ``"torch_loop"``/``"torch_grouped_mm"`` of ``moezoo.ops``): one ``mm`` per expert segment, or one
+``torch._grouped_mm`` per chunk and GEMM role with int32 segment ends as ``offs`` (forward, input gradients, and
+weight gradients as ``a^T @ g`` grouped along the rows). ``torch._grouped_mm`` takes float32/bfloat16/float16
+only and 16-byte-aligned rows; elsewhere ``auto`` takes the loop and an explicit ``"grouped_mm"`` is a
+``ValueError``. Biases, activations, gathers and scatters run the same way in both. Re-measured on the project's
+2-core CPU (numbers at :func:`choose_gemm`): ``torch._grouped_mm`` on the CPU is one ``mm`` per group in C++, so
+it saves only the per-call Python and dispatch cost, and wins only where experts get few rows (at most 64); at the
+benchmark shapes (128 rows per expert and more) it is no faster than the loop. An index-space padded ``bmm``
+layout was no faster either, and chunks of 16 MiB beat both 4 MiB and 64 MiB chunks. A second layout that padded
+buckets of 8 experts to their largest count and ran one ``bmm`` per bucket was measured too (README, layer
+benchmark) and removed: never faster, and its padded row count would have made ``h``'s shape depend on the routing.
 
 Why custom ops: the chunk plan is built on the host from the per-expert row counts (one ``tolist``), which
 ``torch.compile`` cannot trace. As custom ops with fake implementations whose output shapes depend on input
@@ -45,24 +53,92 @@ from moezoo.ops.permute import Permutation, sort_by_expert
 # Elements of the widest chunk buffer (16 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 22
 
+# How the expert GEMMs of a chunk run: "loop" (one ``mm`` per expert segment), "grouped_mm" (one
+# ``torch._grouped_mm`` per chunk and GEMM role) or "auto" (:func:`choose_gemm`).
+GEMMS = ("auto", "loop", "grouped_mm")
+# dtypes torch._grouped_mm takes on the CPU; it also wants every row stride and base address 16-byte aligned
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# "auto" takes torch._grouped_mm when the mean rows per routed expert are at most this (see choose_gemm)
+GROUPED_MM_MAX_ROWS_PER_EXPERT = 64
+
+
+def check_gemm(gemm: str) -> str:
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm={gemm!r} is unknown; choose one of {GEMMS}")
+    return gemm
+
+
+def grouped_mm_supported(dtype: torch.dtype, widths: tuple[int, ...], *tensors: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes this problem on the CPU: its dtypes, every width (D, F, H) a multiple
+    of 16 bytes (so that every row slice of a workspace is aligned), and the given tensors (``x``, the weights)
+    16-byte aligned with a unit stride in one of their last two dimensions."""
+    size = dtype.itemsize
+    if dtype not in GROUPED_MM_DTYPES or any(w * size % 16 for w in widths):
+        return False
+    for t in tensors:
+        row, col = t.stride()[-2:]
+        if t.data_ptr() % 16 or not ((col == 1 and row * size % 16 == 0) or (row == 1 and col * size % 16 == 0)):
+            return False
+        if t.dim() == 3 and t.stride(0) * size % 16:
+            return False
+    return True
+
+
+def choose_gemm(gemm: str, counts: list[int], supported: bool) -> str:
+    """``"loop"`` or ``"grouped_mm"`` for one call: an explicit choice wins (``"grouped_mm"`` where
+    :func:`grouped_mm_supported` says no is a ``ValueError``); ``"auto"`` takes ``torch._grouped_mm`` when it is
+    supported and the mean row count of the experts that got rows is at most ``GROUPED_MM_MAX_ROWS_PER_EXPERT``.
+
+    On the CPU ``torch._grouped_mm`` runs one ``mm`` per group in C++: it saves the Python and dispatch cost of
+    the per-expert calls (about 2 ms per forward+backward at E=64 and K=4, measured with D=16 where the GEMMs cost
+    nothing), but returns new tensors (a chunk's products and, for several chunks, weight gradients are copied).
+    The threshold comes from the expert FFN alone, forward+backward, gemm="grouped_mm" over gemm="loop" per
+    interleaved round, median [IQR] of 14 rounds, process CPU time at one thread on the project's 2-core CPU while
+    it was busy (load average 7-11), SwiGLU, ``(T, D, F, E, K)`` and mean rows per expert:
+    (256, 256, 128, 64, 4) 16 rows: 0.97 [0.90-1.15]; (1024, 256, 128, 64, 4) 64: 0.96 [0.95-1.01];
+    (2048, 256, 128, 64, 4) 128: 1.00 [0.98-1.03]; (8192, 256, 128, 64, 4) 512: 1.03 [1.01-1.04];
+    (1024, 512, 256, 64, 8) 128: 1.05 [1.03-1.05]; (512, 512, 1024, 8, 2) 128: 0.99 [0.97-1.00];
+    (2048, 512, 1024, 8, 2) 512: 1.03 [1.02-1.04]. So ``torch._grouped_mm`` only where experts get at most 64
+    rows; the whole layer (``moezoo bench layer --gemms --no-naive --no-reference --clock cpu --threads 1
+    --shape ...``, ``moezoo[loop]`` against ``moezoo[grouped_mm]``) showed no difference outside its IQRs at any of
+    these shapes. Two threads could not be measured on the busy machine (wall times 20-40x the one-thread CPU
+    times); re-measure there with ``moezoo bench layer --gemms --threads 2`` on a quiet machine.
+    """
+    if gemm == "grouped_mm" and not supported:
+        raise ValueError(
+            "gemm='grouped_mm' needs float32, bfloat16 or float16 operands whose widths (D, F, H) are multiples of "
+            "16 bytes and 16-byte aligned weights; use gemm='loop' or 'auto'"
+        )
+    if gemm != "auto":
+        return gemm
+    routed = [c for c in counts if c]
+    if not supported or not routed:
+        return "loop"
+    return "grouped_mm" if sum(routed) <= GROUPED_MM_MAX_ROWS_PER_EXPERT * len(routed) else "loop"
+
 
 @dataclass
 class Chunk:
     r0: int  # first row (in expert-sorted order)
     r1: int
     segments: list[tuple[int, int, int, bool]]  # (expert, s0, s1, first segment of that expert)
+    offs: Tensor | None = None  # grouped_mm: int32 segment ends (chunk rows) of experts e0..e1-1
+    e0: int = 0
+    e1: int = 0
+    whole: bool = False  # grouped_mm: the only chunk, offs over all experts
 
 
 class ChunkPlan:
     """Rows sorted by expert, unpadded, cut into chunks of ``chunk_rows``; each chunk holds segments of
-    consecutive experts."""
+    consecutive experts. ``gemm`` (``"loop"`` or ``"grouped_mm"``): how each chunk's expert GEMMs run."""
 
-    def __init__(self, perm: Permutation, gate_sorted_N: Tensor, widths: tuple[int, int]) -> None:
+    def __init__(self, perm: Permutation, gate_sorted_N: Tensor, widths: tuple[int, int], gemm: str = "loop") -> None:
         self.counts = perm.counts
         self.token_R = perm.token_sorted_N
         self.gate_R1 = gate_sorted_N.unsqueeze(-1)
         self.num_rows = perm.token_sorted_N.shape[0]
         self.chunk_rows = max(64, CHUNK_ELEMENTS // max(widths))
+        self.grouped = gemm == "grouped_mm"
 
     def chunks(self) -> list[Chunk]:
         bounds = []
@@ -84,21 +160,54 @@ class ChunkPlan:
                     break
                 b += 1
             out.append(Chunk(r0, r1, segs))
+        if self.grouped:
+            self._group(out)
         return out
 
-    @staticmethod
-    def mm(a_RK: Tensor, w_EKM: Tensor, chunk: Chunk, out_RM: Tensor) -> Tensor:
+    def _group(self, chunks: list[Chunk]) -> None:
+        """The ``offs`` of every chunk: all experts for a single chunk, else the experts its segments span (an
+        expert without rows in between gets an empty group)."""
+        for chunk in chunks:
+            if len(chunks) == 1:
+                chunk.e0, chunk.e1, chunk.whole = 0, len(self.counts), True
+            else:
+                chunk.e0, chunk.e1 = chunk.segments[0][0], chunk.segments[-1][0] + 1
+            ends = [0] * (chunk.e1 - chunk.e0)
+            for e, _, s1, _ in chunk.segments:
+                ends[e - chunk.e0] = s1
+            for i in range(1, len(ends)):  # empty experts end where the one before ended
+                ends[i] = max(ends[i], ends[i - 1])
+            chunk.offs = torch.tensor(ends, dtype=torch.int32)
+
+    def mm(self, a_RK: Tensor, w_EKM: Tensor, chunk: Chunk, out_RM: Tensor, fill: bool = False) -> Tensor:
+        """``a[r] @ w[e_r]`` for the chunk's rows; the loop writes ``out``, grouped_mm returns a new tensor
+        unless ``fill`` (then ``out`` holds the product)."""
+        if chunk.offs is not None:
+            product = torch._grouped_mm(a_RK, w_EKM[chunk.e0 : chunk.e1], offs=chunk.offs)
+            return out_RM.copy_(product) if fill else product
         for e, s0, s1, _ in chunk.segments:
             torch.mm(a_RK[s0:s1], w_EKM[e], out=out_RM[s0:s1])
         return out_RM
 
     @staticmethod
-    def weight_grad(a_RK: Tensor, g_RM: Tensor, chunk: Chunk, out_EKM: Tensor) -> None:
-        for e, s0, s1, first in chunk.segments:
+    def weight_grad(a_RK: Tensor, g_RM: Tensor, chunk: Chunk, out_EKM: Tensor) -> Tensor:
+        """``out[e] (+)= a_e^T @ g_e`` over the chunk's segments (``=`` on an expert's first segment); returns the
+        gradient, which is a new tensor for a ``whole`` grouped chunk (``out`` unused)."""
+        if chunk.offs is not None:
+            grad = torch._grouped_mm(a_RK.t(), g_RM, offs=chunk.offs)  # zero for empty groups
+            if chunk.whole:
+                return grad
+            first = 0 if chunk.segments[0][3] else 1
             if first:
+                out_EKM[chunk.e0].add_(grad[0])
+            out_EKM[chunk.e0 + first : chunk.e1].copy_(grad[first:])
+            return out_EKM
+        for e, s0, s1, first_seg in chunk.segments:
+            if first_seg:
                 torch.mm(a_RK[s0:s1].t(), g_RM[s0:s1], out=out_EKM[e])
             else:
                 out_EKM[e].addmm_(a_RK[s0:s1].t(), g_RM[s0:s1])
+        return out_EKM
 
     @staticmethod
     def add_bias(out_RM: Tensor, b_EM: Tensor, chunk: Chunk, scale_R1: Tensor | None = None) -> Tensor:
@@ -126,6 +235,12 @@ class ChunkPlan:
         return [e for e, count in enumerate(self.counts) if count == 0]
 
 
+def _choose(gemm: str, counts: list[int], x_TD: Tensor, w_in_EDH: Tensor, w_out_EFD: Tensor) -> str:
+    _, dim, hidden = w_in_EDH.shape
+    supported = grouped_mm_supported(x_TD.dtype, (dim, w_out_EFD.shape[1], hidden), w_in_EDH, w_out_EFD)
+    return choose_gemm(check_gemm(gemm), counts, supported)
+
+
 def _weight_grad_buffer(weight_EKM: Tensor, empty_experts: list[int]) -> Tensor:
     """Uninitialised except for experts without rows, which get zero gradient; the rest is written by mm."""
     out = weight_EKM.new_empty(weight_EKM.shape)  # contiguous, as the fake implementation says
@@ -149,14 +264,18 @@ def fused_expert_ffn_op(
     b_out_ED: Tensor | None,
     activation: str,
     save_h: bool,
+    gemm: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out (T, D), h (N, H) pre-activations in expert-sorted order (empty unless save_h), order_N)``."""
+    """``(out (T, D), h (N, H) pre-activations in expert-sorted order (empty unless save_h), order_N)``;
+    ``gemm``: see :func:`choose_gemm`."""
     num_experts, dim, hidden = w_in_EDH.shape
     perm = sort_by_expert(token_idx_N, expert_idx_N, num_experts)
-    plan = ChunkPlan(perm, gate_N.index_select(0, perm.order_N).to(x_TD.dtype), (dim, hidden))
+    choice = _choose(gemm, perm.counts, x_TD, w_in_EDH, w_out_EFD)
+    plan = ChunkPlan(perm, gate_N.index_select(0, perm.order_N).to(x_TD.dtype), (dim, hidden), choice)
     chunks = plan.chunks()
     max_rows = max((c.r1 - c.r0 for c in chunks), default=0)
-    h_RH = x_TD.new_empty(plan.num_rows if save_h else max_rows, hidden)
+    whole = len(chunks) == 1 and chunks[0].whole  # grouped_mm's product of the only chunk is h itself, no copy
+    h_RH = x_TD.new_empty(0 if whole else plan.num_rows if save_h else max_rows, hidden)
     out_TD = x_TD.new_zeros(x_TD.shape)
     x_buf = x_TD.new_empty(max_rows, dim)
     y_buf = x_TD.new_empty(max_rows, dim)
@@ -164,7 +283,11 @@ def fused_expert_ffn_op(
         n = chunk.r1 - chunk.r0
         tok = plan.token_R[chunk.r0 : chunk.r1]
         x_RD = torch.index_select(x_TD, 0, tok, out=x_buf[:n])
-        h_chunk = plan.mm(x_RD, w_in_EDH, chunk, h_RH[chunk.r0 : chunk.r1] if save_h else h_RH[:n])
+        if whole:
+            h_RH = h_chunk = plan.mm(x_RD, w_in_EDH, chunk, h_RH)
+        else:
+            h_out = h_RH[chunk.r0 : chunk.r1] if save_h else h_RH[:n]
+            h_chunk = plan.mm(x_RD, w_in_EDH, chunk, h_out, fill=save_h)
         if b_in_EH is not None:
             plan.add_bias(h_chunk, b_in_EH, chunk)
         g_R1 = plan.gate_R1[chunk.r0 : chunk.r1]
@@ -188,6 +311,7 @@ def _(
     b_out_ED: Tensor | None,
     activation: str,
     save_h: bool,
+    gemm: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     rows = token_idx_N.shape[0]
     h_NH = x_TD.new_empty(rows if save_h else 0, w_in_EDH.shape[2])
@@ -216,13 +340,15 @@ def fused_expert_ffn_bwd_op(
     need_dw_out: bool,
     need_db_in: bool,
     need_db_out: bool,
+    gemm: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dgate, dw_in, dw_out, db_in, db_out)`` in the dtypes of their inputs; a gradient not asked for is
     empty."""
     num_experts, dim, hidden = w_in_EDH.shape
     ffn_dim = w_out_EFD.shape[1]
     perm = sort_by_expert(token_idx_N, expert_idx_N, num_experts, order_N)
-    plan = ChunkPlan(perm, gate_N.index_select(0, order_N).to(x_TD.dtype), (dim, hidden))
+    choice = _choose(gemm, perm.counts, x_TD, w_in_EDH, w_out_EFD)
+    plan = ChunkPlan(perm, gate_N.index_select(0, order_N).to(x_TD.dtype), (dim, hidden), choice)
     chunks = plan.chunks()
     dout_TD = dout_TD.contiguous()
     empty = plan.empty_experts()
@@ -255,7 +381,7 @@ def fused_expert_ffn_bwd_op(
         if db_out is not None:
             plan.bias_grad(dz_RD * g_R1, chunk, db_out)
         if dw_out is not None:
-            plan.weight_grad(a_RF.mul_(g_R1), dz_RD, chunk, dw_out)
+            dw_out = plan.weight_grad(a_RF.mul_(g_R1), dz_RD, chunk, dw_out)
         if not hidden_grad:
             continue
         dh_RH = act_backward(da_RF.mul_(g_R1), h_chunk, activation, act_gate_RF)
@@ -265,7 +391,7 @@ def fused_expert_ffn_bwd_op(
             dx.index_add_(0, tok, plan.mm(dh_RH, w_in_t, chunk, dz_buf[:n]))
         if dw_in is not None:
             x_RD = torch.index_select(x_TD, 0, tok, out=x_buf[:n])
-            plan.weight_grad(x_RD, dh_RH, chunk, dw_in)
+            dw_in = plan.weight_grad(x_RD, dh_RH, chunk, dw_in)
     dgate = gate_N.new_empty(0)
     if dgate_R is not None:
         dgate = gate_N.new_empty(gate_N.shape)
@@ -299,6 +425,7 @@ def _(
     need_dw_out: bool,
     need_db_in: bool,
     need_db_out: bool,
+    gemm: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     pick = lambda need, t: t.new_empty(t.shape) if need else t.new_empty(0)
     num_experts, dim, hidden = w_in_EDH.shape
@@ -309,7 +436,8 @@ def _(
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, ctx.activation, ctx.save_h = inputs
+    x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED = inputs[:8]
+    ctx.activation, ctx.save_h, ctx.gemm = inputs[8:]
     _, h_NH, order_N = output
     ctx.has_b_in, ctx.has_b_out = b_in_EH is not None, b_out_ED is not None
     ctx.save_for_backward(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, h_NH, order_N)
@@ -341,6 +469,7 @@ def _backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None, _dorder: Tensor | N
         need_w_out,
         need_b_in,
         need_b_out,
+        ctx.gemm,
     )
     return (
         dx if need_x else None,
@@ -351,6 +480,7 @@ def _backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None, _dorder: Tensor | N
         dw_out if need_w_out else None,
         db_in if need_b_in else None,
         db_out if need_b_out else None,
+        None,
         None,
         None,
     )
@@ -369,11 +499,24 @@ def expert_ffn_fused(
     activation: str,
     b_in_EH: Tensor | None = None,
     b_out_ED: Tensor | None = None,
+    gemm: str = "auto",
 ) -> Tensor:
-    """The ``expert_ffn`` contract (see ``moezoo.ops.reference``) on the fused CPU path."""
+    """The ``expert_ffn`` contract (see ``moezoo.ops.reference``) on the fused CPU path; ``gemm``: how the expert
+    GEMMs run, ``"auto"`` (measured rule, :func:`choose_gemm`), ``"loop"`` or ``"grouped_mm"``."""
+    check_gemm(gemm)
     params = (x_TD, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     out_TD, _, _ = fused_expert_ffn_op(
-        x_TD.contiguous(), token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED, activation, save_h
+        x_TD.contiguous(),
+        token_idx_N,
+        expert_idx_N,
+        gate_N,
+        w_in_EDH,
+        w_out_EFD,
+        b_in_EH,
+        b_out_ED,
+        activation,
+        save_h,
+        gemm,
     )
     return out_TD

@@ -132,3 +132,22 @@ def test_layer_bench_compile_adds_the_compiled_ratio(capsys: pytest.CaptureFixtu
 def test_layer_bench_compile_with_inductor(capsys: pytest.CaptureFixture[str]) -> None:
     assert layer.main(["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--no-naive", "--compile"]) == 0
     _assert_compiled_columns(capsys.readouterr().out)
+
+
+def test_gemms_and_cpu_clock(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--gemms`` adds the layer and the expert FFN with each way of running the expert GEMMs (same weights, same
+    output); ``--clock cpu`` times the process's CPU time and says so."""
+    modules, x, _ = layer.build_candidates((64, 16, 8, 4, 2), "swiglu", gemms=True, with_reference=False)
+    assert set(layer.GEMM_BACKENDS) <= set(modules)
+    layer.check_same_outputs(modules, x)
+    path = tmp_path / "layer.json"
+    args = ["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--no-naive", "--no-reference"]
+    assert layer.main([*args, "--gemms", "--breakdown", "--clock", "cpu", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "CPU time" in out
+    cells = _row_cells(out, "(64, 16, 8, 4, 2)")
+    for column in ("moezoo[loop]/dense", "moezoo[grouped_mm]/dense", "expert FFN[grouped_mm]/dense"):
+        assert cells[column].endswith(")")
+    assert json.loads(path.read_text())["clock"] == "cpu"
+    with pytest.raises(SystemExit):
+        layer.main([*args, "--clock", "sundial"])

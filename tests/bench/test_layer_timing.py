@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import pytest
 
-from moezoo.bench.timing import Interleaved, format_load, interleave, quartiles, wall_ms
+from moezoo.bench.timing import CLOCKS, Interleaved, cpu_ms, format_load, interleave, quartiles, wall_ms
 
 
 class FakeClock:
@@ -113,3 +114,12 @@ def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
 def test_wall_ms_calls_once_and_is_non_negative() -> None:
     calls: list[int] = []
     assert wall_ms(lambda: calls.append(1)) >= 0.0 and calls == [1]
+
+
+def test_cpu_ms_counts_work_not_sleep() -> None:
+    """``cpu_ms`` is the process's CPU time: a sleep costs (almost) none of it, a busy loop does."""
+    calls: list[int] = []
+    assert cpu_ms(lambda: calls.append(1)) >= 0.0 and calls == [1]
+    assert cpu_ms(lambda: time.sleep(0.2)) < 100.0
+    assert cpu_ms(lambda: sum(i * i for i in range(300_000))) > 0.0
+    assert CLOCKS == {"wall": wall_ms, "cpu": cpu_ms}
