@@ -3,13 +3,14 @@
 ``moezoo bench routers [--shape T,D,F,E,K] [--repeats 20] [--threads 1] [--routers a,b]`` (or
 ``python -m moezoo.bench.routers ...``)
 
-For every registered sparse router that needs no side input, one training step (forward, backward of the output
-and the router's losses, ``update_state``) of a ``MoE`` layer using it (fused CPU backend): the median over
-repeats as a ratio to the top-k layer's median, the two timed alternately in the same process, so that the numbers
-compare on a shared, noisy CPU. (The router alone takes about a millisecond at the default shape, too short to
-time reliably on a loaded machine; its cost shows in the layer's.) ``pairs/token`` is the mean number of pairs the
-router made in the last step (the layer's expert compute is proportional to it). Routers are built with their
-defaults and the layer's ``top_k``.
+For every registered sparse router that needs no side input, and SMEAR: one training step (forward, backward of
+the output and the router's losses, ``update_state``) of a ``MoE`` layer using it (fused CPU backend): the median
+over repeats as a ratio to the top-k layer's median, the two timed alternately in the same process, so that the
+numbers compare on a shared, noisy CPU. (The router alone takes about a millisecond at the default shape, too short
+to time reliably on a loaded machine; its cost shows in the layer's.) ``pairs/token`` is the mean number of pairs
+the router made in the last step (the layer's expert compute is proportional to it; SMEAR: 1, its one merged
+expert). Routers are built with their defaults and the layer's ``top_k``. The input is one sequence of T tokens
+(SMEAR merges the experts once for it).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _ratio(step: Callable[[], None], base: Callable[[], None], repeats: int) -> 
 
 
 def sparse_routers() -> list[str]:
-    return sorted(n for n, c in ROUTERS.items() if c.kind == "sparse" and not c.needs_side)
+    """Every router without side inputs that routes tokens one by one: the sparse ones and SMEAR (``"merge"``)."""
+    return sorted(n for n, c in ROUTERS.items() if c.kind != "soft" and not c.needs_side)
 
 
 def table(shape: tuple[int, int, int, int, int], names: Sequence[str], repeats: int) -> str:
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.routers.split(",") if args.routers else available
     bad = [n for n in names if n not in available]
     if bad:
-        p.error(f"--routers: {bad} are not sparse routers without side inputs; choose from {available}")
+        p.error(f"--routers: {bad} are not token routers without side inputs; choose from {available}")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ def test_soft_and_side_input_routers_are_not_offered() -> None:
     "argv,match",
     [
         (["--shape", "1,2,3"], "five integers T,D,F,E,K"),
-        (["--routers", "soft"], "are not sparse routers without side inputs"),
+        (["--routers", "soft"], "are not token routers without side inputs"),
         (["--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
