@@ -353,15 +353,7 @@ class MoE(nn.Module):
                 num_tokens = true_indices(mask_GL.reshape(-1)).shape[0]
                 weights_GE = weights_GE.index_select(0, true_indices(mask_GL.any(1)))  # groups with real tokens
             entropy = routing_entropy(weights_GE)
-        aux = MoEAux(
-            losses=merge.losses,
-            tokens_per_expert_E=tokens_per_expert,
-            dropped_frac=tokens_per_expert.new_zeros(()),
-            router_entropy=entropy,
-            expert_load_cv=load_cv(tokens_per_expert),
-            num_tokens=num_tokens,
-        )
-        return y_GLD.reshape(x.shape), aux
+        return y_GLD.reshape(x.shape), _dropless_aux(merge.losses, tokens_per_expert, entropy, num_tokens)
 
     def _forward_soft(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, MoEAux]:
         """Soft MoE over groups: the last-but-one axis is the token axis L, the rest are groups G."""
@@ -393,15 +385,19 @@ class MoE(nn.Module):
             if mask_GL is not None:
                 combine_TS = combine_TS.index_select(0, true_indices(mask_GL.reshape(-1)))
             entropy = routing_entropy(combine_TS)
-        aux = MoEAux(
-            losses=soft.losses,
-            tokens_per_expert_E=tokens_per_expert,
-            dropped_frac=tokens_per_expert.new_zeros(()),
-            router_entropy=entropy,
-            expert_load_cv=load_cv(tokens_per_expert),
-            num_tokens=combine_TS.shape[0],
-        )
-        return y_GLD.reshape(x.shape), aux
+        return y_GLD.reshape(x.shape), _dropless_aux(soft.losses, tokens_per_expert, entropy, combine_TS.shape[0])
+
+
+def _dropless_aux(losses: dict[str, Tensor], tokens_per_expert_E: Tensor, entropy: Tensor, num_tokens: int) -> MoEAux:
+    """The aux of a path that drops no token (Soft MoE, SMEAR)."""
+    return MoEAux(
+        losses=losses,
+        tokens_per_expert_E=tokens_per_expert_E,
+        dropped_frac=tokens_per_expert_E.new_zeros(()),
+        router_entropy=entropy,
+        expert_load_cv=load_cv(tokens_per_expert_E),
+        num_tokens=num_tokens,
+    )
 
 
 def update_router_states(module: nn.Module) -> None:
