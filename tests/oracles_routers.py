@@ -251,3 +251,91 @@ def symmetric_kl(logits_a: Tensor, logits_b: Tensor) -> Tensor:
         for a, b in zip(pa, pb):
             total = total + 0.5 * (a * torch.log(a / b) + b * torch.log(b / a))
     return total / rows.shape[0]
+
+
+# ------------------------------------------------------------------------- routers that read the expert weights
+
+
+def gate_weight(w_in_EDH: Tensor, b_in_EH: Tensor | None, ffn_dim: int) -> tuple[Tensor, Tensor | None]:
+    """The paper's ``W_g``: the columns of ``w_in`` entering the activation (the first F of a gated form's 2F)."""
+    return w_in_EDH[..., :ffn_dim], None if b_in_EH is None else b_in_EH[..., :ffn_dim]
+
+
+def activation_norm(x_D: Tensor, w_DF: Tensor, b_F: Tensor | None) -> Tensor:
+    """``||x W_g + b_g||_2``, one hidden unit at a time."""
+    total = x_D.new_zeros(())
+    for f in range(w_DF.shape[1]):
+        h = dot(x_D, w_DF[:, f]) + (b_F[f] if b_F is not None else 0.0)
+        total = total + h * h
+    return torch.sqrt(total)
+
+
+def autonomy_norms(x_TD: Tensor, w_EDF: Tensor, b_EF: Tensor | None) -> list[list[Tensor]]:
+    """Autonomy-of-Experts: every expert's activation norm for every token."""
+    return [
+        [activation_norm(x_TD[t], w_EDF[e], None if b_EF is None else b_EF[e]) for e in range(w_EDF.shape[0])]
+        for t in range(x_TD.shape[0])
+    ]
+
+
+def erc(router_ED: Tensor, noise_ED: Tensor | None, w_EDF: Tensor, b_EF: Tensor | None, alpha: float) -> Tensor:
+    """ERC loss: proxies ``R_i * noise_i``; ``M[i][j]`` = activation norm of proxy i in expert j; the sum over
+    ``i != j`` of ``relu(M_ij - alpha M_ii) + relu(M_ji - alpha M_ii)``, / E^2."""
+    n = router_ED.shape[0]
+    proxies = [router_ED[i] * (noise_ED[i] if noise_ED is not None else 1.0) for i in range(n)]
+    m = [[activation_norm(proxies[i], w_EDF[j], None if b_EF is None else b_EF[j]) for j in range(n)] for i in range(n)]
+    total = router_ED.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                total = total + torch.relu(m[i][j] - alpha * m[i][i]) + torch.relu(m[j][i] - alpha * m[i][i])
+    return total / (n * n)
+
+
+def erc_noise(router_ED: Tensor, uniform_ED: Tensor) -> Tensor:
+    """``1 + eps_i (2u - 1)`` with ``eps_i = min(1, min_{j != i} ||R_i - R_j|| / (2 ||R_i||))``."""
+    n = router_ED.shape[0]
+    rows = []
+    for i in range(n):
+        dists = [float(torch.sqrt(sum((router_ED[i] - router_ED[j]) ** 2))) for j in range(n) if j != i]
+        eps = min(1.0, min(dists) / (2 * float(torch.sqrt(sum(router_ED[i] ** 2))))) if dists else 0.0
+        rows.append(1.0 + eps * (2 * uniform_ED[i] - 1))
+    return torch.stack(rows)
+
+
+def _merged(p: list[Tensor], stack: Tensor | None) -> Tensor | None:
+    """``sum_e p_e stack_e``, one expert at a time."""
+    if stack is None:
+        return None
+    return sum((p[e] * stack[e] for e in range(len(p))), torch.zeros_like(stack[0]))
+
+
+def smear(
+    x_GLD: Tensor,
+    mask_GL: Tensor | None,
+    gate_ED: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SMEAR, example by example: ``p = softmax(W mean of the real tokens)``, merged parameters
+    ``theta = sum_e p_e theta_e``, every token through the merged expert (padding: 0). Returns ``(y, p)``."""
+    from tests.oracles import expert_forward
+
+    outputs, weights = [], []
+    for g in range(x_GLD.shape[0]):
+        real = [i for i in range(x_GLD.shape[1]) if mask_GL is None or bool(mask_GL[g, i])]
+        mean = sum((x_GLD[g, i] for i in real), x_GLD.new_zeros(x_GLD.shape[2])) / max(len(real), 1)
+        p = softmax(matvec(gate_ED, mean))
+        weights.append(torch.stack(p))
+
+        m_in, m_out, m_bin, m_bout = (_merged(p, stack) for stack in (w_in, w_out, b_in, b_out))
+        assert m_in is not None and m_out is not None
+        rows = []
+        for i in range(x_GLD.shape[1]):
+            y = expert_forward(x_GLD[g, i], m_in, m_out, activation, m_bin, m_bout)
+            rows.append(y if i in real else torch.zeros_like(y))
+        outputs.append(torch.stack(rows))
+    return torch.stack(outputs), torch.stack(weights)

@@ -143,11 +143,11 @@ def breakdown_parts(
     experts = moe.experts
     num_experts, ffn_dim = experts.num_experts, experts.ffn_dim
     with torch.no_grad():
-        routing = moe.router(x)
+        routing = moe.route(x)
     gate = routing.gate_N.detach().requires_grad_()
 
     def router_step() -> None:
-        routing = moe.router(x)
+        routing = moe.route(x)
         sum(routing.losses.values(), routing.gate_N.sum()).backward()
 
     def experts_step(gemm: str = "auto") -> Callable[[], None]:

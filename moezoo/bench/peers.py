@@ -31,7 +31,7 @@ class _Peer(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, RoutingResult]:
         """``x (..., D)`` -> ``(x_TD, the router's pairs)``."""
         x_TD = x.reshape(-1, x.shape[-1])
-        return x_TD, self.moe.router(x_TD)
+        return x_TD, self.moe.route(x_TD)
 
 
 class NaiveLoopMoE(_Peer):

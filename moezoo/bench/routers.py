@@ -1,15 +1,17 @@
 """Router cost: forward+backward time of a MoE layer with each sparse router, against the same layer with top-k.
 
-``moezoo bench routers [--shape T,D,F,E,K] [--repeats 20] [--threads 1] [--routers a,b]`` (or
+``moezoo bench routers [--shape T,D,F,E,K] [--sequences S] [--repeats 20] [--threads 1] [--routers a,b]`` (or
 ``python -m moezoo.bench.routers ...``)
 
-For every registered sparse router that needs no side input, one training step (forward, backward of the output
-and the router's losses, ``update_state``) of a ``MoE`` layer using it (fused CPU backend): the median over
-repeats as a ratio to the top-k layer's median, the two timed alternately in the same process, so that the numbers
-compare on a shared, noisy CPU. (The router alone takes about a millisecond at the default shape, too short to
-time reliably on a loaded machine; its cost shows in the layer's.) ``pairs/token`` is the mean number of pairs the
-router made in the last step (the layer's expert compute is proportional to it). Routers are built with their
-defaults and the layer's ``top_k``.
+For every registered sparse router that needs no side input, and SMEAR: one training step (forward, backward of
+the output and the router's losses, ``update_state``) of a ``MoE`` layer using it (fused CPU backend): the median
+over repeats as a ratio to the top-k layer's median, the two timed alternately in the same process, so that the
+numbers compare on a shared, noisy CPU. (The router alone takes about a millisecond at the default shape, too short
+to time reliably on a loaded machine; its cost shows in the layer's.) ``pairs/token`` is the mean number of pairs
+the router made in the last step (the layer's expert compute is proportional to it; SMEAR: 1, its one merged
+expert). Routers are built with their defaults and the layer's ``top_k``. The input is ``--sequences`` S sequences
+of T/S tokens (default one; SMEAR merges the experts once per sequence, so ``--sequences 41`` with T = 2050 is the
+vision study's batch of 41 images of 50 tokens).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import torch
 from moezoo.layers import ROUTERS, MoE
 
 
-def _layer_step(name: str, shape: tuple[int, int, int, int, int]) -> tuple[Callable[[], None], list[float]]:
-    """One training step of a MoE layer using router ``name``; ``pairs[0]``: pairs per token of the last step."""
+def _layer_step(
+    name: str, shape: tuple[int, int, int, int, int], sequences: int = 1
+) -> tuple[Callable[[], None], list[float]]:
+    """One training step of a MoE layer using router ``name`` on ``sequences`` sequences of T / sequences tokens;
+    ``pairs[0]``: pairs per token of the last step."""
     tokens, dim, ffn, experts, k = shape
     torch.manual_seed(0)
     moe = MoE(dim, ffn, num_experts=experts, top_k=k, router=name, backend="torch").train()
-    x = torch.randn(1, tokens, dim, requires_grad=True)
+    x = torch.randn(sequences, tokens // sequences, dim, requires_grad=True)
     pairs = [0.0]
 
     def step() -> None:
@@ -56,19 +61,21 @@ def _ratio(step: Callable[[], None], base: Callable[[], None], repeats: int) -> 
 
 
 def sparse_routers() -> list[str]:
-    return sorted(n for n, c in ROUTERS.items() if c.kind == "sparse" and not c.needs_side)
+    """Every router without side inputs that routes tokens one by one: the sparse ones and SMEAR (``"merge"``)."""
+    return sorted(n for n, c in ROUTERS.items() if c.kind != "soft" and not c.needs_side)
 
 
-def table(shape: tuple[int, int, int, int, int], names: Sequence[str], repeats: int) -> str:
-    base, _ = _layer_step("topk", shape)
+def table(shape: tuple[int, int, int, int, int], names: Sequence[str], repeats: int, sequences: int = 1) -> str:
+    base, _ = _layer_step("topk", shape, sequences)
     rows, base_ms = [], []
     for name in names:
-        step, pairs = _layer_step(name, shape)
+        step, pairs = _layer_step(name, shape, sequences)
         ratio, ms = _ratio(step, base, repeats)
         base_ms.append(ms)
         rows.append(f"| {name} | {ratio:.2f}x | {pairs[0]:.2f} |")
     head = [
-        f"(T, D, F, E, K) = {shape}; top-k layer step {statistics.median(base_ms):.2f} ms (median)",
+        f"(T, D, F, E, K) = {shape}, {sequences} sequence(s); top-k layer step {statistics.median(base_ms):.2f} ms "
+        "(median)",
         "",
         "| router | layer step / top-k | pairs/token |",
         "|---|---|---|",
@@ -79,6 +86,7 @@ def table(shape: tuple[int, int, int, int, int], names: Sequence[str], repeats: 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moezoo bench routers", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--shape", default="2048,64,128,8,2", help="T,D,F,E,K (default: the study's MoE layer)")
+    p.add_argument("--sequences", type=int, default=1, help="S: the T tokens as S sequences of T/S (default 1)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--routers", default=None, help="comma separated (default: every sparse router without side input)")
@@ -93,11 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.routers.split(",") if args.routers else available
     bad = [n for n in names if n not in available]
     if bad:
-        p.error(f"--routers: {bad} are not sparse routers without side inputs; choose from {available}")
+        p.error(f"--routers: {bad} are not token routers without side inputs; choose from {available}")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.sequences < 1 or shape[0] % args.sequences:
+        p.error(f"--sequences must be a positive divisor of T={shape[0]}, got {args.sequences}")
     torch.set_num_threads(args.threads)
-    print(table(shape, names, args.repeats))  # type: ignore[arg-type]
+    print(table(shape, names, args.repeats, args.sequences))  # type: ignore[arg-type]
     return 0
 
 

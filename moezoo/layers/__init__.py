@@ -1,11 +1,12 @@
 """Layers of the shared sparse-MoE core.
 
-The domain routers live in their own modules (``segment``, ``promoe``, ``speech_routers``, ``routers_extra``)
+The domain routers live in their own modules (``segment``, ``promoe``, ``speech_routers``, ``routers_extra``,
+``expert_routers``)
 and register themselves with :func:`register_router` when imported; they are imported here, explicitly, so that
 every router is available by name as soon as ``moezoo`` is imported.
 """
 
-from moezoo.layers import promoe, routers_extra, segment, speech_routers
+from moezoo.layers import expert_routers, promoe, routers_extra, segment, speech_routers
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.moe import MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.layers.routers import (
@@ -43,6 +44,7 @@ __all__ = [
     "SparseRouter",
     "TopKRouter",
     "check_router_kwargs",
+    "expert_routers",
     "get_router",
     "promoe",
     "register_router",

@@ -53,6 +53,14 @@ class GroupedExperts(nn.Module):
     def bias(self) -> bool:
         return self.b_in is not None
 
+    def gate_projection(self) -> tuple[Tensor, Tensor | None]:
+        """The projection whose output feeds the activation: ``(W_g (E, D, F), b_g (E, F) or None)``, the gate half
+        of ``w_in`` (and ``b_in``) for the gated forms (SwiGLU, GEGLU, ReGLU), all of it otherwise. Views, with
+        gradients: routers that read the experts (``Router.reads_experts``) rank experts by its output's norm."""
+        if self.w_in.shape[-1] == self.ffn_dim:
+            return self.w_in, self.b_in
+        return self.w_in[..., : self.ffn_dim], None if self.b_in is None else self.b_in[..., : self.ffn_dim]
+
     def forward(
         self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, gate_N: Tensor, backend: str | None = None
     ) -> Tensor:
@@ -77,6 +85,16 @@ class GroupedExperts(nn.Module):
             h_EMH = h_EMH + self.b_in.unsqueeze(1)
         y_EMD = torch.bmm(act_forward(h_EMH, self.activation), self.w_out)
         return y_EMD + self.b_out.unsqueeze(1) if self.b_out is not None else y_EMD
+
+    def forward_merged(self, x_GLD: Tensor, weights_GE: Tensor) -> Tensor:
+        """SMEAR: each group's rows through one expert whose every weight and bias is the ``weights_GE``-weighted
+        sum of the experts' (``(G, L, D), (G, E) -> (G, L, D)``)."""
+        w = weights_GE.to(x_GLD.dtype)
+        h_GLH = torch.bmm(x_GLD, torch.einsum("ge,edh->gdh", w, self.w_in))
+        if self.b_in is not None:
+            h_GLH = h_GLH + (w @ self.b_in).unsqueeze(1)
+        y_GLD = torch.bmm(act_forward(h_GLH, self.activation), torch.einsum("ge,efd->gfd", w, self.w_out))
+        return y_GLD + (w @ self.b_out).unsqueeze(1) if self.b_out is not None else y_GLD
 
 
 class FeedForward(nn.Module):

@@ -5,7 +5,8 @@ G groups and L tokens per group (Soft MoE), S slots per expert.
 
 The layer returns the FFN output (no residual: a token routed to no expert gets 0 and passes through the
 block's residual unchanged) and an :class:`MoEAux` with the router's weighted losses and routing statistics.
-It takes the sparse path (pairs -> :func:`moezoo.ops.expert_ffn`) or the Soft MoE path by ``router.kind``.
+It takes the sparse path (pairs -> :func:`moezoo.ops.expert_ffn`), the Soft MoE path or the SMEAR path (one
+merged expert per group) by ``router.kind``.
 
 The forward traces under ``torch.compile(fullgraph=True)`` for every router and backend: no host syncs, no
 Python branches on data-dependent sizes (a mask's token count is one, see ``moezoo.ops.indexing``).
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moezoo.layers.expert_routers import MergeRoutingResult
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.losses import load_cv, routing_entropy
 from moezoo.layers.routers import (
@@ -232,7 +234,8 @@ class MoE(nn.Module):
     def active_ffn_dim(self) -> int:
         """Hidden width of the dense FFN with the same active compute per token (the dense twin)."""
         shared = self.shared.hidden_dim if self.shared is not None else 0
-        return self.top_k * self.expert_dim + shared
+        routed = self.expert_dim if self.router.kind == "merge" else self.top_k * self.expert_dim  # SMEAR: one
+        return routed + shared
 
     def _check_input(self, x: Tensor, mask: Tensor | None) -> None:
         if x.dim() < 1 or x.shape[-1] != self.dim:
@@ -273,6 +276,8 @@ class MoE(nn.Module):
                 )
         if self.router.kind == "soft":
             return self._forward_soft(x, mask)
+        if self.router.kind == "merge":
+            return self._forward_merged(x, mask)
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.dim)
         keep_T = true_indices(mask.reshape(-1)) if mask is not None else None
@@ -280,15 +285,18 @@ class MoE(nn.Module):
         side_T = _expand_side(side, lead, keep_T, self.router.side_feature_dims)
         if not self.training and self.router.batch_dependent:
             side_T.update(_sample_side(lead, keep_T, x.device))
-        routing: RoutingResult = self.router(x_in, side_T)
+        routing = self.route(x_in, side_T)
         y_in = self.experts(x_in, routing.token_idx_N, routing.expert_idx_N, routing.gate_N, backend=self.backend)
-        if self.shared is not None:
-            shared = self.shared(x_in)
-            if self.shared_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_gate(x_in))
-            y_in = y_in + shared
+        y_in = self._add_shared(x_in, y_in)
         y_TD = y_in if keep_T is None else x_TD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_in)
         return y_TD.reshape(x.shape), self._sparse_aux(routing)
+
+    def route(self, x_TD: Tensor, side: Mapping[str, Tensor] | None = None) -> RoutingResult:
+        """The sparse router's pairs for flattened tokens ``(T, D)``; a router that reads the experts
+        (``reads_experts``: Autonomy-of-Experts, the ERC loss) is given this layer's :class:`GroupedExperts`."""
+        if self.router.reads_experts:
+            return self.router(x_TD, side, experts=self.experts)
+        return self.router(x_TD, side)
 
     def _sparse_aux(self, routing: RoutingResult) -> MoEAux:
         with torch.no_grad():
@@ -309,13 +317,47 @@ class MoE(nn.Module):
             routing=routing,
         )
 
-    def _forward_soft(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, MoEAux]:
-        """Soft MoE over groups: the last-but-one axis is the token axis L, the rest are groups G."""
+    def _add_shared(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` plus the (optionally gated) shared expert's output on ``x``."""
+        if self.shared is None:
+            return y
+        shared = self.shared(x)
+        if self.shared_gate is not None:
+            shared = shared * torch.sigmoid(self.shared_gate(x))
+        return y + shared
+
+    def _groups(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x (..., L, D)`` as groups ``(G, L, D)`` (the last-but-one axis is the token axis, the rest are groups)
+        and the mask as ``(G, L)``; ``(D,)`` is one group of one token."""
         if x.dim() >= 2:
             x_GLD = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], self.dim)
         else:
             x_GLD = x.reshape(1, 1, self.dim)
-        mask_GL = mask.reshape(x_GLD.shape[:2]) if mask is not None else None
+        return x_GLD, mask.reshape(x_GLD.shape[:2]) if mask is not None else None
+
+    def _forward_merged(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, MoEAux]:
+        """SMEAR over groups (as Soft MoE's): each group's tokens through its own merged expert."""
+        x_GLD, mask_GL = self._groups(x, mask)
+        merge: MergeRoutingResult = self.router(x_GLD, mask_GL)
+        y_GLD = self._add_shared(x_GLD, self.experts.forward_merged(x_GLD, merge.weights_GE))
+        if mask_GL is not None:
+            y_GLD = y_GLD * mask_GL.unsqueeze(-1)
+        with torch.no_grad():
+            # an expert's load: the tokens it is merged into, weighted by its share of the merge
+            weights_GE = merge.weights_GE.float()
+            if mask_GL is None:
+                tokens_per_expert = weights_GE.sum(0) * x_GLD.shape[1]
+                num_tokens = x_GLD.shape[0] * x_GLD.shape[1]
+            else:
+                tokens_per_expert = (weights_GE * mask_GL.sum(1, keepdim=True).float()).sum(0)
+                num_tokens = true_indices(mask_GL.reshape(-1)).shape[0]
+                weights_GE = weights_GE.index_select(0, true_indices(mask_GL.any(1)))  # groups with real tokens
+            entropy = routing_entropy(weights_GE)
+        return y_GLD.reshape(x.shape), _dropless_aux(merge.losses, tokens_per_expert, entropy, num_tokens)
+
+    def _forward_soft(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, MoEAux]:
+        """Soft MoE over groups: the last-but-one axis is the token axis L, the rest are groups G."""
+        x_GLD, mask_GL = self._groups(x, mask)
         soft: SoftRoutingResult = self.router(x_GLD, mask_GL)
         num_slots_total = self.num_experts * soft.slots_per_expert
         dispatch = soft.dispatch_GLS.to(x.dtype)
@@ -333,12 +375,7 @@ class MoE(nn.Module):
             .transpose(0, 1)
             .reshape(groups, num_slots_total, self.dim)
         )
-        y_GLD = torch.einsum("gls,gsd->gld", soft.combine_GLS.to(out_GSD.dtype), out_GSD)
-        if self.shared is not None:
-            shared = self.shared(x_GLD)
-            if self.shared_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_gate(x_GLD))
-            y_GLD = y_GLD + shared
+        y_GLD = self._add_shared(x_GLD, torch.einsum("gls,gsd->gld", soft.combine_GLS.to(out_GSD.dtype), out_GSD))
         if mask_GL is not None:
             y_GLD = y_GLD * mask_GL.unsqueeze(-1)
         with torch.no_grad():
@@ -348,15 +385,19 @@ class MoE(nn.Module):
             if mask_GL is not None:
                 combine_TS = combine_TS.index_select(0, true_indices(mask_GL.reshape(-1)))
             entropy = routing_entropy(combine_TS)
-        aux = MoEAux(
-            losses=soft.losses,
-            tokens_per_expert_E=tokens_per_expert,
-            dropped_frac=tokens_per_expert.new_zeros(()),
-            router_entropy=entropy,
-            expert_load_cv=load_cv(tokens_per_expert),
-            num_tokens=combine_TS.shape[0],
-        )
-        return y_GLD.reshape(x.shape), aux
+        return y_GLD.reshape(x.shape), _dropless_aux(soft.losses, tokens_per_expert, entropy, combine_TS.shape[0])
+
+
+def _dropless_aux(losses: dict[str, Tensor], tokens_per_expert_E: Tensor, entropy: Tensor, num_tokens: int) -> MoEAux:
+    """The aux of a path that drops no token (Soft MoE, SMEAR)."""
+    return MoEAux(
+        losses=losses,
+        tokens_per_expert_E=tokens_per_expert_E,
+        dropped_frac=tokens_per_expert_E.new_zeros(()),
+        router_entropy=entropy,
+        expert_load_cv=load_cv(tokens_per_expert_E),
+        num_tokens=num_tokens,
+    )
 
 
 def update_router_states(module: nn.Module) -> None:

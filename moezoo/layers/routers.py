@@ -13,6 +13,9 @@ attribute, ``kind``; the MoE layer, expert parallelism and the reports decide by
   and combine weights over the tokens of each group. Soft MoE has no pairs, and its weights mix the tokens of a
   whole sequence, so it cannot take the sparse signature (flattened tokens); it is its own kind, not a sparse
   router with a different signature.
+- ``kind == "merge"`` (SMEAR, :class:`moezoo.layers.expert_routers.SMEARRouter`): ``forward(x_GLD, mask_GL) ->
+  MergeRoutingResult``, one weight per expert and group; the layer runs one expert whose parameters are the
+  weighted mean of all experts' (no pairs either).
 
 Routers compute in fp32. Every router validates its options in :meth:`Router.check_options`, which its
 constructor calls and which :func:`check_router_kwargs` calls without building anything (a config object can
@@ -157,18 +160,22 @@ def keep_pairs(keep_N: Tensor, *pairs_N: Tensor) -> tuple[Tensor, ...]:
 class Router(nn.Module):
     """Base of every router: a linear gate ``x @ W`` computed in fp32, the common losses, option checks.
 
-    ``kind`` ("sparse" or "soft") says which forward contract the router follows (see the module docstring); a new
-    router subclasses :class:`SparseRouter` or :class:`SoftMoERouter`, which set it. ``needs_side`` names the side
-    inputs (class labels, language posteriors ...) a router requires.
+    ``kind`` ("sparse", "soft" or "merge") says which forward contract the router follows (see the module
+    docstring); a new router subclasses :class:`SparseRouter` or :class:`SoftMoERouter` (or ``SMEARRouter``),
+    which set it. ``needs_side`` names the side inputs (class labels, language posteriors ...) a router requires.
     """
 
-    kind: ClassVar[Literal["sparse", "soft"]]
+    kind: ClassVar[Literal["sparse", "soft", "merge"]]
     needs_side: ClassVar[tuple[str, ...]] = ()
     # Trailing feature dims of each side input (e.g. 1 for an embedding (..., G)): tells a per-sample input from a
     # per-token one whose width equals the sequence length. Inputs not named here have no feature dims.
     side_feature_dims: ClassVar[Mapping[str, int]] = {}
     # True when the router's rule can make a token's routing depend on its batchmates (see the module docstring).
     batch_dependent: ClassVar[bool] = False
+    # True for a sparse router that reads its layer's expert weights (Autonomy-of-Experts, the ERC loss): the MoE
+    # layer then calls ``forward(x_TD, side, experts=its GroupedExperts)`` (:meth:`moezoo.layers.MoE.route`).
+    # Every other router is called as before and never sees the experts.
+    reads_experts: ClassVar[bool] = False
 
     def __init__(self, dim: int, num_experts: int, balance_coef: float = 0.01, z_loss_coef: float = 0.0) -> None:
         super().__init__()

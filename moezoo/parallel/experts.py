@@ -201,6 +201,11 @@ def shard_experts(module: nn.Module, groups: ExpertParallelGroups) -> list[str]:
                 f"MoE layer {name!r} has a router of kind {getattr(router, 'kind', None)!r}; expert parallelism "
                 "supports routers that return (token, expert, gate) pairs ('sparse') and Soft MoE ('soft')"
             )
+        if router.reads_experts:
+            raise ValueError(
+                f"MoE layer {name!r} has a router that reads every expert's weights ({type(router).__name__}); "
+                "expert parallelism keeps only this rank's experts, so such a router cannot run sharded"
+            )
         if isinstance(moe.experts, ExpertParallelExperts):
             continue
         if not isinstance(moe.experts, GroupedExperts):

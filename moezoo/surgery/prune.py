@@ -70,7 +70,7 @@ def _sparse_moes(model: nn.Module, plan: object, what: str) -> dict[str, MoE]:
             raise ValueError(f"{what} names layers that are not MoE layers of the model: {unknown}")
     soft = [path for path, m in layers.items() if m.router.kind != "sparse"]
     if soft:
-        raise ValueError(f"pruning and merging need sparse routers; these layers are Soft MoE: {soft}")
+        raise ValueError(f"pruning and merging need sparse routers; these layers are Soft MoE or SMEAR: {soft}")
     return layers
 
 

@@ -2,10 +2,12 @@
 
 Rows (``configs/vision/fmnist_vit_<router>.yaml``, equal active compute per token): top-k token choice, V-MoE
 batch-prioritized routing, expert choice, Sinkhorn, sigmoid with loss-free balancing, Soft MoE and the dense twin.
-The routers of ``moezoo.layers.routers_extra`` (``EXTRA_ROUTERS``: top-p, X-MoE, M6-T prototypes, HyperRouter,
-attention router, mixture of routers, GMM, Expert Race, VQ, StableMoE, GW-MoE, SMILE bi-level, Rectify fill-in,
-THOR) have configs of their own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in
-the default budgets (each row is CPU hours at ``--full``).
+The routers of ``moezoo.layers.routers_extra`` and ``moezoo.layers.expert_routers`` (``EXTRA_ROUTERS``: top-p,
+X-MoE, M6-T prototypes, HyperRouter, attention router, mixture of routers, GMM, Expert Race, VQ, StableMoE, GW-MoE,
+SMILE bi-level, Rectify fill-in, THOR, Autonomy-of-Experts, top-k with the ERC loss, SMEAR) have configs of their
+own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in the default budgets (each row
+is CPU hours at ``--full``). All run at top-2's active compute except SMEAR (one merged expert: half of it, with
+the same parameters).
 Metric: test accuracy (10,000 test images; quick: the first 1,024), with training throughput, inference
 throughput (512 test images), expert-load CV and dropped fraction on the test split, and routing shares per
 class. The DiT generation table is ``moezoo bench generation``.
@@ -41,6 +43,9 @@ EXTRA_ROUTERS = (
     "bilevel",
     "rectify",
     "thor",
+    "aoe",
+    "erc",
+    "smear",
 )
 VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS)
 INFER_IMAGES = 512

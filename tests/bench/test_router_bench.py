@@ -25,15 +25,24 @@ def test_router_bench_prints_a_row_per_router(capsys: pytest.CaptureFixture[str]
 
 def test_soft_and_side_input_routers_are_not_offered() -> None:
     assert "soft" not in routers.sparse_routers() and "language" not in routers.sparse_routers()
-    assert {"topk", "xmoe", "expert_race"} <= set(routers.sparse_routers())
+    assert {"topk", "xmoe", "expert_race", "aoe", "erc", "smear"} <= set(routers.sparse_routers())
+
+
+def test_sequences_split_the_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    """SMEAR merges once per sequence: ``--sequences`` is the batch of examples the T tokens come in."""
+    argv = ["--shape", "32,8,8,4,2", "--sequences", "4", "--repeats", "1", "--routers", "topk,smear"]
+    assert routers.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 sequence(s)" in out and "| smear |" in out and "| 1.00 |" in out  # one merged expert per token
 
 
 @pytest.mark.parametrize(
     "argv,match",
     [
         (["--shape", "1,2,3"], "five integers T,D,F,E,K"),
-        (["--routers", "soft"], "are not sparse routers without side inputs"),
+        (["--routers", "soft"], "are not token routers without side inputs"),
         (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--shape", "32,8,8,4,2", "--sequences", "5"], "--sequences must be a positive divisor of T=32, got 5"),
     ],
 )
 def test_bad_arguments_are_clear_errors(argv, match, capsys) -> None:

@@ -44,6 +44,10 @@ CASES = {
     "bilevel": ("bilevel", {"num_groups": 2}),
     "rectify": ("rectify", {"capacity_factor": 0.75}),
     "thor": ("thor", {}),
+    # moezoo.layers.expert_routers (the layer hands them its experts)
+    "aoe": ("aoe", {}),
+    "erc": ("erc", {}),
+    "smear": ("smear", {}),  # its own kind: one merged expert per example
 }
 DIM = 8
 

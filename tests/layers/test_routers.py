@@ -282,10 +282,12 @@ def test_check_router_kwargs_without_building():
 @pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_every_router_has_a_kind_and_valid_defaults(name):
     from moezoo.layers import SoftMoERouter, SparseRouter, check_router_kwargs
+    from moezoo.layers.expert_routers import SMEARRouter
 
     router_class = ROUTERS[name]
-    assert router_class.kind in ("sparse", "soft")
-    assert issubclass(router_class, SoftMoERouter if router_class.kind == "soft" else SparseRouter)
+    assert router_class.kind in ("sparse", "soft", "merge")
+    base = {"soft": SoftMoERouter, "merge": SMEARRouter}.get(router_class.kind, SparseRouter)
+    assert issubclass(router_class, base)
     check_router_kwargs(name, {}, num_experts=4)
 
 

@@ -26,11 +26,12 @@ def _objective(pairs, losses, weight_TE):
     return total + sum((v.double() for v in losses.values()), torch.zeros((), dtype=torch.float64))
 
 
-def check_against_oracle(router, x, oracle, atol=1e-5):
+def check_against_oracle(router, x, oracle, atol=1e-5, experts=None):
     """``oracle(x) -> (pairs, losses)``: the same pairs, gates and losses, and the same gradients of
-    ``sum w_te * gate_te + sum losses`` with respect to the input and every router parameter."""
+    ``sum w_te * gate_te + sum losses`` with respect to the input and every router parameter (and, for a router
+    that reads the experts, every parameter of ``experts``, which it is then given)."""
     x = x.clone().requires_grad_(True)
-    result = router(x)
+    result = router(x) if experts is None else router(x, None, experts=experts)
     got_pairs = list(zip(result.token_idx_N.tolist(), result.expert_idx_N.tolist(), result.gate_N))
     want_pairs, want_losses = oracle(x.double())  # the oracle in float64: the reference, not a second fp32 run
     assert sorted((t, e) for t, e, _ in got_pairs) == sorted((t, e) for t, e, _ in want_pairs)
@@ -42,9 +43,12 @@ def check_against_oracle(router, x, oracle, atol=1e-5):
         torch.testing.assert_close(result.losses[name], value.to(result.losses[name].dtype), atol=atol, rtol=1e-4)
     weight_TE = torch.randn(x.shape[0], router.num_logits)
     params = [x, *(p for p in router.parameters() if p.requires_grad)]
+    names = ["x", *(n for n, p in router.named_parameters() if p.requires_grad)]
+    if experts is not None:
+        params += list(experts.parameters())
+        names += [f"experts.{n}" for n, _ in experts.named_parameters()]
     got = torch.autograd.grad(_objective(got_pairs, result.losses, weight_TE), params, allow_unused=True)
     want = torch.autograd.grad(_objective(want_pairs, want_losses, weight_TE), params, allow_unused=True)
-    names = ["x", *(n for n, p in router.named_parameters() if p.requires_grad)]
     for name, g, w in zip(names, got, want):
         g = torch.zeros_like(params[names.index(name)]) if g is None else g
         w = torch.zeros_like(g) if w is None else w
