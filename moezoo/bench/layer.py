@@ -230,10 +230,11 @@ def breakdown_parts(
 
 def floor_ratios(result: Interleaved, layer: str = "moezoo") -> list[float]:
     """Per round: ``layer``'s time over the floor ``router + expert GEMMs + (dense - dense GEMMs) + gather/scatter``
-    of the same round (see :func:`breakdown_parts`)."""
+    of the same round (see :func:`breakdown_parts`); ``dense - dense GEMMs`` (the activation and the rest) is taken
+    as 0 in a round where noise makes it negative (tiny shapes on a busy machine)."""
     t = result.times_ms
     floors = (
-        r + g + (d - dg) + s
+        r + g + max(d - dg, 0.0) + s
         for r, g, d, dg, s in zip(
             t["router"], t["expert GEMMs"], t["dense"], t["dense GEMMs"], t["gather/scatter"], strict=True
         )
