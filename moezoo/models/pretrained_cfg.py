@@ -44,6 +44,9 @@ class PretrainedCfg:
     # The input contract (moezoo.data.transforms: image size/channels/mean/std, audio features, series scaler and
     # look-back); empty in records written before it existed.
     input: dict[str, Any] = field(default_factory=dict)
+    # Markdown lines the card shows after its routing statistics (further evaluations with their commands, the data
+    # mixture of a pretrained model ...): `moezoo zoo release --notes FILE`.
+    notes: list[str] = field(default_factory=list)
 
     def tolerance_for(self, metric: str) -> float:
         """The absolute tolerance of ``metric`` in ``moezoo zoo eval``: the registered one, else the default."""

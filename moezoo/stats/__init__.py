@@ -5,6 +5,7 @@ Pure PyTorch (matplotlib only inside :mod:`moezoo.stats.heatmaps`, imported lazi
 ``moezoo.models.parameter_counts`` and the zoo all use these functions rather than their own.
 """
 
+from moezoo.stats.forecast import forecast_errors
 from moezoo.stats.params import ComponentCount, ParameterCounts, count_parameters
 from moezoo.stats.routing import LayerSummary, RoutingStats, TokenGroups
 from moezoo.stats.throughput import RateMeter, median_rate, median_rates
@@ -17,6 +18,7 @@ __all__ = [
     "RoutingStats",
     "TokenGroups",
     "count_parameters",
+    "forecast_errors",
     "median_rate",
     "median_rates",
 ]

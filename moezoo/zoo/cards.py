@@ -33,6 +33,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "moe_patchtst": {
         "pipeline": "time-series-forecasting", "task": "Time Series Forecasting", "results": ("mse", "mae"),
     },
+    "moe_tsfm": {
+        "pipeline": "time-series-forecasting", "task": "Time Series Forecasting", "results": ("mse", "mae", "mase"),
+    },
     "moe_dit": {"pipeline": "unconditional-image-generation", "task": "Class-conditional Image Generation",
                 "results": ("fd_fmnist", "sample_acc")},
     "moe_yolo": {"pipeline": "object-detection", "task": "Object Detection",
@@ -40,7 +43,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 METRIC_IDS = {
     "acc": "accuracy", "cer": "cer", "wer": "wer", "mse": "mse", "mae": "mae", "mAP": "map", "mAP50": "map50",
-    "AR100": "mar100", "fd_fmnist": "frechet_distance", "sample_acc": "accuracy",
+    "AR100": "mar100", "fd_fmnist": "frechet_distance", "sample_acc": "accuracy", "mase": "mase",
 }  # fmt: skip
 # Data module -> the dataset id written in the front matter (a Hub id where the data is on the Hub).
 DATASET_IDS = {
@@ -54,7 +57,7 @@ DATASET_IDS = {
 FINETUNE_CONFIGS = {
     "moe_vit": "configs/finetune/vision_imagefolder.yaml", "moe_conformer": "configs/finetune/speech_numbers.yaml",
     "moe_patchtst": "configs/finetune/timeseries_etth1.yaml", "moe_dit": "configs/finetune/generation_fmnist.yaml",
-    "moe_yolo": "configs/finetune/detection_canvas.yaml",
+    "moe_yolo": "configs/finetune/detection_canvas.yaml", "moe_tsfm": "configs/timeseries/tsfm_etth1_finetune.yaml",
 }  # fmt: skip
 INTENDED_USE = {
     "moe_vit": "classifying small images like its training data, and as a starting point for fine-tuning a sparse "
@@ -64,6 +67,9 @@ INTENDED_USE = {
     "re-initialises the CTC head)",
     "moe_patchtst": "forecasting the series it was trained on at its look-back and horizon, and as a starting point "
     "for fine-tuning on related series (`pred_len=H` re-initialises the forecast head)",
+    "moe_tsfm": "zero-shot forecasting of univariate or multivariate series (each channel on its own) at any "
+    "look-back of at least 16 steps and any horizon, and as a starting point for fine-tuning on a user's series (no "
+    "weight depends on the horizon, look-back or channel count)",
     "moe_dit": "sampling class-conditional images of its training classes and studying expert specialisation in a "
     "diffusion transformer",
     "moe_yolo": "detecting objects in images like its training canvases and studying how a mixture of detectors "
@@ -187,7 +193,7 @@ def how_to(cfg: PretrainedCfg, base: str, load: str) -> list[str]:
             "ids = ctc_greedy_decode(log_probs, torch.tensor([log_probs.shape[1]]))[0]",
             "print(repr(CharVocab().decode(ids)))",
         ]
-    elif family == "moe_patchtst":
+    elif family in ("moe_patchtst", "moe_tsfm"):
         cols = contract.get("num_channels", 1)
         body = [
             f"series = np.random.default_rng(0).normal(size=({contract.get('seq_len', 96) + 4}, {cols}))"
@@ -342,6 +348,8 @@ def render_card(name: str, cfg: PretrainedCfg, folder: str | None = None, archit
         lines.append("Not recorded.")
     else:
         lines.append("None: this model has no MoE layers.")
+    if cfg.notes:
+        lines += ["", "## Further evaluation and notes", "", *cfg.notes]
     lines += ["", "## Citations", ""]
     lines += [f"- {text}" for text in cfg.citations] or ["- none"]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from moezoo.tasks.timeseries.data import (
     split_borders,
 )
 from moezoo.tasks.timeseries.forecasting import BestValWeights, ForecastingTask, plot_forecasts
+from moezoo.tasks.timeseries.pretrain import TSFMPretrainDataModule, TSFMPretrainTask, build_mixture, load_mixture
 
 __all__ = [
     "BestValWeights",
@@ -22,7 +23,11 @@ __all__ = [
     "ForecastDataModule",
     "ForecastingTask",
     "StandardScaler",
+    "TSFMPretrainDataModule",
+    "TSFMPretrainTask",
     "WindowDataset",
+    "build_mixture",
+    "load_mixture",
     "plot_forecasts",
     "read_csv_series",
     "split_borders",

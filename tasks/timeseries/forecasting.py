@@ -14,19 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moezoo.layers import MoEAux
-from moezoo.stats import TokenGroups
+from moezoo.stats import TokenGroups, forecast_errors
 from moezoo.tasks.base import MoETask
 
 LOSSES = ("mse", "huber")
 
 
 class ForecastingTask(MoETask):
-    """MSE or Huber loss on the normalised scale plus the routers' balance losses; logs ``mse`` and ``mae``.
+    """MSE or Huber loss on the normalised scale plus the routers' balance losses; logs ``mse``, ``mae`` and
+    ``mase`` (:func:`moezoo.stats.forecast_errors`).
 
     Args:
         loss: ``"mse"`` or ``"huber"`` (``huber_delta``); the metrics are MSE and MAE whatever the loss.
         num_plot_windows: at the end of a test, plot the first window of each of the first n test batches
             (look-back, truth, forecast of the last channel, the target) into ``<log dir>/forecasts.png``.
+        mase_period: the season of MASE's in-sample naive scale (24 for hourly data with a daily cycle; 1: the
+            last-value scale), an integer in ``[1, seq_len)``.
         model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
             :class:`moezoo.tasks.base.MoETask`. The public PatchTST / LTSF-Linear recipes use
             ``optimizer: torch.optim.Adam`` and ``lr_scheduler: moezoo.tasks.optim.StepDecayLR`` (per epoch).
@@ -42,6 +45,7 @@ class ForecastingTask(MoETask):
         loss: str = "mse",
         huber_delta: float = 1.0,
         num_plot_windows: int = 4,
+        mase_period: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, model_kwargs, **kwargs)
@@ -51,6 +55,9 @@ class ForecastingTask(MoETask):
             raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
         if num_plot_windows < 0:
             raise ValueError(f"num_plot_windows must be >= 0, got {num_plot_windows}")
+        if not isinstance(mase_period, int) or isinstance(mase_period, bool) or mase_period < 1:
+            raise ValueError(f"mase_period must be a positive integer, got {mase_period!r}")
+        self.mase_period = mase_period
         self.loss_name = loss
         self.huber_delta = huber_delta
         self.num_plot_windows = num_plot_windows
@@ -72,7 +79,7 @@ class ForecastingTask(MoETask):
             loss = F.mse_loss(pred, y)
         else:
             loss = F.huber_loss(pred, y, delta=self.huber_delta)
-        metrics = {"mse": F.mse_loss(pred.detach(), y), "mae": F.l1_loss(pred.detach(), y)}
+        metrics = forecast_errors(pred.detach(), y, x, self.mase_period)
         if stage == "test" and len(self._plot_windows) < self.num_plot_windows:
             # The first window of each test batch: windows spread over the test period.
             self._plot_windows.append((x[0, :, -1].cpu(), y[0, :, -1].cpu(), pred[0, :, -1].detach().cpu()))

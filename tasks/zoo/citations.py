@@ -24,6 +24,20 @@ FAMILY_CITATIONS = {
         "Kim et al., Reversible Instance Normalization for Accurate Time-Series Forecasting against Distribution "
         "Shift (RevIN), ICLR 2022",
     ],
+    "moe_tsfm": [
+        "Shi et al., Time-MoE: Billion-Scale Time Series Foundation Models with Mixture of Experts, ICLR 2025, "
+        "arXiv:2409.16040",
+        "Liu et al., Moirai-MoE: Empowering Time Series Foundation Models with Sparse Mixture of Experts, "
+        "arXiv:2410.10469",
+        "Das et al., A decoder-only foundation model for time-series forecasting (TimesFM), ICML 2024, "
+        "arXiv:2310.10688",
+        "Nie et al., A Time Series is Worth 64 Words: Long-term Forecasting with Transformers (PatchTST), ICLR 2023, "
+        "arXiv:2211.14730",
+        "Kim et al., Reversible Instance Normalization for Accurate Time-Series Forecasting against Distribution "
+        "Shift (RevIN), ICLR 2022",
+        "Su et al., RoFormer: Enhanced Transformer with Rotary Position Embedding, arXiv:2104.09864",
+        "Hyndman and Koehler, Another look at measures of forecast accuracy (MASE), IJF 2006",
+    ],
     "moe_dit": ["Peebles and Xie, Scalable Diffusion Models with Transformers (DiT), ICCV 2023, arXiv:2212.09748"],
     "moe_yolo": [
         "Redmon et al., You Only Look Once: Unified, Real-Time Object Detection, CVPR 2016",

@@ -157,6 +157,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         citations=list(args.cite),
         tolerance=_tolerances(args.tolerance),
         storage_dtype=args.storage_dtype,
+        notes=Path(args.notes).read_text().splitlines() if args.notes else [],
         weights_dir=Path(args.weights_dir) if args.weights_dir else None,
         cards_dir=Path(args.cards_dir),
     )
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STORAGE_DTYPES,
         help="store floating weights in this dtype (half the size; the card is evaluated with the rounded weights)",
     )
+    p.add_argument("--notes", default=None, help="a markdown file shown in the card (further evaluation, data)")
     p.add_argument("--weights-dir", default=None, help="default: the package's moezoo/weights")
     p.add_argument("--cards-dir", default=str(CARDS_DIR))
     p.set_defaults(func=cmd_release)

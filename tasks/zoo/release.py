@@ -47,6 +47,7 @@ class ReleaseRequest:
     citations: list[str] = field(default_factory=list)  # extra ones; the family's and router's are added
     tolerance: dict[str, float] = field(default_factory=dict)  # absolute, per metric
     storage_dtype: str = "float32"
+    notes: list[str] = field(default_factory=list)  # markdown lines for the card
     weights_dir: Path | None = None  # default: the package's moezoo/weights
     cards_dir: Path = CARDS_DIR
 
@@ -136,6 +137,7 @@ def release(request: ReleaseRequest) -> tuple[PretrainedCfg, Path, Path]:
         limitations=list(request.limitations),
         citations=citations_for(base, _router_name(model), has_moe_layers, request.citations),
         input=input_contract(datamodule),
+        notes=list(request.notes),
     )
     routers = router_summary(model)
     metrics, routing = run_evaluation(cfg, model=model)

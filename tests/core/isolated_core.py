@@ -93,7 +93,7 @@ def example_inputs(name: str, model: Any) -> tuple[Any, ...]:
         return x, torch.rand(2), torch.randint(0, model.num_classes, (2,))
     if family == "moe_conformer":
         return torch.randn(2, 48, model.n_mels), torch.tensor([48, 31])
-    if family in ("moe_patchtst", "patchtst", "nlinear", "dlinear", "last_value", "seasonal_naive"):  # forecasters
+    if family in ("moe_patchtst", "patchtst", "nlinear", "dlinear", "last_value", "seasonal_naive", "moe_tsfm"):
         return (torch.randn(2, model.seq_len, model.num_channels),)
     if family == "moe_yolo":
         return (torch.randn(2, model.in_chans, 64, 64),)

@@ -85,8 +85,11 @@ def test_task_loss_metrics_and_plot(loss, tmp_path):
     task = ForecastingTask("moe_patchtst_debug", {"moe": {"dense": False}}, loss=loss)
     x, y = torch.randn(4, 32, 3), torch.randn(4, 8, 3)
     value, auxes, metrics, batch_size = task.compute_loss((x, y), "test")
-    assert batch_size == 4 and len(auxes) == 2 and set(metrics) == {"mse", "mae"}
+    assert batch_size == 4 and len(auxes) == 2 and set(metrics) == {"mse", "mae", "mase"}
     pred = task.model(x)
+    torch.testing.assert_close(metrics["mae"], torch.nn.functional.l1_loss(pred, y))
+    naive_mae = (x[:, 1:] - x[:, :-1]).abs().mean(1)  # the task's default MASE season is 1
+    torch.testing.assert_close(metrics["mase"], ((pred - y).abs().mean(1) / naive_mae).mean())
     if loss == "mse":
         torch.testing.assert_close(value, metrics["mse"])
     else:
