@@ -118,19 +118,19 @@ class MoEZooCLI(LightningCLI):
         """Lightning replaces the config's model by the checkpoint's: first make sure both are the same task, so
         that a checkpoint of another task is an error naming both instead of a failure deep in the run."""
         check_checkpoint_task(self.config)
-        subcommand = self.config.get("subcommand")
-        if not subcommand or not self._command_line_model_args:
-            super()._parse_ckpt_path()
-            return
         # Lightning lets the checkpoint's hyperparameters overwrite the command line too; what the user typed for
         # this run (a score threshold, an output folder, an evaluation setting) wins over what training saved.
-        init_args = self.config[subcommand]["model"].get("init_args") or {}
-        typed = {name: init_args[name] for name in self._command_line_model_args if name in init_args}
+        subcommand = self.config.get("subcommand")
+        typed: dict[str, Any] = {}
+        if subcommand and self._command_line_model_args:
+            init_args = self.config[subcommand]["model"].get("init_args") or {}
+            typed = {name: init_args[name] for name in self._command_line_model_args if name in init_args}
         super()._parse_ckpt_path()
-        init_args = self.config[subcommand]["model"].get("init_args")
-        for name, value in typed.items():
-            if init_args is not None and name in init_args:
-                init_args[name] = value
+        if typed:
+            init_args = self.config[subcommand]["model"].get("init_args") or {}
+            for name, value in typed.items():
+                if name in init_args:
+                    init_args[name] = value
 
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config)
