@@ -1,15 +1,19 @@
 """``moezoo bench surgery``: the evidence for :mod:`moezoo.surgery` (issue 17), two studies.
 
-``moezoo bench surgery upcycle [--domains vision,timeseries] [--steps 100,300] [--seeds 0,1] [--scratch last]``
+``moezoo bench surgery upcycle [--domains vision,timeseries,speech] [--steps 100,300] [--seeds 0,1] [--scratch last]
+[--trainer.*|--model.*|--data.* VALUE ...]``
   Sparse upcycling against continued dense training. From a released dense twin, for each number S of extra
   training steps, each seed: (a) ``dense``: the dense model trained S more steps; (b) ``upcycled``: the dense model
   upcycled (each FFN cut into 2 halves, 4 copies: 8 experts of half width, top-2, so the MoE costs the dense FLOPs
   per token; virtual-group router, :func:`moezoo.surgery.upcycle`) and trained S steps with (a)'s recipe;
   (c) ``scratch``: the same MoE trained from scratch for the dense twin's training steps plus S (equal *total*
   compute), for the largest S (``--scratch last``), every S (``all``) or none. Each run is ``moezoo fit`` of a
-  config in ``configs/surgery/`` with ``--trainer.max_steps``; the final weights are tested.
-  Domains: ``vision`` (``moe_vit_tiny.fmnist_dense``, Fashion-MNIST test accuracy; released after 3870 steps) and
-  ``timeseries`` (``moe_patchtst_tiny.etth1_dense_336_96``, ETTh1 336->96 test MSE; released after 650 steps).
+  config in ``configs/surgery/`` with ``--trainer.max_steps`` (and any fit overrides given, e.g.
+  ``--data.init_args.preset smoke`` for a smoke run of one domain); the final weights are tested.
+  Domains: ``vision`` (``moe_vit_tiny.fmnist_dense``, Fashion-MNIST test accuracy; released after 3870 steps),
+  ``timeseries`` (``moe_patchtst_tiny.etth1_dense_336_96``, ETTh1 336->96 test MSE; released after 650 steps) and
+  ``speech`` (``moe_conformer_tiny.numbers_dense``, Conformer-CTC on the generated spoken-number corpus, test CER;
+  released after 1128 steps).
 
 ``moezoo bench surgery prune [--domains vision,timeseries] [--seeds 0,1] [--calib 256]``
   Expert pruning and merging of a released MoE without retraining: for E, 3E/4, E/2 and E/4 experts kept per
@@ -37,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moezoo.tasks.bench.runner import RunSpec
-from moezoo.tasks.bench.suite import run_pending
+from moezoo.tasks.bench.runner import RunSpec, merge_overrides
+from moezoo.tasks.bench.suite import FIT_PREFIXES, run_pending
 
 VARIANTS = ("dense", "upcycled", "scratch")
 SCRATCH = ("last", "all", "none")
@@ -65,6 +69,11 @@ UPCYCLE = {
     "timeseries": UpcycleDomain(
         "moe_patchtst_tiny.etth1_dense_336_96", "ETTh1 336->96", 650, "test/mse", False,
         {v: f"configs/surgery/etth1_{c}.yaml" for v, c in
+         zip(VARIANTS, ("dense_continue", "upcycled", "moe_scratch"))},
+    ),
+    "speech": UpcycleDomain(
+        "moe_conformer_tiny.numbers_dense", "generated spoken numbers", 1128, "test/cer", False,
+        {v: f"configs/surgery/numbers_{c}.yaml" for v, c in
          zip(VARIANTS, ("dense_continue", "upcycled", "moe_scratch"))},
     ),
 }  # fmt: skip
@@ -132,18 +141,22 @@ def _verdict_text(metric: str, name: str, a: Sequence[float], baseline: str, b: 
 
 
 # -- upcycling -----------------------------------------------------------------------------------------------------
-def upcycle_runs(domains: Sequence[str], steps: Sequence[int], seeds: Sequence[int], scratch: str) -> list[RunSpec]:
-    """Every run of the upcycling study, cheapest first (all dense/upcycled runs before the scratch runs)."""
+def upcycle_runs(
+    domains: Sequence[str], steps: Sequence[int], seeds: Sequence[int], scratch: str, fit_overrides: Sequence[str] = ()
+) -> list[RunSpec]:
+    """Every run of the upcycling study, cheapest first (all dense/upcycled runs before the scratch runs).
+    ``fit_overrides`` (``--trainer.*``, ``--model.*``, ``--data.*`` pairs) go to every run; the study's step
+    budget replaces any ``--trainer.max_steps`` among them."""
     runs, late = [], []
     for domain in domains:
         spec = UPCYCLE[domain]
         for s in steps:
             for seed in seeds:
                 for variant in ("dense", "upcycled"):
-                    overrides = ("--trainer.max_steps", str(s))
+                    overrides = merge_overrides(fit_overrides, ("--trainer.max_steps", str(s)))
                     runs.append(RunSpec(f"{domain}/{variant}", seed, spec.configs[variant], overrides, str(s)))
                 if scratch == "all" or (scratch == "last" and s == max(steps)):
-                    overrides = ("--trainer.max_steps", str(spec.sunk_steps + s))
+                    overrides = merge_overrides(fit_overrides, ("--trainer.max_steps", str(spec.sunk_steps + s)))
                     late.append(RunSpec(f"{domain}/scratch", seed, spec.configs["scratch"], overrides, str(s)))
     return runs + late
 
@@ -306,7 +319,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("study", choices=("upcycle", "prune"))
-    p.add_argument("--domains", nargs="+", default=None, help="comma or space separated: vision, timeseries")
+    p.add_argument("--domains", nargs="+", default=None, help="comma or space separated: vision, timeseries, speech")
     p.add_argument("--seeds", nargs="+", default=["0,1"], help="training seeds (upcycle), calibration seeds (prune)")
     p.add_argument("--steps", nargs="+", default=["100,300"], help="upcycle: extra training steps S")
     p.add_argument("--scratch", choices=SCRATCH, default="last", help="upcycle: for which S to train (c)")
@@ -316,7 +329,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tables", action="store_true", help="only print the tables of --json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="bench_results/runs/surgery", help="upcycle: folder of the runs' files")
-    args = p.parse_args(list(argv))
+    args, rest = p.parse_known_args(list(argv))
+    unknown = [a for a in rest if a.startswith("--") and not a.startswith(FIT_PREFIXES)]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (fit overrides start with {', '.join(FIT_PREFIXES)})")
+    if rest and args.study != "upcycle":
+        p.error(f"fit overrides {' '.join(rest)} apply to the upcycle study only")
+    try:
+        args.fit_overrides = list(merge_overrides(rest))
+    except ValueError as err:
+        p.error(str(err))
     args.domains = _list(args.domains) or list(UPCYCLE)
     bad = [d for d in args.domains if d not in UPCYCLE]
     if bad:
@@ -351,11 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _save(args.json, args.study, record_args, done)
 
     if args.study == "upcycle":
-        todo = upcycle_runs(args.domains, args.steps, args.seeds, args.scratch)
+        todo = upcycle_runs(args.domains, args.steps, args.seeds, args.scratch, args.fit_overrides)
         print(f"moezoo bench surgery upcycle: {len(todo)} runs, {len(runs)} kept", flush=True)
 
         def show(record: dict[str, Any]) -> str:
-            return ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if k in ("test/acc", "test/mse"))
+            metric = UPCYCLE[record["variant"].split("/")[0]].metric
+            return f"{metric} {record['metrics'][metric]:.4f}"
 
         run_pending(todo, runs, Path(args.out), "surgery upcycle", show, save=save)
     else:
