@@ -5,13 +5,18 @@ Both keep the layer an ordinary :class:`moezoo.MoE` with fewer experts: the expe
 only, which is the renormalisation: with renormalised top-k gates, removing experts no token chose leaves every
 output unchanged. A merged expert keeps the router row of its most frequent member (MC-SMoE's dominant expert).
 
+A router shared by several layers (the Omni-Router of the speech Conformer: one instance passed to every MoE
+layer) has one gate row per expert for all of them, so those layers keep the same experts: scores (and, for
+merging, frequencies and weight similarities) are summed over the layers that share the router, the router is
+sliced once and each layer's experts by the same indices.
+
 The report's ``kept`` / ``groups`` replay the same structure on a freshly built model (then ``load_state_dict``
 restores the weights): that is how a pruned or merged model is saved and reloaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,14 +79,29 @@ def _sparse_moes(model: nn.Module, plan: object, what: str) -> dict[str, MoE]:
     return layers
 
 
-def keep_experts(moe: MoE, keep: Sequence[int]) -> None:
-    """Slice ``moe`` (experts and router) to the experts ``keep``, in that order."""
-    old = moe.num_experts
+def router_groups(layers: Mapping[str, MoE]) -> list[list[str]]:
+    """The layers' paths grouped by router instance, in model order: a group of several paths shares one router."""
+    groups: dict[int, list[str]] = {}
+    for path, moe in layers.items():
+        groups.setdefault(id(moe.router), []).append(path)
+    return list(groups.values())
+
+
+def keep_experts(moe: MoE | Sequence[MoE], keep: Sequence[int]) -> None:
+    """Slice ``moe`` (experts and router) to the experts ``keep``, in that order. A sequence of MoE layers that
+    share one router is sliced together: the router once, every layer's experts by the same indices."""
+    moes = [moe] if isinstance(moe, MoE) else list(moe)
+    if not moes or any(m.router is not moes[0].router for m in moes):
+        raise ValueError("keep_experts slices one MoE layer or several that share one router instance")
+    old = moes[0].num_experts
+    if any(m.num_experts != old for m in moes):
+        raise ValueError(f"layers sharing a router must have the same number of experts, got "
+                         f"{[m.num_experts for m in moes]}")  # fmt: skip
     idx = list(keep)
     if not idx or len(set(idx)) != len(idx) or any(not 0 <= i < old for i in idx):
         raise ValueError(f"keep must list distinct expert indices in [0, {old}), got {idx}")
-    router = moe.router
-    top_k = getattr(router, "top_k", moe.top_k)
+    router = moes[0].router
+    top_k = getattr(router, "top_k", moes[0].top_k)
     capacity = len(idx) + getattr(router, "num_null_experts", 0)
     if top_k > capacity:
         raise ValueError(f"keeping {len(idx)} experts leaves fewer than the router's top_k={top_k}")
@@ -101,13 +121,15 @@ def keep_experts(moe: MoE, keep: Sequence[int]) -> None:
         if name in ROUTER_EXPERT_BUFFERS:
             setattr(router, name, b[index.to(b.device)].clone())
     router.num_experts = len(idx)
-    experts = moe.experts
-    for name in ("w_in", "w_out", "b_in", "b_out"):
-        p = getattr(experts, name)
-        if p is not None:
-            setattr(experts, name, nn.Parameter(p.detach()[index.to(p.device)].clone(), requires_grad=p.requires_grad))
-    experts.num_experts = len(idx)
-    moe.num_experts = len(idx)
+    for layer in moes:
+        experts = layer.experts
+        for name in ("w_in", "w_out", "b_in", "b_out"):
+            p = getattr(experts, name)
+            if p is not None:
+                sliced = p.detach()[index.to(p.device)].clone()
+                setattr(experts, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
+        experts.num_experts = len(idx)
+        layer.num_experts = len(idx)
 
 
 def _select(scores: Tensor, n: int) -> list[int]:
@@ -132,6 +154,26 @@ def _need_stats(stats: Mapping[str, ExpertStats] | None, path: str, what: str) -
     return stats[path]
 
 
+def _shared_plan(plan: Mapping[str, Any], paths: Sequence[str], what: str, norm: Callable[[Any], Any]) -> Any:
+    """What ``plan`` (argument ``what``) says for the layers ``paths``, which share one router: ``None`` when it
+    names none of them, else the one value it gives every one of them (``norm`` makes the values comparable)."""
+    named = [p for p in paths if p in plan]
+    if not named:
+        return None
+    values = [norm(plan[p]) for p in named]
+    if len(named) != len(paths) or any(v != values[0] for v in values):
+        raise ValueError(
+            f"{what}: layers {list(paths)} share one router, so {what} must give every one of them the same value; "
+            f"got {dict((p, plan[p]) for p in named)}"
+        )
+    return values[0]
+
+
+def _summed(stats: Mapping[str, ExpertStats] | None, paths: Sequence[str], what: str, score: str) -> Tensor:
+    """``score`` (a criterion, or ``frequency``) of every expert, summed over the layers ``paths``."""
+    return torch.stack([_need_stats(stats, p, what).scores(score) for p in paths]).sum(0)
+
+
 def prune_experts(
     model: nn.Module,
     keep: int | float | Mapping[str, Sequence[int]],
@@ -143,37 +185,42 @@ def prune_experts(
     ``keep``: experts kept per layer (an int, or a fraction of each layer's experts), chosen by ``criterion``
     (``"reap"``: highest router-weighted output norm; ``"frequency"``: most routed) from ``stats``
     (:func:`~moezoo.surgery.calibrate`); or a mapping ``path -> expert indices`` (no statistics needed).
+    Layers that share one router keep the same experts: scores summed over them, the same indices in a mapping.
     """
     if criterion not in ("reap", "frequency"):
         raise ValueError(f"criterion={criterion!r} is unknown; choose 'reap' or 'frequency'")
     layers = _sparse_moes(model, keep, "keep")
     before_total = _count(model)
     entries = []
-    for path, moe in layers.items():
+    for paths in router_groups(layers):
+        moes = [layers[p] for p in paths]
         if isinstance(keep, Mapping):
-            if path not in keep:
+            idx = _shared_plan(keep, paths, "keep", list)
+            if idx is None:
                 continue
-            idx = list(keep[path])
         else:
-            n = _resolve_count(keep, moe.num_experts)
-            idx = _select(_need_stats(stats, path, "prune_experts").scores(criterion), n)
-        before, experts_before = _count(moe), moe.num_experts
-        keep_experts(moe, idx)
-        entries.append(SurgeryLayer(path, experts_before, moe.num_experts, idx, None, before, _count(moe)))
+            n = _resolve_count(keep, moes[0].num_experts)
+            idx = _select(_summed(stats, paths, "prune_experts", criterion), n)
+        before = [(_count(m), m.num_experts) for m in moes]
+        keep_experts(moes, idx)
+        entries += [SurgeryLayer(p, e, m.num_experts, list(idx), None, c, _count(m))
+                    for p, m, (c, e) in zip(paths, moes, before)]  # fmt: skip
     return SurgeryReport(entries, before_total, _count(model))
 
 
-def _cluster(moe: MoE, stats: ExpertStats, n: int) -> list[list[int]]:
-    """``n`` groups: the most frequent experts as centres, every other expert joins the centre whose flattened
-    weights are most cosine-similar."""
-    centres = _select(stats.frequency, n)
-    flat = torch.cat([moe.experts.w_in.detach().flatten(1), moe.experts.w_out.detach().flatten(1)], dim=1).float()
-    flat = nn.functional.normalize(flat, dim=1)
+def _cluster(moes: Sequence[MoE], freq: Tensor, n: int) -> list[list[int]]:
+    """``n`` groups: the most frequent experts (by ``freq``) as centres, every other expert joins the centre whose
+    flattened weights are most cosine-similar (similarities summed over ``moes``, layers that share a router)."""
+    centres = _select(freq, n)
+    sims_EE = torch.zeros(moes[0].num_experts, moes[0].num_experts)
+    for moe in moes:
+        flat = torch.cat([moe.experts.w_in.detach().flatten(1), moe.experts.w_out.detach().flatten(1)], dim=1)
+        flat = nn.functional.normalize(flat.float(), dim=1)
+        sims_EE += (flat @ flat.t()).cpu()
     groups = {c: [c] for c in centres}
-    for e in range(moe.num_experts):
+    for e in range(moes[0].num_experts):
         if e not in groups:
-            sims = flat[centres] @ flat[e]
-            groups[centres[int(sims.argmax())]].append(e)
+            groups[centres[int(sims_EE[centres, e].argmax())]].append(e)
     return [sorted(g) for g in groups.values()]
 
 
@@ -189,44 +236,49 @@ def merge_experts(
     similarity, needs ``stats``), or a mapping ``path -> partition`` of the layer's experts into groups.
     ``method``: ``"frequency_weighted"`` (weights averaged with the calibration frequencies; uniform where a
     group was never routed or without stats) or ``"average"``. The merged expert takes the router row of the
-    group's most frequent member (its lowest index without stats).
+    group's most frequent member (its lowest index without stats). Layers that share one router get the same
+    partition and representatives (frequencies and similarities summed over them); each layer's weights are
+    averaged with its own frequencies.
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {MERGE_METHODS}")
     layers = _sparse_moes(model, groups, "groups")
     before_total = _count(model)
     entries = []
-    for path, moe in layers.items():
-        layer_stats = stats.get(path) if stats is not None else None
+    for paths in router_groups(layers):
+        moes = [layers[p] for p in paths]
+        num = moes[0].num_experts
         if isinstance(groups, Mapping):
-            if path not in groups:
+            partition = _shared_plan(groups, paths, "groups", lambda v: [list(g) for g in v])
+            if partition is None:
                 continue
-            partition = [list(g) for g in groups[path]]
             flat = sorted(e for g in partition for e in g)
-            if flat != list(range(moe.num_experts)) or any(not g for g in partition):
+            if flat != list(range(num)) or any(not g for g in partition):
                 raise ValueError(
-                    f"groups[{path!r}] must partition the experts 0..{moe.num_experts - 1} into non-empty groups, "
+                    f"groups[{paths[0]!r}] must partition the experts 0..{num - 1} into non-empty groups, "
                     f"got {partition}"
                 )
         else:
-            n = _resolve_count(groups, moe.num_experts)
-            partition = _cluster(moe, _need_stats(stats, path, "merge_experts with a count"), n)
-        freq = layer_stats.frequency if layer_stats is not None else torch.zeros(moe.num_experts, dtype=torch.float64)
-        before, experts_before = _count(moe), moe.num_experts
-        reps = []
+            n = _resolve_count(groups, num)
+            partition = _cluster(moes, _summed(stats, paths, "merge_experts with a count", "frequency"), n)
+        zeros = torch.zeros(num, dtype=torch.float64)
+        freqs = [stats[p].frequency if stats is not None and p in stats else zeros for p in paths]
+        total = torch.stack(freqs).sum(0)
+        reps = [min(group, key=lambda e: (-float(total[e]), e)) for group in partition]
+        before = [(_count(m), m.num_experts) for m in moes]
         with torch.no_grad():
-            for group in partition:
-                rep = min(group, key=lambda e: (-float(freq[e]), e))
-                w = torch.tensor([float(freq[e]) for e in group], dtype=torch.float64)
-                if method == "average" or float(w.sum()) == 0.0:
-                    w = torch.ones(len(group), dtype=torch.float64)
-                w = w / w.sum()
-                for name in ("w_in", "w_out", "b_in", "b_out"):
-                    p = getattr(moe.experts, name)
-                    if p is not None:
-                        merged = sum(float(wi) * p[e].double() for wi, e in zip(w, group))
-                        p[rep].copy_(merged.to(p.dtype))
-                reps.append(rep)
-        keep_experts(moe, reps)
-        entries.append(SurgeryLayer(path, experts_before, moe.num_experts, reps, partition, before, _count(moe)))
+            for moe, freq in zip(moes, freqs):
+                for group, rep in zip(partition, reps):
+                    w = torch.tensor([float(freq[e]) for e in group], dtype=torch.float64)
+                    if method == "average" or float(w.sum()) == 0.0:
+                        w = torch.ones(len(group), dtype=torch.float64)
+                    w = w / w.sum()
+                    for name in ("w_in", "w_out", "b_in", "b_out"):
+                        p = getattr(moe.experts, name)
+                        if p is not None:
+                            merged = sum(float(wi) * p[e].double() for wi, e in zip(w, group))
+                            p[rep].copy_(merged.to(p.dtype))
+        keep_experts(moes, reps)
+        entries += [SurgeryLayer(p, e, m.num_experts, list(reps), partition, c, _count(m))
+                    for p, m, (c, e) in zip(paths, moes, before)]  # fmt: skip
     return SurgeryReport(entries, before_total, _count(model))

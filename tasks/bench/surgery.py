@@ -1,23 +1,32 @@
 """``moezoo bench surgery``: the evidence for :mod:`moezoo.surgery` (issue 17), two studies.
 
-``moezoo bench surgery upcycle [--domains vision,timeseries] [--steps 100,300] [--seeds 0,1] [--scratch last]``
+``moezoo bench surgery upcycle [--domains vision,timeseries,speech] [--steps 100,300] [--seeds 0,1] [--scratch last]
+[--trainer.*|--model.*|--data.* VALUE ...]``
   Sparse upcycling against continued dense training. From a released dense twin, for each number S of extra
   training steps, each seed: (a) ``dense``: the dense model trained S more steps; (b) ``upcycled``: the dense model
   upcycled (each FFN cut into 2 halves, 4 copies: 8 experts of half width, top-2, so the MoE costs the dense FLOPs
   per token; virtual-group router, :func:`moezoo.surgery.upcycle`) and trained S steps with (a)'s recipe;
   (c) ``scratch``: the same MoE trained from scratch for the dense twin's training steps plus S (equal *total*
   compute), for the largest S (``--scratch last``), every S (``all``) or none. Each run is ``moezoo fit`` of a
-  config in ``configs/surgery/`` with ``--trainer.max_steps``; the final weights are tested.
-  Domains: ``vision`` (``moe_vit_tiny.fmnist_dense``, Fashion-MNIST test accuracy; released after 3870 steps) and
-  ``timeseries`` (``moe_patchtst_tiny.etth1_dense_336_96``, ETTh1 336->96 test MSE; released after 650 steps).
+  config in ``configs/surgery/`` with ``--trainer.max_steps`` (and any fit overrides given, e.g.
+  ``--data.init_args.preset smoke`` for a smoke run of one domain); the final weights are tested.
+  Domains: ``vision`` (``moe_vit_tiny.fmnist_dense``, Fashion-MNIST test accuracy; released after 3870 steps),
+  ``timeseries`` (``moe_patchtst_tiny.etth1_dense_336_96``, ETTh1 336->96 test MSE; released after 650 steps) and
+  ``speech`` (``moe_conformer_tiny.numbers_dense``, Conformer-CTC on the generated spoken-number corpus, test CER;
+  released after 1128 steps).
 
-``moezoo bench surgery prune [--domains vision,timeseries] [--seeds 0,1] [--calib 256]``
+``moezoo bench surgery prune [--domains vision,timeseries,speech] [--seeds 0,1] [--calib 256]
+[--data.init_args.KEY VALUE ...]``
   Expert pruning and merging of a released MoE without retraining: for E, 3E/4, E/2 and E/4 experts kept per
   layer, REAP and frequency pruning (:func:`moezoo.surgery.prune_experts`) and frequency-weighted merging
   (:func:`moezoo.surgery.merge_experts`), each from the statistics of a calibration subset of ``--calib``
   training samples drawn with each seed (:func:`moezoo.surgery.calibrate`); the metric is that of the whole test
-  set. Domains: ``vision`` (``moe_vit_tiny.digits``, 8 experts top-2, accuracy) and ``timeseries``
-  (``moe_patchtst_tiny.etth1_seg_336_96``, Seg-MoE, 4 experts top-1 + a shared expert, MSE).
+  set (``--data.init_args.*`` change a domain's data module, e.g. ``preset smoke`` for a smoke run of speech).
+  Domains: ``vision`` (``moe_vit_tiny.digits``, 8 experts top-2, accuracy), ``timeseries``
+  (``moe_patchtst_tiny.etth1_seg_336_96``, Seg-MoE, 4 experts top-1 + a shared expert, MSE) and ``speech``
+  (``moe_conformer_tiny.numbers_omni``, 4 experts top-1 in all 8 feed-forward modules under one shared
+  Omni-Router, so every layer keeps the same experts; CER by the speech task's own test step, on the release's
+  recorded data module).
 
 Both write ``--json`` after every run (``--resume`` keeps what is there) and print Markdown tables: mean ± std over
 seeds, and a verdict per comparison by the seed-spread rule of :mod:`moezoo.tasks.compare` (a difference counts
@@ -37,10 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moezoo.tasks.bench.runner import RunSpec
-from moezoo.tasks.bench.suite import run_pending
+import yaml
+
+from moezoo.tasks.bench.runner import RunSpec, merge_overrides
+from moezoo.tasks.bench.suite import FIT_PREFIXES, run_pending
 
 VARIANTS = ("dense", "upcycled", "scratch")
+DATA_ARGS = "--data.init_args."  # the overrides the prune study passes to its data modules
 SCRATCH = ("last", "all", "none")
 
 
@@ -67,6 +79,11 @@ UPCYCLE = {
         {v: f"configs/surgery/etth1_{c}.yaml" for v, c in
          zip(VARIANTS, ("dense_continue", "upcycled", "moe_scratch"))},
     ),
+    "speech": UpcycleDomain(
+        "moe_conformer_tiny.numbers_dense", "generated spoken numbers", 1128, "test/cer", False,
+        {v: f"configs/surgery/numbers_{c}.yaml" for v, c in
+         zip(VARIANTS, ("dense_continue", "upcycled", "moe_scratch"))},
+    ),
 }  # fmt: skip
 
 
@@ -81,6 +98,7 @@ class PruneDomain:
 PRUNE = {
     "vision": PruneDomain("moe_vit_tiny.digits", "scikit-learn digits", "test/acc", True),
     "timeseries": PruneDomain("moe_patchtst_tiny.etth1_seg_336_96", "ETTh1 336->96", "test/mse", False),
+    "speech": PruneDomain("moe_conformer_tiny.numbers_omni", "generated spoken numbers", "test/cer", False),
 }
 PRUNE_METHODS = ("reap", "frequency", "merge")
 
@@ -132,18 +150,22 @@ def _verdict_text(metric: str, name: str, a: Sequence[float], baseline: str, b: 
 
 
 # -- upcycling -----------------------------------------------------------------------------------------------------
-def upcycle_runs(domains: Sequence[str], steps: Sequence[int], seeds: Sequence[int], scratch: str) -> list[RunSpec]:
-    """Every run of the upcycling study, cheapest first (all dense/upcycled runs before the scratch runs)."""
+def upcycle_runs(
+    domains: Sequence[str], steps: Sequence[int], seeds: Sequence[int], scratch: str, fit_overrides: Sequence[str] = ()
+) -> list[RunSpec]:
+    """Every run of the upcycling study, cheapest first (all dense/upcycled runs before the scratch runs).
+    ``fit_overrides`` (``--trainer.*``, ``--model.*``, ``--data.*`` pairs) go to every run; the study's step
+    budget replaces any ``--trainer.max_steps`` among them."""
     runs, late = [], []
     for domain in domains:
         spec = UPCYCLE[domain]
         for s in steps:
             for seed in seeds:
                 for variant in ("dense", "upcycled"):
-                    overrides = ("--trainer.max_steps", str(s))
+                    overrides = merge_overrides(fit_overrides, ("--trainer.max_steps", str(s)))
                     runs.append(RunSpec(f"{domain}/{variant}", seed, spec.configs[variant], overrides, str(s)))
                 if scratch == "all" or (scratch == "last" and s == max(steps)):
-                    overrides = ("--trainer.max_steps", str(spec.sunk_steps + s))
+                    overrides = merge_overrides(fit_overrides, ("--trainer.max_steps", str(spec.sunk_steps + s)))
                     late.append(RunSpec(f"{domain}/scratch", seed, spec.configs["scratch"], overrides, str(s)))
     return runs + late
 
@@ -179,26 +201,49 @@ def upcycle_tables(runs: Sequence[dict[str, Any]]) -> str:
 
 
 # -- pruning and merging -------------------------------------------------------------------------------------------
-def _prune_data(domain: str) -> Any:
+def _prune_data(domain: str, data_args: dict[str, Any]) -> Any:
+    """The domain's data module (``data_args``: constructor arguments that replace the study's)."""
     if domain == "vision":
         from moezoo.tasks.vision import DigitsDataModule
 
-        dm: Any = DigitsDataModule(batch_size=256)
-    else:
+        dm: Any = DigitsDataModule(**{"batch_size": 256, **data_args})
+    elif domain == "timeseries":
         from moezoo.tasks.timeseries import CSVForecastDataModule
 
-        dm = CSVForecastDataModule(
-            path="../shared/data/ett/ETTh1.csv", target="OT", features="M", seq_len=336, pred_len=96, batch_size=256
-        )
+        dm = CSVForecastDataModule(**{"path": "../shared/data/ett/ETTh1.csv", "target": "OT", "features": "M",
+                                      "seq_len": 336, "pred_len": 96, "batch_size": 256, **data_args})  # fmt: skip
+    else:  # the data module the release records (its corpus, its features)
+        from moezoo.models import get_pretrained_cfg
+        from moezoo.tasks.zoo.specs import instantiate
+
+        spec = dict(get_pretrained_cfg(PRUNE[domain].release).data)
+        dm = instantiate({**spec, "init_args": {**spec.get("init_args", {}), **data_args}})
     dm.setup("fit")
     dm.setup("test")
     return dm
 
 
-def _evaluate(model: Any, loader: Any, domain: str) -> float:
-    """Test accuracy (vision) or MSE on the normalised scale (time series) over the whole loader."""
+def _calibration_forward(domain: str) -> Callable[[Any, Any], Any] | None:
+    """How :func:`moezoo.surgery.calibrate` runs a batch (``None``: its default, the inputs of a tuple)."""
+    if domain == "speech":
+        return lambda model, batch: model(batch["features"], batch["lengths"])
+    return None
+
+
+def _evaluate(model: Any, dm: Any, domain: str) -> float:
+    """The metric of the whole test split: accuracy (vision), MSE on the normalised scale (time series), or the
+    speech task's CER (its own test step: CTC decoding, error counts; the release's task with this model)."""
     import torch
 
+    if domain == "speech":
+        from moezoo.models import get_pretrained_cfg
+        from moezoo.tasks.specs import instantiate_task
+        from moezoo.tasks.zoo.evaluation import evaluate_task
+
+        task = instantiate_task(get_pretrained_cfg(PRUNE[domain].release).task)
+        task.model = model
+        return evaluate_task(task, dm)[PRUNE[domain].metric]
+    loader = dm.test_dataloader()
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
@@ -213,16 +258,14 @@ def _evaluate(model: Any, loader: Any, domain: str) -> float:
 
 
 def _calibration_loader(dm: Any, size: int, seed: int) -> list[Any]:
-    """``size`` training samples drawn with ``seed``, in batches of 64."""
+    """``size`` training samples drawn with ``seed``, in batches of 64 put together as the training loader does."""
     import torch
+    from torch.utils.data import DataLoader, Subset
 
-    data = dm.train_set if hasattr(dm, "train_set") else dm.datasets["train"]  # image / forecasting data modules
+    train = dm.train_dataloader()
+    data = train.dataset
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:size].tolist()
-    items = [data[i] for i in order]
-    return [
-        tuple(torch.stack([torch.as_tensor(item[j]) for item in items[i : i + 64]]) for j in range(2))
-        for i in range(0, len(items), 64)
-    ]
+    return list(DataLoader(Subset(data, order), batch_size=64, collate_fn=train.collate_fn))
 
 
 def prune_cells(num_experts: int) -> list[int]:
@@ -230,12 +273,19 @@ def prune_cells(num_experts: int) -> list[int]:
     return list(dict.fromkeys(max(1, round(num_experts * f)) for f in (1.0, 0.75, 0.5, 0.25)))
 
 
-def run_prune(domain: str, seeds: Sequence[int], calib: int, runs: list[dict[str, Any]], save: Callable) -> None:
+def run_prune(
+    domain: str,
+    seeds: Sequence[int],
+    calib: int,
+    runs: list[dict[str, Any]],
+    save: Callable,
+    data_args: dict[str, Any] | None = None,
+) -> None:
     from moezoo.models import create_model
     from moezoo.surgery import calibrate, merge_experts, moe_layers, prune_experts
 
     spec = PRUNE[domain]
-    dm = _prune_data(domain)
+    dm = _prune_data(domain, data_args or {})
     base = create_model(spec.release, pretrained=True).eval()
     num_experts = next(m.num_experts for _, m in moe_layers(base))
     done = {(r["domain"], r["method"], r["keep"], r["seed"]) for r in runs}
@@ -247,13 +297,13 @@ def run_prune(domain: str, seeds: Sequence[int], calib: int, runs: list[dict[str
                     continue
                 start = time.perf_counter()
                 if stats is None:
-                    stats = calibrate(base, _calibration_loader(dm, calib, seed))
+                    stats = calibrate(base, _calibration_loader(dm, calib, seed), _calibration_forward(domain))
                 model = copy.deepcopy(base)
                 if method in ("reap", "frequency"):
                     prune_experts(model, keep=keep, criterion=method, stats=stats)
                 elif method == "merge":
                     merge_experts(model, groups=keep, method="frequency_weighted", stats=stats)
-                value = _evaluate(model, dm.test_dataloader(), domain)
+                value = _evaluate(model, dm, domain)
                 record = {"domain": domain, "release": spec.release, "method": method, "keep": keep,
                           "num_experts": num_experts, "seed": seed, "calib": calib, spec.metric: value,
                           "params": sum(p.numel() for p in model.parameters()),
@@ -306,7 +356,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("study", choices=("upcycle", "prune"))
-    p.add_argument("--domains", nargs="+", default=None, help="comma or space separated: vision, timeseries")
+    p.add_argument("--domains", nargs="+", default=None, help="comma or space separated: vision, timeseries, speech")
     p.add_argument("--seeds", nargs="+", default=["0,1"], help="training seeds (upcycle), calibration seeds (prune)")
     p.add_argument("--steps", nargs="+", default=["100,300"], help="upcycle: extra training steps S")
     p.add_argument("--scratch", choices=SCRATCH, default="last", help="upcycle: for which S to train (c)")
@@ -316,7 +366,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tables", action="store_true", help="only print the tables of --json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default="bench_results/runs/surgery", help="upcycle: folder of the runs' files")
-    args = p.parse_args(list(argv))
+    args, rest = p.parse_known_args(list(argv))
+    unknown = [a for a in rest if a.startswith("--") and not a.startswith(FIT_PREFIXES)]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (fit overrides start with {', '.join(FIT_PREFIXES)})")
+    try:
+        args.fit_overrides = list(merge_overrides(rest))
+    except ValueError as err:
+        p.error(str(err))
+    pairs = dict(zip(args.fit_overrides[::2], args.fit_overrides[1::2]))
+    if args.study == "prune" and any(not k.startswith(DATA_ARGS) for k in pairs):
+        p.error(f"the prune study takes only {DATA_ARGS}* overrides (its data module's arguments), got {rest}")
+    args.data_args = {k[len(DATA_ARGS) :]: yaml.safe_load(v) for k, v in pairs.items() if k.startswith(DATA_ARGS)}
     args.domains = _list(args.domains) or list(UPCYCLE)
     bad = [d for d in args.domains if d not in UPCYCLE]
     if bad:
@@ -351,16 +412,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _save(args.json, args.study, record_args, done)
 
     if args.study == "upcycle":
-        todo = upcycle_runs(args.domains, args.steps, args.seeds, args.scratch)
+        todo = upcycle_runs(args.domains, args.steps, args.seeds, args.scratch, args.fit_overrides)
         print(f"moezoo bench surgery upcycle: {len(todo)} runs, {len(runs)} kept", flush=True)
 
         def show(record: dict[str, Any]) -> str:
-            return ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if k in ("test/acc", "test/mse"))
+            metric = UPCYCLE[record["variant"].split("/")[0]].metric
+            return f"{metric} {record['metrics'][metric]:.4f}"
 
         run_pending(todo, runs, Path(args.out), "surgery upcycle", show, save=save)
     else:
         for domain in args.domains:
-            run_prune(domain, args.seeds, args.calib, runs, save)
+            run_prune(domain, args.seeds, args.calib, runs, save, args.data_args)
     save(runs)
     print(tables(runs))
     return 0

@@ -71,7 +71,12 @@ def run_evaluation(
         else hub.load_state_dict(hub.fetch(cfg, offline=offline, progress=False))
     )
     load_release_weights(task, state)
-    data = instantiate(cfg.data)
+    return evaluate_task(task, instantiate(cfg.data)), _routing_stats(task)
+
+
+def evaluate_task(task: L.LightningModule, data: L.LightningDataModule) -> dict[str, float]:
+    """``task``'s test-split metrics on ``data`` (one CPU device, no logger; rounded to 6 decimals)."""
+    _quiet_lightning()
     # Whatever a task writes beside its metrics (forecast plots, sample grids) goes to a scratch folder, not the cwd.
     with tempfile.TemporaryDirectory(prefix="moezoo-eval-") as scratch:
         trainer = L.Trainer(
@@ -84,8 +89,7 @@ def run_evaluation(
             enable_checkpointing=False,
         )
         results = trainer.test(task, datamodule=data, verbose=False)
-    metrics = {k: round(float(v), 6) for k, v in results[0].items()}
-    return metrics, _routing_stats(task)
+    return {k: round(float(v), 6) for k, v in results[0].items()}
 
 
 def compare(expected: Mapping[str, float], got: Mapping[str, float], tolerance: Mapping[str, float]) -> list[str]:

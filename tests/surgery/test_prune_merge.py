@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from moezoo.layers import MoE
+from moezoo.layers import MoE, TopKRouter
 from moezoo.models import create_model
 from moezoo.surgery import calibrate, merge_experts, prune_experts, upcycle
 
@@ -208,3 +208,112 @@ def test_calibration_of_a_segment_moe_counts_segments():
     assert torch.equal(stats.count_E, torch.bincount(chosen, minlength=4).double())
     prune_experts(model, keep=2, criterion="reap", stats={"moe": stats})
     assert moe.num_experts == 2 and model(data[0]).shape == data[0].shape
+
+
+class SharedRouterPair(nn.Module):
+    """Two MoE layers on the same (positive) input with one router instance (the Omni-Router's sharing)."""
+
+    def __init__(self, num_experts=E, top_k=2, bias=True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(D, D)
+        router = TopKRouter(D, num_experts, top_k=top_k, normalize=True)
+        self.a = MoE(D, F, num_experts, top_k, router=router, bias=bias)
+        self.b = MoE(D, F, num_experts, top_k, router=router, bias=bias)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.a(h)[0] + 2 * self.b(h)[0]
+
+
+def _shared(starve=()):
+    model = SharedRouterPair().eval()
+    with torch.no_grad():
+        model.proj.weight.abs_()
+        model.proj.bias.fill_(0.1)
+        model.a.router.gate.weight[list(starve)] = -10.0
+    return model
+
+
+@pytest.mark.parametrize("criterion", ["reap", "frequency"])
+def test_layers_sharing_a_router_are_pruned_together(criterion):
+    model = _shared(starve=[1, 4])
+    x = torch.rand(10, D)
+    want = model(x)
+    stats = calibrate(model, [b.abs() for b in batches()])
+    routed = torch.nonzero(stats["a"].count_E).flatten().tolist()
+    assert routed == torch.nonzero(stats["b"].count_E).flatten().tolist() and 1 not in routed and 4 not in routed
+    before = sum(p.numel() for p in model.parameters())
+    report = prune_experts(model, keep=len(routed), criterion=criterion, stats=stats)
+    assert report.kept == {"a": routed, "b": routed}
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
+    n = len(routed)
+    assert model.a.router is model.b.router and model.a.router.gate.weight.shape == (n, D)
+    assert model.a.experts.w_in.shape == model.b.experts.w_in.shape == (n, D, F)
+    per_expert = 2 * (D * F + F * D + F + D) + D  # both layers' experts, one shared router row
+    assert report.params_after == before - (E - n) * per_expert
+
+
+def test_shared_router_scores_are_summed_over_its_layers():
+    """An expert the first layer ranks low but the second ranks high survives when the sum says so."""
+    model = _shared()
+    stats = {"a": calibrate(model, batches())["a"], "b": calibrate(model, batches())["b"]}
+    stats["a"].reap_sum_E = torch.tensor([6.0, 5, 4, 3, 2, 1], dtype=torch.float64) * stats["a"].count_E.clamp(min=1)
+    stats["b"].reap_sum_E = torch.tensor([0.0, 0, 0, 0, 0, 9], dtype=torch.float64) * stats["b"].count_E.clamp(min=1)
+    report = prune_experts(model, keep=3, criterion="reap", stats=stats)
+    assert report.kept == {"a": [0, 1, 5], "b": [0, 1, 5]}  # sums 6, 5, 4, 3, 2, 10
+
+
+def test_a_shared_router_needs_one_plan_for_its_layers():
+    with pytest.raises(ValueError, match=r"layers \['a', 'b'\] share one router"):
+        prune_experts(_shared(), keep={"a": [0, 1, 2], "b": [0, 1, 3]})
+    with pytest.raises(ValueError, match="share one router"):
+        prune_experts(_shared(), keep={"a": [0, 1, 2]})
+    with pytest.raises(ValueError, match="share one router"):
+        merge_experts(_shared(), groups={"a": [[0, 1], [2, 3], [4, 5]], "b": [[0], [1, 2, 3], [4, 5]]})
+    model = _shared()
+    prune_experts(model, keep={"a": (0, 2, 4), "b": [0, 2, 4]})  # equal as lists
+    assert model.a.num_experts == model.b.num_experts == model.a.router.num_experts == 3
+
+
+def test_merging_identical_experts_of_layers_sharing_a_router_leaves_outputs_unchanged():
+    model = _shared()
+    with torch.no_grad():
+        for moe in (model.a, model.b):
+            for name in ("w_in", "w_out", "b_in", "b_out"):
+                p = getattr(moe.experts, name)
+                p.copy_(p[:1].expand_as(p))  # every expert a copy of expert 0 (per layer)
+    x = torch.rand(10, D)
+    want = model(x)
+    stats = calibrate(model, batches())
+    report = merge_experts(model, groups=2, stats=stats)
+    assert report.groups["a"] == report.groups["b"] and report.kept["a"] == report.kept["b"]
+    total = stats["a"].frequency + stats["b"].frequency
+    for group, rep in zip(report.groups["a"], report.kept["a"]):
+        assert rep == min(group, key=lambda e: (-float(total[e]), e))
+    assert model.a.router.gate.weight.shape == (2, D) and model.b.num_experts == 2
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_the_omni_router_conformer_prunes_merges_and_reloads(tmp_path):
+    """The speech Conformer with the Omni-Router (one router for all 4 MoE layers): prune, merge, save, replay."""
+
+    def base():
+        torch.manual_seed(0)
+        return create_model("moe_conformer_debug", moe={"router": "omni", "num_experts": 4, "top_k": 1}).eval()
+
+    model = base()
+    data = [torch.randn(2, 60, 80) for _ in range(2)]
+    pruned = prune_experts(model, keep=3, stats=calibrate(model, data))
+    merged = merge_experts(model, groups=2, stats=calibrate(model, data))
+    assert len({tuple(v) for v in pruned.kept.values()}) == 1 and len(pruned.kept) == 4
+    routers = {id(m.router) for m in model.modules() if isinstance(m, MoE)}
+    assert len(routers) == 1 and next(m for m in model.modules() if isinstance(m, MoE)).router.num_experts == 2
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    x = torch.randn(1, 50, 80)
+    want = model(x)
+    again = base()
+    prune_experts(again, keep=pruned.kept)
+    merge_experts(again, groups=merged.groups)
+    again.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    torch.testing.assert_close(again.eval()(x), want)
