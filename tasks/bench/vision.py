@@ -45,6 +45,7 @@ EXTRA_ROUTERS = (
     "thor",
     "aoe",
     "erc",
+    "compete",
     "smear",
 )
 VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS)
