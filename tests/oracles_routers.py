@@ -387,3 +387,40 @@ def competition_distill(router_logits: list[list[Tensor]], scores: list[list[Ten
             total = total + (p - q) ** 2
             count += 1
     return total / count
+
+
+def chain_of_experts(
+    x_TD: Tensor,
+    gates: list[Tensor],
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    k: int,
+    inner_residual: bool,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chain-of-Experts token by token: iteration r routes ``h`` by softmax top-k (renormalised) of ``gates[r] h``,
+    ``out = sum_chosen gate * expert(h)``, then ``h <- h + out`` (inner residual) or ``h <- out``. Returns ``y``
+    (``sum_r out_r`` with the inner residual, the last ``h`` without) and the sum over iterations of the Switch
+    balance loss (weight 0.01) of each iteration's routing."""
+    from tests.oracles import expert_forward, switch_balance
+
+    h = [x_TD[t] for t in range(x_TD.shape[0])]
+    total = [torch.zeros_like(x_TD[t]) for t in range(x_TD.shape[0])]
+    balance = x_TD.new_zeros(())
+    for gate_ED in gates:
+        logits = [matvec(gate_ED, h[t]) for t in range(len(h))]
+        pairs = softmax_topk(logits, k, normalize=k > 1)
+        probs = torch.stack([torch.stack(softmax(row)) for row in logits])
+        balance = balance + 0.01 * switch_balance(probs, [e for _, e, _ in pairs], k)
+        outs = [torch.zeros_like(v) for v in h]
+        for t, e, g in pairs:
+            b_in_e = None if b_in is None else b_in[e]
+            outs[t] = outs[t] + g * expert_forward(
+                h[t], w_in[e], w_out[e], activation, b_in_e, None if b_out is None else b_out[e]
+            )
+        for t in range(len(h)):
+            total[t] = total[t] + outs[t]
+            h[t] = h[t] + outs[t] if inner_residual else outs[t]
+    return torch.stack(total if inner_residual else h), balance
