@@ -16,8 +16,9 @@ token (the paper keeps compute by routing K/C per iteration: a chain of 2 at ``t
 so the active FFN width is ``C * K * F`` (plus C times the shared experts).
 
 It is a :class:`~moezoo.layers.MoE` (one per block: the models, the statistics and the tasks see one MoE layer) that
-owns ``C - 1`` more routers, built by name with the same options. Each iteration is the layer's own pairs path
-(``MoE._forward_sparse``) with that iteration's router, so every sparse router and backend works unchanged; Soft MoE
+owns ``C - 1`` more routers, built by name with the same options. The first pass is ``MoE.forward`` itself (input
+checks, side inputs, evaluation warnings); each later one is the layer's own pairs path (``MoE._forward_sparse``)
+with that pass's router, so every sparse router and backend works unchanged; Soft MoE
 and SMEAR have no pairs to chain and are refused. The iterations' losses are summed by name; the statistics are
 the layer's over all iterations (pairs per expert summed, dropped fraction and entropy averaged); ``aux.routing`` is
 the first iteration's routing.
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.layers.losses import load_cv
-from moezoo.layers.moe import MoE, MoEAux, check_side
+from moezoo.layers.moe import MoE, MoEAux
 from moezoo.layers.routers import Router, check_bool, check_int, get_router
 
 
@@ -91,23 +92,23 @@ class ChainOfExperts(MoE):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, side: Mapping[str, Tensor] | None = None
     ) -> tuple[Tensor, MoEAux]:
-        """``x (..., D)`` -> ``(y (..., D), aux)``: ``y = x^(C) - x`` with the inner residual, ``x^(C)`` without."""
-        self._check_input(x, mask)
-        check_side(self.router, side)
-        h = x
-        total: Tensor | None = None
-        auxes: list[MoEAux] = []
-        for router in self.routers:
+        """``x (..., D)`` -> ``(y (..., D), aux)``: ``y = x^(C) - x`` with the inner residual, ``x^(C)`` without.
+        The first pass is :meth:`MoE.forward` itself (its input checks, side inputs and evaluation warnings); the
+        others are its pairs path with their own routers."""
+        out, aux = super().forward(x, mask, side)
+        auxes = [aux]
+        total = out
+        h = x + out if self.inner_residual else out
+        for router in self.chain_routers:
+            assert isinstance(router, Router)
             out, aux = self._forward_sparse(h, mask, side, router)
             auxes.append(aux)
             if self.inner_residual:
-                total = out if total is None else total + out
+                total = total + out
                 h = h + out
             else:
                 h = out
-        y = total if self.inner_residual else h
-        assert y is not None
-        return y, _chain_aux(auxes)
+        return (total if self.inner_residual else h), _chain_aux(auxes)
 
 
 def _chain_aux(auxes: list[MoEAux]) -> MoEAux:

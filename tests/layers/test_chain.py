@@ -171,3 +171,17 @@ def test_expert_parallelism_and_pruning_refuse_a_chain():
         shard_experts(torch.nn.Sequential(chain), groups)
     with pytest.raises(ValueError, match="these layers are ChainOfExperts: \\['0'\\]"):
         prune_experts(torch.nn.Sequential(chain), 2, stats={"0": ExpertStats.empty(E)})
+
+
+def test_the_first_pass_is_the_layer_forward_with_its_checks_and_warnings():
+    """Input checks and the evaluation warning of a batch-dependent rule come from MoE.forward (the first pass);
+    a batch-dependent router (expert choice) chains like any other."""
+    chain = ChainOfExperts(DIM, F, E, 1, num_iterations=2, router="expert_choice", router_kwargs={"eval_rule": "batch"})
+    x = torch.randn(2, 5, DIM)
+    y, aux = chain.train()(x)
+    # each expert takes ceil(10 tokens x 1 / 4 experts) = 3 tokens in each of the 2 passes
+    assert y.shape == x.shape and aux.tokens_per_expert_E.tolist() == [6.0] * 4
+    with pytest.warns(UserWarning, match="keeps its batch-dependent routing rule at evaluation"):
+        chain.eval()(x)
+    with pytest.raises(ValueError, match="x must have last dimension dim=6"):
+        chain(torch.randn(2, 5, DIM + 1))
