@@ -339,3 +339,88 @@ def smear(
             rows.append(y if i in real else torch.zeros_like(y))
         outputs.append(torch.stack(rows))
     return torch.stack(outputs), torch.stack(weights)
+
+
+def competition_scores(
+    x_TD: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+) -> list[list[Tensor]]:
+    """CompeteSMoE's neural response of every expert to every token: the mean over the output's D entries of
+    ``softplus(y) = log(1 + exp(y))``, ``y`` the expert's full forward, one expert and one token at a time."""
+    from tests.oracles import expert_forward
+
+    rows = []
+    for t in range(x_TD.shape[0]):
+        row = []
+        for e in range(w_in.shape[0]):
+            b_in_e = None if b_in is None else b_in[e]
+            y = expert_forward(x_TD[t], w_in[e], w_out[e], activation, b_in_e, None if b_out is None else b_out[e])
+            total = y.new_zeros(())
+            for d in range(y.shape[0]):
+                total = total + torch.log(1.0 + torch.exp(y[d]))
+            row.append(total / y.shape[0])
+        rows.append(row)
+    return rows
+
+
+def competition_pairs(scores: list[list[Tensor]], k: int) -> Pairs:
+    """The K largest responses win (ties to the lower index); gates are the winners' responses over their sum."""
+    pairs = []
+    for t, row in enumerate(scores):
+        chosen = order([float(s) for s in row])[:k]
+        total = sum((row[e] for e in chosen), row[0].new_zeros(()))
+        pairs += [(t, e, row[e] / total) for e in chosen]
+    return pairs
+
+
+def competition_distill(router_logits: list[list[Tensor]], scores: list[list[Tensor]]) -> Tensor:
+    """Mean over tokens and experts of ``(softmax(router)_te - softmax(s)_te)^2``, the competition's side fixed."""
+    total = router_logits[0][0].new_zeros(())
+    count = 0
+    for logits, row in zip(router_logits, scores):
+        target = softmax([s.detach() for s in row])
+        for p, q in zip(softmax(logits), target):
+            total = total + (p - q) ** 2
+            count += 1
+    return total / count
+
+
+def chain_of_experts(
+    x_TD: Tensor,
+    gates: list[Tensor],
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    k: int,
+    inner_residual: bool,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chain-of-Experts token by token: iteration r routes ``h`` by softmax top-k (renormalised) of ``gates[r] h``,
+    ``out = sum_chosen gate * expert(h)``, then ``h <- h + out`` (inner residual) or ``h <- out``. Returns ``y``
+    (``sum_r out_r`` with the inner residual, the last ``h`` without) and the sum over iterations of the Switch
+    balance loss (weight 0.01) of each iteration's routing."""
+    from tests.oracles import expert_forward, switch_balance
+
+    h = [x_TD[t] for t in range(x_TD.shape[0])]
+    total = [torch.zeros_like(x_TD[t]) for t in range(x_TD.shape[0])]
+    balance = x_TD.new_zeros(())
+    for gate_ED in gates:
+        logits = [matvec(gate_ED, h[t]) for t in range(len(h))]
+        pairs = softmax_topk(logits, k, normalize=k > 1)
+        probs = torch.stack([torch.stack(softmax(row)) for row in logits])
+        balance = balance + 0.01 * switch_balance(probs, [e for _, e, _ in pairs], k)
+        outs = [torch.zeros_like(v) for v in h]
+        for t, e, g in pairs:
+            b_in_e = None if b_in is None else b_in[e]
+            outs[t] = outs[t] + g * expert_forward(
+                h[t], w_in[e], w_out[e], activation, b_in_e, None if b_out is None else b_out[e]
+            )
+        for t in range(len(h)):
+            total[t] = total[t] + outs[t]
+            h[t] = h[t] + outs[t] if inner_residual else outs[t]
+    return torch.stack(total if inner_residual else h), balance

@@ -7,6 +7,7 @@ every router is available by name as soon as ``moezoo`` is imported.
 """
 
 from moezoo.layers import expert_routers, promoe, routers_extra, segment, speech_routers
+from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.moe import MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.layers.routers import (
@@ -29,6 +30,7 @@ from moezoo.layers.routers import (
 
 __all__ = [
     "ROUTERS",
+    "ChainOfExperts",
     "ExpertChoiceRouter",
     "FeedForward",
     "GroupedExperts",

@@ -1,10 +1,11 @@
-"""Routers that use their layer's expert weights: Autonomy-of-Experts, the expert-router coupling (ERC) loss, SMEAR.
+"""Routers that use their layer's expert weights: Autonomy-of-Experts, the ERC loss, CompeteSMoE, SMEAR.
 
 Legend: T tokens, D model dim, F expert hidden (the width entering the activation), E experts, K experts per token.
 
-Both rank experts by the L2 norm of an expert's *internal activation*: the output of the projection that feeds the
-expert's activation, ``x W_g^e (+ b_g^e)`` (:meth:`GroupedExperts.gate_projection`: the gate half of ``w_in`` for
-SwiGLU/GEGLU/ReGLU, all of ``w_in`` otherwise). They set ``reads_experts = True``, so the MoE layer calls them as
+AoE and ERC rank experts by the L2 norm of an expert's *internal activation*: the output of the projection that
+feeds the expert's activation, ``x W_g^e (+ b_g^e)`` (:meth:`GroupedExperts.gate_projection`: the gate half of
+``w_in`` for SwiGLU/GEGLU/ReGLU, all of ``w_in`` otherwise); CompeteSMoE scores each expert's whole output. They
+set ``reads_experts = True``, so the MoE layer calls them as
 ``forward(x_TD, side, experts=layer.experts)`` (:meth:`moezoo.layers.MoE.route`); the pairs they return go to every
 backend like any other router's. Called without the experts they raise. Under expert parallelism a rank holds
 only some experts' weights, so :func:`moezoo.parallel.shard_experts` refuses them.
@@ -16,6 +17,10 @@ only some experts' weights, so :func:`moezoo.parallel.shard_experts` refuses the
 - ``"erc"`` (:class:`ERCRouter`, Lv et al. 2025, *Coupling Experts and Routers in MoE via an Auxiliary Loss*):
   top-k routing plus :func:`erc_loss`, computed from the router's rows as proxy tokens (E x E activations, a
   fixed cost per step whatever the batch).
+- ``"compete"`` (:class:`CompeteRouter`, CompeteSMoE, Pham et al. 2024 / Nguyen et al. 2025): on a random fraction
+  of training steps every expert processes every token and the K with the largest response
+  (``mean softplus(output)``) win; a router learns that outcome by distillation and routes every other step and at
+  inference.
 
 And one router of its own kind, ``"merge"``:
 
@@ -28,13 +33,14 @@ The method cards are in ``docs/routers.md``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from moezoo.layers.experts import GroupedExperts
 from moezoo.layers.losses import router_z_loss
@@ -45,6 +51,8 @@ from moezoo.layers.routers import (
     SparseRouter,
     TopKRouter,
     check_bool,
+    check_int,
+    check_non_negative,
     check_number,
     check_positive,
     check_top_k,
@@ -247,7 +255,149 @@ class SMEARRouter(Router):
         return MergeRoutingResult(torch.softmax(logits_GE, dim=-1), self.num_experts, losses)
 
 
-EXPERT_ROUTERS: dict[str, type[Router]] = {"aoe": AutonomyRouter, "erc": ERCRouter, "smear": SMEARRouter}
+def competition_scores(x_TD: Tensor, experts: GroupedExperts) -> Tensor:
+    """CompeteSMoE's neural response: ``s_te = mean_d softplus(y_e(x_t)_d)`` over the output of every expert e (its
+    full forward, biases included) for every token t, ``(T, E)`` in fp32, with gradients to ``x`` and every expert
+    parameter. Costs one dense pass of all E experts over all T tokens."""
+    num_tokens = x_TD.shape[0]
+    y_ETD = experts.forward_dense(x_TD.unsqueeze(0).expand(experts.num_experts, num_tokens, x_TD.shape[-1]))
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        return F.softplus(y_ETD.float()).mean(-1).t()
+
+
+def competition_step(step: int, warmup_steps: int, compete_prob: float, seed: int) -> bool:
+    """Whether optimiser step ``step`` is a competition step: after ``warmup_steps``, a draw of probability
+    ``compete_prob`` that depends only on ``(seed, step)`` (so a restored checkpoint draws the same steps again)."""
+    if step < warmup_steps or compete_prob <= 0.0:
+        return False
+    return random.Random((seed << 32) + step).random() < compete_prob
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: the restored ``step`` decides whether the next step competes."""
+    assert isinstance(module, CompeteRouter)
+    module._refresh_schedule()
+
+
+class CompeteRouter(SparseRouter):
+    """CompeteSMoE (Pham et al. 2024; Nguyen et al. 2025, *CompeteSMoE: Statistically Guaranteed Mixture of Experts
+    Training via Competition*): the experts' own responses decide, and a router learns to predict them.
+
+    - *Competition* (a training step drawn with probability ``compete_prob`` after ``warmup_steps``): every expert
+      processes every token, its neural response is ``s_te = mean_d softplus(y_e(x_t))``
+      (:func:`competition_scores`); the K experts of largest response win, with gates ``s_te / sum_chosen s``.
+      The gates' gradients reach every winning expert's parameters through its response. Losses: the Switch
+      balance loss on ``softmax(s)`` (so the balance pressure acts on the experts) and ``distill``:
+      ``distill_coef * mean_te (softmax(x W)_te - softmax(s)_te)^2``, the router learning the competition's outcome
+      (``softmax(s)`` detached).
+    - *Router policy* (every other training step, and evaluation): softmax top-k of the router's logits ``x W``,
+      gates renormalised over the K chosen; the Switch balance loss on ``softmax(x W)``; ``distill`` is 0.
+
+    The z-loss (``z_loss_coef``) is the router logits' in both. The step is the buffer ``step`` (advanced by
+    :meth:`update_state`); which steps compete depends only on ``(seed, step)`` (:func:`competition_step`), so all
+    layers built with the same ``seed`` compete on the same steps and a checkpoint resumes the same draws.
+    A competition step's experts cost ``E + K`` passes per token instead of K (the dense competition, then the
+    chosen pairs through the layer's backend like any other router's); the paper's diversity loss between the
+    chosen experts' outputs and its spreading of competition steps across layers are not implemented.
+    """
+
+    batch_dependent: ClassVar[bool] = False
+    reads_experts: ClassVar[bool] = True
+    step: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        compete_prob: float = 0.1,
+        warmup_steps: int = 0,
+        distill_coef: float = 1.0,
+        seed: int = 0,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        CompeteRouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                compete_prob=compete_prob,
+                warmup_steps=warmup_steps,
+                distill_coef=distill_coef,
+                seed=seed,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
+        super().__init__(dim, num_experts, balance_coef, z_loss_coef)
+        self.top_k = top_k
+        self.compete_prob = float(compete_prob)
+        self.warmup_steps = warmup_steps
+        self.distill_coef = distill_coef
+        self.seed = seed
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # A host-side mirror of "this step competes", refreshed with the step (update_state, load_state_dict), so
+        # that the forward branches on a Python bool: no host sync, and torch.compile guards on it.
+        self._competes = competition_step(0, warmup_steps, self.compete_prob, seed)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_number("compete_prob", options["compete_prob"], low=0.0, strict=False)
+        if options["compete_prob"] > 1:
+            raise ValueError(f"compete_prob must be a finite number in [0, 1], got {options['compete_prob']!r}")
+        check_int("warmup_steps", options["warmup_steps"], 0)
+        check_non_negative("distill_coef", options["distill_coef"])
+        check_int("seed", options["seed"], 0)
+
+    def _refresh_schedule(self) -> None:
+        self._competes = competition_step(int(self.step), self.warmup_steps, self.compete_prob, self.seed)
+
+    @property
+    def competes(self) -> bool:
+        """Whether the next training forward is a competition step (evaluation always uses the router)."""
+        return self._competes
+
+    def forward(self, x_TD: Tensor, side: Side | None = None, experts: GroupedExperts | None = None) -> RoutingResult:
+        experts = _checked_experts(self, experts)
+        logits_TE = self.logits(x_TD)
+        router_probs_TE = torch.softmax(logits_TE, dim=-1)
+        losses: dict[str, Tensor] = {}
+        if self.training and self._competes:
+            scores_TE = competition_scores(x_TD, experts)
+            probs_TE = torch.softmax(scores_TE, dim=-1)
+            top_s_TK, top_idx_TK = scores_TE.topk(self.top_k, dim=-1)
+            gates_TK = top_s_TK / top_s_TK.sum(-1, keepdim=True)
+            distill = (router_probs_TE - probs_TE.detach()).square().mean()
+        else:
+            probs_TE = router_probs_TE
+            top_p_TK, top_idx_TK = router_probs_TE.topk(self.top_k, dim=-1)
+            gates_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
+            distill = logits_TE.new_zeros(())
+        if self.training:
+            losses["distill"] = self.distill_coef * distill
+        losses.update(self.common_losses(logits_TE, probs_TE, top_idx_TK.reshape(-1), self.top_k))
+        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, gates_TK)
+        return RoutingResult(
+            token_idx_N, expert_idx_N, gate_N, x_TD.shape[0], self.num_experts, probs_TE.detach(), losses
+        )
+
+    @torch.no_grad()
+    def update_state(self) -> None:
+        """One optimiser step: advance ``step`` and draw whether the next one competes."""
+        if self.training:
+            self.step += 1
+            self._refresh_schedule()
+
+
+EXPERT_ROUTERS: dict[str, type[Router]] = {
+    "aoe": AutonomyRouter,
+    "erc": ERCRouter,
+    "compete": CompeteRouter,
+    "smear": SMEARRouter,
+}
 
 for _name, _cls in EXPERT_ROUTERS.items():
     register_router(_name, _cls)

@@ -278,25 +278,36 @@ class MoE(nn.Module):
             return self._forward_soft(x, mask)
         if self.router.kind == "merge":
             return self._forward_merged(x, mask)
+        return self._forward_sparse(x, mask, side, self.router)
+
+    def _forward_sparse(
+        self, x: Tensor, mask: Tensor | None, side: Mapping[str, Tensor] | None, router: Router
+    ) -> tuple[Tensor, MoEAux]:
+        """The pairs path with ``router``: the layer's own, or (:class:`moezoo.layers.chain.ChainOfExperts`) the
+        router of one iteration over the same experts."""
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.dim)
         keep_T = true_indices(mask.reshape(-1)) if mask is not None else None
         x_in = x_TD if keep_T is None else x_TD.index_select(0, keep_T)
-        side_T = _expand_side(side, lead, keep_T, self.router.side_feature_dims)
-        if not self.training and self.router.batch_dependent:
+        side_T = _expand_side(side, lead, keep_T, router.side_feature_dims)
+        if not self.training and router.batch_dependent:
             side_T.update(_sample_side(lead, keep_T, x.device))
-        routing = self.route(x_in, side_T)
+        routing = self.route(x_in, side_T, router)
         y_in = self.experts(x_in, routing.token_idx_N, routing.expert_idx_N, routing.gate_N, backend=self.backend)
         y_in = self._add_shared(x_in, y_in)
         y_TD = y_in if keep_T is None else x_TD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_in)
         return y_TD.reshape(x.shape), self._sparse_aux(routing)
 
-    def route(self, x_TD: Tensor, side: Mapping[str, Tensor] | None = None) -> RoutingResult:
-        """The sparse router's pairs for flattened tokens ``(T, D)``; a router that reads the experts
-        (``reads_experts``: Autonomy-of-Experts, the ERC loss) is given this layer's :class:`GroupedExperts`."""
-        if self.router.reads_experts:
-            return self.router(x_TD, side, experts=self.experts)
-        return self.router(x_TD, side)
+    def route(
+        self, x_TD: Tensor, side: Mapping[str, Tensor] | None = None, router: Router | None = None
+    ) -> RoutingResult:
+        """The sparse router's pairs for flattened tokens ``(T, D)`` (``router``: another sparse router over this
+        layer's experts, by default the layer's own); a router that reads the experts (``reads_experts``:
+        Autonomy-of-Experts, the ERC loss, CompeteSMoE) is given this layer's :class:`GroupedExperts`."""
+        router = self.router if router is None else router
+        if router.reads_experts:
+            return router(x_TD, side, experts=self.experts)
+        return router(x_TD, side)
 
     def _sparse_aux(self, routing: RoutingResult) -> MoEAux:
         with torch.no_grad():

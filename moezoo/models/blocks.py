@@ -7,11 +7,12 @@ so that a model and its dense twin differ only in the spec.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from moezoo.layers import FeedForward, MoE, MoEAux, Router
+from moezoo.layers import ChainOfExperts, FeedForward, MoE, MoEAux, Router
 from moezoo.layers.segment import SegmentFeedForward, SegmentMoE
 from moezoo.models.spec import MoESpec
 
@@ -21,7 +22,8 @@ __all__ = ["MoESpec", "TransformerBlock", "build_ffn", "moe_layers", "parameter_
 def build_ffn(
     dim: int, ffn_dim: int, activation: str, spec: MoESpec | None, block_index: int, router: Router | None = None
 ) -> nn.Module:
-    """The feed-forward module of block ``block_index``: dense FFN, MoE, Seg-MoE, or the MoE's dense twin.
+    """The feed-forward module of block ``block_index``: dense FFN, MoE, Chain-of-Experts, Seg-MoE, or the MoE's
+    dense twin.
 
     ``router``: a router instance shared by every MoE layer (Omni-router) instead of one built per layer.
     """
@@ -48,6 +50,26 @@ def build_ffn(
             shared_expert_gate=spec.shared_expert_gate,
             backend=spec.backend,
         )
+    common: dict[str, Any] = dict(
+        activation=activation,
+        num_shared_experts=spec.num_shared_experts,
+        shared_expert_gate=spec.shared_expert_gate,
+        granularity=spec.granularity,
+        backend=spec.backend,
+        bias=spec.bias,
+    )
+    if spec.num_iterations > 1:  # Chain-of-Experts: one router per pass, built here (the spec refuses shared ones)
+        return ChainOfExperts(
+            dim,
+            ffn_dim,
+            num_experts=spec.num_experts,
+            top_k=spec.top_k,
+            num_iterations=spec.num_iterations,
+            inner_residual=spec.inner_residual,
+            router=spec.router,
+            router_kwargs=spec.router_kwargs,
+            **common,
+        )
     return MoE(
         dim,
         ffn_dim,
@@ -55,12 +77,7 @@ def build_ffn(
         top_k=spec.top_k,
         router=router if router is not None else spec.router,
         router_kwargs=None if router is not None else spec.router_kwargs,
-        activation=activation,
-        num_shared_experts=spec.num_shared_experts,
-        shared_expert_gate=spec.shared_expert_gate,
-        granularity=spec.granularity,
-        backend=spec.backend,
-        bias=spec.bias,
+        **common,
     )
 
 

@@ -101,6 +101,10 @@ class MoESpec:
         bias: experts, shared experts and the dense twin's FFN with biases ``b_in``, ``b_out`` (the form of an
             upcycled dense FFN that had biases); not with Seg-MoE (router ``segment``), whose padding relies on
             bias-free experts.
+        num_iterations: Chain-of-Experts (:class:`~moezoo.layers.ChainOfExperts`) when > 1: the experts run this
+            many times in sequence, each pass re-routed by its own router (``top_k`` per pass, so the active
+            compute is ``num_iterations * top_k`` experts); a sparse router built per layer, not Seg-MoE.
+        inner_residual: Chain-of-Experts only: ``x^(t) = MoE_t(x^(t-1)) + x^(t-1)`` (true) or ``MoE_t(x^(t-1))``.
     """
 
     num_experts: int = 4
@@ -116,6 +120,8 @@ class MoESpec:
     backend: str | None = None
     dense: bool = False
     bias: bool = False
+    num_iterations: int = 1
+    inner_residual: bool = True
 
     def __post_init__(self) -> None:
         _check_int("num_experts", self.num_experts, 1)
@@ -128,6 +134,8 @@ class MoESpec:
         _check_bool("shared_expert_gate", self.shared_expert_gate)
         _check_bool("dense", self.dense)
         _check_bool("bias", self.bias)
+        _check_int("num_iterations", self.num_iterations, 1)
+        _check_bool("inner_residual", self.inner_residual)
         backends = sorted(set(BACKENDS) | {"triton"})
         if self.backend is not None and self.backend not in backends:
             raise ValueError(f"moe.backend must be null or one of {backends}, got {self.backend!r}")
@@ -151,6 +159,15 @@ class MoESpec:
             )
         if self.router == "segment" and self.granularity != 1:
             raise ValueError(f"moe.granularity must be 1 with router 'segment' (Seg-MoE), got {self.granularity}")
+        factory = ROUTERS[self.router]
+        if self.num_iterations > 1 and (
+            self.router == "segment" or factory.kind != "sparse" or getattr(factory, "shared_across_layers", False)
+        ):
+            raise ValueError(
+                f"moe.num_iterations={self.num_iterations} (Chain-of-Experts) needs a sparse router built per layer, "
+                f"one per pass; router {self.router!r} is not one (Soft MoE, SMEAR, Seg-MoE and the Omni-router are "
+                "refused)"
+            )
         if self.router != "segment" and any(w != 1 for w in values):
             raise ValueError(
                 f"moe.segment_sizes={self.segment_sizes!r} needs router 'segment' (Seg-MoE); router "
@@ -219,14 +236,15 @@ class MoESpec:
         return index % self.moe_every == self.moe_offset % self.moe_every
 
     def active_ffn_dim(self, expert_dim: int) -> int:
-        """Hidden width of the dense twin's FFN: ``top_k`` routed experts plus the shared experts."""
-        return self.top_k * expert_dim + self.num_shared_experts * expert_dim
+        """Hidden width of the dense twin's FFN: ``top_k`` routed experts plus the shared experts, times
+        ``num_iterations`` (Chain-of-Experts runs them once per pass)."""
+        return self.num_iterations * (self.top_k * expert_dim + self.num_shared_experts * expert_dim)
 
 
 # -- old flat arguments ------------------------------------------------------------------------------------------------
 #: fields added after the flat arguments were retired: never read from a flat argument (``bias=True`` beside
 #: ``moe`` is an unknown model argument, not an old spelling of ``moe.bias``)
-SPEC_ONLY_FIELDS = frozenset({"bias"})
+SPEC_ONLY_FIELDS = frozenset({"bias", "num_iterations", "inner_residual"})
 Folder = Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]
 _SPEC_ARGUMENTS: dict[str, tuple[str, Folder]] = {}  # family -> (its spec argument, the folder of its old arguments)
 

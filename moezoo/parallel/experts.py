@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.experts import GroupedExperts
 from moezoo.layers.moe import MoE
 from moezoo.layers.routers import Router
@@ -200,6 +201,11 @@ def shard_experts(module: nn.Module, groups: ExpertParallelGroups) -> list[str]:
             raise TypeError(
                 f"MoE layer {name!r} has a router of kind {getattr(router, 'kind', None)!r}; expert parallelism "
                 "supports routers that return (token, expert, gate) pairs ('sparse') and Soft MoE ('soft')"
+            )
+        if isinstance(moe, ChainOfExperts):
+            raise ValueError(
+                f"MoE layer {name!r} is a ChainOfExperts ({moe.num_iterations} routed passes over its experts); "
+                "expert parallelism supports one routed pass per layer"
             )
         if router.reads_experts:
             raise ValueError(

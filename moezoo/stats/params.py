@@ -9,6 +9,8 @@ What "active per token" means, for each kind of layer (the parameters a token's 
   the layer's nominal number of experts per token: exact for top-k token choice; the average for expert choice
   (each expert takes ``top_k * T / E`` tokens) and ReLU routing (its target sparsity); an upper bound where
   capacity drops tokens or AdaMoE's null experts take some of the ``top_k`` slots.
+- **Chain-of-Experts** (:class:`~moezoo.layers.ChainOfExperts`): as a sparse MoE with ``min(1, C * top_k /
+  num_experts)`` of its routed experts (K experts in each of its C passes) and every iteration's router.
 - **Soft MoE**: every parameter. Each output token is a convex combination of all slots and every expert
   processes some slot, so every expert's weights reach every token. (Its *compute* per token matches ``top_k``
   experts; its parameters per token do not.)
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.moe import MoE
 from moezoo.layers.routers import SoftMoERouter
 
@@ -66,14 +69,21 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     role: dict[int, tuple[str, float, int]] = {}
     for module in model.modules():
         if isinstance(module, MoE):
-            fraction = 1.0 if isinstance(module.router, SoftMoERouter) else module.top_k / module.num_experts
+            # a ChainOfExperts routes K experts in each of its C passes: up to C * K distinct experts per token
+            passes = module.num_iterations if isinstance(module, ChainOfExperts) else 1
+            fraction = (
+                1.0
+                if isinstance(module.router, SoftMoERouter)
+                else min(1.0, passes * module.top_k / module.num_experts)
+            )
             scale = _shard_scale(module.experts)
             for p in module.experts.parameters():
                 role[id(p)] = ("routed_experts", fraction, scale)
             for sub in (module.shared, module.shared_gate):
                 for p in sub.parameters() if sub is not None else ():
                     role[id(p)] = ("shared_experts", 1.0, 1)
-            for p in module.router.parameters():
+            routers = module.routers if isinstance(module, ChainOfExperts) else [module.router]
+            for p in (p for router in routers for p in router.parameters()):
                 role[id(p)] = ("routers", 1.0, 1)
         elif getattr(module, "blends_expert_outputs", False):
             for p in module.parameters():

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.layers import MoE
+from moezoo.layers.chain import ChainOfExperts
 from moezoo.surgery.calibrate import ExpertStats
 
 ROUTER_EXPERT_ROWS = ("gate.weight", "noise_gate.weight")
@@ -73,6 +74,9 @@ def _sparse_moes(model: nn.Module, plan: object, what: str) -> dict[str, MoE]:
         unknown = sorted(set(plan) - set(layers))
         if unknown:
             raise ValueError(f"{what} names layers that are not MoE layers of the model: {unknown}")
+    chains = [path for path, m in layers.items() if isinstance(m, ChainOfExperts)]
+    if chains:
+        raise ValueError(f"pruning and merging slice one router per layer; these layers are ChainOfExperts: {chains}")
     soft = [path for path, m in layers.items() if m.router.kind != "sparse"]
     if soft:
         raise ValueError(f"pruning and merging need sparse routers; these layers are Soft MoE or SMEAR: {soft}")

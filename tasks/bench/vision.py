@@ -45,9 +45,12 @@ EXTRA_ROUTERS = (
     "thor",
     "aoe",
     "erc",
+    "compete",
     "smear",
 )
-VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS)
+# Layer options that are not routers (the router is top-k): Chain-of-Experts, 2 passes of top-1 (moe.num_iterations)
+EXTRA_LAYERS = ("chain",)
+VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS + EXTRA_LAYERS)
 INFER_IMAGES = 512
 
 

@@ -47,6 +47,8 @@ CASES = {
     # moezoo.layers.expert_routers (the layer hands them its experts)
     "aoe": ("aoe", {}),
     "erc": ("erc", {}),
+    "compete": ("compete", {"compete_prob": 1.0}),  # a competition step: every expert's response decides
+    "compete_router_step": ("compete", {"compete_prob": 0.0}),  # its router's step
     "smear": ("smear", {}),  # its own kind: one merged expert per example
 }
 DIM = 8

@@ -1,7 +1,7 @@
-"""The routers that read their layer's expert weights (``moezoo.layers.expert_routers``: Autonomy-of-Experts and
-the ERC loss) against float64 loop oracles from the papers' equations (pairs, gates, losses and the gradients to the
-input, the router and the experts), their invariants, state, batch dependence, the layer hook (``MoE.route``) on
-every backend, and the clear errors where they cannot run."""
+"""The routers that read their layer's expert weights (``moezoo.layers.expert_routers``: Autonomy-of-Experts,
+the ERC loss and CompeteSMoE) against float64 loop oracles from the papers' equations (pairs, gates, losses and the
+gradients to the input, the router and the experts), their invariants, state, batch dependence, the layer hook
+(``MoE.route``) on every backend, and the clear errors where they cannot run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moezoo.layers import ROUTERS, GroupedExperts, MoE, check_router_kwargs, get_router
-from moezoo.layers.expert_routers import EXPERT_ROUTERS, erc_noise_bound
+from moezoo.layers.expert_routers import EXPERT_ROUTERS, competition_step, erc_noise_bound
 from moezoo.parallel import ExpertParallelGroups, shard_experts
 from tests import oracles
 from tests import oracles_routers as naive
@@ -17,10 +17,11 @@ from tests.layers.test_routers_extra import check_against_oracle
 
 DIM, E, F = 6, 4, 5
 READERS = [name for name, cls in EXPERT_ROUTERS.items() if cls.reads_experts]  # SMEAR merges, reads nothing
+LAYER_KWARGS = {"compete": {"compete_prob": 1.0}}  # through the layer: a competition step (the router's is top-k)
 
 
-def test_the_module_registers_aoe_erc_and_smear():
-    assert READERS == ["aoe", "erc"] and EXPERT_ROUTERS["smear"].kind == "merge"
+def test_the_module_registers_aoe_erc_compete_and_smear():
+    assert READERS == ["aoe", "erc", "compete"] and EXPERT_ROUTERS["smear"].kind == "merge"
     assert all(ROUTERS[name] is cls for name, cls in EXPERT_ROUTERS.items())
 
 
@@ -153,6 +154,138 @@ def test_erc_routing_is_top_k_and_null_experts_have_no_proxy():
     assert set(a.losses) == set(b.losses) | {"erc"}
 
 
+# --------------------------------------------------------------------------------------------------- CompeteSMoE
+
+
+def _router_logits(router, x):
+    return [[naive.dot(x[t], router.gate.weight[e].double()) for e in range(E)] for t in range(x.shape[0])]
+
+
+@pytest.mark.parametrize("activation,bias", [("gelu", False), ("swiglu", True)])
+@pytest.mark.parametrize("k", [1, 2])
+def test_compete_competition_step_matches_the_oracle_with_gradients_into_router_and_experts(activation, bias, k):
+    """A competition step: every expert's response ``mean softplus(y_e(x))`` decides, the winners' gates are their
+    responses over their sum (gradients into every expert parameter), the balance loss acts on ``softmax(s)`` and
+    the router learns ``softmax(s)`` by the distillation MSE (gradient into the router only)."""
+    experts = _experts(activation, bias)
+    torch.manual_seed(12)
+    router = get_router("compete", DIM, E, top_k=k, compete_prob=1.0, distill_coef=0.5, z_loss_coef=1e-2).train()
+    assert router.competes
+
+    def oracle(x):
+        ex = experts
+        biases = (None if b is None else b.double() for b in (ex.b_in, ex.b_out))
+        scores = naive.competition_scores(x, ex.w_in.double(), ex.w_out.double(), activation, *biases)
+        pairs = naive.competition_pairs(scores, k)
+        logits = _router_logits(router, x)
+        z = sum((torch.logsumexp(torch.stack(row), 0) ** 2 for row in logits), torch.zeros((), dtype=torch.float64))
+        losses = {
+            "balance": _balance([naive.softmax(row) for row in scores], pairs, k),
+            "distill": 0.5 * naive.competition_distill(logits, scores),
+            "z_loss": 1e-2 * z / len(logits),
+        }
+        return pairs, losses
+
+    result = check_against_oracle(router, torch.randn(9, DIM), oracle, experts=experts)
+    assert float(result.losses["distill"]) > 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compete_router_step_is_softmax_top_k_of_the_router(training):
+    """Every other step (and evaluation): the router decides, as top-k with renormalised gates; ``distill`` is
+    reported as 0 in training (so the logged loss exists on every step) and absent at evaluation."""
+    experts = _experts("gelu", True)
+    torch.manual_seed(13)
+    router = get_router("compete", DIM, E, top_k=2, compete_prob=0.0 if training else 1.0).train(training)
+    assert router.competes is not training  # evaluation never competes, whatever the schedule says
+
+    def oracle(x):
+        logits = _router_logits(router, x)
+        pairs = naive.softmax_topk(logits, 2, normalize=True)
+        losses = {"balance": _balance([naive.softmax(row) for row in logits], pairs, 2)}
+        if training:
+            losses["distill"] = torch.zeros((), dtype=torch.float64)
+        return pairs, losses
+
+    check_against_oracle(router, torch.randn(7, DIM), oracle, experts=experts)
+
+
+def test_compete_winners_have_the_largest_responses():
+    """The invariant: every winner's response is >= every loser's; raising one expert's output bias makes it win
+    every token (its softplus mean grows, the others' do not)."""
+    experts = _experts("swiglu", True)
+    router = get_router("compete", DIM, E, top_k=2, compete_prob=1.0).train()
+    x = torch.randn(30, DIM)
+    result = router(x, None, experts=experts)
+    y_ETD = torch.stack([experts.forward_dense(x.unsqueeze(0).expand(E, 30, DIM))[e] for e in range(E)])
+    scores = torch.nn.functional.softplus(y_ETD).mean(-1).t()
+    chosen = torch.zeros(30, E, dtype=torch.bool)
+    chosen[result.token_idx_N, result.expert_idx_N] = True
+    assert (chosen.sum(-1) == 2).all()
+    assert (
+        scores.masked_fill(~chosen, float("inf")).min(-1).values >= scores.masked_fill(chosen, -1).max(-1).values
+    ).all()
+    torch.testing.assert_close(result.gate_N.view(30, 2).sum(-1), torch.ones(30))
+    with torch.no_grad():
+        experts.b_out[2] += 10.0
+    assert (router(x, None, experts=experts).expert_idx_N.view(30, 2)[:, 0] == 2).all()
+
+
+def test_compete_schedule_warmup_seed_and_resume():
+    """Competition steps: a ``compete_prob`` fraction after ``warmup_steps``, a function of ``(seed, step)`` only;
+    ``update_state`` advances the step in training (not at evaluation) and a restored state dict resumes the draws."""
+    draws = [competition_step(s, 100, 0.25, 3) for s in range(4100)]
+    assert not any(draws[:100])
+    frac = sum(draws[100:]) / 4000
+    assert abs(frac - 0.25) < 4 * (0.25 * 0.75 / 4000) ** 0.5  # binomial, 4 standard deviations
+    assert draws != [competition_step(s, 100, 0.25, 4) for s in range(4100)]  # another seed, other steps
+    assert not any(competition_step(s, 0, 0.0, 0) for s in range(500))
+    assert all(competition_step(s, 0, 1.0, 0) for s in range(500))
+    router = get_router("compete", DIM, E, compete_prob=0.25, warmup_steps=100, seed=3).train()
+    seen = []
+    for _ in range(300):
+        seen.append(router.competes)
+        router.update_state()
+    assert seen == draws[:300] and int(router.step) == 300
+    router.eval().update_state()
+    assert int(router.step) == 300
+    fresh = get_router("compete", DIM, E, compete_prob=0.25, warmup_steps=100, seed=3)
+    assert fresh.competes is False
+    fresh.load_state_dict(router.state_dict())
+    assert int(fresh.step) == 300 and fresh.competes == draws[300]
+    step = next(s for s in range(300, 4100) if draws[s])
+    fresh.step.fill_(step - 1)
+    fresh.train().update_state()
+    assert fresh.competes
+
+
+def test_compete_distillation_teaches_the_router_the_competition():
+    """The point of the distillation loss: trained on it alone (experts fixed), the router's softmax approaches the
+    competition's (the loss falls over 100x) and its top-1 goes from chance to the competition's winner for most
+    tokens (a linear router cannot match a nonlinear competition exactly: about 0.8 here)."""
+    experts = _experts("gelu", False).requires_grad_(False)
+    torch.manual_seed(14)
+    router = get_router("compete", DIM, E, top_k=1, compete_prob=1.0, balance_coef=0.0).train()
+    x = torch.randn(256, DIM)
+
+    def agreement():
+        with torch.no_grad():
+            winners = router(x, None, experts=experts).expert_idx_N
+            return float((router.logits(x).argmax(-1) == winners).float().mean())
+
+    before = agreement()
+    opt = torch.optim.Adam(router.parameters(), lr=0.05)
+    losses = []
+    for _ in range(300):
+        opt.zero_grad()
+        loss = router(x, None, experts=experts).losses["distill"]
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    after = agreement()
+    assert before < 0.35 and after > 0.7 and losses[-1] < losses[0] / 100, (before, after, losses[0], losses[-1])
+
+
 # ------------------------------------------------------------------------------------------ common properties
 
 
@@ -213,6 +346,12 @@ def test_expert_parallelism_refuses_a_router_that_reads_every_expert(name):
         ("erc", {"alpha": 0.0}, "alpha must be a finite number > 0"),
         ("erc", {"alpha": 1.5}, "alpha must be a finite number in \\(0, 1\\], got 1.5"),
         ("erc", {"erc_coef": 0.0}, "erc_coef must be a finite number > 0"),
+        ("compete", {"top_k": 5}, "top_k must be an integer in \\[1, num_experts=4\\]"),
+        ("compete", {"compete_prob": 1.5}, "compete_prob must be a finite number in \\[0, 1\\], got 1.5"),
+        ("compete", {"compete_prob": -0.1}, "compete_prob must be a finite number >= 0.0"),
+        ("compete", {"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+        ("compete", {"distill_coef": -1.0}, "distill_coef must be a finite number >= 0"),
+        ("compete", {"seed": -2}, "seed must be an integer >= 0"),
     ],
 )
 def test_bad_options_name_the_argument(name, kwargs, match):
@@ -231,7 +370,8 @@ def test_moe_layer_matches_the_oracle_on_each_cpu_backend(name, backend):
     """The layer hands its experts to the router (``MoE.route``) and consumes the pairs like any router's; the
     output and the gradients to the input and both expert weights (through the gates too) match the loop oracle."""
     torch.manual_seed(1)
-    moe = MoE(12, 10, num_experts=4, top_k=2, router=name, activation="swiglu", backend=backend).double().train()
+    kwargs = LAYER_KWARGS.get(name, {})
+    moe = MoE(12, 10, 4, 2, router=name, router_kwargs=kwargs, activation="swiglu", backend=backend).double().train()
     x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 7, 12, dtype=torch.float64)
     torch.manual_seed(2)

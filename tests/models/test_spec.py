@@ -133,6 +133,41 @@ def test_bias_builds_experts_and_the_dense_twin_with_biases(name):
     assert sum(p.numel() for p in twin.parameters()) > sum(p.numel() for p in twin_plain.parameters())
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_num_iterations_builds_chain_of_experts_in_every_family_and_its_dense_twin(name):
+    """``moe.num_iterations > 1``: every MoE layer is a ChainOfExperts with a router per pass; its dense twin has the
+    chain's active width (passes x top_k experts); the default (1) builds the plain MoE layer."""
+    from moezoo.layers import ChainOfExperts
+
+    kwargs, argument = FAMILIES[name]
+    spec = {"num_experts": 4, "top_k": 1, "num_iterations": 3, "inner_residual": False, "router": "topk"}
+    spec["segment_sizes"] = 1
+    layers = moe_layers(create_model(name, **kwargs, **{argument: spec}))
+    assert layers and all(
+        isinstance(m, ChainOfExperts) and len(m.routers) == 3 and not m.inner_residual for m in layers
+    )
+    assert not any(isinstance(m, ChainOfExperts) for m in moe_layers(create_model(name, **kwargs)))
+    twin = create_model(name, **kwargs, **{argument: {**spec, "dense": True}})
+    widths = {m.hidden_dim for m in twin.modules() if type(m).__name__ == "FeedForward" and m.hidden_dim}
+    assert {layer.active_ffn_dim for layer in layers} <= widths
+
+
+@pytest.mark.parametrize(
+    "fields,error,match",
+    [
+        (dict(num_iterations=0), ValueError, r"moe.num_iterations must be an integer >= 1, got 0"),
+        (dict(inner_residual=1), TypeError, r"moe.inner_residual must be true or false, got 1"),
+        (dict(num_iterations=2, router="soft"), ValueError, r"needs a sparse router built per layer.*'soft'"),
+        (dict(num_iterations=2, router="smear"), ValueError, r"needs a sparse router built per layer.*'smear'"),
+        (dict(num_iterations=2, router="omni"), ValueError, r"needs a sparse router built per layer.*'omni'"),
+        (dict(num_iterations=2, router="segment", segment_sizes=2), ValueError, r"router 'segment' is not one"),
+    ],
+)
+def test_chain_fields_name_the_key_and_what_is_allowed(fields, error, match):
+    with pytest.raises(error, match=match):
+        MoESpec(**{"num_experts": 4, "top_k": 1, **fields})
+
+
 def test_bias_is_a_spec_field_only_and_a_config_builds_it():
     spec = MoESpec.resolve({"bias": True, "num_experts": 2, "top_k": 1})
     assert spec.bias and spec.to_dict()["bias"] is True and MoESpec.resolve(spec.to_dict()) == spec

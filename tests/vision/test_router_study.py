@@ -85,6 +85,27 @@ def test_every_extra_router_has_a_config_at_equal_active_compute(variant):
     assert variant not in vision.SPEC.quick.variants and variant not in vision.SPEC.full.variants
 
 
+def test_chain_of_experts_config_is_top_k_in_two_passes_at_equal_active_compute():
+    """Chain-of-Experts is a layer option, not a router: top-k's config with ``top_k: 1`` and two passes
+    (``num_iterations: 2``, inner residual), so 2 x 128 active as top-2; each block's MoE is one ChainOfExperts with
+    a router per pass, and the variant is selectable but not in the default budgets."""
+    from moezoo.layers import ChainOfExperts
+
+    base = _flat(_model_kwargs("topk"))
+    kwargs = _flat(_model_kwargs("chain"))
+    assert kwargs == {**base, "top_k": 1, "num_iterations": 2, "inner_residual": True}
+    model = create_model("moe_vit_tiny", **_model_kwargs("chain")).eval()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert len(moes) == 2 and all(isinstance(m, ChainOfExperts) and len(m.routers) == 2 for m in moes)
+    assert all(m.active_ffn_dim == 2 * 128 for m in moes)
+    topk = create_model("moe_vit_tiny", **_model_kwargs("topk"))
+    extra = sum(p.numel() for m in moes for r in m.chain_routers for p in r.parameters())  # a router per pass
+    assert extra == 2 * 8 * 64 and count_parameters(model).active - count_parameters(topk).active == extra
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert vision.SPEC.variant("chain").config == "configs/vision/fmnist_vit_chain.yaml"
+    assert "chain" not in vision.SPEC.quick.variants and "chain" not in vision.SPEC.full.variants
+
+
 def test_cpu_time_budget_stops_training_and_rejects_bad_budgets():
     budget = CPUTimeBudget(max_cpu_minutes=0.001)  # 60 ms
     trainer = SimpleNamespace(should_stop=False, global_step=1)
