@@ -177,6 +177,9 @@ class Router(nn.Module):
     # layer then calls ``forward(x_TD, side, experts=its GroupedExperts)`` (:meth:`moezoo.layers.MoE.route`).
     # Every other router is called as before and never sees the experts.
     reads_experts: ClassVar[bool] = False
+    # "item" for a router that routes within each sample in training too (expert choice's ``train_rule``): the MoE
+    # layer then passes SAMPLE_IDX and SAMPLE_SIZES in training as well as at evaluation.
+    train_rule: str = "batch"
 
     def __init__(self, dim: int, num_experts: int, balance_coef: float = 0.01, z_loss_coef: float = 0.0) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moezoo.layers import ROUTERS, MoE, TopKRouter, router_options
+from moezoo.layers.routers import SAMPLE_IDX
 from tests.layers.sides import side_inputs
 
 DIM, FFN, EXPERTS, TOKENS = 16, 32, 4, 6
@@ -145,3 +146,20 @@ def test_expert_choice_train_rule_option():
     assert _ec_layer("batch").router.depends_on_batch(training=True)
     with pytest.raises(ValueError, match="train_rule must be one of 'item', 'batch'; got 'sample'"):
         _ec_layer("sample")
+
+
+def test_the_layer_passes_sample_groups_in_training_only_to_a_router_with_a_per_item_training_rule():
+    seen: list[bool] = []
+
+    def record(module, args, kwargs):
+        side = args[1] if len(args) > 1 else kwargs.get("side")
+        seen.append(bool(side) and SAMPLE_IDX in side)
+
+    cases = [(_ec_layer("item"), True), (_ec_layer("batch"), False), (_layer("topk", capacity_factor=None), False)]
+    for moe, wanted in cases:
+        seen.clear()
+        handle = moe.router.register_forward_pre_hook(record, with_kwargs=True)
+        moe.train()(torch.randn(3, TOKENS, DIM))
+        moe.eval()(torch.randn(3, TOKENS, DIM))
+        handle.remove()
+        assert seen == [wanted, True], type(moe.router).__name__
