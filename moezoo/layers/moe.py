@@ -290,8 +290,8 @@ class MoE(nn.Module):
         keep_T = true_indices(mask.reshape(-1)) if mask is not None else None
         x_in = x_TD if keep_T is None else x_TD.index_select(0, keep_T)
         side_T = _expand_side(side, lead, keep_T, router.side_feature_dims)
-        if not self.training and router.batch_dependent:
-            side_T.update(_sample_side(lead, keep_T, x.device))
+        if router.batch_dependent and (not self.training or router.train_rule == "item"):
+            side_T.update(_sample_side(lead, keep_T, x.device))  # a per-item rule: each sample's own tokens
         routing = self.route(x_in, side_T, router)
         y_in = self.experts(x_in, routing.token_idx_N, routing.expert_idx_N, routing.gate_N, backend=self.backend)
         y_in = self._add_shared(x_in, y_in)

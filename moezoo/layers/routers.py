@@ -27,7 +27,8 @@ Batch independence: a router whose rule can make one token's routing depend on t
 ``eval_rule``: ``"item"`` (the default) runs a batch-independent rule at evaluation (dropless top-k for capacity
 routing; expert choice and Sinkhorn within each sample's own tokens, which the MoE layer passes as the side inputs
 :data:`SAMPLE_IDX` and :data:`SAMPLE_SIZES`), ``"batch"`` keeps the training rule, and the MoE layer warns once.
-:meth:`Router.depends_on_batch` says which applies to an instance.
+Expert choice also takes ``train_rule="item"``: the per-sample rule in training as well (the layer then passes the
+sample side inputs in training too). :meth:`Router.depends_on_batch` says which applies to an instance.
 
 State that is not trained by gradients (the loss-free bias, ReLU routing's L1 coefficient) lives in buffers;
 training forwards accumulate observations and :meth:`Router.update_state` applies them once per optimiser step.
@@ -176,6 +177,9 @@ class Router(nn.Module):
     # layer then calls ``forward(x_TD, side, experts=its GroupedExperts)`` (:meth:`moezoo.layers.MoE.route`).
     # Every other router is called as before and never sees the experts.
     reads_experts: ClassVar[bool] = False
+    # "item" for a router that routes within each sample in training too (expert choice's ``train_rule``): the MoE
+    # layer then passes SAMPLE_IDX and SAMPLE_SIZES in training as well as at evaluation.
+    train_rule: str = "batch"
 
     def __init__(self, dim: int, num_experts: int, balance_coef: float = 0.01, z_loss_coef: float = 0.0) -> None:
         super().__init__()
@@ -470,6 +474,9 @@ class ExpertChoiceRouter(SparseRouter):
     ``capacity_factor = top_k`` matches the compute of top-k token choice (the default). A token may be chosen
     by 0..E experts. With ``eval_rule="item"`` (default) evaluation applies the rule within each sample: each
     expert takes the top ``ceil(capacity_factor * T_b / E)`` tokens of every sample b of ``T_b`` tokens.
+    ``train_rule="item"`` applies that per-sample rule in training too (e.g. within each image of a DiT), so that
+    training and batch-independent evaluation route alike; ``"batch"`` (default) chooses over all the batch's
+    tokens in training.
     """
 
     batch_dependent: ClassVar[bool] = True
@@ -483,6 +490,7 @@ class ExpertChoiceRouter(SparseRouter):
         balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         eval_rule: str = "item",
+        train_rule: str = "batch",
     ) -> None:
         ExpertChoiceRouter.check_options(
             num_experts,
@@ -492,11 +500,13 @@ class ExpertChoiceRouter(SparseRouter):
                 balance_coef=balance_coef,
                 z_loss_coef=z_loss_coef,
                 eval_rule=eval_rule,
+                train_rule=train_rule,
             ),
         )
         super().__init__(dim, num_experts, balance_coef, z_loss_coef)
         self.capacity_factor = float(top_k) if capacity_factor is None else capacity_factor
         self.eval_rule = eval_rule
+        self.train_rule = train_rule
 
     @classmethod
     def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
@@ -504,9 +514,10 @@ class ExpertChoiceRouter(SparseRouter):
         check_top_k(options["top_k"], num_experts)
         check_positive("capacity_factor", options["capacity_factor"], none_means="top_k")
         check_choice("eval_rule", options["eval_rule"], EVAL_RULES)
+        check_choice("train_rule", options["train_rule"], EVAL_RULES)
 
     def depends_on_batch(self, training: bool) -> bool:
-        return training or self.eval_rule == "batch"
+        return (self.train_rule if training else self.eval_rule) == "batch"
 
     def capacity(self, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
         per_expert = size_max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
@@ -516,7 +527,7 @@ class ExpertChoiceRouter(SparseRouter):
         num_tokens = x_TD.shape[0]
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        if not self.training and self.eval_rule == "item":
+        if not self.depends_on_batch(self.training):
             token_N, expert_N = self._choose_per_sample(probs_TE, *sample_groups(side, num_tokens, x_TD.device))
             gate_N = probs_TE[token_N, expert_N]
         else:

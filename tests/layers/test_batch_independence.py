@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moezoo.layers import ROUTERS, MoE, TopKRouter, router_options
+from moezoo.layers.routers import SAMPLE_IDX
 from tests.layers.sides import side_inputs
 
 DIM, FFN, EXPERTS, TOKENS = 16, 32, 4, 6
@@ -97,3 +98,68 @@ def test_routers_with_a_per_item_rule_do_not_depend_on_the_batch_at_eval_but_do_
     assert not _layer("topk", capacity_factor=None).router.depends_on_batch(training=True)
     with pytest.raises(ValueError, match="eval_rule must be one of 'item', 'batch'; got 'sample'"):
         _layer("expert_choice", eval_rule="sample")
+
+
+def _ec_layer(train_rule: str) -> MoE:
+    torch.manual_seed(0)
+    router_kwargs = {"train_rule": train_rule}
+    return MoE(DIM, FFN, EXPERTS, 2, router="expert_choice", router_kwargs=router_kwargs, backend="reference").train()
+
+
+def _outputs_and_grads(moe: MoE, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.detach().requires_grad_(True)
+    moe.zero_grad(set_to_none=True)
+    out = moe(x)[0]
+    (out * weight).sum().backward()
+    return out.detach(), [x.grad, *(p.grad for p in moe.parameters())]
+
+
+def test_expert_choice_train_rule_item_is_the_batch_rule_on_each_sample_alone_forward_and_gradients():
+    """train_rule="item": a training forward routes within each sample; the reference is the training (batch) rule
+    run on each sample alone (a batch of one), outputs concatenated and gradients summed over the samples."""
+    item, alone = _ec_layer("item"), _ec_layer("batch")
+    alone.load_state_dict(item.state_dict())
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(5, TOKENS, DIM, generator=generator)
+    weight = torch.randn(x.shape, generator=generator)
+    out, grads = _outputs_and_grads(item, x, weight)
+    ref_out, ref_grads = [], [torch.zeros_like(g) for g in grads]
+    for b in range(x.shape[0]):
+        out_b, grads_b = _outputs_and_grads(alone, x[b : b + 1], weight[b : b + 1])
+        ref_out.append(out_b)
+        ref_grads[0][b : b + 1] = grads_b[0]
+        for ref, g in zip(ref_grads[1:], grads_b[1:]):
+            ref += g
+    torch.testing.assert_close(out, torch.cat(ref_out), atol=1e-5, rtol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-5)
+    # the default training rule chooses over the whole batch: it differs on the same weights (this test can fail)
+    batch_out, _ = _outputs_and_grads(alone, x, weight)
+    assert not torch.allclose(batch_out, out, atol=1e-4)
+    # and training with the item rule routes as evaluation does
+    with torch.no_grad():
+        torch.testing.assert_close(item.eval()(x)[0], out, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_choice_train_rule_option():
+    assert not _ec_layer("item").router.depends_on_batch(training=True)
+    assert _ec_layer("batch").router.depends_on_batch(training=True)
+    with pytest.raises(ValueError, match="train_rule must be one of 'item', 'batch'; got 'sample'"):
+        _ec_layer("sample")
+
+
+def test_the_layer_passes_sample_groups_in_training_only_to_a_router_with_a_per_item_training_rule():
+    seen: list[bool] = []
+
+    def record(module, args, kwargs):
+        side = args[1] if len(args) > 1 else kwargs.get("side")
+        seen.append(bool(side) and SAMPLE_IDX in side)
+
+    cases = [(_ec_layer("item"), True), (_ec_layer("batch"), False), (_layer("topk", capacity_factor=None), False)]
+    for moe, wanted in cases:
+        seen.clear()
+        handle = moe.router.register_forward_pre_hook(record, with_kwargs=True)
+        moe.train()(torch.randn(3, TOKENS, DIM))
+        moe.eval()(torch.randn(3, TOKENS, DIM))
+        handle.remove()
+        assert seen == [wanted, True], type(moe.router).__name__

@@ -21,6 +21,7 @@ CASES = {
     "topk_null": ("topk", {"num_null_experts": 2}),
     "sigmoid_lossfree": ("sigmoid_lossfree", {}),
     "expert_choice": ("expert_choice", {}),
+    "expert_choice_train_item": ("expert_choice", {"train_rule": "item"}),  # per-sample choice in training
     "sinkhorn": ("sinkhorn", {}),
     "relu": ("relu", {}),
     "soft": ("soft", {"slots_per_expert": 2}),
@@ -112,10 +113,11 @@ def test_every_router_compiles_fullgraph(case):
     _assert_compiled_matches_eager(case, mask=None)
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["topk", "topk_capacity", "expert_choice", "sinkhorn", "soft", "language", "top_p", "expert_race", "gw", "rectify"],
-)
+MASKED_CASES = ["topk", "topk_capacity", "expert_choice", "expert_choice_train_item", "sinkhorn", "soft", "language",
+                "top_p", "expert_race", "gw", "rectify"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MASKED_CASES)
 def test_masked_layer_compiles_fullgraph(case):
     """A padding mask makes the token count data-dependent: routers and statistics must not branch on it."""
     mask = torch.tensor([[True, True, False, True, False, False], [True] * 6])

@@ -35,6 +35,8 @@ def _router_kwargs(name: str, draw) -> dict:
         kwargs["balanced_eval"] = draw(st.booleans())
     if "eval_rule" in options:
         kwargs["eval_rule"] = draw(st.sampled_from(["item", "batch"]))
+    if "train_rule" in options:
+        kwargs["train_rule"] = draw(st.sampled_from(["batch", "item"]))
     if "drop_policy" in options:
         kwargs["drop_policy"] = draw(st.sampled_from(["position", "batch_priority"]))
     if "noise" in options:
