@@ -13,7 +13,8 @@ from torch import nn
 from moezoo.layers import MoE, MoEAux, get_router
 from moezoo.layers.recurrent import RecurrentRouter
 from moezoo.layers.routers import ROUTER_STATE
-from moezoo.models import MoESpec, create_model, moe_layers, run_ffn, share_router_modules
+from moezoo.models import MoESpec, create_model, moe_layers, run_ffn, save_pretrained, share_router_modules
+from moezoo.models.hub import load_state_dict
 from moezoo.parallel import ExpertParallelGroups, shard_experts
 from moezoo.stats import count_parameters
 from tests import oracles_routers as naive
@@ -176,7 +177,8 @@ def test_a_vit_threads_the_state_and_its_items_are_batch_independent():
     assert not torch.equal(with_state.gate_N, without.gate_N)
 
 
-def test_state_dict_round_trip_keeps_one_shared_cell():
+def test_state_dict_round_trip_keeps_one_shared_cell(tmp_path):
+    """In memory and through the Hub layout (safetensors stores the shared cell once per layer name)."""
     torch.manual_seed(0)
     model = create_model("moe_vit_debug", moe={"router": "recurrent"}).eval()
     torch.manual_seed(1)
@@ -187,6 +189,12 @@ def test_state_dict_round_trip_keeps_one_shared_cell():
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     layers = moe_layers(other)
     assert layers[0].router.cell is layers[1].router.cell
+    torch.manual_seed(2)
+    published = create_model("moe_vit_debug", moe={"router": "recurrent"}).eval()
+    published.load_state_dict(
+        load_state_dict(save_pretrained(model, tmp_path / "pub", card=False) / "model.safetensors")
+    )
+    torch.testing.assert_close(published(x), model(x), rtol=0, atol=0)
     assert {k for k in model.state_dict() if ".cell." in k} == {
         f"blocks.{i}.ffn.router.cell.{p}" for i in (0, 1) for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     }
