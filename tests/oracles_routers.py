@@ -424,3 +424,61 @@ def chain_of_experts(
             total[t] = total[t] + outs[t]
             h[t] = h[t] + outs[t] if inner_residual else outs[t]
     return torch.stack(total if inner_residual else h), balance
+
+
+def gru_step(x_R: Tensor, h_R: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """One GRU step, unit by unit: ``r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)``, ``z`` alike,
+    ``n = tanh(W_in x + b_in + r (W_hn h + b_hn))``, ``h' = (1 - z) n + z h`` (rows of ``w_ih``/``w_hh``: r, z, n)."""
+    width = h_R.shape[0]
+    out = []
+    for j in range(width):
+        pre = [dot(w_ih[g * width + j], x_R) + b_ih[g * width + j] for g in range(3)]
+        hid = [dot(w_hh[g * width + j], h_R) + b_hh[g * width + j] for g in range(3)]
+        r = 1.0 / (1.0 + torch.exp(-(pre[0] + hid[0])))
+        z = 1.0 / (1.0 + torch.exp(-(pre[1] + hid[1])))
+        n = torch.tanh(pre[2] + r * hid[2])
+        out.append((1.0 - z) * n + z * h_R[j])
+    return torch.stack(out)
+
+
+def recurrent_router_stack(
+    x_TD: Tensor,
+    keep: list[bool],
+    layers: list[dict[str, Tensor]],
+    cell: dict[str, Tensor],
+    activation: str,
+    k: int,
+    balance_coef: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """L MoE layers with the layerwise recurrent router (RMoE) and a residual, token by token: layer i projects the
+    token, ``x' = proj_i x``; the shared GRU gives ``h_i = GRU(x', h_{i-1})``, ``h_0 = 0``; layer i routes by softmax
+    top-k (renormalised for k > 1) of ``gate_i h_i``, adds ``sum_chosen gate * expert_i(x)`` to the token. Tokens
+    with ``keep`` False are not routed (their state stays 0 and they pass unchanged). ``layers[i]``: ``proj``,
+    ``gate``, ``w_in``, ``w_out``; ``cell``: ``w_ih``, ``w_hh``, ``b_ih``, ``b_hh``. Returns the tokens after the
+    last layer and the summed Switch balance losses (each layer's over its kept tokens)."""
+    from tests.oracles import expert_forward, switch_balance
+
+    tokens = [x_TD[t] for t in range(x_TD.shape[0])]
+    kept = [t for t in range(len(tokens)) if keep[t]]
+    width = cell["w_hh"].shape[1]
+    h = {t: x_TD.new_zeros(width) for t in kept}
+    balance = x_TD.new_zeros(())
+    for layer in layers:
+        rows, experts, outs = [], [], {}
+        for t in kept:
+            h[t] = gru_step(torch.stack(matvec(layer["proj"], tokens[t])), h[t], **cell)
+            probs = softmax(matvec(layer["gate"], h[t]))
+            rows.append(torch.stack(probs))
+            chosen = order([float(p.detach()) for p in probs])[:k]
+            total = sum((probs[e] for e in chosen), probs[0].new_zeros(()))
+            out = torch.zeros_like(tokens[t])
+            for e in chosen:
+                gate = probs[e] / total if k > 1 else probs[e]
+                out = out + gate * expert_forward(tokens[t], layer["w_in"][e], layer["w_out"][e], activation)
+            outs[t] = out
+            experts += chosen
+        if kept:
+            balance = balance + balance_coef * switch_balance(torch.stack(rows), experts, k)
+        for t in kept:
+            tokens[t] = tokens[t] + outs[t]
+    return torch.stack(tokens), balance

@@ -1,12 +1,12 @@
 """Layers of the shared sparse-MoE core.
 
 The domain routers live in their own modules (``segment``, ``promoe``, ``speech_routers``, ``routers_extra``,
-``expert_routers``)
+``expert_routers``, ``recurrent``)
 and register themselves with :func:`register_router` when imported; they are imported here, explicitly, so that
 every router is available by name as soon as ``moezoo`` is imported.
 """
 
-from moezoo.layers import expert_routers, promoe, routers_extra, segment, speech_routers
+from moezoo.layers import expert_routers, promoe, recurrent, routers_extra, segment, speech_routers
 from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.moe import MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states
@@ -49,6 +49,7 @@ __all__ = [
     "expert_routers",
     "get_router",
     "promoe",
+    "recurrent",
     "register_router",
     "router_options",
     "routers_extra",

@@ -50,6 +50,9 @@ class MoEAux:
     expert_load_cv: Tensor  # std / mean of tokens_per_expert_E
     num_tokens: int
     routing: RoutingResult | None = field(default=None, repr=False)
+    # (..., S) in the input's leading shape (zeros at masked tokens): the state a router that ``carries_state`` hands
+    # to the next MoE layer (``moezoo.models.run_ffn``); None for every other router
+    router_state: Tensor | None = field(default=None, repr=False)
 
     @property
     def aux_loss(self) -> Tensor:
@@ -296,7 +299,13 @@ class MoE(nn.Module):
         y_in = self.experts(x_in, routing.token_idx_N, routing.expert_idx_N, routing.gate_N, backend=self.backend)
         y_in = self._add_shared(x_in, y_in)
         y_TD = y_in if keep_T is None else x_TD.new_zeros(x_TD.shape).index_copy(0, keep_T, y_in)
-        return y_TD.reshape(x.shape), self._sparse_aux(routing)
+        aux = self._sparse_aux(routing)
+        if routing.next_state is not None:  # a router that carries state to the next layer (recurrent router)
+            state = routing.next_state
+            if keep_T is not None:
+                state = state.new_zeros(x_TD.shape[0], *state.shape[1:]).index_copy(0, keep_T, state)
+            aux.router_state = state.reshape(*lead, *state.shape[1:])
+        return y_TD.reshape(x.shape), aux
 
     def route(
         self, x_TD: Tensor, side: Mapping[str, Tensor] | None = None, router: Router | None = None

@@ -57,6 +57,9 @@ Side = Mapping[str, Tensor]
 SAMPLE_IDX = "sample_idx"
 SAMPLE_SIZES = "sample_sizes"
 EVAL_RULES = ("item", "batch")
+# Side input through which a router that ``carries_state`` receives the previous MoE layer's state (per token);
+# ``moezoo.models.run_ffn`` passes it (the layerwise recurrent router's GRU output, ``moezoo.layers.recurrent``).
+ROUTER_STATE = "router_state"
 
 
 @dataclass
@@ -70,6 +73,8 @@ class RoutingResult:
     num_experts: int
     probs_TE: Tensor | None = None  # routing distribution, for statistics only
     losses: dict[str, Tensor] = field(default_factory=dict)
+    # (T, S) per-token state for the next MoE layer, from a router that ``carries_state``; None for every other
+    next_state: Tensor | None = None
 
 
 @dataclass
@@ -180,6 +185,12 @@ class Router(nn.Module):
     # "item" for a router that routes within each sample in training too (expert choice's ``train_rule``): the MoE
     # layer then passes SAMPLE_IDX and SAMPLE_SIZES in training as well as at evaluation.
     train_rule: str = "batch"
+    # True for a router whose RoutingResult carries ``next_state`` for the next MoE layer, which receives it as the
+    # side input ROUTER_STATE (``moezoo.models.run_ffn``); without it (the first layer) the router starts from zeros.
+    carries_state: ClassVar[bool] = False
+    # Submodules that a model shares across all its MoE layers' routers of this class (the recurrent router's GRU
+    # cell): ``moezoo.models.share_router_modules`` gives every layer the first layer's.
+    shared_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dim: int, num_experts: int, balance_coef: float = 0.01, z_loss_coef: float = 0.0) -> None:
         super().__init__()

@@ -7,7 +7,15 @@ Each family module is imported by name below; a new family is added to that list
 # Imported for their side effect: the families run their @register_model functions, ``pretrained`` registers the
 # released checkpoints (moezoo/weights/*.json).
 from moezoo.models import conformer, dit, forecast_baselines, patchtst, patchtst_baseline, pretrained, tsfm, vit, yolo  # noqa: F401
-from moezoo.models.blocks import MoESpec, TransformerBlock, build_ffn, moe_layers, parameter_counts, run_ffn
+from moezoo.models.blocks import (
+    MoESpec,
+    TransformerBlock,
+    build_ffn,
+    moe_layers,
+    parameter_counts,
+    run_ffn,
+    share_router_modules,
+)
 from moezoo.models.hub_layout import save_pretrained
 from moezoo.models.pretrained_cfg import PretrainedCfg
 from moezoo.models.registry import (
@@ -32,4 +40,5 @@ __all__ = [
     "register_pretrained",
     "run_ffn",
     "save_pretrained",
+    "share_router_modules",
 ]

@@ -13,10 +13,19 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from moezoo.layers import ChainOfExperts, FeedForward, MoE, MoEAux, Router
+from moezoo.layers.routers import ROUTER_STATE
 from moezoo.layers.segment import SegmentFeedForward, SegmentMoE
 from moezoo.models.spec import MoESpec
 
-__all__ = ["MoESpec", "TransformerBlock", "build_ffn", "moe_layers", "parameter_counts", "run_ffn"]
+__all__ = [
+    "MoESpec",
+    "TransformerBlock",
+    "build_ffn",
+    "moe_layers",
+    "parameter_counts",
+    "run_ffn",
+    "share_router_modules",
+]
 
 
 def build_ffn(
@@ -84,8 +93,15 @@ def build_ffn(
 def run_ffn(
     ffn: nn.Module, x: Tensor, auxes: list[MoEAux], mask: Tensor | None = None, side: Mapping[str, Tensor] | None = None
 ) -> Tensor:
-    """Apply a feed-forward slot; an MoE's aux result is appended to ``auxes``."""
+    """Apply a feed-forward slot; an MoE's aux result is appended to ``auxes``.
+
+    ``auxes`` holds the aux results of the MoE layers called before this one (every family calls its feed-forwards
+    in layer order): an MoE whose router ``carries_state`` (the layerwise recurrent router) receives the previous
+    MoE layer's ``router_state`` as the side input ``ROUTER_STATE``; the first such layer receives none.
+    """
     if isinstance(ffn, MoE):
+        if ffn.router.carries_state and auxes and auxes[-1].router_state is not None:
+            side = {**(side or {}), ROUTER_STATE: auxes[-1].router_state}
         y, aux = ffn(x, mask=mask, side=side)
         auxes.append(aux)
         return y
@@ -115,6 +131,27 @@ class TransformerBlock(nn.Module):
 
 def moe_layers(module: nn.Module) -> Sequence[MoE]:
     return [m for m in module.modules() if isinstance(m, MoE)]
+
+
+def share_router_modules(module: nn.Module) -> None:
+    """Give every MoE layer's router the first layer's submodules that its class shares (``Router.shared_modules``:
+    the layerwise recurrent router's GRU cell), so that one module serves every layer; a family calls it once its
+    layers are built. Routers of other classes are left as they are."""
+    first: dict[tuple[type, str], nn.Module] = {}
+    for layer in moe_layers(module):
+        router = layer.router
+        for name in router.shared_modules:
+            own = getattr(router, name)
+            shared = first.setdefault((type(router), name), own)
+            if shared is own:
+                continue
+            shapes = [tuple(p.shape) for p in shared.parameters()], [tuple(p.shape) for p in own.parameters()]
+            if shapes[0] != shapes[1]:
+                raise ValueError(
+                    f"{type(router).__name__}.{name} is shared by every MoE layer, but the layers' modules differ in "
+                    f"shape ({shapes[0]} vs {shapes[1]}): build every layer with the same router options"
+                )
+            setattr(router, name, shared)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

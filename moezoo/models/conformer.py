@@ -20,6 +20,8 @@ model adds for a router is decided by the router class itself, never by a list o
 - a router that reads ``global_embedding`` (``"global_embedding"``, SpeechMoE2): each MoE layer routes on
   ``[frame; g]`` with ``g`` a per-utterance embedding (statistics pooling of the subsampled input, projected to G),
   passed as the per-sample side input.
+- a router that ``carries_state`` (``"recurrent"``, RMoE) gets the previous MoE layer's GRU state from ``run_ffn``
+  (both FFNs of every block, in call order) and one GRU cell shared by every layer (``share_router_modules``).
 
 With the default ``"topk"`` router and ``top_k=1`` every MoE layer has its own Switch router (the baseline).
 """
@@ -35,13 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moezoo.layers import MoE, MoEAux, Router, get_router
-from moezoo.models.blocks import build_ffn, run_ffn
+from moezoo.layers.routers import ROUTER_STATE
+from moezoo.models.blocks import build_ffn, run_ffn, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
 register_spec_argument("moe_conformer")
 #: the side inputs this model computes for routers that read them (``Router.needs_side``)
-SIDE_INPUTS = ("lid_probs", "global_embedding")
+SIDE_INPUTS = ("lid_probs", "global_embedding", ROUTER_STATE)
 
 
 @dataclass
@@ -215,6 +218,7 @@ class MoEConformer(nn.Module):
             ffns = [build_ffn(dim, ffn_dim, activation, block_spec, i, router=shared) for _ in range(2)]
             blocks.append(ConformerBlock(dim, num_heads, ffns[0], ffns[1], conv_kernel, dropout))
         self.blocks = nn.ModuleList(blocks)
+        share_router_modules(self.blocks)
         self.lid_head: nn.Module | None = None
         if uses_lid:
             self.lid_head = nn.Sequential(

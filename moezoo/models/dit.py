@@ -25,7 +25,8 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.models.blocks import build_ffn, run_ffn
+from moezoo.layers.routers import ROUTER_STATE
+from moezoo.models.blocks import build_ffn, run_ffn, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
@@ -107,7 +108,7 @@ class MoEDiT(nn.Module):
         self.num_classes = num_classes
         self.null_class = num_classes
         self.spec = MoESpec.resolve(moe)
-        self.spec.check_side_inputs(("cfg_dropped",), "moe_dit")
+        self.spec.check_side_inputs(("cfg_dropped", ROUTER_STATE), "moe_dit")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
         self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -116,6 +117,7 @@ class MoEDiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(dim, num_heads, build_ffn(dim, ffn_dim, activation, self.spec, i)) for i in range(depth)
         )
+        share_router_modules(self.blocks)
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         final_ada = nn.Linear(dim, 2 * dim)
         self.final_ada = nn.Sequential(nn.SiLU(), final_ada)

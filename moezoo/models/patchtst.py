@@ -27,7 +27,8 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.models.blocks import build_ffn, run_ffn
+from moezoo.layers.routers import ROUTER_STATE
+from moezoo.models.blocks import build_ffn, run_ffn, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
@@ -156,7 +157,7 @@ class MoEPatchTST(nn.Module):
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         spec = MoESpec.resolve(moe, MOE_DEFAULTS)
         spec.check_depth(depth)
-        spec.check_side_inputs((), "moe_patchtst")
+        spec.check_side_inputs((ROUTER_STATE,), "moe_patchtst")
         self.seq_len = seq_len
         self.pred_len = pred_len
         self.num_channels = num_channels
@@ -171,6 +172,7 @@ class MoEPatchTST(nn.Module):
         self.drop = nn.Dropout(dropout)
         ffns = [build_ffn(dim, ffn_dim, activation, spec, i) for i in range(depth)]
         self.blocks = nn.ModuleList(ForecastBlock(dim, num_heads, ffn, dropout) for ffn in ffns)
+        share_router_modules(self.blocks)
         self.norm = nn.LayerNorm(dim)
         self.head_drop = nn.Dropout(head_dropout)
         self.head = nn.Linear(self.num_patches * dim, pred_len)

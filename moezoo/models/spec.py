@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moezoo.layers import ROUTERS
+from moezoo.layers.routers import ROUTER_STATE, router_options
 from moezoo.layers.routers import check_router_kwargs as check_router_kwargs_of_router
-from moezoo.layers.routers import router_options
 from moezoo.ops import BACKENDS
 
 
@@ -161,12 +161,15 @@ class MoESpec:
             raise ValueError(f"moe.granularity must be 1 with router 'segment' (Seg-MoE), got {self.granularity}")
         factory = ROUTERS[self.router]
         if self.num_iterations > 1 and (
-            self.router == "segment" or factory.kind != "sparse" or getattr(factory, "shared_across_layers", False)
+            self.router == "segment"
+            or factory.kind != "sparse"
+            or getattr(factory, "shared_across_layers", False)
+            or getattr(factory, "carries_state", False)
         ):
             raise ValueError(
                 f"moe.num_iterations={self.num_iterations} (Chain-of-Experts) needs a sparse router built per layer, "
-                f"one per pass; router {self.router!r} is not one (Soft MoE, SMEAR, Seg-MoE and the Omni-router are "
-                "refused)"
+                f"one per pass; router {self.router!r} is not one (Soft MoE, SMEAR, Seg-MoE, the Omni-router and the "
+                "layerwise recurrent router, whose state runs from layer to layer, are refused)"
             )
         if self.router != "segment" and any(w != 1 for w in values):
             raise ValueError(
@@ -203,8 +206,12 @@ class MoESpec:
 
     @property
     def needs_side(self) -> tuple[str, ...]:
-        """Side inputs the router reads (``Router.needs_side``): the model must provide them."""
-        return tuple(getattr(self.router_factory, "needs_side", ()))
+        """Side inputs the router reads (``Router.needs_side``): the model must provide them. A router that
+        ``carries_state`` also needs :data:`~moezoo.layers.routers.ROUTER_STATE`: the model must call its MoE
+        layers through ``run_ffn`` in layer order, on the same tokens, and share their routers' ``shared_modules``
+        (:func:`moezoo.models.share_router_modules`)."""
+        state = (ROUTER_STATE,) if getattr(self.router_factory, "carries_state", False) else ()
+        return tuple(getattr(self.router_factory, "needs_side", ())) + state
 
     @property
     def shares_router(self) -> bool:
@@ -214,6 +221,12 @@ class MoESpec:
     def check_side_inputs(self, provided: Sequence[str], model: str) -> None:
         """Raise when the router needs side inputs that ``model`` does not compute."""
         missing = sorted(set(self.needs_side) - set(provided))
+        if ROUTER_STATE in missing and not self.dense:
+            raise ValueError(
+                f"moe.router={self.router!r} passes its routing state from each MoE layer to the next (side input "
+                f"{ROUTER_STATE!r}), which {model} does not thread (its MoE layers do not all route the same tokens "
+                "in one chain of layers); choose a router that routes each layer on its own tokens"
+            )
         if missing and not self.dense:
             raise ValueError(
                 f"moe.router={self.router!r} needs the side input(s) {missing}, which {model} does not provide "

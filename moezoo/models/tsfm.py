@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.models.blocks import build_ffn, run_ffn
+from moezoo.layers.routers import ROUTER_STATE
+from moezoo.models.blocks import build_ffn, run_ffn, share_router_modules
 from moezoo.models.patchtst import check_forecast_sizes
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
@@ -153,7 +154,7 @@ class MoETSFM(nn.Module):
             raise ValueError(f"seq_len={seq_len} must be at least patch_len={patch_len}")
         spec = MoESpec.resolve(moe, MOE_DEFAULTS)
         spec.check_depth(depth)
-        spec.check_side_inputs((), "moe_tsfm")
+        spec.check_side_inputs((ROUTER_STATE,), "moe_tsfm")
         if not spec.dense and (spec.router == "segment" or spec.router_kwargs.get("capacity_factor") is not None):
             raise ValueError(
                 f"moe: router {spec.router!r} with router_kwargs {spec.router_kwargs} breaks causality; use a "
@@ -165,6 +166,7 @@ class MoETSFM(nn.Module):
         self.patch_embed = nn.Linear(patch_len, dim)
         ffns = [build_ffn(dim, ffn_dim, activation, spec, i) for i in range(depth)]
         self.blocks = nn.ModuleList(DecoderBlock(dim, num_heads, ffn, dropout) for ffn in ffns)
+        share_router_modules(self.blocks)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_len)
 

@@ -14,7 +14,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.models.blocks import TransformerBlock, build_ffn
+from moezoo.layers.routers import ROUTER_STATE
+from moezoo.models.blocks import TransformerBlock, build_ffn, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
@@ -53,7 +54,7 @@ class MoEViT(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.spec = MoESpec.resolve(moe)
-        self.spec.check_side_inputs((), "moe_vit")
+        self.spec.check_side_inputs((ROUTER_STATE,), "moe_vit")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -63,6 +64,7 @@ class MoEViT(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, build_ffn(dim, ffn_dim, activation, self.spec, i)) for i in range(depth)
         )
+        share_router_modules(self.blocks)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         trunc_normal_(self.pos_embed, std=0.02)

@@ -212,6 +212,12 @@ def shard_experts(module: nn.Module, groups: ExpertParallelGroups) -> list[str]:
                 f"MoE layer {name!r} has a router that reads every expert's weights ({type(router).__name__}); "
                 "expert parallelism keeps only this rank's experts, so such a router cannot run sharded"
             )
+        if router.carries_state:
+            raise ValueError(
+                f"MoE layer {name!r} has a router that passes state between layers ({type(router).__name__}, one GRU "
+                "shared by every layer); expert parallelism does not support it (not implemented or tested with a "
+                "recurrence across layers)"
+            )
         if isinstance(moe.experts, ExpertParallelExperts):
             continue
         if not isinstance(moe.experts, GroupedExperts):

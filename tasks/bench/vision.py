@@ -4,7 +4,8 @@ Rows (``configs/vision/fmnist_vit_<router>.yaml``, equal active compute per toke
 batch-prioritized routing, expert choice, Sinkhorn, sigmoid with loss-free balancing, Soft MoE and the dense twin.
 The routers of ``moezoo.layers.routers_extra`` and ``moezoo.layers.expert_routers`` (``EXTRA_ROUTERS``: top-p,
 X-MoE, M6-T prototypes, HyperRouter, attention router, mixture of routers, GMM, Expert Race, VQ, StableMoE, GW-MoE,
-SMILE bi-level, Rectify fill-in, THOR, Autonomy-of-Experts, top-k with the ERC loss, SMEAR) have configs of their
+SMILE bi-level, Rectify fill-in, THOR, Autonomy-of-Experts, top-k with the ERC loss, CompeteSMoE, SMEAR) and the
+layerwise recurrent router (``moezoo.layers.recurrent``) have configs of their
 own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in the default budgets (each row
 is CPU hours at ``--full``). All run at top-2's active compute except SMEAR (one merged expert: half of it, with
 the same parameters).
@@ -47,6 +48,7 @@ EXTRA_ROUTERS = (
     "erc",
     "compete",
     "smear",
+    "recurrent",
 )
 # Layer options that are not routers (the router is top-k): Chain-of-Experts, 2 passes of top-1 (moe.num_iterations)
 EXTRA_LAYERS = ("chain",)

@@ -51,6 +51,8 @@ CASES = {
     "compete": ("compete", {"compete_prob": 1.0}),  # a competition step: every expert's response decides
     "compete_router_step": ("compete", {"compete_prob": 0.0}),  # its router's step
     "smear": ("smear", {}),  # its own kind: one merged expert per example
+    # moezoo.layers.recurrent: given the previous layer's state (the side input "router_state")
+    "recurrent": ("recurrent", {"routing_dim": 3}),
 }
 DIM = 8
 
@@ -66,6 +68,8 @@ def _side(router: str, lead: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
         return {"lid_probs": torch.softmax(torch.randn(*lead, 4), -1)}
     if router == "global_embedding":
         return {"global_embedding": torch.randn(lead[0], 3)}
+    if router == "recurrent":
+        return {"router_state": torch.randn(*lead, 3)}
     return None
 
 
@@ -83,6 +87,7 @@ def _step(moe: MoE, x: torch.Tensor, mask: torch.Tensor | None, side: dict | Non
     params = [x, *(p for p in moe.parameters() if p.requires_grad)]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     stats = [aux.tokens_per_expert_E, aux.dropped_frac, aux.router_entropy, aux.expert_load_cv]
+    stats += [] if aux.router_state is None else [aux.router_state]  # the state a recurrent router hands on
     return [y, *stats, *(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params))]
 
 
@@ -114,7 +119,7 @@ def test_every_router_compiles_fullgraph(case):
 
 
 MASKED_CASES = ["topk", "topk_capacity", "expert_choice", "expert_choice_train_item", "sinkhorn", "soft", "language",
-                "top_p", "expert_race", "gw", "rectify"]  # fmt: skip
+                "top_p", "expert_race", "gw", "rectify", "recurrent"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", MASKED_CASES)
