@@ -766,7 +766,8 @@ class THORRouter(SparseRouter):
     """THOR (Zuo et al. 2022, stochastic experts): every token goes to ``top_k`` distinct experts drawn uniformly at
     random, in training and at inference, each with gate ``1 / top_k``; there is no router to learn. The paper
     trains such models with a consistency regulariser between two forward passes with different random experts,
-    :func:`thor_consistency_loss` (the task adds it; the router alone cannot see the model's outputs)."""
+    :func:`thor_consistency_loss` (the task adds it: ``ImageClassificationTask(consistency_coef=...)``; the router
+    alone cannot see the model's outputs)."""
 
     batch_dependent: ClassVar[bool] = False
     #: its choice is a random draw at evaluation too (the same item can get other experts on another call)

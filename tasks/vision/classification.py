@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moezoo.layers import MoEAux
+from moezoo.layers.routers_extra import thor_consistency_loss
 from moezoo.stats import TokenGroups
 from moezoo.tasks.base import MoETask
 from moezoo.tasks.class_names import NamedClasses
@@ -22,11 +24,34 @@ from moezoo.tasks.predict import (
 )
 
 
+def _mean_aux(a: MoEAux, b: MoEAux) -> MoEAux:
+    """One MoE layer's aux result of two passes of the same batch: losses and statistics averaged (so the task adds
+    and logs them at the weight of one pass); the first pass's routing and state are kept."""
+    return replace(
+        a,
+        losses={name: 0.5 * (a.losses[name] + b.losses[name]) for name in a.losses},
+        tokens_per_expert_E=0.5 * (a.tokens_per_expert_E + b.tokens_per_expert_E),
+        dropped_frac=0.5 * (a.dropped_frac + b.dropped_frac),
+        router_entropy=0.5 * (a.router_entropy + b.router_entropy),
+        expert_load_cv=0.5 * (a.expert_load_cv + b.expert_load_cv),
+    )
+
+
 class ImageClassificationTask(NamedClasses, MoETask):
     """Cross-entropy classification; logs ``<stage>/acc`` and the MoE statistics.
 
     Args:
         label_smoothing: cross-entropy label smoothing.
+        consistency_coef: when > 0, every training step runs the model twice on the same batch and trains on the
+            mean of the two passes' cross-entropies plus ``consistency_coef`` times the symmetric KL between their
+            predictive distributions (:func:`~moezoo.layers.routers_extra.thor_consistency_loss`), logged as
+            ``train/consistency``; the two passes' MoE aux losses and statistics are averaged too. This is THOR's
+            consistency-regularised loss (Zuo et al. 2022; the passes differ by the ``thor`` router's random
+            experts) and, for any model with dropout or another random layer, R-Drop (Liang et al. 2021): it is
+            allowed for every model, and a model whose training forward is deterministic gets a consistency term of
+            0 at twice the cost. Costs two forward and backward passes per step; validation and test run once.
+            THOR's released IWSLT'14 script weights it 5.0 against the *sum* of the two cross-entropies, the same
+            balance as 2.5 here. ``0`` (the default): one forward pass, the plain cross-entropy.
         model, model_kwargs, **kwargs (``optimizer``, ``lr_scheduler``, ``aux_loss_coef``): as in
             :class:`moezoo.tasks.base.MoETask`.
     """
@@ -36,12 +61,21 @@ class ImageClassificationTask(NamedClasses, MoETask):
         model: str = "moe_vit_debug",
         model_kwargs: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
+        consistency_coef: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, model_kwargs, **kwargs)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if isinstance(consistency_coef, bool) or not isinstance(consistency_coef, (int, float)):
+            raise TypeError(f"consistency_coef must be a number >= 0, got {consistency_coef!r}")
+        if not 0 <= consistency_coef < float("inf"):
+            raise ValueError(
+                f"consistency_coef must be a finite number >= 0 (0 turns the two-pass consistency loss off), "
+                f"got {consistency_coef}"
+            )
         self.label_smoothing = label_smoothing
+        self.consistency_coef = float(consistency_coef)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -51,11 +85,27 @@ class ImageClassificationTask(NamedClasses, MoETask):
         num_classes = self.model.num_classes
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"class ids must be in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+        if stage == "train" and self.consistency_coef > 0:
+            return self._consistency_loss(x, y)
         logits, auxes = self.model.forward_with_aux(x)
         smoothing = self.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc = (logits.argmax(-1) == y).float().mean()
         return loss, auxes, {"acc": acc}, x.shape[0]
+
+    def _consistency_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[MoEAux], dict[str, Tensor], int]:
+        """Two forward passes of the same batch (``consistency_coef``): the mean cross-entropy plus the weighted
+        symmetric KL between the passes, the passes' aux results averaged layer by layer."""
+        logits_1, auxes_1 = self.model.forward_with_aux(x)
+        logits_2, auxes_2 = self.model.forward_with_aux(x)
+        ce_1 = F.cross_entropy(logits_1, y, label_smoothing=self.label_smoothing)
+        ce_2 = F.cross_entropy(logits_2, y, label_smoothing=self.label_smoothing)
+        consistency = thor_consistency_loss(logits_1, logits_2)
+        loss = 0.5 * (ce_1 + ce_2) + self.consistency_coef * consistency
+        acc = 0.5 * ((logits_1.argmax(-1) == y).float().mean() + (logits_2.argmax(-1) == y).float().mean())
+        assert len(auxes_1) == len(auxes_2), "the same model reported a different number of MoE layers"
+        auxes = [_mean_aux(a, b) for a, b in zip(auxes_1, auxes_2)]
+        return loss, auxes, {"acc": acc, "consistency": consistency.detach()}, x.shape[0]
 
     def routing_groups(self, batch: Any) -> TokenGroups:
         """Routing shares per class: every token of an image counts for the image's class."""
