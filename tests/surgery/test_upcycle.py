@@ -79,10 +79,14 @@ def test_timm_vit_expert_gradients_sum_to_the_dense_gradient():
     experts = model.blocks[0].mlp.moe.experts
     mlp = dense.blocks[0].mlp
 
-    torch.testing.assert_close(experts.w_in.grad.sum(0), mlp.fc1.weight.grad.t(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(experts.w_out.grad.sum(0), mlp.fc2.weight.grad.t(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(experts.b_in.grad.sum(0), mlp.fc1.bias.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(experts.b_out.grad.sum(0), mlp.fc2.bias.grad, atol=1e-5, rtol=1e-5)
+    def close(got, want):
+        # fp32 sums over tokens in another order: the rounding scales with the gradient's size, not with each entry
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+    close(experts.w_in.grad.sum(0), mlp.fc1.weight.grad.t())
+    close(experts.w_out.grad.sum(0), mlp.fc2.weight.grad.t())
+    close(experts.b_in.grad.sum(0), mlp.fc1.bias.grad)
+    close(experts.b_out.grad.sum(0), mlp.fc2.bias.grad)
 
 
 def test_torchaudio_conformer_is_preserved():
