@@ -1,6 +1,7 @@
 """Shared test settings: deterministic seeds, two threads (the CI machine's cores)."""
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -8,9 +9,24 @@ import torch
 torch.set_num_threads(2)
 
 
+# Process-wide state that code under test may change and that later tests would otherwise inherit: the benchmarks'
+# `--threads 1` calls torch.set_num_threads, and Lightning's seed_everything exports its seed to the environment.
+# (At one thread fp32 reductions run in another order, so a test's rounding depended on which tests ran before it.)
+_LEAKY_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_isolate() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    env = {name: os.environ.get(name) for name in _LEAKY_ENV}
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 if not torch.cuda.is_available():

@@ -81,6 +81,7 @@ def test_timm_vit_expert_gradients_sum_to_the_dense_gradient():
 
     def close(got, want):
         # fp32 sums over tokens in another order: the rounding scales with the gradient's size, not with each entry
+        # (measured: at one thread one entry of w_in's sum is 1.1e-5 off, at two threads none is over 1e-5)
         torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
 
     close(experts.w_in.grad.sum(0), mlp.fc1.weight.grad.t())
