@@ -223,3 +223,11 @@ def test_compiles_fullgraph_and_matches_eager():
     (gx_c,) = torch.autograd.grad(y_c.square().sum() + aux_c.aux_loss, x)
     torch.testing.assert_close(y_c, y, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gx_c, gx, atol=1e-5, rtol=1e-4)
+
+
+def test_expert_parallelism_refuses_it():
+    from moezoo.parallel import ExpertParallelGroups, shard_experts
+
+    groups = ExpertParallelGroups(None, None, ep_size=2, ep_rank=0, num_replicas=1, world_size=2, timeout_s=1.0)
+    with pytest.raises(ValueError, match="is a StochasticMoE \\(S2MoE: a clean and a noisy routed pass"):
+        shard_experts(torch.nn.Sequential(StochasticMoE(DIM, F, E, 1)), groups)
