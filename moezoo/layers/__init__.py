@@ -7,9 +7,10 @@ every router is available by name as soon as ``moezoo`` is imported.
 """
 
 from moezoo.layers import expert_routers, promoe, recurrent, routers_extra, segment, speech_routers
+from moezoo.layers.cartesian import CartesianMoE  # MoE layer options (MOE_LAYERS), registered on import
 from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.experts import FeedForward, GroupedExperts
-from moezoo.layers.moe import MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states
+from moezoo.layers.moe import MOE_LAYERS, MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states
 from moezoo.layers.routers import (
     ROUTERS,
     ExpertChoiceRouter,
@@ -27,9 +28,12 @@ from moezoo.layers.routers import (
     register_router,
     router_options,
 )
+from moezoo.layers.stochastic import StochasticMoE
 
 __all__ = [
+    "MOE_LAYERS",
     "ROUTERS",
+    "CartesianMoE",
     "ChainOfExperts",
     "ExpertChoiceRouter",
     "FeedForward",
@@ -44,6 +48,7 @@ __all__ = [
     "SoftMoERouter",
     "SoftRoutingResult",
     "SparseRouter",
+    "StochasticMoE",
     "TopKRouter",
     "check_router_kwargs",
     "expert_routers",

@@ -108,17 +108,22 @@ class ChainOfExperts(MoE):
                 h = h + out
             else:
                 h = out
-        return (total if self.inner_residual else h), _chain_aux(auxes)
+        return (total if self.inner_residual else h), merge_aux(auxes)
 
 
-def _chain_aux(auxes: list[MoEAux]) -> MoEAux:
-    """One aux for the chain: losses summed by name, pairs per expert summed, the rest averaged over iterations."""
+def merge_aux(auxes: list[MoEAux], experts: str = "shared") -> MoEAux:
+    """One aux for several routed passes of one layer: losses summed by name, the dropped fraction and entropy averaged
+    over passes, ``routing`` (and a carried router state) the first pass's. ``experts="shared"``: the passes route over
+    the same experts (Chain-of-Experts, S2MoE's two inputs), pairs per expert summed; ``"separate"``: each pass has
+    its own experts (CartesianMoE's sub-layers), the per-expert counts concatenated in pass order."""
+    assert experts in ("shared", "separate")
     losses: dict[str, Tensor] = {}
     for aux in auxes:
         for name, value in aux.losses.items():
             losses[name] = losses[name] + value if name in losses else value
     with torch.no_grad():
-        tokens_per_expert = torch.stack([a.tokens_per_expert_E for a in auxes]).sum(0)
+        counts = [a.tokens_per_expert_E for a in auxes]
+        tokens_per_expert = torch.stack(counts).sum(0) if experts == "shared" else torch.cat(counts)
         dropped = torch.stack([a.dropped_frac for a in auxes]).mean()
         entropy = torch.stack([a.router_entropy for a in auxes]).mean()
     return MoEAux(
@@ -129,4 +134,5 @@ def _chain_aux(auxes: list[MoEAux]) -> MoEAux:
         expert_load_cv=load_cv(tokens_per_expert),
         num_tokens=auxes[0].num_tokens,
         routing=auxes[0].routing,
+        router_state=auxes[0].router_state,
     )

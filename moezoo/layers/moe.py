@@ -427,3 +427,17 @@ def update_router_states(module: nn.Module) -> None:
         if isinstance(sub, Router) and id(sub) not in seen:
             seen.add(id(sub))
             sub.update_state()
+
+
+# MoE layer options that are not routers (``MoESpec.layer``): subclasses of :class:`MoE` whose constructor takes
+# MoE's arguments plus their own (``MoESpec.layer_kwargs``); they register themselves when their module is imported.
+MOE_LAYERS: dict[str, type[MoE]] = {}
+
+
+def register_moe_layer(name: str, layer_class: type[MoE]) -> None:
+    """Add an MoE layer option by name (``moezoo.layers.stochastic``, ``moezoo.layers.cartesian``)."""
+    if not (isinstance(layer_class, type) and issubclass(layer_class, MoE)):
+        raise TypeError(f"register_moe_layer({name!r}, ...) takes a MoE subclass, got {layer_class!r}")
+    if name == "moe" or (name in MOE_LAYERS and MOE_LAYERS[name] is not layer_class):
+        raise ValueError(f"an MoE layer option named {name!r} is already registered")
+    MOE_LAYERS[name] = layer_class

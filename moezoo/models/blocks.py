@@ -12,7 +12,7 @@ from typing import Any
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from moezoo.layers import ChainOfExperts, FeedForward, MoE, MoEAux, Router
+from moezoo.layers import MOE_LAYERS, ChainOfExperts, FeedForward, MoE, MoEAux, Router
 from moezoo.layers.routers import ROUTER_STATE
 from moezoo.layers.segment import SegmentFeedForward, SegmentMoE
 from moezoo.models.spec import MoESpec
@@ -77,6 +77,17 @@ def build_ffn(
             inner_residual=spec.inner_residual,
             router=spec.router,
             router_kwargs=spec.router_kwargs,
+            **common,
+        )
+    if spec.layer != "moe":  # an MoE layer option (S2MoE, CartesianMoE): a router built per layer (the spec says so)
+        return MOE_LAYERS[spec.layer](
+            dim,
+            ffn_dim,
+            num_experts=spec.num_experts,
+            top_k=spec.top_k,
+            router=spec.router,
+            router_kwargs=spec.router_kwargs,
+            **spec.layer_kwargs,
             **common,
         )
     return MoE(

@@ -24,12 +24,13 @@ naming the new keys.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moezoo.layers import ROUTERS
+from moezoo.layers import MOE_LAYERS, ROUTERS, MoE
 from moezoo.layers.routers import ROUTER_STATE, router_options
 from moezoo.layers.routers import check_router_kwargs as check_router_kwargs_of_router
 from moezoo.ops import BACKENDS
@@ -105,6 +106,9 @@ class MoESpec:
             many times in sequence, each pass re-routed by its own router (``top_k`` per pass, so the active
             compute is ``num_iterations * top_k`` experts); a sparse router built per layer, not Seg-MoE.
         inner_residual: Chain-of-Experts only: ``x^(t) = MoE_t(x^(t-1)) + x^(t-1)`` (true) or ``MoE_t(x^(t-1))``.
+        layer: ``"moe"`` (the MoE layer) or a registered MoE layer option (``moezoo.layers.MOE_LAYERS``: ``s2moe``,
+            ``cartesian``), built with the spec's MoE arguments and ``layer_kwargs``; a sparse router built per layer.
+        layer_kwargs: the layer option's own arguments (``noise_std``, ``inner_norm`` ...).
     """
 
     num_experts: int = 4
@@ -122,6 +126,8 @@ class MoESpec:
     bias: bool = False
     num_iterations: int = 1
     inner_residual: bool = True
+    layer: str = "moe"
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int("num_experts", self.num_experts, 1)
@@ -171,10 +177,39 @@ class MoESpec:
                 f"one per pass; router {self.router!r} is not one (Soft MoE, SMEAR, Seg-MoE, the Omni-router and the "
                 "layerwise recurrent router, whose state runs from layer to layer, are refused)"
             )
+        self._check_layer(factory)
         if self.router != "segment" and any(w != 1 for w in values):
             raise ValueError(
                 f"moe.segment_sizes={self.segment_sizes!r} needs router 'segment' (Seg-MoE); router "
                 f"{self.router!r} routes single tokens (segment size 1)"
+            )
+
+    def _check_layer(self, factory: Any) -> None:
+        """``layer`` is ``"moe"`` or a registered option that accepts ``layer_kwargs``, with a per-layer sparse router
+        and no Chain-of-Experts (the option's own constructor checks the values)."""
+        if self.layer == "moe":
+            if self.layer_kwargs:
+                raise ValueError(f"moe.layer_kwargs={self.layer_kwargs!r} needs a layer option (moe.layer), got 'moe'")
+            return
+        if self.layer not in MOE_LAYERS:
+            raise ValueError(f"moe.layer must be 'moe' or one of {sorted(MOE_LAYERS)}, got {self.layer!r}")
+        if not isinstance(self.layer_kwargs, Mapping):
+            raise TypeError(
+                f"moe.layer_kwargs must be a mapping of argument names to values, got {self.layer_kwargs!r}"
+            )
+        object.__setattr__(self, "layer_kwargs", dict(self.layer_kwargs))
+        accepted = [n for n in inspect.signature(MOE_LAYERS[self.layer].__init__).parameters if n not in _MOE_ARGS]
+        unknown = sorted(set(self.layer_kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(f"moe.layer_kwargs: layer {self.layer!r} does not accept {unknown}; it accepts {accepted}")
+        if self.num_iterations > 1 or self.router == "segment" or factory.kind != "sparse" or self.shares_router:
+            raise ValueError(
+                f"moe.layer={self.layer!r} needs a sparse router built per layer and moe.num_iterations=1; got router "
+                f"{self.router!r}, num_iterations={self.num_iterations}"
+            )
+        if getattr(factory, "carries_state", False):
+            raise ValueError(
+                f"moe.layer={self.layer!r} refuses router {self.router!r}, whose state runs between layers"
             )
 
     @classmethod
@@ -257,7 +292,9 @@ class MoESpec:
 # -- old flat arguments ------------------------------------------------------------------------------------------------
 #: fields added after the flat arguments were retired: never read from a flat argument (``bias=True`` beside
 #: ``moe`` is an unknown model argument, not an old spelling of ``moe.bias``)
-SPEC_ONLY_FIELDS = frozenset({"bias", "num_iterations", "inner_residual"})
+SPEC_ONLY_FIELDS = frozenset({"bias", "num_iterations", "inner_residual", "layer", "layer_kwargs"})
+# MoE's own constructor arguments, set from the spec: not a layer option's ``layer_kwargs``
+_MOE_ARGS = frozenset(inspect.signature(MoE.__init__).parameters) | {"self", "moe_kwargs"}
 Folder = Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[str]]]
 _SPEC_ARGUMENTS: dict[str, tuple[str, Folder]] = {}  # family -> (its spec argument, the folder of its old arguments)
 

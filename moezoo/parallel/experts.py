@@ -36,6 +36,7 @@ from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.experts import GroupedExperts
 from moezoo.layers.moe import MoE
 from moezoo.layers.routers import Router
+from moezoo.layers.stochastic import StochasticMoE
 from moezoo.ops import expert_ffn
 from moezoo.parallel.comm import (
     ExpertParallelGroups,
@@ -206,6 +207,11 @@ def shard_experts(module: nn.Module, groups: ExpertParallelGroups) -> list[str]:
             raise ValueError(
                 f"MoE layer {name!r} is a ChainOfExperts ({moe.num_iterations} routed passes over its experts); "
                 "expert parallelism supports one routed pass per layer"
+            )
+        if isinstance(moe, StochasticMoE):
+            raise ValueError(
+                f"MoE layer {name!r} is a StochasticMoE (S2MoE: a clean and a noisy routed pass over its experts in "
+                "training); expert parallelism supports one routed pass per layer"
             )
         if router.reads_experts:
             raise ValueError(

@@ -9,6 +9,8 @@ layerwise recurrent router (``moezoo.layers.recurrent``) have configs of their
 own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in the default budgets (each row
 is CPU hours at ``--full``). All run at top-2's active compute except SMEAR (one merged expert: half of it, with
 the same parameters).
+The MoE layer options (``EXTRA_LAYERS``: Chain-of-Experts, S2MoE, CartesianMoE) join the same way, at top-2's active
+compute; S2MoE trains with a clean and a noisy pass (2 x top-2's expert compute) and evaluates with one.
 Metric: test accuracy (10,000 test images; quick: the first 1,024), with training throughput, inference
 throughput (512 test images), expert-load CV and dropped fraction on the test split, and routing shares per
 class. The DiT generation table is ``moezoo bench generation``.
@@ -50,8 +52,10 @@ EXTRA_ROUTERS = (
     "smear",
     "recurrent",
 )
-# Layer options that are not routers (the router is top-k): Chain-of-Experts, 2 passes of top-1 (moe.num_iterations)
-EXTRA_LAYERS = ("chain",)
+# Layer options that are not routers (the router is top-k): Chain-of-Experts, 2 passes of top-1 (moe.num_iterations);
+# S2MoE (moe.layer: s2moe: clean + noisy pass in training, one pass at evaluation) and CartesianMoE (moe.layer:
+# cartesian: two top-2 sub-layers of half-width experts)
+EXTRA_LAYERS = ("chain", "s2moe", "cartesian")
 VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS + EXTRA_LAYERS)
 INFER_IMAGES = 512
 

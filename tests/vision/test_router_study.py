@@ -106,6 +106,30 @@ def test_chain_of_experts_config_is_top_k_in_two_passes_at_equal_active_compute(
     assert "chain" not in vision.SPEC.quick.variants and "chain" not in vision.SPEC.full.variants
 
 
+@pytest.mark.parametrize("variant", ["s2moe", "cartesian"])
+def test_layer_option_configs_are_top_k_plus_the_layer_at_equal_active_compute(variant):
+    """S2MoE and CartesianMoE are layer options (``moe.layer``), not routers: top-k's config plus ``layer`` and its
+    ``layer_kwargs``; each MoE block is one such layer at top-2's active width (CartesianMoE: two sub-layers of 64-wide
+    experts, top-2 each; S2MoE at evaluation: one top-2 pass); selectable, not in the default budgets."""
+    from moezoo.layers import MOE_LAYERS
+
+    base = _flat(_model_kwargs("topk"))
+    kwargs = _flat(_model_kwargs(variant))
+    assert {k: v for k, v in kwargs.items() if k != "layer_kwargs"} == {**base, "layer": variant}
+    model = create_model("moe_vit_tiny", **_model_kwargs(variant)).eval()
+    layers = [m for m in model.modules() if isinstance(m, MOE_LAYERS[variant])]
+    assert len(layers) == 2 and all(m.active_ffn_dim == 2 * 128 for m in layers)
+    topk = create_model("moe_vit_tiny", **_model_kwargs("topk"))
+    routed = [count_parameters(m).components["routed_experts"] for m in (model, topk)]
+    assert routed[0] == routed[1]  # same expert parameters, total and active
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert (
+        variant in vision.EXTRA_LAYERS
+        and vision.SPEC.variant(variant).config == f"configs/vision/fmnist_vit_{variant}.yaml"
+    )
+    assert variant not in vision.SPEC.quick.variants and variant not in vision.SPEC.full.variants
+
+
 def test_cpu_time_budget_stops_training_and_rejects_bad_budgets():
     budget = CPUTimeBudget(max_cpu_minutes=0.001)  # 60 ms
     trainer = SimpleNamespace(should_stop=False, global_step=1)
