@@ -52,6 +52,8 @@ EXTRA_ROUTERS = (
 )
 # Layer options that are not routers (the router is top-k): Chain-of-Experts, 2 passes of top-1 (moe.num_iterations)
 EXTRA_LAYERS = ("chain",)
+# the similarity-aware (Graph of Tokens) and MaskMoE routers of moezoo.layers.token_graph_routers
+EXTRA_ROUTERS += ("similarity", "maskmoe")
 VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS + EXTRA_LAYERS)
 INFER_IMAGES = 512
 
