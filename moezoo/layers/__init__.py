@@ -6,8 +6,7 @@ and register themselves with :func:`register_router` when imported; they are imp
 every router is available by name as soon as ``moezoo`` is imported.
 """
 
-from moezoo.layers import expert_routers, promoe, recurrent, routers_extra, segment, speech_routers
-from moezoo.layers import token_graph_routers
+from moezoo.layers import expert_routers, promoe, recurrent, routers_extra, segment, speech_routers, token_graph_routers
 from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.experts import FeedForward, GroupedExperts
 from moezoo.layers.moe import MoE, MoEAux, summarize_aux, total_aux_loss, update_router_states

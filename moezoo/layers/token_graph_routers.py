@@ -172,9 +172,7 @@ class SimilarityRouter(SparseRouter):
             top_p_TK = _renormalise(top_p_TK)
         losses = self.common_losses(logits_TE, mixed_TE, top_idx_TK.reshape(-1), self.top_k)
         token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, top_p_TK)
-        return RoutingResult(
-            token_idx_N, expert_idx_N, gate_N, num_tokens, self.num_experts, mixed_TE.detach(), losses
-        )
+        return RoutingResult(token_idx_N, expert_idx_N, gate_N, num_tokens, self.num_experts, mixed_TE.detach(), losses)
 
 
 class MaskMoERouter(SparseRouter):
@@ -237,7 +235,9 @@ class MaskMoERouter(SparseRouter):
             check_int("num_visible", visible, 1)
             if visible < options["top_k"] or (num_experts is not None and visible > num_experts):
                 upper = "num_experts" if num_experts is None else f"num_experts={num_experts}"
-                raise ValueError(f"num_visible must be an integer in [top_k={options['top_k']}, {upper}], got {visible!r}")
+                raise ValueError(
+                    f"num_visible must be an integer in [top_k={options['top_k']}, {upper}], got {visible!r}"
+                )
         check_bool("normalize", options["normalize"], allow_none=True)
 
     def bucket(self, x_TD: Tensor) -> Tensor:

@@ -115,7 +115,9 @@ def test_similarity_mixes_distributions_of_the_same_sample_only():
     cold = SimilarityRouter(DIM, E, top_k=2, temperature=1e-4)
     cold.load_state_dict(router.state_dict())
     logits = x @ router.gate.weight.detach().t()
-    nearest = [max(sample, key=lambda j, i=i: float(logits[i] @ logits[j])) for sample in _slots([4, 5], 5)[1] for i in sample]
+    nearest = [
+        max(sample, key=lambda j, i=i: float(logits[i] @ logits[j])) for sample in _slots([4, 5], 5)[1] for i in sample
+    ]
     torch.testing.assert_close(cold(x, {SAMPLE_SLOTS: slots}).probs_TE, probs[nearest])  # the most similar token's
 
 
