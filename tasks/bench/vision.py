@@ -29,7 +29,7 @@ from moezoo.tasks.bench.suite import main as run_main
 
 DOMAIN = "vision"
 ROUTERS = ("topk", "bpr", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense")
-EXTRA_ROUTERS = (
+EXTRA_ROUTERS: tuple[str, ...] = (
     "top_p",
     "xmoe",
     "prototype",
