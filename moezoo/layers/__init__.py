@@ -1,12 +1,20 @@
 """Layers of the shared sparse-MoE core.
 
 The domain routers live in their own modules (``segment``, ``promoe``, ``speech_routers``, ``routers_extra``,
-``expert_routers``, ``recurrent``)
+``expert_routers``, ``recurrent``, ``token_graph_routers``)
 and register themselves with :func:`register_router` when imported; they are imported here, explicitly, so that
 every router is available by name as soon as ``moezoo`` is imported.
 """
 
-from moezoo.layers import expert_routers, promoe, recurrent, routers_extra, segment, speech_routers
+from moezoo.layers import (
+    expert_routers,
+    promoe,
+    recurrent,
+    routers_extra,
+    segment,
+    speech_routers,
+    token_graph_routers,
+)
 from moezoo.layers.cartesian import CartesianMoE  # MoE layer options (MOE_LAYERS), registered on import
 from moezoo.layers.chain import ChainOfExperts
 from moezoo.layers.experts import FeedForward, GroupedExperts
@@ -60,6 +68,7 @@ __all__ = [
     "routers_extra",
     "segment",
     "speech_routers",
+    "token_graph_routers",
     "summarize_aux",
     "total_aux_loss",
     "update_router_states",

@@ -29,6 +29,7 @@ from moezoo.layers.losses import load_cv, routing_entropy
 from moezoo.layers.routers import (
     SAMPLE_IDX,
     SAMPLE_SIZES,
+    SAMPLE_SLOTS,
     Router,
     RoutingResult,
     SoftRoutingResult,
@@ -137,14 +138,22 @@ def _expand_side(
 
 
 def _sample_side(lead_shape: torch.Size, keep: Tensor | None, device: torch.device) -> dict[str, Tensor]:
-    """:data:`SAMPLE_IDX` and :data:`SAMPLE_SIZES` for the (kept) flattened tokens: the first axis is the sample
-    axis of inputs ``(B, ..., D)`` with two or more leading dims; ``(L, D)`` or ``(D,)`` is one sample."""
+    """:data:`SAMPLE_IDX`, :data:`SAMPLE_SIZES` and :data:`SAMPLE_SLOTS` for the (kept) flattened tokens: the first
+    axis is the sample axis of inputs ``(B, ..., D)`` with two or more leading dims; ``(L, D)`` or ``(D,)`` is one
+    sample."""
     num_samples = lead_shape[0] if len(lead_shape) >= 2 else 1
     per_sample = math.prod(lead_shape) // max(num_samples, 1)
     sample_T = torch.arange(num_samples, device=device).repeat_interleave(per_sample)
+    slots = torch.arange(num_samples * per_sample, device=device)
     if keep is not None:
         sample_T = sample_T.index_select(0, keep)
-    return {SAMPLE_IDX: sample_T, SAMPLE_SIZES: count_per_expert(sample_T, num_samples)}
+        kept = torch.arange(keep.shape[0], device=device)
+        slots = torch.full_like(slots, -1).index_copy(0, keep, kept)
+    return {
+        SAMPLE_IDX: sample_T,
+        SAMPLE_SIZES: count_per_expert(sample_T, num_samples),
+        SAMPLE_SLOTS: slots.reshape(num_samples, per_sample),
+    }
 
 
 def all_finite(x: Tensor) -> bool:

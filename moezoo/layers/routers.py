@@ -56,6 +56,10 @@ Side = Mapping[str, Tensor]
 # their tokens as one sample.
 SAMPLE_IDX = "sample_idx"
 SAMPLE_SIZES = "sample_sizes"
+# and each sample's tokens laid out as a (B, L) grid (L the unmasked tokens per sample): the index of the kept token at
+# each place, -1 where the token is masked; its static width L lets a router that mixes the tokens of a sample
+# (the similarity-aware router, ``moezoo.layers.token_graph_routers``) work per sample without a host sync.
+SAMPLE_SLOTS = "sample_slots"
 EVAL_RULES = ("item", "batch")
 # Side input through which a router that ``carries_state`` receives the previous MoE layer's state (per token);
 # ``moezoo.models.run_ffn`` passes it (the layerwise recurrent router's GRU output, ``moezoo.layers.recurrent``).

@@ -31,7 +31,7 @@ from moezoo.tasks.bench.suite import main as run_main
 
 DOMAIN = "vision"
 ROUTERS = ("topk", "bpr", "expert_choice", "sinkhorn", "sigmoid_lossfree", "soft", "dense")
-EXTRA_ROUTERS = (
+EXTRA_ROUTERS: tuple[str, ...] = (
     "top_p",
     "xmoe",
     "prototype",
@@ -56,6 +56,8 @@ EXTRA_ROUTERS = (
 # S2MoE (moe.layer: s2moe: clean + noisy pass in training, one pass at evaluation) and CartesianMoE (moe.layer:
 # cartesian: two top-2 sub-layers of half-width experts)
 EXTRA_LAYERS = ("chain", "s2moe", "cartesian")
+# the similarity-aware (Graph of Tokens) and MaskMoE routers of moezoo.layers.token_graph_routers
+EXTRA_ROUTERS += ("similarity", "maskmoe")
 VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS + EXTRA_LAYERS)
 INFER_IMAGES = 512
 

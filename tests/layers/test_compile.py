@@ -53,6 +53,10 @@ CASES = {
     "smear": ("smear", {}),  # its own kind: one merged expert per example
     # moezoo.layers.recurrent: given the previous layer's state (the side input "router_state")
     "recurrent": ("recurrent", {"routing_dim": 3}),
+    # moezoo.layers.token_graph_routers (the similarity router mixes within each sample: the layer's sample grid)
+    "similarity": ("similarity", {}),
+    "similarity_batch_rule": ("similarity", {"train_rule": "batch", "similarity_dim": 3}),
+    "maskmoe": ("maskmoe", {"hash_bits": 3}),
 }
 DIM = 8
 
@@ -120,6 +124,7 @@ def test_every_router_compiles_fullgraph(case):
 
 MASKED_CASES = ["topk", "topk_capacity", "expert_choice", "expert_choice_train_item", "sinkhorn", "soft", "language",
                 "top_p", "expert_race", "gw", "rectify", "recurrent"]  # fmt: skip
+MASKED_CASES += ["similarity", "similarity_batch_rule", "maskmoe"]  # moezoo.layers.token_graph_routers
 
 
 @pytest.mark.parametrize("case", MASKED_CASES)
