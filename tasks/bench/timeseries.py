@@ -21,12 +21,14 @@ with H).
 
 Router study (issue 19; not in the default budgets, selectable by ``--variants``): ``moe_<router>`` is
 ``etth1_moe.yaml`` (token-wise, 4 experts of 64, top-1, a gated shared expert) with only the router changed, by the
-fit override ``--model.init_args.model_kwargs.moe '{"router": "<router>", "segment_sizes": 1}'`` (the router's own
-default options; Soft MoE also gets ``slots_per_expert: 10``: 4 x 10 slot passes per series of 42 patch tokens, at
-most top-1's 42 token passes). ``moe_segment`` is the ``moe`` row itself (Seg-MoE with segments of one patch) and
-``moe_topk`` the study's reference. Three registered routers cannot run on ``moe_patchtst`` and have no variant
-(:data:`UNSUPPORTED_ROUTERS` says why); every other router of ``moezoo.layers.ROUTERS`` has one. ``moezoo bench
-router-study`` tabulates the runs.
+fit override ``--model.init_args.model_kwargs.moe '{"router": "<router>", "segment_sizes": 1}'``: the router's
+default options except those of :data:`ROUTER_KWARGS` (Soft MoE's 4 x 10 slots per series of 42 patch tokens, at
+most top-1's 42 token passes; StableMoE's distillation step). ``moe_topk`` is the study's reference; ``moe_segment``
+is the ``moe`` row's model (Seg-MoE with segments of one patch). Three registered routers cannot run on
+``moe_patchtst`` and have no variant (:data:`UNSUPPORTED_ROUTERS` says why); every other router of
+``moezoo.layers.ROUTERS`` has one. THOR runs its stochastic expert choice without its consistency loss (the
+symmetric KL between two passes' class distributions: ``ImageClassificationTask(consistency_coef=...)``; a
+forecaster has no class distribution). ``moezoo bench router-study`` tabulates the runs.
 
 ``--horizons 96,192`` chooses horizons (settings ``custom``); ``--data.init_args.path`` points at ETTh1.csv
 (default ``../shared/data/ett/ETTh1.csv``, relative to where the command runs).
@@ -70,9 +72,12 @@ UNSUPPORTED_ROUTERS = {
     "promoe": "needs the classifier-free-guidance drop flags (side input cfg_dropped) of the conditional DiT; a "
     "forecaster has no class condition",
 }
-#: router options that keep a router at top-1's active compute on ``moe_patchtst_tiny`` (42 patch tokens per
-#: series): Soft MoE's 4 experts x 10 slots = 40 slot passes per series (top-1: 42 token passes)
-ROUTER_KWARGS: dict[str, dict[str, object]] = {"soft": {"slots_per_expert": 10}}
+#: router options set for this benchmark (every other option is the router's default): Soft MoE at top-1's active
+#: compute on ``moe_patchtst_tiny`` (4 experts x 10 slots = 40 slot passes per series of 42 patch tokens; top-1: 42
+#: token passes); StableMoE distils its router after 100 optimiser steps, about 30% of the full budget's ~330 at
+#: H=96 (32 batches of 64 windows per epoch, 10 epochs), the share the vision config's 1000 of ~3,400 steps has;
+#: the default 1000 would never reach stage 2 here.
+ROUTER_KWARGS: dict[str, dict[str, object]] = {"soft": {"slots_per_expert": 10}, "stablemoe": {"stage1_steps": 100}}
 STUDY_ROUTERS = tuple(sorted(set(ROUTERS) - set(UNSUPPORTED_ROUTERS)))
 MOE_CONFIG = "configs/bench/timeseries/etth1_moe.yaml"
 
