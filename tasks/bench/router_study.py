@@ -173,11 +173,13 @@ def markdown(spec: BenchSpec, rows: Sequence[StudyRow], reference: str) -> str:
     ref_std, across = spreads(rows, reference)
     routed = sum(r.routed for r in rows)
     if ref_std is None or across is None:
-        judged = "not judged: it needs >= 2 seeds of the reference and >= 2 routed variants"
+        judged = "not judged (it needs >= 2 seeds of the reference and >= 2 routed variants)"
+    elif ref_std < across:
+        judged = "the table discriminates"
     else:
-        judged = "discriminates" if ref_std < across else "does NOT discriminate (more seeds or a longer budget)"
+        judged = "the table does NOT discriminate (more seeds or a longer budget)"
     lines += ["", f"{reference} seed std {_num(ref_std, '.4f')}; spread across the {routed} routed variants' means "
-              f"{_num(across, '.4f')}: the table {judged}."]  # fmt: skip
+              f"{_num(across, '.4f')}: {judged}."]  # fmt: skip
     return "\n".join(lines)
 
 

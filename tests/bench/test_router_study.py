@@ -98,6 +98,9 @@ def test_markdown_says_whether_the_table_discriminates() -> None:
     ]
     text = study.markdown(timeseries.SPEC, study.study_rows(timeseries.SPEC, noisy, "moe_topk"), "moe_topk")
     assert "does NOT discriminate" in text.splitlines()[-1]
+    alone = [run("moe_topk", 0, 0.4), run("moe_soft", 0, 0.3)]  # one seed: no spread to judge by
+    text = study.markdown(timeseries.SPEC, study.study_rows(timeseries.SPEC, alone, "moe_topk"), "moe_topk")
+    assert "not judged" in text.splitlines()[-1]
 
 
 def test_vision_reads_accuracy_and_higher_is_better() -> None:
