@@ -202,3 +202,25 @@ def test_router_variants_are_etth1_moe_with_only_the_router_changed_at_equal_act
             own = sum(p.numel() for m in moes for p in m.router.parameters())
             assert count_parameters(model).active - own == count_parameters(topk).active - topk_router, variant
         assert model(x).shape == (2, 96, 7)
+
+
+@pytest.mark.skipif(not ETTH1.is_file(), reason=f"{ETTH1} not present")
+def test_router_variants_run_through_fit_and_the_study_table_reads_them(tmp_path: Path) -> None:
+    from moezoo.tasks.bench import router_study
+
+    path = tmp_path / "ts.json"
+    argv = [*TINY, "--seeds", "0,1", "--variants", "moe_topk,moe_soft", "--json", str(path), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    data = json.loads(path.read_text())
+    assert validate(data, "timeseries") == [] and len(data["runs"]) == 4
+    soft = next(r for r in data["runs"] if r["variant"] == "moe_soft")
+    assert soft["command"].endswith(
+        """--model.init_args.model_kwargs.moe '{"router": "soft", "router_kwargs": {"slots_per_expert": 10}, """
+        """"segment_sizes": 1}'"""
+    )
+    assert soft["routing"]["router_entropy"] > 0
+    out = tmp_path / "study.md"
+    assert router_study.main([str(path), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| moe_topk | topk | 0,1 |" in table and "| moe_soft | soft | 0,1 |" in table
+    assert "(reference)" in table and "not judged" not in table
