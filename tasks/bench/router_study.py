@@ -223,7 +223,8 @@ def report(paths: Sequence[str], references: dict[str, str]) -> str:
         spec, reference = spec_of(domain), references.get(domain, REFERENCES[domain])
         n_seeds = sorted({r["seed"] for r in runs})
         sections.append(
-            f"**{domain}** ({spec.dataset}; {len(runs)} runs, seeds {', '.join(map(str, n_seeds))}):\n\n"
+            f"**{domain}** ({len(runs)} runs through `moezoo fit`, seeds {', '.join(map(str, n_seeds))}; test "
+            f"{spec.metric} ({spec.dataset.split(',')[0]}), reference {reference}):\n\n"
             + markdown(spec, study_rows(spec, runs, reference), reference)
         )
     return "\n\n".join(sections)
