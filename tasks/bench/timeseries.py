@@ -75,7 +75,7 @@ UNSUPPORTED_ROUTERS = {
 #: router options set for this benchmark (every other option is the router's default): Soft MoE at top-1's active
 #: compute on ``moe_patchtst_tiny`` (4 experts x 10 slots = 40 slot passes per series of 42 patch tokens; top-1: 42
 #: token passes); StableMoE distils its router after 100 optimiser steps, about 30% of the full budget's ~330 at
-#: H=96 (32 batches of 64 windows per epoch, 10 epochs), the share the vision config's 1000 of ~3,400 steps has;
+#: H=96 (33 batches of 64 windows per epoch, 10 epochs), the share the vision config's 1000 of ~3,400 steps has;
 #: the default 1000 would never reach stage 2 here.
 ROUTER_KWARGS: dict[str, dict[str, object]] = {"soft": {"slots_per_expert": 10}, "stablemoe": {"stage1_steps": 100}}
 STUDY_ROUTERS = tuple(sorted(set(ROUTERS) - set(UNSUPPORTED_ROUTERS)))
