@@ -26,7 +26,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from moezoo.layers import MoEAux
+from moezoo.layers import MoEAux, Router, get_router
 from moezoo.layers.routers import ROUTER_STATE
 from moezoo.models.blocks import build_ffn, run_ffn, share_router_modules
 from moezoo.models.registry import register_model
@@ -170,7 +170,15 @@ class MoEPatchTST(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, dim))
         trunc_normal_(self.pos_embed, std=0.02)
         self.drop = nn.Dropout(dropout)
-        ffns = [build_ffn(dim, ffn_dim, activation, spec, i) for i in range(depth)]
+        # One router instance for every MoE layer when the router class says so (Omni-router), as the Conformer does.
+        shared: Router | None = None
+        if spec.shares_router and not spec.dense:
+            shared = get_router(
+                spec.router, dim, spec.num_experts * spec.granularity, top_k=spec.top_k * spec.granularity,
+                **spec.router_kwargs,
+            )  # fmt: skip
+        self.shared_router = shared
+        ffns = [build_ffn(dim, ffn_dim, activation, spec, i, router=shared) for i in range(depth)]
         self.blocks = nn.ModuleList(ForecastBlock(dim, num_heads, ffn, dropout) for ffn in ffns)
         share_router_modules(self.blocks)
         self.norm = nn.LayerNorm(dim)

@@ -19,15 +19,28 @@ with H).
 - ``--quick``: every variant but PatchTST, horizon 96, seeds 0 and 1, at most 3 epochs of 32, every 4th validation
   window.
 
+Router study (issue 19; not in the default budgets, selectable by ``--variants``): ``moe_<router>`` is
+``etth1_moe.yaml`` (token-wise, 4 experts of 64, top-1, a gated shared expert) with only the router changed, by the
+fit override ``--model.init_args.model_kwargs.moe '{"router": "<router>", "segment_sizes": 1}'``: the router's
+default options except those of :data:`ROUTER_KWARGS` (Soft MoE's 4 x 10 slots per series of 42 patch tokens, at
+most top-1's 42 token passes; StableMoE's distillation step). ``moe_topk`` is the study's reference; ``moe_segment``
+is the ``moe`` row's model (Seg-MoE with segments of one patch). Three registered routers cannot run on
+``moe_patchtst`` and have no variant (:data:`UNSUPPORTED_ROUTERS` says why); every other router of
+``moezoo.layers.ROUTERS`` has one. THOR runs its stochastic expert choice without its consistency loss (the
+symmetric KL between two passes' class distributions: ``ImageClassificationTask(consistency_coef=...)``; a
+forecaster has no class distribution). ``moezoo bench router-study`` tabulates the runs.
+
 ``--horizons 96,192`` chooses horizons (settings ``custom``); ``--data.init_args.path`` points at ETTh1.csv
 (default ``../shared/data/ett/ETTh1.csv``, relative to where the command runs).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 
+from moezoo.layers import ROUTERS
 from moezoo.tasks.bench.runner import leading_forward, leading_size, test_set_throughput
 from moezoo.tasks.bench.schema import BASELINE
 from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
@@ -36,7 +49,7 @@ from moezoo.tasks.bench.suite import main as run_main
 DOMAIN = "timeseries"
 MOE_VARIANTS = (
     Variant("dense", "configs/bench/timeseries/etth1_dense.yaml", "dense"),
-    Variant("moe", "configs/bench/timeseries/etth1_moe.yaml", "topk"),
+    Variant("moe", "configs/bench/timeseries/etth1_moe.yaml", "topk"),  # router segment, w=1: token-wise top-1
     Variant("segmoe", "configs/bench/timeseries/etth1_segmoe.yaml", "segment"),
 )
 #: models without parameters: nothing to train, so one epoch (the validation pass) whatever the budget
@@ -49,8 +62,39 @@ BASELINE_VARIANTS = tuple(
             ("--trainer.max_epochs", "1") if name in PARAMETER_FREE else ())
     for name in BASELINES
 )  # fmt: skip
-VARIANTS = MOE_VARIANTS + BASELINE_VARIANTS
-NAMES = tuple(v.name for v in VARIANTS)
+#: registered routers the token-wise MoE of ``moe_patchtst`` cannot run: each needs a side input that only another
+#: domain's model computes (the model refuses them when it is built), so the router study has no row for them
+UNSUPPORTED_ROUTERS = {
+    "language": "needs frame-level language-ID probabilities (side input lid_probs), computed only by the speech "
+    "Conformer's LID head; a series has no language",
+    "global_embedding": "needs a per-utterance embedding (side input global_embedding) that only the speech "
+    "Conformer computes from its input features",
+    "promoe": "needs the classifier-free-guidance drop flags (side input cfg_dropped) of the conditional DiT; a "
+    "forecaster has no class condition",
+}
+#: router options set for this benchmark (every other option is the router's default): Soft MoE at top-1's active
+#: compute on ``moe_patchtst_tiny`` (4 experts x 10 slots = 40 slot passes per series of 42 patch tokens; top-1: 42
+#: token passes); StableMoE distils its router after 100 optimiser steps, about 30% of the full budget's ~330 at
+#: H=96 (33 batches of 64 windows per epoch, 10 epochs), the share the vision config's 1000 of ~3,400 steps has;
+#: the default 1000 would never reach stage 2 here.
+ROUTER_KWARGS: dict[str, dict[str, object]] = {"soft": {"slots_per_expert": 10}, "stablemoe": {"stage1_steps": 100}}
+STUDY_ROUTERS = tuple(sorted(set(ROUTERS) - set(UNSUPPORTED_ROUTERS)))
+MOE_CONFIG = "configs/bench/timeseries/etth1_moe.yaml"
+
+
+def router_overrides(router: str) -> tuple[str, ...]:
+    """The ``moezoo fit`` override turning ``etth1_moe.yaml`` (token-wise Seg-MoE, top-1 of 4) into router
+    ``router`` with everything else unchanged: the MoE spec with that router, segments of one patch and the
+    router's options of :data:`ROUTER_KWARGS` (none for most: the router's defaults)."""
+    moe: dict[str, object] = {"router": router, "segment_sizes": 1}
+    if router in ROUTER_KWARGS:
+        moe["router_kwargs"] = ROUTER_KWARGS[router]
+    return ("--model.init_args.model_kwargs.moe", json.dumps(moe, sort_keys=True))
+
+
+ROUTER_VARIANTS = tuple(Variant(f"moe_{r}", MOE_CONFIG, r, router_overrides(r)) for r in STUDY_ROUTERS)
+VARIANTS = MOE_VARIANTS + BASELINE_VARIANTS + ROUTER_VARIANTS
+NAMES = tuple(v.name for v in MOE_VARIANTS + BASELINE_VARIANTS)  # the full budget: no router-study rows
 QUICK_NAMES = tuple(v.name for v in MOE_VARIANTS) + CHEAP_BASELINES
 INFER_WINDOWS = 256
 

@@ -251,3 +251,22 @@ def test_patchtst_segments_per_block_and_token_routers():
     assert all(type(layer) is MoE for layer in moe_layers(token))
     with pytest.raises(ValueError, match=r"moe.segment_sizes must be one positive integer or a list of 2"):
         create_model("moe_patchtst_debug", moe={"segment_sizes": [1, 2, 3]})
+
+
+@pytest.mark.parametrize("router", ["topk", "omni"])
+def test_patchtst_shares_one_router_when_the_router_class_says_so(router):
+    """The Omni-router is one router for every MoE layer (``shared_across_layers``), in moe_patchtst as in the
+    Conformer: one instance, one gate's parameters fewer per extra layer, and it still trains."""
+    model = create_model("moe_patchtst_debug", moe={"router": router, "segment_sizes": 1})
+    layers = moe_layers(model)
+    assert len(layers) == 2 and len({id(layer.router) for layer in layers}) == (1 if router == "omni" else 2)
+    assert (model.shared_router is not None) == (router == "omni")
+    topk = create_model("moe_patchtst_debug", moe={"router": "topk", "segment_sizes": 1})
+    gate = layers[0].router.gate.weight.numel()
+    expected = sum(p.numel() for p in topk.parameters()) - (gate if router == "omni" else 0)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    out, auxes = model.forward_with_aux(torch.randn(2, model.seq_len, model.num_channels))
+    (out.pow(2).mean() + sum(a.aux_loss for a in auxes)).backward()
+    assert layers[0].router.gate.weight.grad is not None
+    dense = create_model("moe_patchtst_debug", moe={"router": router, "segment_sizes": 1, "dense": True})
+    assert dense.shared_router is None

@@ -135,3 +135,92 @@ def test_baselines_run_end_to_end(tmp_path: Path) -> None:
     runs = {r["variant"]: r for r in data["runs"]}
     assert "--trainer.max_epochs 1 " in runs["last_value"]["command"]
     assert 0 < linear["metric"] < free["metric"]
+
+
+# -- the router study's variants (issue 19) --------------------------------------------------------------------------
+def _router_moe(variant: str) -> dict:
+    """The MoE spec a router variant's override sets (the value of ``--model.init_args.model_kwargs.moe``)."""
+    overrides = bench.SPEC.variant(variant).overrides
+    assert overrides[0] == "--model.init_args.model_kwargs.moe" and len(overrides) == 2
+    return json.loads(overrides[1])
+
+
+def test_every_registered_router_is_a_variant_or_refused_with_a_reason() -> None:
+    """No router is skipped silently: each is a ``moe_<router>`` variant on etth1_moe.yaml, or named in
+    ``UNSUPPORTED_ROUTERS``, whose routers the model indeed refuses (a side input it lacks)."""
+    from moezoo.layers import ROUTERS
+    from moezoo.models import create_model
+
+    variants = {v.name for v in bench.ROUTER_VARIANTS}
+    assert variants == {f"moe_{r}" for r in ROUTERS} - {f"moe_{r}" for r in bench.UNSUPPORTED_ROUTERS}
+    assert set(bench.UNSUPPORTED_ROUTERS) == {"language", "global_embedding", "promoe"}
+    for router in bench.UNSUPPORTED_ROUTERS:
+        with pytest.raises(ValueError, match="side input"):
+            create_model("moe_patchtst_tiny", moe={"router": router, "segment_sizes": 1})
+    for variant in bench.ROUTER_VARIANTS:
+        router = variant.name.removeprefix("moe_")
+        assert variant.config == "configs/bench/timeseries/etth1_moe.yaml" and variant.router == router
+        assert _router_moe(variant.name) == {"router": router, "segment_sizes": 1, **(
+            {"router_kwargs": bench.ROUTER_KWARGS[router]} if router in bench.ROUTER_KWARGS else {})}  # fmt: skip
+    # selectable, not in the default budgets
+    _, budget, _ = parse_args(bench.SPEC, ["--full", "--variants", "moe_topk,moe_soft"])
+    assert budget.variants == ("moe_topk", "moe_soft") and budget.seeds == (0, 1, 2)
+    assert not variants & (set(bench.SPEC.quick.variants) | set(bench.SPEC.full.variants))
+
+
+def test_router_variants_are_etth1_moe_with_only_the_router_changed_at_equal_active_compute() -> None:
+    """Through the CLI as ``moezoo fit`` builds them: the config's model with the variant's router; every variant's
+    active parameters are top-k's but for the router's own weights (one MoE per block, top-1 of 4 experts of 64
+    plus the shared expert), Soft MoE's expert passes per series (4 x 10 slots) at most top-1's (42 tokens), and the
+    model runs."""
+    import torch
+
+    from moezoo.layers import MoE
+    from moezoo.layers.segment import SegmentMoE
+    from moezoo.stats import count_parameters
+    from moezoo.tasks.cli import cli_main
+
+    def build(variant: str) -> torch.nn.Module:
+        spec = bench.SPEC.variant(variant)
+        cli = cli_main(["--config", str(ROOT / spec.config), *spec.overrides], run=False)
+        return cli.model.model
+
+    base = _yaml("configs/bench/timeseries/etth1_moe.yaml")["model"]["init_args"]
+    assert base["model"] == "moe_patchtst_tiny" and base["model_kwargs"] == {"moe": {"segment_sizes": 1}}
+    topk = build("moe_topk")
+    topk_router = sum(p.numel() for m in topk.modules() if isinstance(m, MoE) for p in m.router.parameters())
+    x = torch.randn(2, 336, 7)
+    for variant in ("moe_topk", "moe_soft", "moe_segment", "moe_xmoe", "moe_expert_choice"):
+        model = build(variant).eval()
+        router = variant.removeprefix("moe_")
+        assert model.spec.router == router and (model.spec.num_experts, model.spec.top_k) == (4, 1)
+        moes = [m for m in model.modules() if isinstance(m, (MoE, SegmentMoE))]
+        assert len(moes) == 3 and all(m.num_experts == 4 for m in moes)
+        if router == "soft":
+            assert all(4 * m.router.slots_per_expert <= model.num_patches == 42 for m in moes)
+        if router not in ("segment", "soft"):  # Soft MoE: every expert runs (on 40 slots), so all are "active"
+            own = sum(p.numel() for m in moes for p in m.router.parameters())
+            assert count_parameters(model).active - own == count_parameters(topk).active - topk_router, variant
+        assert model(x).shape == (2, 96, 7)
+
+
+@pytest.mark.skipif(not ETTH1.is_file(), reason=f"{ETTH1} not present")
+def test_router_variants_run_through_fit_and_the_study_table_reads_them(tmp_path: Path) -> None:
+    from moezoo.tasks.bench import router_study
+
+    path = tmp_path / "ts.json"
+    argv = [*TINY, "--seeds", "0,1", "--variants", "moe_topk,moe_soft", "--json", str(path), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    data = json.loads(path.read_text())
+    assert validate(data, "timeseries") == [] and len(data["runs"]) == 4
+    soft = next(r for r in data["runs"] if r["variant"] == "moe_soft")
+    assert soft["command"].endswith(
+        """--model.init_args.model_kwargs.moe '{"router": "soft", "router_kwargs": {"slots_per_expert": 10}, """
+        """"segment_sizes": 1}'"""
+    )
+    assert soft["routing"]["router_entropy"] > 0
+    out = tmp_path / "study.md"
+    assert router_study.main([str(path), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| moe_topk | topk | 0,1 |" in table and "| moe_soft | soft | 0,1 |" in table
+    assert "(reference)" in table and "not judged" not in table
