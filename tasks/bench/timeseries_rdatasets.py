@@ -89,7 +89,12 @@ def series_defaults(series: str, variant: str) -> tuple[str, ...]:
     if series not in SERIES:
         raise ValueError(f"series={series!r} is not a series of this benchmark; choose from {list(SERIES)}")
     setting = SERIES[series]
-    out = ("--data.init_args.seq_len", str(setting.seq_len), "--data.init_args.pred_len", str(setting.pred_len))
+    out: tuple[str, ...] = (
+        "--data.init_args.seq_len",
+        str(setting.seq_len),
+        "--data.init_args.pred_len",
+        str(setting.pred_len),
+    )
     if variant == "seasonal_naive":
         out += ("--model.init_args.model_kwargs.period", str(setting.period))
     return out

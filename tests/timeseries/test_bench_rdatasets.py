@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from moezoo.tasks.bench import timeseries_rdatasets as bench
+from moezoo.tasks.bench.render import readme_markers
 from moezoo.tasks.bench.schema import validate
 from moezoo.tasks.bench.suite import parse_args, readme_block, run_specs
 
@@ -77,9 +78,8 @@ def test_per_series_table_and_verdicts() -> None:
 
 def test_a_tiny_run_through_fit(tmp_path: Path) -> None:
     path, readme = tmp_path / "r.json", tmp_path / "README.md"
-    readme.write_text(
-        "a\n<!-- moezoo-bench-timeseries-rdatasets:begin -->\nSTALE-TABLE\n<!-- moezoo-bench-timeseries-rdatasets:end -->\n"
-    )
+    begin, end = readme_markers("timeseries-rdatasets")
+    readme.write_text(f"a\n{begin}\nSTALE-TABLE\n{end}\n")
     argv = ["--series", "goldsilver", "--variants", "segmoe,seasonal_naive", "--seeds", "0",
             "--trainer.max_epochs", "1", "--data.init_args.seq_len", "40", "--data.init_args.pred_len", "8",
             "--data.init_args.train_stride", "200", "--data.init_args.val_stride", "100",
