@@ -19,8 +19,9 @@ Rows: as ``moezoo bench timeseries`` (the same model and optimiser recipes, ever
 validation window, the best validation-MSE checkpoint tested on every test window); the seasonal naive forecast
 repeats the series' season. PatchTST is a variant (``--variants patchtst``) but in neither budget (up to 100 epochs).
 
-- ``--quick`` (the default): seeds 0 and 1, at most 2 epochs over every 8th training window (every 4th
-  validation window), the three series: each fit a few CPU minutes on a loaded machine; under-trained.
+- ``--quick`` (the default): the quick budget of ``moezoo bench timeseries`` (at most 3 epochs of batch 32 over
+  every 4th training window, every 4th validation window), seeds 0 and 1, the three series: each fit a few CPU
+  minutes on a loaded machine; the MoE rows are under-trained at this budget.
 - ``--full``: seeds 0, 1 and 2, the configs' 10 epochs.
 
 ``--series elecdemand,goldsilver`` chooses series (settings ``custom``); ``--data.init_args.seq_len`` /
@@ -165,9 +166,9 @@ SPEC = BenchSpec(
         variants=DEFAULT_NAMES,
         overrides=(
             "--trainer.max_epochs",
-            "2",
-            "--data.init_args.train_stride",
-            "8",
+            "3",
+            "--data.init_args.batch_size",
+            "32",
             "--data.init_args.val_stride",
             "4",
         ),

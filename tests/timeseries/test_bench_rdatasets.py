@@ -33,7 +33,7 @@ def test_each_series_brings_its_settings_and_the_command_line_wins() -> None:
     assert _value(runs[("seasonal_naive", "jfk_weather")], "--model.init_args.model_kwargs.period") == "24"
     dense = runs[("dense", "jfk_weather")]
     assert (
-        _value(dense, "--model.init_args.model_kwargs.period") is None and _value(dense, "--trainer.max_epochs") == "2"
+        _value(dense, "--model.init_args.model_kwargs.period") is None and _value(dense, "--trainer.max_epochs") == "3"
     )
     _, custom, name = parse_args(bench.SPEC, ["--series", "goldsilver", "--data.init_args.seq_len", "40"])
     (run, *_) = run_specs(bench.SPEC, custom)
