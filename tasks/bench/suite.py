@@ -185,6 +185,15 @@ def _std(values: Sequence[Any]) -> float | None:
     return statistics.stdev(known) if len(known) > 1 else None
 
 
+def _seeds_std(vruns: Sequence[dict[str, Any]], get: Callable[[dict[str, Any]], Any]) -> float | None:
+    """The spread of a multi-cell row: over the seeds that ran every cell of the row, the std of each seed's mean
+    over the cells (so that the row's "mean ± std" is over seeds, as its table says, not over cells)."""
+    cells = {r["cell"] for r in vruns}
+    seeds = sorted({r["seed"] for r in vruns})
+    complete = [s for s in seeds if cells <= {r["cell"] for r in vruns if r["seed"] == s}]
+    return _std([_mean([get(r) for r in vruns if r["seed"] == s]) for s in complete])
+
+
 def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow]:
     """One row per variant (in the benchmark's order) from its runs (see the module docstring)."""
     rows = []
@@ -206,12 +215,18 @@ def bench_rows(spec: BenchSpec, runs: Sequence[dict[str, Any]]) -> list[BenchRow
                                  "commands": [r["command"] for r in vruns]}  # fmt: skip
         if len(cells) == 1:
             extra[f"{spec.metric}_std"] = per_cell[cells[0]]["metric_std"]
+        else:
+            extra[f"{spec.metric}_std"] = _seeds_std(vruns, lambda r: r["metrics"].get(spec.metric_key))
         if cells != [""]:
             extra["cells"] = per_cell
         for key in spec.extra_metrics:
-            values = [r["metrics"].get(key, r["extra"].get(key)) for r in vruns]
             name = key.removeprefix("test/")
-            extra[name], extra[f"{name}_std"] = _mean(values), _std(values)
+
+            def value(r: dict[str, Any], key: str = key) -> Any:
+                return r["metrics"].get(key, r["extra"].get(key))
+
+            extra[name] = _mean([_mean([value(r) for r in vruns if r["cell"] == c]) for c in cells])
+            extra[f"{name}_std"] = _seeds_std(vruns, value)
         for key in ("train_throughput", "train_cpu_throughput", "infer_throughput", "infer_cpu_throughput"):
             values = [r.get(key) for r in vruns] if trained or key.startswith("infer") else []
             extra[key], extra[f"{key}_std"] = _mean(values), _std(values)
@@ -259,10 +274,14 @@ def markdown(spec: BenchSpec, rows: Sequence[BenchRow]) -> str:
     head = ["variant", f"{spec.metric} {'↑' if spec.higher_is_better else '↓'}", *extras, "active / total params",
             f"train {spec.throughput_unit}", f"infer {spec.throughput_unit}", "load CV", "dropped"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    every_cell = {c for row in rows for c in row.extra.get("cells", {})}
     for row in rows:
         std = row.extra.get(f"{spec.metric}_std")
+        own = row.extra.get("cells", {})
+        # a row that has not run every cell of the table averages fewer cells: say which
+        partial = f" ({spec.cell_option} {', '.join(own)} only)" if own and set(own) != every_cell else ""
         cells = [
-            str(row.extra.get("variant", row.router)) + (f" ({BASELINE})" if row.router == BASELINE else ""),
+            str(row.extra.get("variant", row.router)) + (f" ({BASELINE})" if row.router == BASELINE else "") + partial,
             f"{row.metric:.4f}" + (f" ± {std:.4f}" if std is not None else ""),
         ]
         for name in extras:
@@ -273,6 +292,68 @@ def markdown(spec: BenchSpec, rows: Sequence[BenchRow]) -> str:
                   _num(row.expert_load_cv, ".3f"), _num(row.dropped_frac, ".3f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def cells_markdown(
+    spec: BenchSpec,
+    runs: Sequence[dict[str, Any]],
+    order: Sequence[str],
+    label: Callable[[str], str] = str,
+    columns: Sequence[tuple[str, Callable[[str], str]]] = (),
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The metric (mean ± std over seeds) per variant and cell (``order`` first, then any other cell) as a Markdown
+    table, ``columns`` added as rows of their own (a name and its text per cell: published figures); also each
+    variant's cells (:func:`bench_rows`' ``extra["cells"]``)."""
+    present = {r["cell"] for r in runs}
+    cells = [c for c in order if c in present] + sorted(present - set(order))
+    head = ["variant", *map(label, cells)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_variant: dict[str, dict[str, Any]] = {}
+    for row in bench_rows(spec, runs):
+        name = row.extra["variant"]
+        by_variant[name] = own = row.extra.get("cells", {})
+        values = [_pm(own.get(c, {}).get("metric"), own.get(c, {}).get("metric_std")) for c in cells]
+        lines.append("| " + " | ".join([name + (f" ({BASELINE})" if row.router == BASELINE else ""), *values]) + " |")
+    for name, text in columns:
+        lines.append("| " + " | ".join([name, *(text(c) for c in cells)]) + " |")
+    return "\n".join(lines), by_variant
+
+
+def cell_verdicts(
+    spec: BenchSpec, by_variant: dict[str, dict[str, Any]], subject: str, others: Sequence[str], cells: Sequence[str]
+) -> list[str]:
+    """One line per cell: ``subject`` against each of ``others`` by the seed-spread rule of ``moezoo compare``
+    (within the spread iff ``|mean diff| <= the larger std over seeds``; :func:`moezoo.tasks.compare.verdict`)."""
+    from moezoo.tasks.compare import verdict  # compare builds on this module
+
+    lines = []
+    for cell in cells:
+        mine = by_variant.get(subject, {}).get(cell)
+        if mine is None:
+            continue
+        parts = []
+        for other in others:
+            theirs = by_variant.get(other, {}).get(cell)
+            if theirs is None:
+                continue
+            v = verdict(spec.metric_key, subject, (mine["metric"], mine["metric_std"]), other,
+                        (theirs["metric"], theirs["metric_std"]))  # fmt: skip
+            if v.within is None or v.diff is None:
+                parts.append(f"{other}: no verdict (one seed)")
+            elif v.within:
+                parts.append(f"{other}: within the spread ({v.diff:+.4f})")
+            else:
+                better = (v.diff > 0) == spec.higher_is_better
+                parts.append(f"{other}: {'better' if better else 'worse'} by {abs(v.diff):.4f}")
+        if parts:
+            lines.append(f"- {cell}: " + "; ".join(parts))
+    return lines
 
 
 def readme_block(spec: BenchSpec, runs: Sequence[dict[str, Any]], settings: str) -> str:

@@ -39,11 +39,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from moezoo.layers import ROUTERS
 from moezoo.tasks.bench.runner import leading_forward, leading_size, test_set_throughput
 from moezoo.tasks.bench.schema import BASELINE
-from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
+from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant, cell_verdicts, cells_markdown
 from moezoo.tasks.bench.suite import main as run_main
 
 DOMAIN = "timeseries"
@@ -104,6 +105,31 @@ def horizon_overrides(horizon: str) -> tuple[str, ...]:
     return ("--data.init_args.pred_len", horizon)  # the model's pred_len follows the data's
 
 
+#: PatchTST/42's (look-back 336) and PatchTST/64's (look-back 512) ETTh1 test MSE as Nie et al. (ICLR 2023) publish
+#: them (their protocol drops the last incomplete test batch): figures from the paper, not runs of this repository
+PUBLISHED_PATCHTST = {
+    "PatchTST/42, L=336 (published)": {"96": 0.375, "192": 0.414, "336": 0.431, "720": 0.449},
+    "PatchTST/64, L=512 (published)": {"96": 0.370, "192": 0.413, "336": 0.422, "720": 0.447},
+}
+#: the rows Seg-MoE is held against, per horizon, in the README
+COMPARED = ("dense", "moe", "patchtst", "nlinear", "dlinear", "seasonal_naive")
+
+
+def per_horizon(runs: Sequence[dict[str, Any]]) -> str:
+    """The README's result: test MSE (mean ± std over seeds) per variant and horizon beside PatchTST's published
+    figures, then Seg-MoE against each other row per horizon by the seed-spread rule of ``moezoo compare``."""
+    published = [(name, lambda h, f=figures: f"{f[h]:.3f}" if h in f else "-")
+                 for name, figures in PUBLISHED_PATCHTST.items()]  # fmt: skip
+    table, by_variant = cells_markdown(SPEC, runs, ("96", "192", "336", "720"), lambda h: f"H={h}", published)
+    lines = ["Test MSE per horizon (normalised scale, mean ± std over seeds):", "", table]
+    if "segmoe" in by_variant:
+        lines += ["", "Seg-MoE against each row, per horizon (within the seed spread: |mean diff| <= the larger std "
+                  "over seeds):", ""]  # fmt: skip
+        horizons = sorted(by_variant["segmoe"], key=int)
+        lines += cell_verdicts(SPEC, by_variant, "segmoe", COMPARED, [f"{h}" for h in horizons])
+    return "\n".join(lines)
+
+
 SPEC = BenchSpec(
     domain=DOMAIN,
     description=__doc__ or "",
@@ -132,6 +158,7 @@ SPEC = BenchSpec(
     infer=test_set_throughput(INFER_WINDOWS, leading_forward, leading_size),
     cell_option="horizons",
     cell_overrides=horizon_overrides,
+    readme_extra=per_horizon,
 )
 
 

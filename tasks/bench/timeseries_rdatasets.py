@@ -32,7 +32,6 @@ number across series); the README block's per-series table and verdicts are the 
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import Any
 
 from moezoo.tasks.bench.runner import leading_forward, leading_size, test_set_throughput
 from moezoo.tasks.bench.schema import BASELINE
-from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant, bench_rows
+from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant, cell_verdicts, cells_markdown
 from moezoo.tasks.bench.suite import main as run_main
 from moezoo.tasks.bench.timeseries import BASELINES, CHEAP_BASELINES, INFER_WINDOWS, PARAMETER_FREE
 
@@ -101,52 +100,19 @@ def series_defaults(series: str, variant: str) -> tuple[str, ...]:
     return out
 
 
-def _pm(mean: float | None, std: float | None) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "-"
-    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
-
-
 def per_series(runs: Sequence[dict[str, Any]]) -> str:
     """The README's result: test MSE (mean ± std over seeds) per variant and series, then Seg-MoE against each
     other row per series by the seed-spread rule of ``moezoo compare`` (:func:`moezoo.tasks.compare.verdict`)."""
-    from moezoo.tasks.compare import verdict
-
-    rows = bench_rows(SPEC, runs)
-    series = [s for s in SERIES if any(r["cell"] == s for r in runs)]
-    series += sorted({r["cell"] for r in runs} - set(series))
-    head = ["variant", *(f"{s} (L={SERIES[s].seq_len}, H={SERIES[s].pred_len})" if s in SERIES else s
-                         for s in series)]  # fmt: skip
-    lines = ["Test MSE per series (normalised scale, mean ± std over seeds):", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
-    cells: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        name = row.extra["variant"]
-        cells[name] = row.extra.get("cells", {})
-        label = name + (f" ({BASELINE})" if row.router == BASELINE else "")
-        values = [_pm(cells[name].get(s, {}).get("metric"), cells[name].get(s, {}).get("metric_std")) for s in series]
-        lines.append("| " + " | ".join([label, *values]) + " |")
-    if "segmoe" in cells:
+    table, by_variant = cells_markdown(
+        SPEC, runs, tuple(SERIES),
+        lambda s: f"{s} (L={SERIES[s].seq_len}, H={SERIES[s].pred_len})" if s in SERIES else s,
+    )  # fmt: skip
+    lines = ["Test MSE per series (normalised scale, mean ± std over seeds):", "", table]
+    if "segmoe" in by_variant:
         lines += ["", "Seg-MoE against each row, per series (within the seed spread: |mean diff| <= the larger std "
                   "over seeds; a plain screen at two seeds, not a test):", ""]  # fmt: skip
-        for s in series:
-            seg = cells["segmoe"].get(s)
-            if seg is None:
-                continue
-            parts = []
-            for other in COMPARED:
-                if other not in cells or s not in cells[other]:
-                    continue
-                o = cells[other][s]
-                v = verdict("test/mse", "segmoe", (seg["metric"], seg["metric_std"]), other,
-                            (o["metric"], o["metric_std"]))  # fmt: skip
-                if v.within is None or v.diff is None:
-                    parts.append(f"{other}: no verdict")
-                elif v.within:
-                    parts.append(f"{other}: within the spread ({v.diff:+.4f})")
-                else:
-                    parts.append(f"{other}: {'better' if v.diff < 0 else 'worse'} by {abs(v.diff):.4f}")
-            lines.append(f"- {s}: " + "; ".join(parts))
+        series = [s for s in SERIES if s in by_variant["segmoe"]] + sorted(set(by_variant["segmoe"]) - set(SERIES))
+        lines += cell_verdicts(SPEC, by_variant, "segmoe", COMPARED, series)
     return "\n".join(lines)
 
 

@@ -188,3 +188,38 @@ def test_readme_block_is_the_table_with_one_command_per_row(fake_runs: list, tmp
     # missing markers: an error before any run
     readme.write_text("no markers\n")
     assert suite.main(SPEC, ["--full", "--readme", str(readme), *out]) == 2 and fake_runs == []
+
+
+def test_multi_cell_rows_spread_over_seeds_and_partial_rows_are_named(fake_runs: list, tmp_path: Path) -> None:
+    path = tmp_path / "toy.json"
+    assert suite.main(SPEC, ["--full", "--json", str(path), "--out", str(tmp_path / "runs")]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    accs = {(r["seed"], r["cell"]): r["metrics"]["test/acc"] for r in runs if r["variant"] == "moe"}
+    seed_means = [statistics.fmean([accs[(s, "8")], accs[(s, "16")]]) for s in (0, 1)]
+    moe = suite.bench_rows(SPEC, runs)[0]
+    # the row's std is over the seeds' means over the cells, not over every run
+    assert moe.extra["acc_std"] == pytest.approx(statistics.stdev(seed_means))
+    assert moe.extra["loss_std"] == pytest.approx(statistics.stdev(seed_means))  # loss = 1 - acc here
+    # a seed that misses a cell does not enter the spread; a row missing a cell says so in the table
+    fewer = [r for r in runs if not (r["variant"] == "moe" and r["seed"] == 1 and r["cell"] == "16")]
+    assert suite.bench_rows(SPEC, fewer)[0].extra["acc_std"] is None
+    only8 = [r for r in runs if not (r["variant"] == "dense" and r["cell"] == "16")]
+    table = suite.markdown(SPEC, suite.bench_rows(SPEC, only8))
+    assert "| dense (horizons 8 only) |" in table and "| moe |" in table
+
+
+def test_cells_table_and_verdicts(fake_runs: list, tmp_path: Path) -> None:
+    path = tmp_path / "toy.json"
+    assert suite.main(SPEC, ["--full", "--json", str(path), "--out", str(tmp_path / "runs")]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    table, by_variant = suite.cells_markdown(
+        SPEC, runs, ("16", "8"), lambda c: f"H={c}", [("paper", lambda c: {"8": "0.9"}.get(c, "-"))]
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| variant | H=16 | H=8 |" and lines[-1] == "| paper | - | 0.9 |"
+    moe16 = by_variant["moe"]["16"]
+    assert f"| moe | {moe16['metric']:.4f} ± {moe16['metric_std']:.4f} |" in table
+    # moe is 0.2 above dense with a seed std of 0.07: better beyond the spread (acc: higher is better)
+    assert suite.cell_verdicts(SPEC, by_variant, "moe", ["dense", "absent"], ["8"]) == ["- 8: dense: better by 0.2000"]
+    one_seed = {v: {c: dict(m, metric_std=None) for c, m in cells.items()} for v, cells in by_variant.items()}
+    assert suite.cell_verdicts(SPEC, one_seed, "moe", ["dense"], ["8"]) == ["- 8: dense: no verdict (one seed)"]
