@@ -95,6 +95,9 @@ def test_every_registered_router_is_a_row_or_left_out_with_a_reason(capsys):
     assert rows | set(vision.NOT_IN_STUDY) == set(REGISTERED) | {"bpr"}  # bpr: top-k's batch-priority row
     root = CONFIGS.parents[1]
     assert all((root / v.config).is_file() for v in vision.VARIANTS)
+    for router in set(vision.NOT_IN_STUDY) - {"segment"}:  # the side-input routers: the ViT refuses them
+        with pytest.raises(ValueError, match="side input"):
+            create_model("moe_vit_tiny", **{**_model_kwargs("topk"), "moe": {"router": router}})
     with pytest.raises(SystemExit):
         vision.main(["--variants", "topk,segment"])
     err = capsys.readouterr().err
