@@ -12,7 +12,7 @@ from typing import Any
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from moezoo.layers import MOE_LAYERS, ChainOfExperts, FeedForward, MoE, MoEAux, Router
+from moezoo.layers import MOE_LAYERS, ChainOfExperts, FeedForward, MoE, MoEAux, Router, get_router
 from moezoo.layers.routers import ROUTER_STATE
 from moezoo.layers.segment import SegmentFeedForward, SegmentMoE
 from moezoo.models.spec import MoESpec
@@ -21,11 +21,23 @@ __all__ = [
     "MoESpec",
     "TransformerBlock",
     "build_ffn",
+    "build_shared_router",
     "moe_layers",
     "parameter_counts",
     "run_ffn",
     "share_router_modules",
 ]
+
+
+def build_shared_router(dim: int, spec: MoESpec | None) -> Router | None:
+    """The one router every MoE layer of a model shares when the router class says so (``shared_across_layers``:
+    the Omni-router), to pass as ``build_ffn(..., router=...)`` to every block; ``None`` for routers built per layer
+    and for dense twins. A family stores it as ``shared_router`` so that it is registered once."""
+    if spec is None or spec.dense or not spec.shares_router:
+        return None
+    return get_router(
+        spec.router, dim, spec.num_experts * spec.granularity, top_k=spec.top_k * spec.granularity, **spec.router_kwargs
+    )
 
 
 def build_ffn(

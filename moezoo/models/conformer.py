@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moezoo.layers import MoE, MoEAux, Router, get_router
+from moezoo.layers import MoE, MoEAux
 from moezoo.layers.routers import ROUTER_STATE
-from moezoo.models.blocks import build_ffn, run_ffn, share_router_modules
+from moezoo.models.blocks import build_ffn, build_shared_router, run_ffn, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
@@ -203,12 +203,7 @@ class MoEConformer(nn.Module):
         self.spec = spec
         self.lid_layer = lid_layer if uses_lid else 0
         # One router instance for all layers when the router class says so (Omni-router).
-        shared: Router | None = None
-        if spec.shares_router and not spec.dense:
-            shared = get_router(
-                spec.router, dim, spec.num_experts * spec.granularity, top_k=spec.top_k * spec.granularity,
-                **spec.router_kwargs,
-            )  # fmt: skip
+        shared = build_shared_router(dim, spec)
         self.shared_router = shared
         self.subsample = ConvSubsampling(n_mels, dim, subsample_channels)
         self.drop = nn.Dropout(dropout)

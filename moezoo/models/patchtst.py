@@ -26,9 +26,9 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from moezoo.layers import MoEAux, Router, get_router
+from moezoo.layers import MoEAux
 from moezoo.layers.routers import ROUTER_STATE
-from moezoo.models.blocks import build_ffn, run_ffn, share_router_modules
+from moezoo.models.blocks import build_ffn, build_shared_router, run_ffn, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
@@ -171,12 +171,7 @@ class MoEPatchTST(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         self.drop = nn.Dropout(dropout)
         # One router instance for every MoE layer when the router class says so (Omni-router), as the Conformer does.
-        shared: Router | None = None
-        if spec.shares_router and not spec.dense:
-            shared = get_router(
-                spec.router, dim, spec.num_experts * spec.granularity, top_k=spec.top_k * spec.granularity,
-                **spec.router_kwargs,
-            )  # fmt: skip
+        shared = build_shared_router(dim, spec)
         self.shared_router = shared
         ffns = [build_ffn(dim, ffn_dim, activation, spec, i, router=shared) for i in range(depth)]
         self.blocks = nn.ModuleList(ForecastBlock(dim, num_heads, ffn, dropout) for ffn in ffns)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
 from moezoo.layers.routers import ROUTER_STATE
-from moezoo.models.blocks import TransformerBlock, build_ffn, share_router_modules
+from moezoo.models.blocks import TransformerBlock, build_ffn, build_shared_router, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
@@ -61,8 +61,12 @@ class MoEViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.drop = nn.Dropout(dropout)
         ffn_dim = int(dim * mlp_ratio)
+        # One router instance for every MoE layer when the router class says so (Omni-router), as in the Conformer
+        # and moe_patchtst.
+        self.shared_router = build_shared_router(dim, self.spec)
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, build_ffn(dim, ffn_dim, activation, self.spec, i)) for i in range(depth)
+            TransformerBlock(dim, num_heads, build_ffn(dim, ffn_dim, activation, self.spec, i, self.shared_router))
+            for i in range(depth)
         )
         share_router_modules(self.blocks)
         self.norm = nn.LayerNorm(dim)

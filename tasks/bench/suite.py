@@ -100,6 +100,9 @@ class BenchSpec:
     readme_extra: Callable[[Sequence[dict[str, Any]]], str] | None = None
     notes: str = ""
     description: str = ""  # the benchmark module's docstring (its --help)
+    # (name, why) of names one might expect as variants that are not (a registered router outside the study):
+    # ``--variants <name>`` says why instead of only listing the variants
+    not_variants: tuple[tuple[str, str], ...] = ()
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -147,7 +150,9 @@ def parse_args(spec: BenchSpec, argv: Sequence[str]) -> tuple[argparse.Namespace
     args.variants = _list(args.variants) or list(base.variants)
     bad = [v for v in args.variants if v not in names]
     if bad:
-        p.error(f"--variants: {bad} are not variants of this benchmark; choose from {names}")
+        why = dict(spec.not_variants)
+        reasons = "".join(f"; {v!r} is left out on purpose: {why[v]}" for v in bad if v in why)
+        p.error(f"--variants: {bad} are not variants of this benchmark{reasons}; choose from {names}")
     try:
         seeds = tuple(int(s) for s in _list(args.seeds)) or base.seeds
     except ValueError:

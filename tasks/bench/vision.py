@@ -4,11 +4,14 @@ Rows (``configs/vision/fmnist_vit_<router>.yaml``, equal active compute per toke
 batch-prioritized routing, expert choice, Sinkhorn, sigmoid with loss-free balancing, Soft MoE and the dense twin.
 The routers of ``moezoo.layers.routers_extra`` and ``moezoo.layers.expert_routers`` (``EXTRA_ROUTERS``: top-p,
 X-MoE, M6-T prototypes, HyperRouter, attention router, mixture of routers, GMM, Expert Race, VQ, StableMoE, GW-MoE,
-SMILE bi-level, Rectify fill-in, THOR, Autonomy-of-Experts, top-k with the ERC loss, CompeteSMoE, SMEAR) and the
-layerwise recurrent router (``moezoo.layers.recurrent``) have configs of their
+SMILE bi-level, Rectify fill-in, THOR, Autonomy-of-Experts, top-k with the ERC loss, CompeteSMoE, SMEAR), the
+layerwise recurrent router (``moezoo.layers.recurrent``), ReLU routing (ReMoE) and the Omni-router (one router shared
+by both MoE blocks) have configs of their
 own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in the default budgets (each row
 is CPU hours at ``--full``). All run at top-2's active compute except SMEAR (one merged expert: half of it, with
-the same parameters).
+the same parameters) and ReLU routing (a varying number of experts per token, steered to 2 on average).
+The registered routers that are not rows (Seg-MoE, ProMoE, LR-MoE's language router, SpeechMoE2's global-embedding
+router) are in ``NOT_IN_STUDY`` with the reason, which ``--variants <name>`` prints.
 The MoE layer options (``EXTRA_LAYERS``: Chain-of-Experts, S2MoE, CartesianMoE) join the same way, at top-2's active
 compute; S2MoE trains with a clean and a noisy pass (2 x top-2's expert compute) and evaluates with one.
 Metric: test accuracy (10,000 test images; quick: the first 1,024), with training throughput, inference
@@ -58,6 +61,19 @@ EXTRA_ROUTERS: tuple[str, ...] = (
 EXTRA_LAYERS = ("chain", "s2moe", "cartesian")
 # the similarity-aware (Graph of Tokens) and MaskMoE routers of moezoo.layers.token_graph_routers
 EXTRA_ROUTERS += ("similarity", "maskmoe")
+# ReLU routing (ReMoE: top-2's compute on average, not per token) and the Omni-router (one top-2 router shared by
+# both MoE blocks)
+EXTRA_ROUTERS += ("relu", "omni")
+# The registered routers (moezoo.layers.ROUTERS) that are *not* rows of this study, and why (docs/routers.md, "The
+# vision router study"). Rows are listed by hand above, each with its config; every registered router is either a
+# row or here (tests/vision/test_router_study.py checks both), and `--variants <name>` names the reason.
+NOT_IN_STUDY: dict[str, str] = {
+    "segment": "Seg-MoE at segment size 1 is token-wise top-k (the topk row); larger segments would run across the "
+    "class token and the rows of patches, with w times the expert parameters",
+    "promoe": "it needs the DiT's classifier-free-guidance side input cfg_dropped (moezoo bench generation)",
+    "language": "it needs the Conformer's language posteriors lid_probs (speech only)",
+    "global_embedding": "it needs the Conformer's utterance embedding global_embedding (speech only)",
+}
 VARIANTS = tuple(Variant(r, f"configs/vision/fmnist_vit_{r}.yaml", r) for r in ROUTERS + EXTRA_ROUTERS + EXTRA_LAYERS)
 INFER_IMAGES = 512
 
@@ -89,6 +105,7 @@ SPEC = BenchSpec(
     ),  # fmt: skip
     full=Budget(seeds=(0, 1), variants=ROUTERS),
     infer=test_set_throughput(INFER_IMAGES, leading_forward, leading_size),
+    not_variants=tuple(NOT_IN_STUDY.items()),
 )
 
 

@@ -85,6 +85,38 @@ def test_every_extra_router_has_a_config_at_equal_active_compute(variant):
     assert variant not in vision.SPEC.quick.variants and variant not in vision.SPEC.full.variants
 
 
+def test_every_registered_router_is_a_row_or_left_out_with_a_reason(capsys):
+    """The study's rows are listed by hand: every registered router is a row (with its config) or in
+    ``NOT_IN_STUDY`` with the reason, never both, and ``--variants <left-out router>`` prints that reason."""
+    from moezoo.layers import ROUTERS as REGISTERED
+
+    rows = {v.router for v in vision.VARIANTS if v.router != "dense"} - set(vision.EXTRA_LAYERS)
+    assert rows.isdisjoint(vision.NOT_IN_STUDY)
+    assert rows | set(vision.NOT_IN_STUDY) == set(REGISTERED) | {"bpr"}  # bpr: top-k's batch-priority row
+    root = CONFIGS.parents[1]
+    assert all((root / v.config).is_file() for v in vision.VARIANTS)
+    for router in set(vision.NOT_IN_STUDY) - {"segment"}:  # the side-input routers: the ViT refuses them
+        with pytest.raises(ValueError, match="side input"):
+            create_model("moe_vit_tiny", **{**_model_kwargs("topk"), "moe": {"router": router}})
+    with pytest.raises(SystemExit):
+        vision.main(["--variants", "topk,segment"])
+    err = capsys.readouterr().err
+    assert "'segment' is left out on purpose: Seg-MoE at segment size 1 is token-wise top-k" in err
+
+
+def test_omni_config_shares_one_router_and_relu_config_targets_two_experts_per_token():
+    """``omni``: both MoE blocks route with one router instance (one gate's parameters fewer than top-k);
+    ``relu``: the adaptive L1 aims at sparsity 1 - 2/8, i.e. 2 of 8 experts per token on average."""
+    omni = create_model("moe_vit_tiny", **_model_kwargs("omni"))
+    moes = [m for m in omni.modules() if isinstance(m, MoE)]
+    assert len(moes) == 2 and moes[0].router is moes[1].router is omni.shared_router
+    topk = create_model("moe_vit_tiny", **_model_kwargs("topk"))
+    assert count_parameters(topk).total - count_parameters(omni).total == 8 * 64
+    relu = create_model("moe_vit_tiny", **_model_kwargs("relu"))
+    routers = [m.router for m in relu.modules() if isinstance(m, MoE)]
+    assert len(routers) == 2 and all(r.target_sparsity == 1 - 2 / 8 for r in routers)
+
+
 def test_chain_of_experts_config_is_top_k_in_two_passes_at_equal_active_compute():
     """Chain-of-Experts is a layer option, not a router: top-k's config with ``top_k: 1`` and two passes
     (``num_iterations: 2``, inner residual), so 2 x 128 active as top-2; each block's MoE is one ChainOfExperts with
