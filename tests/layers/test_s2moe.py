@@ -14,7 +14,7 @@ from moezoo.layers.stochastic import group_info_nce
 from moezoo.models import create_model
 from moezoo.models.spec import MoESpec
 from tests import oracles_layer_options as naive
-from tests.layers.sides import side_inputs
+from tests.layers.sides import assert_eval_batch_independent
 
 DIM, F, E = 6, 5, 4
 
@@ -161,16 +161,7 @@ SPARSE = [n for n in sorted(ROUTERS) if ROUTERS[n].kind == "sparse" and not ROUT
 def test_eval_output_of_an_item_does_not_depend_on_its_batchmates(name):
     torch.manual_seed(0)
     layer = StochasticMoE(8, 16, 4, 2, router=name, backend="reference").eval()
-    if layer.router.depends_on_batch(training=False) or getattr(layer.router, "random_at_eval", False):
-        pytest.skip(f"{name} keeps a batch-dependent (or random) rule at evaluation")
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 6, 8, generator=generator)
-    side = side_inputs(layer.router, (5, 6), generator)
-    with torch.no_grad():
-        batch = layer(x, side=side)[0]
-        for i in range(5):
-            alone = layer(x[i : i + 1], side={k: v[i : i + 1] for k, v in side.items()})[0]
-            torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    assert_eval_batch_independent(layer, dim=8)
 
 
 def test_spec_builds_it_and_names_bad_settings():
