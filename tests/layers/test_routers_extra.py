@@ -640,7 +640,9 @@ def test_moec_dropout_reroutes_only_within_the_cluster(k, cluster_size):
         counts = torch.bincount(result.expert_idx_N // cluster_size, minlength=8 // cluster_size)
         assert counts.sum() == result.expert_idx_N.numel()
     assert moved > 0  # rerouting happened
-    if cluster_size == 2 and k == 2:
+    if cluster_size - cluster_size // 2 >= k:
+        assert removed == 0  # enough survivors per cluster: every token keeps k experts (fmnist_vit_moec.yaml)
+    elif cluster_size == 2 and k == 2:
         assert removed > 0  # a token with both choices in one cluster of 2 loses the dropped one
 
 
