@@ -820,7 +820,7 @@ class MoECRouter(SparseRouter):
     cluster, redrawn every training forward; the authors' released layer keeps one random subset of experts for
     ``dropout_interval`` calls, not implemented), the gate of a rerouted pair (its new expert's probability), top-k
     with K > 1, and the defaults: ``drop_rate`` 0.5 and ``variance_coef`` 1.0 are the values of the authors'
-    released run (64 experts in 8 groups, top-1), whose loss normalisation is unknown; ``cluster_size`` 2.
+    released run (64 experts in 8 groups, top-1), whose loss normalisation is unknown; ``cluster_size`` 2 is ours.
     """
 
     batch_dependent: ClassVar[bool] = False
