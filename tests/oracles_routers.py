@@ -241,6 +241,52 @@ def fill_in(kept: Pairs, probs: list[list[Tensor]], capacity: int) -> Pairs:
     return kept + added
 
 
+def moec_dropped(draw_CS: Tensor, num_dropped: int) -> set[int]:
+    """MoEC's cluster-level dropout: in each cluster (a row of ``draw_CS``, one uniform draw per expert) the
+    ``num_dropped`` experts with the lowest draws are dropped."""
+    size = draw_CS.shape[1]
+    dropped: set[int] = set()
+    for c in range(draw_CS.shape[0]):
+        ranked = sorted(range(size), key=lambda i: float(draw_CS[c, i]))
+        dropped |= {c * size + i for i in ranked[:num_dropped]}
+    return dropped
+
+
+def moec(
+    logits: list[list[Tensor]], k: int, cluster_size: int, dropped: set[int], normalize: bool
+) -> tuple[Pairs, Tensor]:
+    """MoEC, token by token: top-k on the softmax; each choice (in order) whose expert is in ``dropped`` goes to the
+    surviving expert of the same cluster (``cluster_size`` consecutive experts) with the highest probability (ties
+    to the lower index) that the token does not already use (its surviving choices count as used from the start),
+    or is removed when there is none; gates are the final experts' probabilities (renormalised over the token's
+    final pairs with ``normalize``). Also returns the within-cluster population variance of the probabilities,
+    summed over clusters and averaged over tokens."""
+    pairs: Pairs = []
+    variance = torch.zeros((), dtype=torch.float64)
+    for t, row in enumerate(logits):
+        probs = softmax(row)
+        chosen = order([float(p.detach()) for p in probs])[:k]
+        used = [e for e in chosen if e not in dropped]
+        final = []
+        for e in chosen:
+            if e not in dropped:
+                final.append(e)
+                continue
+            start = (e // cluster_size) * cluster_size
+            free = [f for f in range(start, start + cluster_size) if f not in dropped and f not in used]
+            if free:
+                best = sorted(free, key=lambda f: (-float(probs[f].detach()), f))[0]
+                used.append(best)
+                final.append(best)
+        total = sum((probs[e] for e in final), probs[0].new_zeros(()))
+        pairs += [(t, e, probs[e] / total if normalize else probs[e]) for e in final]
+        for start in range(0, len(row), cluster_size):
+            members = probs[start : start + cluster_size]
+            mean = sum(members, probs[0].new_zeros(())) / cluster_size
+            variance = variance + sum(((p - mean) ** 2 for p in members), probs[0].new_zeros(())) / cluster_size
+    return pairs, variance / max(1, len(logits))
+
+
 def symmetric_kl(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     """Mean over rows of ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2``."""
     total = logits_a.new_zeros(())

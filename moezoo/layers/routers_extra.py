@@ -28,6 +28,8 @@ Routers with their own selection rule:
 - ``"gw"`` (:class:`GWRouter`): top-k, but uncertain tokens are broadcast to every expert in training (GW-MoE).
 - ``"bilevel"`` (:class:`BiLevelRouter`): top-1 group, then top-k experts in it (SMILE).
 - ``"thor"`` (:class:`THORRouter`): uniformly random experts (THOR), with :func:`thor_consistency_loss`.
+- ``"moec"`` (:class:`MoECRouter`): top-k over clusters of experts, a within-cluster variance loss and, in training,
+  cluster-level expert dropout that reroutes within the cluster (MoEC).
 
 And one more top-k variant: ``"rectify"`` (:class:`RectifyRouter`), capacity top-k whose vacant expert slots are
 filled with the next-best tokens (Rectify-Router's fill-in).
@@ -57,6 +59,7 @@ from moezoo.layers.routers import (
     check_positive,
     check_top_k,
     flat_pairs,
+    keep_pairs,
     register_router,
 )
 from moezoo.ops import count_per_expert, size_max, true_indices
@@ -793,6 +796,140 @@ class THORRouter(SparseRouter):
         return _result(x_TD, self, flat_pairs(top_idx_TK, gates_TK), probs_TE, {})
 
 
+class MoECRouter(SparseRouter):
+    """MoEC (Xie et al. 2023, *MoEC: Mixture of Expert Clusters*): softmax top-k over experts grouped into clusters of
+    ``cluster_size`` consecutive experts, with two additions that make each cluster a group of similar experts.
+
+    - Variance constraint (loss ``"cluster_variance"``): ``variance_coef * mean_t sum_c Var_{e in c}(p_te)``, the
+      population variance of the routing probabilities within each cluster, summed over the clusters and averaged
+      over the tokens; minimising it pushes the experts of one cluster to be routed alike.
+    - Cluster-level expert dropout (training only): each forward drops ``floor(drop_rate * cluster_size)`` experts
+      of every cluster, uniformly at random (the lowest of ``cluster_size`` uniform draws per cluster, from the
+      global RNG; at least one expert of each cluster survives since ``drop_rate < 1``). A token's top-k choices
+      are made on the full distribution; a choice whose expert was dropped goes to the surviving expert of the
+      *same cluster* with the highest probability that the token does not already use (its choices in order, the
+      surviving ones reserved first); with none left the pair is removed. Evaluation routes without dropout (plain
+      top-k, deterministic and batch-independent).
+
+    Gates are the probabilities of the final experts, renormalised over the token's final pairs with ``normalize``
+    (default for K > 1). Switch balance loss over the final pairs, optional z-loss.
+
+    The paper's method section (its equations) was not readable here, only its abstract and introduction; these are
+    this library's reading: the variance's form (population variance of the probabilities, summed over clusters,
+    mean over tokens) and sign (a penalty), what is dropped (whole experts, the same per-cluster count in every
+    cluster, redrawn every training forward; the authors' released layer keeps one random subset of experts for
+    ``dropout_interval`` calls, not implemented), the gate of a rerouted pair (its new expert's probability), top-k
+    with K > 1, and the defaults: ``drop_rate`` 0.5 and ``variance_coef`` 1.0 are the values of the authors'
+    released run (64 experts in 8 groups, top-1), whose loss normalisation is unknown; ``cluster_size`` 2 is ours.
+    """
+
+    batch_dependent: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        cluster_size: int = 2,
+        variance_coef: float = 1.0,
+        drop_rate: float = 0.5,
+        normalize: bool | None = None,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        MoECRouter.check_options(
+            num_experts,
+            dict(
+                top_k=top_k,
+                cluster_size=cluster_size,
+                variance_coef=variance_coef,
+                drop_rate=drop_rate,
+                normalize=normalize,
+                balance_coef=balance_coef,
+                z_loss_coef=z_loss_coef,
+            ),
+        )
+        super().__init__(dim, num_experts, balance_coef, z_loss_coef)
+        self.top_k = top_k
+        self.cluster_size = cluster_size
+        self.num_clusters = num_experts // cluster_size
+        self.variance_coef = variance_coef
+        self.drop_rate = drop_rate
+        self.num_dropped = math.floor(drop_rate * cluster_size)  # per cluster
+        self.normalize = top_k > 1 if normalize is None else normalize
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        size, rate = options["cluster_size"], options["drop_rate"]
+        check_int("cluster_size", size, 1)
+        if num_experts is not None and num_experts % size:
+            raise ValueError(f"cluster_size={size} must divide num_experts={num_experts}")
+        check_non_negative("variance_coef", options["variance_coef"])
+        check_non_negative("drop_rate", rate)
+        if rate >= 1:
+            raise ValueError(f"drop_rate must be a finite number in [0, 1), got {rate!r}")
+        if rate > 0 and math.floor(rate * size) == 0:
+            raise ValueError(
+                f"drop_rate={rate!r} drops no expert of a cluster of cluster_size={size} "
+                f"(floor(drop_rate * cluster_size) = 0); use 0 or at least {1 / size:g}"
+            )
+        check_bool("normalize", options["normalize"], allow_none=True)
+
+    def draw_alive(self, device: torch.device) -> Tensor:
+        """``(E,)`` True for the experts that survive this training forward: in each cluster, the
+        ``floor(drop_rate * cluster_size)`` experts with the lowest of ``cluster_size`` uniform draws are dropped."""
+        draw_CS = torch.rand(self.num_clusters, self.cluster_size, device=device)
+        rank_CS = draw_CS.argsort(dim=-1).argsort(dim=-1)
+        return (rank_CS >= self.num_dropped).reshape(-1)
+
+    def reroute(self, probs_TE: Tensor, top_idx_TK: Tensor, alive_E: Tensor) -> tuple[Tensor, Tensor]:
+        """Dropped choices to the best free surviving expert of their cluster: ``(expert_idx_TK, keep_TK)``."""
+        num_experts = self.num_experts
+        expert_E = torch.arange(num_experts, device=probs_TE.device)
+        cluster_E = expert_E // self.cluster_size
+        alive_TK = alive_E[top_idx_TK]
+        taken_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx_TK, alive_TK)
+        score_TE = probs_TE.detach()
+        experts, keeps = [], []
+        for j in range(self.top_k):  # in choice order; a static loop over K
+            chosen_T = top_idx_TK[:, j]
+            candidate_TE = (cluster_E == cluster_E[chosen_T].unsqueeze(-1)) & alive_E & ~taken_TE
+            best_T = torch.where(candidate_TE, score_TE, -1.0).argmax(-1)
+            moved_T = ~alive_TK[:, j]
+            found_T = candidate_TE.any(-1)
+            expert_T = torch.where(moved_T, best_T, chosen_T)
+            taken_TE = taken_TE | ((expert_E == expert_T.unsqueeze(-1)) & (moved_T & found_T).unsqueeze(-1))
+            experts.append(expert_T)
+            keeps.append(~moved_T | found_T)
+        return torch.stack(experts, -1), torch.stack(keeps, -1)
+
+    def cluster_variance(self, probs_TE: Tensor) -> Tensor:
+        """``mean_t sum_c Var_{e in c}(p_te)`` (population variance within each cluster)."""
+        probs_TCS = probs_TE.unflatten(-1, (self.num_clusters, self.cluster_size))
+        var_TC = (probs_TCS - probs_TCS.mean(-1, keepdim=True)).square().mean(-1)
+        return var_TC.sum() / size_max(1, probs_TE.shape[0])
+
+    def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        top_idx_TK = probs_TE.detach().topk(self.top_k, dim=-1).indices
+        expert_TK, keep_TK = top_idx_TK, torch.ones_like(top_idx_TK, dtype=torch.bool)
+        if self.training and self.num_dropped > 0:
+            expert_TK, keep_TK = self.reroute(probs_TE, top_idx_TK, self.draw_alive(x_TD.device))
+        gates_TK = probs_TE.gather(-1, expert_TK) * keep_TK
+        if self.normalize:
+            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        token_idx_N, expert_idx_N, gate_N = flat_pairs(expert_TK, gates_TK)
+        if self.training and self.num_dropped > 0:
+            token_idx_N, expert_idx_N, gate_N = keep_pairs(keep_TK.reshape(-1), token_idx_N, expert_idx_N, gate_N)
+        losses = self.common_losses(logits_TE, probs_TE, expert_idx_N, self.top_k)
+        if self.variance_coef > 0:
+            losses["cluster_variance"] = self.variance_coef * self.cluster_variance(probs_TE)
+        return _result(x_TD, self, (token_idx_N, expert_idx_N, gate_N), probs_TE, losses)
+
+
 def thor_consistency_loss(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     """THOR's consistency regulariser: the symmetric KL ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2`` between the
     predictive distributions of two forward passes (last dim: classes), averaged over the leading dims."""
@@ -820,6 +957,7 @@ EXTRA_ROUTERS: dict[str, type[SparseRouter]] = {
     "bilevel": BiLevelRouter,
     "rectify": RectifyRouter,
     "thor": THORRouter,
+    "moec": MoECRouter,
 }
 
 for _name, _cls in EXTRA_ROUTERS.items():

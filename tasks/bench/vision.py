@@ -4,7 +4,7 @@ Rows (``configs/vision/fmnist_vit_<router>.yaml``, equal active compute per toke
 batch-prioritized routing, expert choice, Sinkhorn, sigmoid with loss-free balancing, Soft MoE and the dense twin.
 The routers of ``moezoo.layers.routers_extra`` and ``moezoo.layers.expert_routers`` (``EXTRA_ROUTERS``: top-p,
 X-MoE, M6-T prototypes, HyperRouter, attention router, mixture of routers, GMM, Expert Race, VQ, StableMoE, GW-MoE,
-SMILE bi-level, Rectify fill-in, THOR, Autonomy-of-Experts, top-k with the ERC loss, CompeteSMoE, SMEAR), the
+SMILE bi-level, Rectify fill-in, THOR, MoEC, Autonomy-of-Experts, top-k with the ERC loss, CompeteSMoE, SMEAR), the
 layerwise recurrent router (``moezoo.layers.recurrent``), ReLU routing (ReMoE) and the Omni-router (one router shared
 by both MoE blocks) have configs of their
 own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in the default budgets (each row
@@ -49,6 +49,7 @@ EXTRA_ROUTERS: tuple[str, ...] = (
     "bilevel",
     "rectify",
     "thor",
+    "moec",
     "aoe",
     "erc",
     "compete",

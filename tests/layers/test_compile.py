@@ -45,6 +45,7 @@ CASES = {
     "bilevel": ("bilevel", {"num_groups": 2}),
     "rectify": ("rectify", {"capacity_factor": 0.75}),
     "thor": ("thor", {}),
+    "moec": ("moec", {}),  # training: cluster-level expert dropout (seeded draws), rerouting within the cluster
     # moezoo.layers.expert_routers (the layer hands them its experts)
     "aoe": ("aoe", {}),
     "erc": ("erc", {}),
@@ -124,6 +125,7 @@ def test_every_router_compiles_fullgraph(case):
 
 MASKED_CASES = ["topk", "topk_capacity", "expert_choice", "expert_choice_train_item", "sinkhorn", "soft", "language",
                 "top_p", "expert_race", "gw", "rectify", "recurrent"]  # fmt: skip
+MASKED_CASES += ["moec"]  # moezoo.layers.routers_extra (dropout and rerouting over a data-dependent token count)
 MASKED_CASES += ["similarity", "similarity_batch_rule", "maskmoe"]  # moezoo.layers.token_graph_routers
 
 

@@ -385,6 +385,12 @@ def test_defaults_are_valid_and_bad_options_name_the_argument(name):
         ("expert_race", {"threshold_momentum": 2.0}, "threshold_momentum must be in \\(0, 1\\], got 2.0"),
         ("vq", {"commitment": -1.0}, "commitment must be a finite number >= 0"),
         ("stablemoe", {"stage1_steps": -1}, "stage1_steps must be an integer >= 0"),
+        ("moec", {"cluster_size": 3}, "cluster_size=3 must divide num_experts=4"),
+        ("moec", {"cluster_size": 0}, "cluster_size must be an integer >= 1, got 0"),
+        ("moec", {"drop_rate": 1.0}, "drop_rate must be a finite number in \\[0, 1\\), got 1.0"),
+        ("moec", {"drop_rate": -0.1}, "drop_rate must be a finite number >= 0, got -0.1"),
+        ("moec", {"drop_rate": 0.25}, "drop_rate=0.25 drops no expert of a cluster of cluster_size=2"),
+        ("moec", {"variance_coef": -1.0}, "variance_coef must be a finite number >= 0"),
     ],
 )
 def test_bad_option_values(name, kwargs, match):
@@ -565,6 +571,113 @@ def test_thor_draws_distinct_uniform_experts_with_equal_gates():
         thor_consistency_loss(la, lb[:1])
 
 
+# -------------------------------------------------------------------------------------------------------- MoEC
+
+
+def _moec_router(k, cluster_size, drop_rate, training, num_experts=8):
+    torch.manual_seed(6)
+    router = get_router(
+        "moec", DIM, num_experts, top_k=k, cluster_size=cluster_size, drop_rate=drop_rate, variance_coef=0.5
+    )
+    return router.train(training)
+
+
+@pytest.mark.parametrize(
+    "k,cluster_size,drop_rate,training",
+    [(1, 2, 0.5, True), (2, 2, 0.5, True), (2, 4, 0.5, True), (3, 4, 0.75, True), (2, 4, 0.5, False),
+     (2, 2, 0.0, True), (1, 8, 0.5, True)],
+)  # fmt: skip
+def test_moec_matches_oracle(k, cluster_size, drop_rate, training):
+    """Pairs, gates, losses and gradients (through the gates and the variance loss) against the float64 loop; in
+    training the oracle draws the same dropped experts from the same seed."""
+    router = _moec_router(k, cluster_size, drop_rate, training)
+    num_dropped = math.floor(drop_rate * cluster_size)
+    torch.manual_seed(11)
+    draw = torch.rand(8 // cluster_size, cluster_size)
+    dropped = naive.moec_dropped(draw, num_dropped) if training else set()
+    assert len(dropped) == (8 // cluster_size) * num_dropped if training else not dropped
+
+    def oracle(x):
+        logits = [list(row) for row in x @ D(router.gate.weight).t()]
+        pairs, variance = naive.moec(logits, k, cluster_size, dropped, normalize=k > 1)
+        return pairs, {"balance": _balance(logits, pairs, k), "cluster_variance": 0.5 * variance}
+
+    x = torch.randn(16, DIM) * 2.0
+    torch.manual_seed(11)  # the router's forward draws the same dropout as ``draw`` above
+    result = check_against_oracle(router, x, oracle)
+    if training and num_dropped:
+        assert not set(result.expert_idx_N.tolist()) & dropped
+    # the variance loss's own gradient, apart from the gates
+    w = router.gate.weight
+    torch.manual_seed(11)
+    (got,) = torch.autograd.grad(router(x).losses["cluster_variance"], w)
+    _, want_losses = oracle(x.double())
+    (want,) = torch.autograd.grad(want_losses["cluster_variance"], w)
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-4)
+    assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("k,cluster_size", [(1, 2), (2, 2), (2, 4), (3, 4)])
+def test_moec_dropout_reroutes_only_within_the_cluster(k, cluster_size):
+    router = _moec_router(k, cluster_size, 0.5, training=True)
+    x = torch.randn(300, DIM) * 2.0
+    plain = router.eval()(x)  # the token's own choices: evaluation has no dropout
+    router.train()
+    moved = removed = 0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        result = router(x)
+        for t in range(300):
+            mine = result.expert_idx_N[result.token_idx_N == t].tolist()
+            own = plain.expert_idx_N[plain.token_idx_N == t].tolist()
+            assert len(set(mine)) == len(mine) and 1 <= len(mine) <= k  # distinct experts, at least one
+            clusters = sorted(e // cluster_size for e in mine)
+            own_clusters = [e // cluster_size for e in own]
+            for c in set(clusters):  # never outside the clusters of its own choices, never more often
+                assert clusters.count(c) <= own_clusters.count(c)
+            moved += len(set(mine) - set(own))
+            removed += k - len(mine)
+        counts = torch.bincount(result.expert_idx_N // cluster_size, minlength=8 // cluster_size)
+        assert counts.sum() == result.expert_idx_N.numel()
+    assert moved > 0  # rerouting happened
+    if cluster_size - cluster_size // 2 >= k:
+        assert removed == 0  # enough survivors per cluster: every token keeps k experts (fmnist_vit_moec.yaml)
+    elif cluster_size == 2 and k == 2:
+        assert removed > 0  # a token with both choices in one cluster of 2 loses the dropped one
+
+
+def test_moec_drops_the_same_number_in_every_cluster_at_rate():
+    router = get_router("moec", DIM, 12, cluster_size=4, drop_rate=0.5)
+    alive = torch.stack([router.draw_alive(torch.device("cpu")) for _ in range(2000)])
+    assert (alive.reshape(2000, 3, 4).sum(-1) == 2).all()  # exactly floor(0.5 * 4) dropped per cluster
+    assert (alive.float().mean(0) - 0.5).abs().max() < 0.05  # each expert dropped at the rate (4 sigma ~ 0.045)
+
+
+def test_moec_evaluation_has_no_dropout_and_is_deterministic():
+    router = _moec_router(2, 4, 0.75, training=False)
+    x = torch.randn(40, DIM)
+    torch.manual_seed(0)
+    a = router(x)
+    torch.manual_seed(1)
+    b = router(x)
+    assert torch.equal(a.expert_idx_N, b.expert_idx_N) and torch.equal(a.gate_N, b.gate_N)
+    want = router.logits(x).softmax(-1).topk(2, dim=-1).indices.reshape(-1)
+    assert torch.equal(a.expert_idx_N, want) and a.expert_idx_N.numel() == 80
+    router.train()
+    torch.manual_seed(0)
+    c = router(x)
+    assert not torch.equal(c.expert_idx_N, a.expert_idx_N)  # dropout in training changes the routing
+
+
+def test_moec_variance_loss_is_zero_for_equal_experts_within_each_cluster():
+    router = get_router("moec", DIM, 8, cluster_size=4)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.randn(2, DIM).repeat_interleave(4, dim=0))  # clusters of identical rows
+    losses = router.eval()(torch.randn(9, DIM)).losses
+    assert float(losses["cluster_variance"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(router(torch.randn(0, DIM)).losses["cluster_variance"]) == 0.0  # no tokens: 0, not NaN
+
+
 @pytest.mark.parametrize(
     "name,kwargs,match",
     [
@@ -573,6 +686,8 @@ def test_thor_draws_distinct_uniform_experts_with_equal_gates():
         ("top_p", {"top_p": "0.5"}, "top_p must be a finite number > 0"),
         ("stablemoe", {"stage1_steps": 10.0}, "stage1_steps must be an integer >= 0"),
         ("gw", {"uncertainty": None}, "uncertainty must be a finite number >= 0"),
+        ("moec", {"cluster_size": 2.0}, "cluster_size must be an integer >= 1, got 2.0"),
+        ("moec", {"drop_rate": "0.5"}, "drop_rate must be a finite number >= 0"),
     ],
 )
 def test_bad_option_types(name, kwargs, match):

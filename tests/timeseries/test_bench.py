@@ -5,6 +5,7 @@ parameters, their rows and Markdown). (Rows as means over horizons: tests/bench/
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,7 @@ def test_router_variants_are_etth1_moe_with_only_the_router_changed_at_equal_act
     topk = build("moe_topk")
     topk_router = sum(p.numel() for m in topk.modules() if isinstance(m, MoE) for p in m.router.parameters())
     x = torch.randn(2, 336, 7)
-    for variant in ("moe_topk", "moe_soft", "moe_segment", "moe_xmoe", "moe_expert_choice"):
+    for variant in ("moe_topk", "moe_soft", "moe_segment", "moe_xmoe", "moe_expert_choice", "moe_moec"):
         model = build(variant).eval()
         router = variant.removeprefix("moe_")
         assert model.spec.router == router and (model.spec.num_experts, model.spec.top_k) == (4, 1)
@@ -202,6 +203,19 @@ def test_router_variants_are_etth1_moe_with_only_the_router_changed_at_equal_act
             own = sum(p.numel() for m in moes for p in m.router.parameters())
             assert count_parameters(model).active - own == count_parameters(topk).active - topk_router, variant
         assert model(x).shape == (2, 96, 7)
+
+
+@pytest.mark.skipif(not ETTH1.is_file(), reason=f"{ETTH1} not present")
+def test_moec_variant_fits_with_its_cluster_dropout(tmp_path: Path) -> None:
+    """``moe_moec`` (4 experts in 2 clusters of 2, top-1, expert dropout in training) through ``moezoo fit``."""
+    path = tmp_path / "ts.json"
+    assert bench.main([*TINY, "--variants", "moe_moec", "--json", str(path), "--out", str(tmp_path)]) == 0
+    data = json.loads(path.read_text())
+    assert validate(data, "timeseries") == [] and len(data["runs"]) == 1
+    (run,) = data["runs"]
+    assert run["variant"] == "moe_moec" and '"router": "moec"' in run["command"]
+    assert math.isfinite(run["metrics"]["test/mse"]) and run["metrics"]["test/mse"] > 0
+    assert run["routing"]["router_entropy"] > 0
 
 
 @pytest.mark.skipif(not ETTH1.is_file(), reason=f"{ETTH1} not present")
