@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moezoo.io import copy_file_atomic
+from moezoo.io import copy_file_atomic, write_text_atomic
 from moezoo.tasks.bench.schema import DENSE, UNROUTED
 
 CSV_COLUMNS = (
@@ -41,6 +42,24 @@ def replace_readme_block(text: str, block: str, markers: tuple[str, str] = (READ
         raise ValueError(f"--readme: expected one {start} followed by one {stop}")
     head = text[: begin + len(start)]
     return head + "\n\n" + block.strip("\n") + "\n\n" + text[end:]
+
+
+def publish(name: str, make: Callable[[], str], out: str | None, readme: str | None) -> int:
+    """The end of a table command ``moezoo bench <name>``: make the Markdown, write it into ``readme``'s block
+    (:func:`readme_markers`) and to ``out``, print it; 0, or 2 with the reason on stderr when the runs or a file
+    cannot be read (``OSError`` / ``ValueError``)."""
+    try:
+        text = make()
+        if readme:
+            path = Path(readme)
+            write_text_atomic(path, replace_readme_block(path.read_text(), text, readme_markers(name)))
+    except (OSError, ValueError) as err:
+        print(f"moezoo bench {name}: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    if out:
+        write_text_atomic(Path(out), text + "\n")
+    return 0
 
 
 def readme_markdown(text: str, figures: Sequence[str], out: Path, readme: Path, figures_dir: Path | None) -> str:

@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moezoo.io import write_text_atomic
-from moezoo.tasks.bench.render import readme_markers, replace_readme_block
+from moezoo.tasks.bench.render import publish, readme_markers
 from moezoo.tasks.bench.suite import BenchSpec
 
 NAME = "router-study"
@@ -200,7 +199,8 @@ def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
             key = (run["variant"], run["seed"], run["cell"])
             if key in seen:
                 raise ValueError(f"{path}: run {key} appears twice")
-            other = next((r for r in runs if r["variant"] == run["variant"]), None)
+            # the same cell: a horizon's own override differs from another horizon's
+            other = next((r for r in runs if r["variant"] == run["variant"] and r["cell"] == run["cell"]), None)
             if other is not None and other["overrides"] != run["overrides"]:
                 raise ValueError(
                     f"{path}: {run['variant']} was run with different moezoo fit overrides ({other['overrides']} and "
@@ -250,18 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if domain not in DOMAINS or not variant:
             p.error(f"--reference must be DOMAIN=VARIANT with DOMAIN in {sorted(DOMAINS)}, got {item!r}")
         references[domain] = variant
-    try:
-        text = report(args.runs, references)
-        if args.readme:
-            readme = Path(args.readme)
-            write_text_atomic(readme, replace_readme_block(readme.read_text(), text, readme_markers(NAME)))
-    except (OSError, ValueError) as err:
-        print(f"moezoo bench {NAME}: {err}", file=sys.stderr)
-        return 2
-    print(text)
-    if args.out:
-        write_text_atomic(Path(args.out), text + "\n")
-    return 0
+    return publish(NAME, lambda: report(args.runs, references), args.out, args.readme)
 
 
 if __name__ == "__main__":
