@@ -4,6 +4,7 @@ README block, and the released checkpoints' table.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import sys
@@ -42,6 +43,22 @@ def replace_readme_block(text: str, block: str, markers: tuple[str, str] = (READ
         raise ValueError(f"--readme: expected one {start} followed by one {stop}")
     head = text[: begin + len(start)]
     return head + "\n\n" + block.strip("\n") + "\n\n" + text[end:]
+
+
+def table_parser(name: str, doc: str, runs_help: str) -> argparse.ArgumentParser:
+    """The arguments of a table command ``moezoo bench <name> RUNS.json ... [--out FILE.md] [--readme README.md]``
+    that reads runs' ``--json`` files (its help: the module docstring ``doc``); the command adds its own options."""
+    p = argparse.ArgumentParser(
+        prog=f"moezoo bench {name}",
+        description=doc.split("\n\n")[0],
+        epilog="\n\n".join(doc.split("\n\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", help=runs_help)
+    p.add_argument("--out", default=None, help="also write the Markdown here")
+    begin, end = readme_markers(name)
+    p.add_argument("--readme", default=None, help=f"write the tables between {begin} and {end} of it")
+    return p
 
 
 def publish(name: str, make: Callable[[], str], out: str | None, readme: str | None) -> int:

@@ -29,7 +29,6 @@ included); the table discriminates when the first is smaller (the budget criteri
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moezoo.tasks.bench.render import publish, readme_markers
+from moezoo.tasks.bench.render import publish, table_parser
 from moezoo.tasks.bench.suite import BenchSpec
 
 NAME = "router-study"
@@ -231,18 +230,9 @@ def report(paths: Sequence[str], references: dict[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"moezoo bench {NAME}",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="\n\n".join((__doc__ or "").split("\n\n")[2:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("runs", nargs="+", help="--json files of moezoo bench vision / timeseries")
+    p = table_parser(NAME, __doc__ or "", "--json files of moezoo bench vision / timeseries")
     p.add_argument("--reference", action="append", default=[], metavar="DOMAIN=VARIANT",
                    help=f"the row compared with (default {REFERENCES})")  # fmt: skip
-    p.add_argument("--out", default=None, help="also write the Markdown here")
-    begin, end = readme_markers(NAME)
-    p.add_argument("--readme", default=None, help=f"write the tables between {begin} and {end} of it")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     references = dict(REFERENCES)
     for item in args.reference:

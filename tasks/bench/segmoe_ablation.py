@@ -23,12 +23,11 @@ Under each table: the change that moves the test MSE the most beyond the seed sp
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from moezoo.tasks.bench.render import publish, readme_markers
+from moezoo.tasks.bench.render import publish, table_parser
 from moezoo.tasks.bench.router_study import StudyRow, load, study_rows
 from moezoo.tasks.bench.timeseries import ABLATION, SPEC
 
@@ -110,17 +109,8 @@ def report(paths: Sequence[str], horizons: Sequence[str] = ()) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"moezoo bench {NAME}",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="\n\n".join((__doc__ or "").split("\n\n")[2:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("runs", nargs="+", help="--json files of moezoo bench timeseries --variants ablation")
+    p = table_parser(NAME, __doc__ or "", "--json files of moezoo bench timeseries --variants ablation")
     p.add_argument("--horizons", default=None, help="comma separated (default: every horizon of the runs)")
-    p.add_argument("--out", default=None, help="also write the Markdown here")
-    begin, end = readme_markers(NAME)
-    p.add_argument("--readme", default=None, help=f"write the tables between {begin} and {end} of it")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     horizons = [h for h in (args.horizons or "").split(",") if h]
     return publish(NAME, lambda: report(args.runs, horizons), args.out, args.readme)

@@ -14,6 +14,7 @@ import torch
 
 from moezoo.tasks.bench import segmoe_ablation as ablation
 from moezoo.tasks.bench import timeseries as bench
+from moezoo.tasks.bench.render import readme_markers
 from moezoo.tasks.bench.suite import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,7 +152,7 @@ def test_table_from_hand_made_runs(tmp_path: Path) -> None:
     path = tmp_path / "runs.json"
     path.write_text(json.dumps({"domain": "timeseries", "runs": hand_made_runs()}))
     out, readme = tmp_path / "table.md", tmp_path / "README.md"
-    begin, end = ablation.readme_markers("segmoe-ablation")
+    begin, end = readme_markers("segmoe-ablation")
     readme.write_text(f"before\n{begin}\nold\n{end}\nafter\n")
     assert ablation.main([str(path), "--out", str(out), "--readme", str(readme)]) == 0
     text = out.read_text()
