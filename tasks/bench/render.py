@@ -1,5 +1,6 @@
 """The cross-domain tables of ``moezoo bench tables`` as text: rows with the dense-twin delta, Markdown, CSV, the
-README block, and the released checkpoints' table.
+README block, and the released checkpoints' table; the README blocks, arguments and output of the commands that
+tabulate runs (``router-study``, ``segmoe-ablation``).
 """
 
 from __future__ import annotations

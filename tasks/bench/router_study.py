@@ -4,8 +4,8 @@
 
 The runs are the ``--json`` files of ``moezoo bench vision`` (``--variants topk,xmoe,...``) and ``moezoo bench
 timeseries`` (``--variants moe_topk,moe_xmoe,...``); nothing is trained here. Files of the same domain are pooled (a
-run set made in several processes); a (variant, seed, cell) twice, or one variant run with different ``moezoo fit``
-overrides (two budgets), is refused. One table per domain, one row per variant, in the benchmark's order:
+run set made in several processes); a (variant, seed, cell) twice, or one variant run at one cell with different
+``moezoo fit`` overrides (two budgets), is refused. One table per domain, one row per variant, in the benchmark's order:
 
 - **seed score**: a variant's metric for one seed, the mean over the cells (forecast horizons) of that seed's runs;
   a seed without a run in every cell of the variant does not count.
@@ -183,7 +183,7 @@ def markdown(spec: BenchSpec, rows: Sequence[StudyRow], reference: str) -> str:
 
 def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """Domain -> its pooled runs from ``moezoo bench <domain> --json`` files; ``ValueError`` names a bad file, a
-    run twice or a variant run with two sets of overrides."""
+    run twice or a variant run with two sets of overrides at one cell (horizon)."""
     pooled: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
