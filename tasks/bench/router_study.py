@@ -4,8 +4,8 @@
 
 The runs are the ``--json`` files of ``moezoo bench vision`` (``--variants topk,xmoe,...``) and ``moezoo bench
 timeseries`` (``--variants moe_topk,moe_xmoe,...``); nothing is trained here. Files of the same domain are pooled (a
-run set made in several processes); a (variant, seed, cell) twice, or one variant run with different ``moezoo fit``
-overrides (two budgets), is refused. One table per domain, one row per variant, in the benchmark's order:
+run set made in several processes); a (variant, seed, cell) twice, or one variant run at one cell with different
+``moezoo fit`` overrides (two budgets), is refused. One table per domain, one row per variant, in the benchmark's order:
 
 - **seed score**: a variant's metric for one seed, the mean over the cells (forecast horizons) of that seed's runs;
   a seed without a run in every cell of the variant does not count.
@@ -29,7 +29,6 @@ included); the table discriminates when the first is smaller (the budget criteri
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -40,8 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moezoo.io import write_text_atomic
-from moezoo.tasks.bench.render import readme_markers, replace_readme_block
+from moezoo.tasks.bench.render import publish, table_parser
 from moezoo.tasks.bench.suite import BenchSpec
 
 NAME = "router-study"
@@ -185,7 +183,7 @@ def markdown(spec: BenchSpec, rows: Sequence[StudyRow], reference: str) -> str:
 
 def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """Domain -> its pooled runs from ``moezoo bench <domain> --json`` files; ``ValueError`` names a bad file, a
-    run twice or a variant run with two sets of overrides."""
+    run twice or a variant run with two sets of overrides at one cell (horizon)."""
     pooled: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -200,7 +198,8 @@ def load(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
             key = (run["variant"], run["seed"], run["cell"])
             if key in seen:
                 raise ValueError(f"{path}: run {key} appears twice")
-            other = next((r for r in runs if r["variant"] == run["variant"]), None)
+            # the same cell: a horizon's own override differs from another horizon's
+            other = next((r for r in runs if r["variant"] == run["variant"] and r["cell"] == run["cell"]), None)
             if other is not None and other["overrides"] != run["overrides"]:
                 raise ValueError(
                     f"{path}: {run['variant']} was run with different moezoo fit overrides ({other['overrides']} and "
@@ -231,18 +230,9 @@ def report(paths: Sequence[str], references: dict[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"moezoo bench {NAME}",
-        description=(__doc__ or "").split("\n\n")[0],
-        epilog="\n\n".join((__doc__ or "").split("\n\n")[2:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("runs", nargs="+", help="--json files of moezoo bench vision / timeseries")
+    p = table_parser(NAME, __doc__ or "", "--json files of moezoo bench vision / timeseries")
     p.add_argument("--reference", action="append", default=[], metavar="DOMAIN=VARIANT",
                    help=f"the row compared with (default {REFERENCES})")  # fmt: skip
-    p.add_argument("--out", default=None, help="also write the Markdown here")
-    begin, end = readme_markers(NAME)
-    p.add_argument("--readme", default=None, help=f"write the tables between {begin} and {end} of it")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     references = dict(REFERENCES)
     for item in args.reference:
@@ -250,18 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if domain not in DOMAINS or not variant:
             p.error(f"--reference must be DOMAIN=VARIANT with DOMAIN in {sorted(DOMAINS)}, got {item!r}")
         references[domain] = variant
-    try:
-        text = report(args.runs, references)
-        if args.readme:
-            readme = Path(args.readme)
-            write_text_atomic(readme, replace_readme_block(readme.read_text(), text, readme_markers(NAME)))
-    except (OSError, ValueError) as err:
-        print(f"moezoo bench {NAME}: {err}", file=sys.stderr)
-        return 2
-    print(text)
-    if args.out:
-        write_text_atomic(Path(args.out), text + "\n")
-    return 0
+    return publish(NAME, lambda: report(args.runs, references), args.out, args.readme)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 [--merge A.json B.json ...] [--threads N] [--out DIR] [FIT OVERRIDES ...]``
 
 - ``--quick`` (the default) and ``--full`` choose the budget: seeds, default variants and the ``moezoo fit``
-  overrides applied to every run (steps, batch size, evaluation size ...).
+  overrides applied to every run (steps, batch size, evaluation size ...). ``--variants`` chooses rows by name or
+  by the name of a group of them (:attr:`BenchSpec.groups`, e.g. an ablation).
 - Any ``--trainer.*``, ``--model.*`` or ``--data.*`` argument is passed on to every ``fit`` after the budget's
   overrides; the result's settings are then ``"custom"``. Seeds and variants do not change the settings name.
 - Each run is ``moezoo fit --config <variant's config> --seed_everything <seed> <overrides>`` (its ``command`` in
@@ -52,13 +53,15 @@ FIT_PREFIXES = ("--trainer.", "--model.", "--data.")
 @dataclass(frozen=True)
 class Variant:
     """A row of the benchmark: its ``--variants`` name, its config (relative to the checkout), its router label in
-    the tables (``"dense"`` for the dense twin, ``"baseline"`` for a baseline) and ``moezoo fit`` overrides of its
-    own, applied after the budget's and the command line's (e.g. the single epoch of a model without parameters)."""
+    the tables (``"dense"`` for the dense twin, ``"baseline"`` for a baseline), ``moezoo fit`` overrides of its
+    own, applied after the budget's and the command line's (e.g. the single epoch of a model without parameters),
+    and what it is when the name does not say (an ablation's one change)."""
 
     name: str
     config: str
     router: str
     overrides: tuple[str, ...] = ()
+    description: str = ""
 
     @property
     def routed(self) -> bool:
@@ -103,6 +106,8 @@ class BenchSpec:
     # (name, why) of names one might expect as variants that are not (a registered router outside the study):
     # ``--variants <name>`` says why instead of only listing the variants
     not_variants: tuple[tuple[str, str], ...] = ()
+    # (name, variants) of named sets of variants (an ablation): ``--variants <name>`` selects them all
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -131,7 +136,9 @@ def parse_args(spec: BenchSpec, argv: Sequence[str]) -> tuple[argparse.Namespace
     mode.add_argument("--quick", action="store_true", help="the quick budget (the default)")
     mode.add_argument("--full", action="store_true", help="the full budget")
     names = [v.name for v in spec.variants]
-    p.add_argument("--variants", nargs="+", default=None, help=f"comma or space separated, from {names}")
+    groups = dict(spec.groups)
+    named = "".join(f"; {group!r} selects {list(members)}" for group, members in groups.items())
+    p.add_argument("--variants", nargs="+", default=None, help=f"comma or space separated, from {names}{named}")
     p.add_argument("--seeds", nargs="+", default=None, help="comma or space separated seeds")
     if spec.cell_option:
         p.add_argument(f"--{spec.cell_option}", nargs="+", default=None, help="comma or space separated")
@@ -147,12 +154,14 @@ def parse_args(spec: BenchSpec, argv: Sequence[str]) -> tuple[argparse.Namespace
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)} (fit overrides start with {', '.join(FIT_PREFIXES)})")
     base = spec.full if args.full else spec.quick
-    args.variants = _list(args.variants) or list(base.variants)
+    chosen = [v for name in _list(args.variants) for v in groups.get(name, (name,))]
+    args.variants = list(dict.fromkeys(chosen)) or list(base.variants)
     bad = [v for v in args.variants if v not in names]
     if bad:
         why = dict(spec.not_variants)
         reasons = "".join(f"; {v!r} is left out on purpose: {why[v]}" for v in bad if v in why)
-        p.error(f"--variants: {bad} are not variants of this benchmark{reasons}; choose from {names}")
+        also = f" or the groups {list(groups)}" if groups else ""
+        p.error(f"--variants: {bad} are not variants of this benchmark{reasons}; choose from {names}{also}")
     try:
         seeds = tuple(int(s) for s in _list(args.seeds)) or base.seeds
     except ValueError:

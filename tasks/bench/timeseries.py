@@ -25,10 +25,19 @@ fit override ``--model.init_args.model_kwargs.moe '{"router": "<router>", "segme
 default options except those of :data:`ROUTER_KWARGS` (Soft MoE's 4 x 10 slots per series of 42 patch tokens, at
 most top-1's 42 token passes; StableMoE's distillation step). ``moe_topk`` is the study's reference; ``moe_segment``
 is the ``moe`` row's model (Seg-MoE with segments of one patch). Three registered routers cannot run on
-``moe_patchtst`` and have no variant (:data:`UNSUPPORTED_ROUTERS` says why); every other router of
-``moezoo.layers.ROUTERS`` has one. THOR runs its stochastic expert choice without its consistency loss (the
-symmetric KL between two passes' class distributions: ``ImageClassificationTask(consistency_coef=...)``; a
-forecaster has no class distribution). ``moezoo bench router-study`` tabulates the runs.
+``moe_patchtst`` and have no variant (:data:`UNSUPPORTED_ROUTERS` says why, and so does ``--variants
+moe_<router>``); every other router of ``moezoo.layers.ROUTERS`` has one. THOR runs its stochastic expert choice
+without its consistency loss (the symmetric KL between two passes' class distributions:
+``ImageClassificationTask(consistency_coef=...)``; a forecaster has no class distribution). ``moezoo bench
+router-study`` tabulates the runs.
+
+Seg-MoE ablation (issue 20; not in the default budgets): ``--variants ablation`` selects ``segmoe``, ``moe`` and the
+variants of :data:`ABLATION_VARIANTS`, each ``etth1_segmoe.yaml`` with one field of its MoE spec changed by the fit
+override ``--model.init_args.model_kwargs.moe '{"segment_sizes": [3, 5, 5], <field>: <value>}'`` (the variant's
+``description`` says which): segment size (3, 5 or 7 in every block, or [5, 5, 3]), expert count (2 or 8, top-1)
+or the shared expert (off). Segment size 1 in every block is the ``moe`` row itself: ``etth1_segmoe.yaml`` with
+``segment_sizes: 1`` resolves to ``etth1_moe.yaml``'s config (the same model and initial weights at a seed), so it has
+no variant of its own. ``moezoo bench segmoe-ablation`` tabulates the runs.
 
 ``--horizons 96,192`` chooses horizons (settings ``custom``); ``--data.init_args.path`` points at ETTh1.csv
 (default ``../shared/data/ett/ETTh1.csv``, relative to where the command runs).
@@ -48,11 +57,15 @@ from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant, cell_verdicts, 
 from moezoo.tasks.bench.suite import main as run_main
 
 DOMAIN = "timeseries"
+MOE_CONFIG = "configs/bench/timeseries/etth1_moe.yaml"
+SEGMOE_CONFIG = "configs/bench/timeseries/etth1_segmoe.yaml"
 MOE_VARIANTS = (
     Variant("dense", "configs/bench/timeseries/etth1_dense.yaml", "dense"),
-    Variant("moe", "configs/bench/timeseries/etth1_moe.yaml", "topk"),  # router segment, w=1: token-wise top-1
-    Variant("segmoe", "configs/bench/timeseries/etth1_segmoe.yaml", "segment"),
-)
+    # router segment, w=1: token-wise top-1
+    Variant("moe", MOE_CONFIG, "topk", description="segment size 1 in every block (token-wise routing)"),
+    Variant("segmoe", SEGMOE_CONFIG, "segment",
+            description="segments [3, 5, 5]; 4 experts of 64, top-1; a gated shared expert of 64"),
+)  # fmt: skip
 #: models without parameters: nothing to train, so one epoch (the validation pass) whatever the budget
 PARAMETER_FREE = ("last_value", "seasonal_naive")
 #: the baselines that cost seconds to minutes per run (in ``--quick``); PatchTST trains for up to 100 epochs
@@ -80,7 +93,11 @@ UNSUPPORTED_ROUTERS = {
 #: the default 1000 would never reach stage 2 here.
 ROUTER_KWARGS: dict[str, dict[str, object]] = {"soft": {"slots_per_expert": 10}, "stablemoe": {"stage1_steps": 100}}
 STUDY_ROUTERS = tuple(sorted(set(ROUTERS) - set(UNSUPPORTED_ROUTERS)))
-MOE_CONFIG = "configs/bench/timeseries/etth1_moe.yaml"
+
+
+def moe_override(moe: dict[str, object]) -> tuple[str, ...]:
+    """The ``moezoo fit`` override setting the model's whole MoE spec (over the model size's defaults)."""
+    return ("--model.init_args.model_kwargs.moe", json.dumps(moe, sort_keys=True))
 
 
 def router_overrides(router: str) -> tuple[str, ...]:
@@ -90,11 +107,39 @@ def router_overrides(router: str) -> tuple[str, ...]:
     moe: dict[str, object] = {"router": router, "segment_sizes": 1}
     if router in ROUTER_KWARGS:
         moe["router_kwargs"] = ROUTER_KWARGS[router]
-    return ("--model.init_args.model_kwargs.moe", json.dumps(moe, sort_keys=True))
+    return moe_override(moe)
 
 
 ROUTER_VARIANTS = tuple(Variant(f"moe_{r}", MOE_CONFIG, r, router_overrides(r)) for r in STUDY_ROUTERS)
-VARIANTS = MOE_VARIANTS + BASELINE_VARIANTS + ROUTER_VARIANTS
+
+#: ``etth1_segmoe.yaml``'s MoE spec (the rest is ``moe_patchtst_tiny``'s: 4 experts of 64, top-1, a gated shared
+#: expert of 64); each ablation variant sets it with one field changed
+SEGMOE_MOE: dict[str, object] = {"segment_sizes": [3, 5, 5]}
+#: Seg-MoE's ablation (issue 20): name -> (the one MoE spec field changed, what that does). The FFN compute per token
+#: is segmoe's in every variant but ``segmoe_noshared`` (a segment expert costs per token what a token expert of the
+#: same hidden width does, holding w times the parameters; the router's E x w*D gate weights aside).
+SEGMOE_ABLATION: dict[str, tuple[dict[str, object], str]] = {
+    "segmoe_seg3": ({"segment_sizes": 3}, "segment size 3 in every block (14 segments of the 42 patch tokens)"),
+    "segmoe_seg5": ({"segment_sizes": 5}, "segment size 5 in every block (9 segments, the last padded by 3 tokens)"),
+    "segmoe_seg7": ({"segment_sizes": 7}, "segment size 7 in every block (6 segments)"),
+    "segmoe_seg553": ({"segment_sizes": [5, 5, 3]}, "segments [5, 5, 3]: segmoe's sizes in reverse block order"),
+    "segmoe_e2": ({"num_experts": 2}, "2 experts, top-1: the same active compute, half the routed experts"),
+    "segmoe_e8": ({"num_experts": 8}, "8 experts, top-1: the same active compute, twice the routed experts"),
+    "segmoe_noshared": ({"num_shared_experts": 0}, "no shared expert: active FFN width 64, not 128 (half the compute)"),
+}
+ABLATION_VARIANTS = tuple(
+    Variant(name, SEGMOE_CONFIG, "segment", moe_override({**SEGMOE_MOE, **change}), description)
+    for name, (change, description) in SEGMOE_ABLATION.items()
+)
+#: ``--variants ablation``: the reference, segment size 1 (the ``moe`` row) and the ablation variants
+ABLATION = ("segmoe", "moe", *SEGMOE_ABLATION)
+VARIANTS = MOE_VARIANTS + BASELINE_VARIANTS + ROUTER_VARIANTS + ABLATION_VARIANTS
+#: names that are not variants, and why (``--variants <name>`` says it)
+NOT_VARIANTS = (
+    *((f"moe_{router}", why) for router, why in UNSUPPORTED_ROUTERS.items()),
+    ("segmoe_seg1", "segment size 1 in every block is the moe variant (etth1_segmoe.yaml with segment_sizes 1 resolves "
+     "to etth1_moe.yaml's config: the same model and initial weights); --variants ablation includes it"),
+)  # fmt: skip
 NAMES = tuple(v.name for v in MOE_VARIANTS + BASELINE_VARIANTS)  # the full budget: no router-study rows
 QUICK_NAMES = tuple(v.name for v in MOE_VARIANTS) + CHEAP_BASELINES
 INFER_WINDOWS = 256
@@ -154,6 +199,8 @@ SPEC = BenchSpec(
     cell_option="horizons",
     cell_overrides=horizon_overrides,
     readme_extra=per_horizon,
+    not_variants=NOT_VARIANTS,
+    groups=(("ablation", ABLATION),),
 )
 
 

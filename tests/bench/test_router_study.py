@@ -123,6 +123,9 @@ def test_load_pools_files_of_a_domain_and_refuses_mixed_budgets(tmp_path: Path) 
     other = write(tmp_path / "c.json", "timeseries", [run("moe_topk", 5, 0.4, overrides=("--a", "2"))])
     with pytest.raises(ValueError, match="different moezoo fit overrides"):
         study.load([a, other])
+    # each horizon has its own override (its pred_len): one budget per variant and horizon, not one override list
+    horizons = [run("moe_topk", 0, 0.4, cell=h, overrides=("--data.init_args.pred_len", h)) for h in ("96", "192")]
+    assert len(study.load([write(tmp_path / "h.json", "timeseries", horizons)])["timeseries"]) == 2
     with pytest.raises(ValueError, match="domain 'speech'"):
         study.load([write(tmp_path / "s.json", "speech", runs)])
 

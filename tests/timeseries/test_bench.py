@@ -169,6 +169,19 @@ def test_every_registered_router_is_a_variant_or_refused_with_a_reason() -> None
     assert not variants & (set(bench.SPEC.quick.variants) | set(bench.SPEC.full.variants))
 
 
+def test_unsupported_routers_are_refused_by_name_with_their_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--variants moe_<router>`` of a router without a variant says why, as the vision study does for its routers
+    outside the study."""
+    for router, why in bench.UNSUPPORTED_ROUTERS.items():
+        with pytest.raises(SystemExit):
+            bench.main(["--variants", f"moe_topk,moe_{router}"])
+        err = capsys.readouterr().err
+        assert f"['moe_{router}'] are not variants" in err and f"'moe_{router}' is left out on purpose: {why}" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "moe_nonexistent"])
+    assert "left out on purpose" not in capsys.readouterr().err  # an unknown name: only the list of variants
+
+
 def test_router_variants_are_etth1_moe_with_only_the_router_changed_at_equal_active_compute() -> None:
     """Through the CLI as ``moezoo fit`` builds them: the config's model with the variant's router; every variant's
     active parameters are top-k's but for the router's own weights (one MoE per block, top-1 of 4 experts of 64
