@@ -253,14 +253,15 @@ class AttentionGraphRouter(SparseRouter):
     def depends_on_batch(self, training: bool) -> bool:
         return False  # the attention graph never crosses samples
 
-    def _attention(self, side: Side | None, num_tokens: int | torch.SymInt, width: int | torch.SymInt) -> Tensor:
+    def _attention(self, side: Side | None, num_tokens: int | torch.SymInt, width: int | torch.SymInt | None) -> Tensor:
+        """The attention rows ``(T, width)``, checked; ``width`` None (a batch of no samples) takes any width."""
         attn = side.get(ATTENTION_PROBS) if side else None
         if attn is None:
             raise ValueError(
                 f"{type(self).__name__} needs the side input {ATTENTION_PROBS!r}: the attention probabilities of the "
                 "block's attention layer (models moe_vit and moe_patchtst pass them)"
             )
-        if attn.dim() != 2 or attn.shape[0] != num_tokens or attn.shape[1] != width:
+        if attn.dim() != 2 or attn.shape[0] != num_tokens or (width is not None and attn.shape[1] != width):
             raise ValueError(
                 f"side input {ATTENTION_PROBS!r} must hold one row per token over the {width} tokens of its sample, "
                 f"shape ({num_tokens}, {width}) here; got {tuple(attn.shape)}"
@@ -276,7 +277,10 @@ class AttentionGraphRouter(SparseRouter):
         slots_BL = side.get(SAMPLE_SLOTS) if side else None
         if slots_BL is None:  # every token is one sample's (called without the layer)
             slots_BL = torch.arange(num_tokens, device=x_TD.device).unsqueeze(0)
-        attn_TL = self._attention(side, num_tokens, slots_BL.shape[1])
+        if slots_BL.shape[0]:
+            attn_TL = self._attention(side, num_tokens, slots_BL.shape[1])
+        else:  # a batch of no samples (no token): its grid has no place
+            attn_TL = self._attention(side, num_tokens, None)[:, :0]
         logits_TE = self.logits(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             mixed_TE = attention_mix(attn_TL, torch.softmax(logits_TE, dim=-1), slots_BL)

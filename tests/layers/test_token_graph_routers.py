@@ -285,6 +285,19 @@ def test_attention_graph_through_the_layer_is_the_rule_on_each_sample_alone(trai
     torch.testing.assert_close(moe(x, mask=mask, side={ATTENTION_PROBS: shuffled})[0][1:], y[1:])
 
 
+@pytest.mark.parametrize("lead", [(0, 4), (1, 0), (4,), (2, 2, 3)])
+def test_attention_graph_layer_takes_empty_flat_and_nested_token_shapes(lead):
+    """No sample, samples of no token, one flat sample (A is (T, T)) and (B, H, W) tokens (rows over H*W places)."""
+    torch.manual_seed(4)
+    moe = MoE(DIM, 8, num_experts=E, top_k=2, router="attention_graph")
+    x = torch.randn(*lead, DIM, requires_grad=True)
+    side = side_inputs(moe.router, lead, torch.Generator().manual_seed(0))
+    y, aux = moe(x, side=side)
+    assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(aux.aux_loss)
+    (y.square().sum() + aux.aux_loss).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_attention_graph_refuses_a_missing_or_misshaped_attention():
     router = AttentionGraphRouter(DIM, E)
     x = torch.randn(4, DIM)
