@@ -72,7 +72,7 @@ def _renormalise(top_p_TK: Tensor) -> Tensor:
     return top_p_TK / top_p_TK.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
-def _grid(slots_BL: Tensor, num_tokens: int | torch.SymInt) -> tuple[Tensor, Tensor, Tensor]:
+def _grid(slots_BL: Tensor, num_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(valid_BL, place_BL, where_T)`` of a sample grid: which places hold a token, the token at each place (T, an
     extra zero row, at masked places) and the flat place of each token."""
     valid_BL = slots_BL >= 0
