@@ -259,12 +259,14 @@ class AttentionGraphRouter(SparseRouter):
         if attn is None:
             raise ValueError(
                 f"{type(self).__name__} needs the side input {ATTENTION_PROBS!r}: the attention probabilities of the "
-                "block's attention layer (models moe_vit and moe_patchtst pass them)"
+                "block's attention layer, which a model block passes when its router needs them "
+                "(moezoo.models.blocks.attend)"
             )
         if attn.dim() != 2 or attn.shape[0] != num_tokens or (width is not None and attn.shape[1] != width):
+            places = "L" if width is None else width
             raise ValueError(
-                f"side input {ATTENTION_PROBS!r} must hold one row per token over the {width} tokens of its sample, "
-                f"shape ({num_tokens}, {width}) here; got {tuple(attn.shape)}"
+                f"side input {ATTENTION_PROBS!r} must hold one row per token over the tokens of its sample, "
+                f"shape ({num_tokens}, {places}) here; got {tuple(attn.shape)}"
             )
         if not attn.is_floating_point():
             raise TypeError(f"side input {ATTENTION_PROBS!r} must be a floating-point tensor, got {attn.dtype}")
