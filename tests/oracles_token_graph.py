@@ -54,6 +54,42 @@ def similarity_routing(
     return pairs, losses, mixed
 
 
+def attention_routing(
+    x_TD: Tensor,
+    gate_ED: Tensor,
+    attn_TL: Tensor,
+    grid: list[list[int | None]],
+    k: int,
+    normalize: bool,
+    balance_coef: float,
+) -> tuple[Pairs, dict[str, Tensor], list[list[Tensor]]]:
+    """Attention-aware SMoE token by token: ``p~_i = sum_j A_ij softmax(W_g x_j) / sum_j A_ij`` over the tokens j of
+    i's sample, ``A_ij = attn_TL[i, l]`` with l the place of j in ``grid`` (``grid[b][l]``: the token at place l of
+    sample b, None for a masked place); top-k of ``p~`` with gates ``p~`` (renormalised). Returns the pairs, the
+    balance loss and the ``p~`` rows."""
+    num_tokens, num_experts = x_TD.shape[0], gate_ED.shape[0]
+    probs = [softmax(matvec(gate_ED, x_TD[t])) for t in range(num_tokens)]
+    mixed: list[list[Tensor]] = [[] for _ in range(num_tokens)]
+    for row in grid:
+        places = [(place, j) for place, j in enumerate(row) if j is not None]
+        for _, i in places:
+            total = sum((attn_TL[i, place] for place, _ in places), x_TD.new_zeros(()))
+            mixed[i] = [
+                sum((attn_TL[i, place] * probs[j][e] for place, j in places), x_TD.new_zeros(())) / total
+                for e in range(num_experts)
+            ]
+    pairs: Pairs = []
+    for t in range(num_tokens):
+        chosen = order([float(p.detach()) for p in mixed[t]])[:k]
+        total = sum((mixed[t][e] for e in chosen), x_TD.new_zeros(()))
+        pairs += [(t, e, mixed[t][e] / total if normalize else mixed[t][e]) for e in chosen]
+    losses = {}
+    if balance_coef > 0 and num_tokens:
+        probs_TE = torch.stack([torch.stack(row) for row in mixed])
+        losses["balance"] = balance_coef * oracles.switch_balance(probs_TE, [e for _, e, _ in pairs], k)
+    return pairs, losses, mixed
+
+
 def hash_bucket(x_D: Tensor, planes_PD: Tensor) -> int:
     """MaskMoE's key of a token here: bit b set when ``<planes_b, x> > 0``."""
     return sum(2**b for b in range(planes_PD.shape[0]) if float(dot(planes_PD[b], x_D).detach()) > 0)

@@ -132,7 +132,7 @@ def _expand_side(
             )
         extra = value.shape[k:]
         view = value.reshape(*value.shape[:k], *([1] * (len(lead_shape) - k)), *extra)
-        flat = view.expand(*lead_shape, *extra).reshape(-1, *extra)
+        flat = view.expand(*lead_shape, *extra).reshape(math.prod(lead_shape), *extra)  # -1: ambiguous at 0 wide
         out[name] = flat if keep is None else flat[keep]
     return out
 

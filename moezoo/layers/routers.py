@@ -64,6 +64,10 @@ EVAL_RULES = ("item", "batch")
 # Side input through which a router that ``carries_state`` receives the previous MoE layer's state (per token);
 # ``moezoo.models.run_ffn`` passes it (the layerwise recurrent router's GRU output, ``moezoo.layers.recurrent``).
 ROUTER_STATE = "router_state"
+# Side input through which a model hands a router the attention probabilities of the block's own attention layer,
+# averaged over heads: ``(B, L, L)`` per sample, one row per query token over the L places of its sample's grid
+# (:data:`SAMPLE_SLOTS`); the attention-aware router (``moezoo.layers.token_graph_routers``) mixes with it.
+ATTENTION_PROBS = "attention_probs"
 
 
 @dataclass

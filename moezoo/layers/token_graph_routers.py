@@ -1,5 +1,5 @@
-"""Routers that tie a token's expert choice to other tokens or to a fixed assignment: similarity-aware routing
-(a graph of tokens) and MaskMoE's routing masks.
+"""Routers that tie a token's expert choice to other tokens or to a fixed assignment: similarity-aware and
+attention-aware routing (graphs of tokens) and MaskMoE's routing masks.
 
 Legend: T tokens, D model dim, E experts, K experts per token, N pairs, R similarity dim, B samples, L tokens per
 sample (the grid of :data:`~moezoo.layers.routers.SAMPLE_SLOTS`), U hash buckets, P hash bits.
@@ -15,9 +15,20 @@ sample (the grid of :data:`~moezoo.layers.routers.SAMPLE_SLOTS`), U hash buckets
   sequence-mates (not on the other samples of the batch): ``train_rule`` and ``eval_rule`` ``"item"`` (the defaults)
   mix within each sample (the layer passes :data:`SAMPLE_SLOTS`), ``"batch"`` over every token of the batch
   (a (T, T) graph: memory grows with the square of the batch's tokens).
-  The paper's second variant, Attention-Aware SMoE, mixes with the attention matrix of the block's attention layer
-  instead of ``S``; this library's blocks use a fused attention (timm's) that does not return its weights, so it is
-  not implemented here.
+- ``"attention_graph"`` (:class:`AttentionGraphRouter`, the same paper's Attention-Aware SMoE). The graph of tokens
+  is the attention matrix of the attention layer of the same block, the one right before the MoE feed-forward:
+  ``p~_i = sum_j A_ij softmax(W_g x_j)`` over the tokens j of i's sample, top-k of ``p~_i`` and the selected ``p~``
+  as gates (renormalised for K > 1), as above. Our reading: ``A`` is that layer's softmax(Q K^T / sqrt(d_head))
+  *averaged over its heads* (one graph per block; the paper writes a single-head attention matrix), before the
+  attention dropout, and it carries gradients (the routing trains the attention's query and key projections too).
+  The model passes ``A`` as the side input :data:`~moezoo.layers.routers.ATTENTION_PROBS`, ``(B, L, L)``: a block
+  whose MoE router needs it computes its attention explicitly from the attention module's own projections
+  (``moezoo.models.blocks.attention_and_probs``, the fused output to fp32 rounding) and every other block keeps
+  the fused kernel; ``moe_vit`` and ``moe_patchtst`` do, the other families refuse the router. Tokens that the
+  MoE layer masks take no weight and each row is renormalised over the sample's kept tokens (a no-op without a
+  mask: attention rows sum to 1); ViT's class token is routed and attended like any other token. The router
+  mixes within each sample only (the layer passes :data:`SAMPLE_SLOTS`): it is batch-independent in training and
+  at evaluation, and it has no parameter besides the gate.
 - ``"maskmoe"`` (:class:`MaskMoERouter`, Su et al. 2024, *MaskMoE: Boosting Token-Level Learning via Routing Mask in
   Mixture-of-Experts*). Each vocabulary token gets, once before training, a fixed random set of visible experts (one
   for infrequent tokens, several for frequent ones); the router's softmax and top-k run over the visible experts
@@ -41,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moezoo.layers.routers import (
+    ATTENTION_PROBS,
     EVAL_RULES,
     SAMPLE_SLOTS,
     RoutingResult,
@@ -60,6 +72,22 @@ def _renormalise(top_p_TK: Tensor) -> Tensor:
     return top_p_TK / top_p_TK.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
+def _grid(slots_BL: Tensor, num_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(valid_BL, place_BL, where_T)`` of a sample grid: which places hold a token, the token at each place (T, an
+    extra zero row, at masked places) and the flat place of each token."""
+    valid_BL = slots_BL >= 0
+    place_BL = torch.where(valid_BL, slots_BL, num_tokens)  # masked places read an extra zero row
+    # where each token sits in the grid (masked places all write to the extra entry T, which nobody reads)
+    flat_L = place_BL.reshape(-1)
+    where_T = torch.zeros(num_tokens + 1, dtype=torch.int64, device=slots_BL.device)
+    where_T = where_T.scatter(0, flat_L, torch.arange(flat_L.shape[0], device=slots_BL.device))
+    return valid_BL, place_BL, where_T[:num_tokens]
+
+
+def _pad_rows(rows_TX: Tensor) -> Tensor:
+    return torch.cat([rows_TX, rows_TX.new_zeros(1, rows_TX.shape[1])])
+
+
 def graph_mix(h_TR: Tensor, probs_TE: Tensor, slots_BL: Tensor, scale: float) -> Tensor:
     """``p~_i = sum_j S_ij p_j`` with ``S_ij = softmax_j(scale <h_i, h_j>)`` over the tokens j of i's sample.
 
@@ -68,19 +96,26 @@ def graph_mix(h_TR: Tensor, probs_TE: Tensor, slots_BL: Tensor, scale: float) ->
     the gradients.
     """
     num_tokens, num_experts = probs_TE.shape
-    valid_BL = slots_BL >= 0
-    place_BL = torch.where(valid_BL, slots_BL, num_tokens)  # masked places read an extra zero row
-    h_pad = torch.cat([h_TR, h_TR.new_zeros(1, h_TR.shape[1])])
-    p_pad = torch.cat([probs_TE, probs_TE.new_zeros(1, num_experts)])
-    h_BLR, p_BLE = h_pad[place_BL], p_pad[place_BL]
+    valid_BL, place_BL, where_T = _grid(slots_BL, num_tokens)
+    h_BLR, p_BLE = _pad_rows(h_TR)[place_BL], _pad_rows(probs_TE)[place_BL]
     scores_BLL = torch.matmul(h_BLR, h_BLR.transpose(1, 2)) * scale
     scores_BLL = scores_BLL.masked_fill(~valid_BL.unsqueeze(1), torch.finfo(scores_BLL.dtype).min)
     mixed_BLE = torch.matmul(torch.softmax(scores_BLL, dim=-1), p_BLE)
-    # where each token sits in the grid (masked places all write to the extra entry T, which nobody reads)
-    flat_L = place_BL.reshape(-1)
-    where_T = torch.zeros(num_tokens + 1, dtype=torch.int64, device=probs_TE.device)
-    where_T = where_T.scatter(0, flat_L, torch.arange(flat_L.shape[0], device=probs_TE.device))
-    return mixed_BLE.reshape(-1, num_experts).index_select(0, where_T[:num_tokens])
+    return mixed_BLE.reshape(-1, num_experts).index_select(0, where_T)
+
+
+def attention_mix(attn_TL: Tensor, probs_TE: Tensor, slots_BL: Tensor) -> Tensor:
+    """``p~_i = sum_j A_ij p_j / sum_j A_ij`` over the kept tokens j of i's sample.
+
+    ``attn_TL`` holds each token's attention row over the L places of its sample's grid ``slots_BL`` (as for
+    :func:`graph_mix`); places of masked tokens take no weight, and a row whose kept weights sum to 0 mixes to 0.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    valid_BL, place_BL, where_T = _grid(slots_BL, num_tokens)
+    attn_BLL = _pad_rows(attn_TL)[place_BL] * valid_BL.unsqueeze(1).to(attn_TL.dtype)  # rows: queries, cols: keys
+    attn_BLL = attn_BLL / attn_BLL.sum(-1, keepdim=True).clamp_min(torch.finfo(attn_BLL.dtype).tiny)
+    mixed_BLE = torch.matmul(attn_BLL, _pad_rows(probs_TE)[place_BL])
+    return mixed_BLE.reshape(-1, num_experts).index_select(0, where_T)
 
 
 class SimilarityRouter(SparseRouter):
@@ -167,6 +202,90 @@ class SimilarityRouter(SparseRouter):
             slots_BL = torch.arange(num_tokens, device=x_TD.device).unsqueeze(0)
         scale = 1.0 / (self.temperature * math.sqrt(h_TR.shape[1]))
         mixed_TE = graph_mix(h_TR, probs_TE, slots_BL, scale)
+        top_p_TK, top_idx_TK = mixed_TE.topk(self.top_k, dim=-1)
+        if self.normalize:
+            top_p_TK = _renormalise(top_p_TK)
+        losses = self.common_losses(logits_TE, mixed_TE, top_idx_TK.reshape(-1), self.top_k)
+        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, top_p_TK)
+        return RoutingResult(token_idx_N, expert_idx_N, gate_N, num_tokens, self.num_experts, mixed_TE.detach(), losses)
+
+
+class AttentionGraphRouter(SparseRouter):
+    """Attention-aware routing (Graph of Tokens): top-k of ``p~ = A softmax(W_g x)`` with ``A`` the block's attention
+    probabilities, averaged over heads (the side input :data:`~moezoo.layers.routers.ATTENTION_PROBS`; see the
+    module docstring).
+
+    Args:
+        top_k: K experts per token.
+        normalize: renormalise the K selected ``p~`` to sum to 1 (default for K > 1).
+    Side input: ``attention_probs``, per token ``(..., L)`` with L the width of the layer's sample grid (the model
+    passes ``(B, L, L)``); called without the layer's :data:`SAMPLE_SLOTS`, every token is one sample's and L = T.
+    Losses: Switch balance on ``p~`` and the pairs, optional z-loss of the logits.
+    """
+
+    needs_side: ClassVar[tuple[str, ...]] = (ATTENTION_PROBS,)
+    side_feature_dims: ClassVar[Mapping[str, int]] = {ATTENTION_PROBS: 1}
+    batch_dependent: ClassVar[bool] = True  # it mixes over a sample's tokens: the layer passes the sample grid ...
+    train_rule = "item"  # ... in training as at evaluation, and only within each sample
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        normalize: bool | None = None,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        AttentionGraphRouter.check_options(
+            num_experts, dict(top_k=top_k, normalize=normalize, balance_coef=balance_coef, z_loss_coef=z_loss_coef)
+        )
+        super().__init__(dim, num_experts, balance_coef, z_loss_coef)
+        self.top_k = top_k
+        self.normalize = top_k > 1 if normalize is None else normalize
+
+    @classmethod
+    def check_options(cls, num_experts: int | None, options: Mapping[str, Any]) -> None:
+        super().check_options(num_experts, options)
+        check_top_k(options["top_k"], num_experts)
+        check_bool("normalize", options["normalize"], allow_none=True)
+
+    def depends_on_batch(self, training: bool) -> bool:
+        return False  # the attention graph never crosses samples
+
+    def _attention(self, side: Side | None, num_tokens: int | torch.SymInt, width: int | torch.SymInt | None) -> Tensor:
+        """The attention rows ``(T, width)``, checked; ``width`` None (a batch of no samples) takes any width."""
+        attn = side.get(ATTENTION_PROBS) if side else None
+        if attn is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the side input {ATTENTION_PROBS!r}: the attention probabilities of the "
+                "block's attention layer, which a model block passes when its router needs them "
+                "(moezoo.models.blocks.attend)"
+            )
+        if attn.dim() != 2 or attn.shape[0] != num_tokens or (width is not None and attn.shape[1] != width):
+            places = "L" if width is None else width
+            raise ValueError(
+                f"side input {ATTENTION_PROBS!r} must hold one row per token over the tokens of its sample, "
+                f"shape ({num_tokens}, {places}) here; got {tuple(attn.shape)}"
+            )
+        if not attn.is_floating_point():
+            raise TypeError(f"side input {ATTENTION_PROBS!r} must be a floating-point tensor, got {attn.dtype}")
+        if not torch.compiler.is_compiling() and attn.numel() and bool(attn.detach().amin() < 0):
+            raise ValueError(f"side input {ATTENTION_PROBS!r} must hold attention probabilities (>= 0)")
+        return attn.float()
+
+    def forward(self, x_TD: Tensor, side: Side | None = None) -> RoutingResult:
+        num_tokens = x_TD.shape[0]
+        slots_BL = side.get(SAMPLE_SLOTS) if side else None
+        if slots_BL is None:  # every token is one sample's (called without the layer)
+            slots_BL = torch.arange(num_tokens, device=x_TD.device).unsqueeze(0)
+        if slots_BL.shape[0]:
+            attn_TL = self._attention(side, num_tokens, slots_BL.shape[1])
+        else:  # a batch of no samples (no token): its grid has no place
+            attn_TL = self._attention(side, num_tokens, None)[:, :0]
+        logits_TE = self.logits(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            mixed_TE = attention_mix(attn_TL, torch.softmax(logits_TE, dim=-1), slots_BL)
         top_p_TK, top_idx_TK = mixed_TE.topk(self.top_k, dim=-1)
         if self.normalize:
             top_p_TK = _renormalise(top_p_TK)
@@ -266,6 +385,7 @@ class MaskMoERouter(SparseRouter):
 
 TOKEN_GRAPH_ROUTERS: dict[str, type[SparseRouter]] = {
     "similarity": SimilarityRouter,
+    "attention_graph": AttentionGraphRouter,
     "maskmoe": MaskMoERouter,
 }
 

@@ -9,21 +9,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from moezoo.layers import MOE_LAYERS, ChainOfExperts, FeedForward, MoE, MoEAux, Router, get_router
-from moezoo.layers.routers import ROUTER_STATE
+from moezoo.layers.routers import ATTENTION_PROBS, ROUTER_STATE
 from moezoo.layers.segment import SegmentFeedForward, SegmentMoE
 from moezoo.models.spec import MoESpec
 
 __all__ = [
     "MoESpec",
     "TransformerBlock",
+    "attend",
+    "attention_and_probs",
     "build_ffn",
     "build_shared_router",
     "moe_layers",
     "parameter_counts",
+    "reads_attention",
     "run_ffn",
     "share_router_modules",
 ]
@@ -131,6 +135,47 @@ def run_ffn(
     return ffn(x)
 
 
+def reads_attention(ffn: nn.Module) -> bool:
+    """True when ``ffn`` is an MoE whose router mixes with its block's attention probabilities (side input
+    :data:`~moezoo.layers.routers.ATTENTION_PROBS`): the block then computes its attention explicitly."""
+    return isinstance(ffn, MoE) and ATTENTION_PROBS in ffn.router.needs_side
+
+
+def attention_and_probs(attn: Attention, x_BLD: Tensor) -> tuple[Tensor, Tensor]:
+    """timm's ``attn(x)`` computed explicitly, and its attention probabilities averaged over heads ``(B, L, L)``.
+
+    timm's fused path (``F.scaled_dot_product_attention``) does not return its weights; this is timm's own non-fused
+    path with the module's projections (q/k norms, scale norm, output gate where present), so the output equals the
+    fused one to rounding (``tests/models/test_attention_routing.py``). The probabilities are taken before the
+    attention dropout; in training with ``attn_drop > 0`` the dropout draws differ from the fused kernel's (same law).
+    """
+    batch, length, _ = x_BLD.shape
+    gate = getattr(attn, "gate", None)
+    gate_BLD = gate(x_BLD).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x_BLD).reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q_BHLd, k_BHLd, v_BHLd = qkv.unbind(0)
+    q_BHLd, k_BHLd = attn.q_norm(q_BHLd), attn.k_norm(k_BHLd)
+    probs_BHLL = torch.softmax((q_BHLd * attn.scale) @ k_BHLd.transpose(-2, -1), dim=-1)
+    out = (attn.attn_drop(probs_BHLL) @ v_BHLd).transpose(1, 2).reshape(batch, length, -1)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate_BLD is not None:
+        out = out * gate_BLD
+    return attn.proj_drop(attn.proj(out)), probs_BHLL.mean(1)
+
+
+def attend(
+    attn: Attention, x_BLD: Tensor, ffn: nn.Module, side: Mapping[str, Tensor] | None
+) -> tuple[Tensor, Mapping[str, Tensor] | None]:
+    """A block's attention output and the side inputs of its feed-forward: the fused attention, or (when the FFN's
+    router :func:`reads_attention`) the explicit one, whose probabilities join ``side`` as ``ATTENTION_PROBS``."""
+    if not reads_attention(ffn):
+        return attn(x_BLD), side
+    out, probs_BLL = attention_and_probs(attn, x_BLD)
+    return out, {**(side or {}), ATTENTION_PROBS: probs_BLL}
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))`` with an MoE or dense FFN."""
 
@@ -148,7 +193,8 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: Tensor, auxes: list[MoEAux], mask: Tensor | None = None, side: Mapping[str, Tensor] | None = None
     ) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+        h, side = attend(self.attn, self.norm1(x), self.ffn, side)
+        x = x + h
         return x + run_ffn(self.ffn, self.norm2(x), auxes, mask, side)
 
 

@@ -27,8 +27,8 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.layers.routers import ROUTER_STATE
-from moezoo.models.blocks import build_ffn, build_shared_router, run_ffn, share_router_modules
+from moezoo.layers.routers import ATTENTION_PROBS, ROUTER_STATE
+from moezoo.models.blocks import attend, build_ffn, build_shared_router, run_ffn, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
 
@@ -76,8 +76,9 @@ class ForecastBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, auxes: list[MoEAux]) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.drop(run_ffn(self.ffn, self.norm2(x), auxes))
+        h, side = attend(self.attn, self.norm1(x), self.ffn, None)  # attention probabilities for a router needing them
+        x = x + self.drop(h)
+        return x + self.drop(run_ffn(self.ffn, self.norm2(x), auxes, side=side))
 
 
 def _is_int(value: Any) -> bool:
@@ -157,7 +158,7 @@ class MoEPatchTST(nn.Module):
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         spec = MoESpec.resolve(moe, MOE_DEFAULTS)
         spec.check_depth(depth)
-        spec.check_side_inputs((ROUTER_STATE,), "moe_patchtst")
+        spec.check_side_inputs((ROUTER_STATE, ATTENTION_PROBS), "moe_patchtst")
         self.seq_len = seq_len
         self.pred_len = pred_len
         self.num_channels = num_channels

@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moezoo.layers import MOE_LAYERS, ROUTERS, MoE
-from moezoo.layers.routers import ROUTER_STATE, router_options
+from moezoo.layers.routers import ATTENTION_PROBS, ROUTER_STATE, router_options
 from moezoo.layers.routers import check_router_kwargs as check_router_kwargs_of_router
 from moezoo.ops import BACKENDS
+
+#: the model families whose MoE blocks pass their attention probabilities (side input ``attention_probs``)
+ATTENTION_MODELS = ("moe_vit", "moe_patchtst")
 
 
 class LegacyConfigWarning(FutureWarning):
@@ -261,6 +264,12 @@ class MoESpec:
                 f"moe.router={self.router!r} passes its routing state from each MoE layer to the next (side input "
                 f"{ROUTER_STATE!r}), which {model} does not thread (its MoE layers do not all route the same tokens "
                 "in one chain of layers); choose a router that routes each layer on its own tokens"
+            )
+        if ATTENTION_PROBS in missing and not self.dense:
+            raise ValueError(
+                f"moe.router={self.router!r} routes with the attention probabilities of each MoE block's own attention "
+                f"layer (side input {ATTENTION_PROBS!r}), which {model} does not compute; the models that do are "
+                f"{', '.join(ATTENTION_MODELS)}"
             )
         if missing and not self.dense:
             raise ValueError(

@@ -14,7 +14,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from torch import Tensor, nn
 
 from moezoo.layers import MoEAux
-from moezoo.layers.routers import ROUTER_STATE
+from moezoo.layers.routers import ATTENTION_PROBS, ROUTER_STATE
 from moezoo.models.blocks import TransformerBlock, build_ffn, build_shared_router, share_router_modules
 from moezoo.models.registry import register_model
 from moezoo.models.spec import MoESpec, build_kwargs, register_spec_argument
@@ -54,7 +54,7 @@ class MoEViT(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.spec = MoESpec.resolve(moe)
-        self.spec.check_side_inputs((ROUTER_STATE,), "moe_vit")
+        self.spec.check_side_inputs((ROUTER_STATE, ATTENTION_PROBS), "moe_vit")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -5,7 +5,8 @@ batch-prioritized routing, expert choice, Sinkhorn, sigmoid with loss-free balan
 The routers of ``moezoo.layers.routers_extra`` and ``moezoo.layers.expert_routers`` (``EXTRA_ROUTERS``: top-p,
 X-MoE, M6-T prototypes, HyperRouter, attention router, mixture of routers, GMM, Expert Race, VQ, StableMoE, GW-MoE,
 SMILE bi-level, Rectify fill-in, THOR, MoEC, Autonomy-of-Experts, top-k with the ERC loss, CompeteSMoE, SMEAR), the
-layerwise recurrent router (``moezoo.layers.recurrent``), ReLU routing (ReMoE) and the Omni-router (one router shared
+layerwise recurrent router (``moezoo.layers.recurrent``), the Graph-of-Tokens (similarity- and attention-aware) and
+MaskMoE routers (``moezoo.layers.token_graph_routers``), ReLU routing (ReMoE) and the Omni-router (one router shared
 by both MoE blocks) have configs of their
 own and join the study by name, e.g. ``--variants topk,xmoe,top_p``; they are not in the default budgets (each row
 is CPU hours at ``--full``). All run at top-2's active compute except SMEAR (one merged expert: half of it, with
@@ -60,8 +61,8 @@ EXTRA_ROUTERS: tuple[str, ...] = (
 # S2MoE (moe.layer: s2moe: clean + noisy pass in training, one pass at evaluation) and CartesianMoE (moe.layer:
 # cartesian: two top-2 sub-layers of half-width experts)
 EXTRA_LAYERS = ("chain", "s2moe", "cartesian")
-# the similarity-aware (Graph of Tokens) and MaskMoE routers of moezoo.layers.token_graph_routers
-EXTRA_ROUTERS += ("similarity", "maskmoe")
+# the similarity- and attention-aware (Graph of Tokens) and MaskMoE routers of moezoo.layers.token_graph_routers
+EXTRA_ROUTERS += ("similarity", "attention_graph", "maskmoe")
 # ReLU routing (ReMoE: top-2's compute on average, not per token) and the Omni-router (one top-2 router shared by
 # both MoE blocks)
 EXTRA_ROUTERS += ("relu", "omni")

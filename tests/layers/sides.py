@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from moezoo.layers import Router
 
 def side_inputs(router: Router, lead: tuple[int, ...], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The side inputs the router needs for tokens of leading shape ``lead``: per sample (the first axis), LID
-    posteriors per token. A router with a new side input fails here until a maker is added."""
+    posteriors and attention rows (over the tokens of the sample) per token. A router with a new side input fails
+    here until a maker is added."""
     batch = lead[0]
     out = {}
     for name in router.needs_side:
@@ -18,6 +21,9 @@ def side_inputs(router: Router, lead: tuple[int, ...], generator: torch.Generato
             out[name] = torch.rand(batch, generator=generator) < 0.5
         elif name == "lid_probs":
             out[name] = torch.softmax(torch.randn(*lead, router.num_experts, generator=generator), -1)
+        elif name == "attention_probs":  # one attention row per token over the tokens of its sample
+            width = math.prod(lead[1:]) if len(lead) > 1 else lead[0]
+            out[name] = torch.softmax(3 * torch.randn(*lead, width, generator=generator), -1)
         elif name == "global_embedding":
             out[name] = torch.randn(batch, router.embed_dim, generator=generator)  # type: ignore[arg-type]
         else:

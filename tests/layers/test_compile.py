@@ -57,6 +57,7 @@ CASES = {
     # moezoo.layers.token_graph_routers (the similarity router mixes within each sample: the layer's sample grid)
     "similarity": ("similarity", {}),
     "similarity_batch_rule": ("similarity", {"train_rule": "batch", "similarity_dim": 3}),
+    "attention_graph": ("attention_graph", {}),  # given the block's attention rows (the side input)
     "maskmoe": ("maskmoe", {"hash_bits": 3}),
 }
 DIM = 8
@@ -75,6 +76,8 @@ def _side(router: str, lead: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
         return {"global_embedding": torch.randn(lead[0], 3)}
     if router == "recurrent":
         return {"router_state": torch.randn(*lead, 3)}
+    if router == "attention_graph":
+        return {"attention_probs": torch.softmax(torch.randn(*lead, lead[-1]), -1)}
     return None
 
 
@@ -126,7 +129,8 @@ def test_every_router_compiles_fullgraph(case):
 MASKED_CASES = ["topk", "topk_capacity", "expert_choice", "expert_choice_train_item", "sinkhorn", "soft", "language",
                 "top_p", "expert_race", "gw", "rectify", "recurrent"]  # fmt: skip
 MASKED_CASES += ["moec"]  # moezoo.layers.routers_extra (dropout and rerouting over a data-dependent token count)
-MASKED_CASES += ["similarity", "similarity_batch_rule", "maskmoe"]  # moezoo.layers.token_graph_routers
+# moezoo.layers.token_graph_routers
+MASKED_CASES += ["similarity", "similarity_batch_rule", "attention_graph", "maskmoe"]
 
 
 @pytest.mark.parametrize("case", MASKED_CASES)

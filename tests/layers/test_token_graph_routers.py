@@ -1,6 +1,6 @@
-"""The routers of ``moezoo.layers.token_graph_routers`` (similarity-aware routing, MaskMoE) against the naive loops of
-``tests/oracles_token_graph.py`` (pairs, gates, losses and their gradients), the invariants each method promises,
-state in buffers, batch dependence, and the MoE layer on every backend."""
+"""The routers of ``moezoo.layers.token_graph_routers`` (similarity- and attention-aware routing, MaskMoE) against
+the naive loops of ``tests/oracles_token_graph.py`` (pairs, gates, losses and their gradients), the invariants each
+method promises, state in buffers, batch dependence, and the MoE layer on every backend."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ import warnings
 import pytest
 import torch
 
-from moezoo.layers import ROUTERS, MoE, check_router_kwargs, get_router
-from moezoo.layers.routers import SAMPLE_SLOTS
-from moezoo.layers.token_graph_routers import TOKEN_GRAPH_ROUTERS, MaskMoERouter, SimilarityRouter
+from moezoo.layers import ROUTERS, MoE, TopKRouter, check_router_kwargs, get_router
+from moezoo.layers.routers import ATTENTION_PROBS, SAMPLE_SLOTS
+from moezoo.layers.token_graph_routers import (
+    TOKEN_GRAPH_ROUTERS,
+    AttentionGraphRouter,
+    MaskMoERouter,
+    SimilarityRouter,
+)
 from tests import oracles
 from tests import oracles_token_graph as naive
+from tests.layers.sides import side_inputs
 
 DIM, E = 6, 4
 
@@ -30,9 +36,10 @@ def _objective(pairs, losses, weight_TE):
     return total + sum((v.double() for v in losses.values()), torch.zeros((), dtype=torch.float64))
 
 
-def check_against_oracle(router, x, oracle, side=None, atol=1e-5):
+def check_against_oracle(router, x, oracle, side=None, atol=1e-5, inputs=()):
     """``oracle(x64) -> (pairs, losses)``: the same pairs, gates and losses, and the same gradients of
-    ``sum w_te * gate_te + sum losses`` with respect to the input and every router parameter."""
+    ``sum w_te * gate_te + sum losses`` with respect to the input, every router parameter and ``inputs`` (side
+    inputs that require gradients, read by both the router and the oracle)."""
     x = x.clone().requires_grad_(True)
     result = router(x, side)
     got_pairs = list(zip(result.token_idx_N.tolist(), result.expert_idx_N.tolist(), result.gate_N))
@@ -45,8 +52,12 @@ def check_against_oracle(router, x, oracle, side=None, atol=1e-5):
     for name, value in want_losses.items():
         torch.testing.assert_close(result.losses[name], value.to(result.losses[name].dtype), atol=atol, rtol=1e-4)
     weight_TE = torch.randn(x.shape[0], router.num_experts)
-    params = [x, *(p for p in router.parameters() if p.requires_grad)]
-    names = ["x", *(n for n, p in router.named_parameters() if p.requires_grad)]
+    params = [x, *(p for p in router.parameters() if p.requires_grad), *inputs]
+    names = [
+        "x",
+        *(n for n, p in router.named_parameters() if p.requires_grad),
+        *(f"input{i}" for i in range(len(inputs))),
+    ]
     got = torch.autograd.grad(_objective(got_pairs, result.losses, weight_TE), params, allow_unused=True)
     want = torch.autograd.grad(_objective(want_pairs, want_losses, weight_TE), params, allow_unused=True)
     for name, g, w in zip(names, got, want):
@@ -163,6 +174,155 @@ def test_similarity_gradients_reach_every_token_of_the_sample():
     assert (grad[:3].abs().sum(-1) > 0).all() and (grad[3:] == 0).all()
 
 
+# ------------------------------------------------------------------------------------------------ attention-aware
+
+
+def _grid(mask: torch.Tensor) -> tuple[torch.Tensor, list[list[int | None]]]:
+    """The layer's sample grid of a (B, L) mask: kept tokens numbered in order, -1 (None) at masked places."""
+    slots = torch.full(mask.shape, -1, dtype=torch.int64)
+    slots[mask] = torch.arange(int(mask.sum()))
+    return slots, [[None if j < 0 else j for j in row] for row in slots.tolist()]
+
+
+def _attention_rows(num_tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.softmax(2 * torch.randn(num_tokens, width, generator=generator), -1).requires_grad_(True)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("normalize", [None, False])
+@pytest.mark.parametrize("layout", ["one_sample", "grid"])
+def test_attention_graph_matches_oracle(k, normalize, layout):
+    """Pairs, gates, balance loss and the gradients with respect to x, the gate and the attention rows, against the
+    float64 token loop; ``grid``: 3 samples of 5 places with masked places inside, one sample fully masked."""
+    torch.manual_seed(0)
+    router = get_router("attention_graph", DIM, E, top_k=k, normalize=normalize, z_loss_coef=1e-3).train()
+    if layout == "one_sample":  # called without the layer: every token is one sample's, A is (T, T)
+        grid: list[list[int | None]] = [list(range(7))]
+        side: dict[str, torch.Tensor] = {}
+    else:
+        mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 1]], dtype=torch.bool)
+        slots, grid = _grid(mask)
+        side = {SAMPLE_SLOTS: slots}
+    num_tokens = sum(j is not None for row in grid for j in row)
+    attn = _attention_rows(num_tokens, len(grid[0]))
+    side[ATTENTION_PROBS] = attn
+    normalized = k > 1 if normalize is None else normalize
+
+    def oracle(x64):
+        pairs, losses, _ = naive.attention_routing(x64, D(router.gate.weight), D(attn), grid, k, normalized, 0.01)
+        logits = x64 @ D(router.gate.weight).t()
+        losses["z_loss"] = 1e-3 * torch.logsumexp(logits, -1).square().mean()
+        return pairs, losses
+
+    check_against_oracle(router, torch.randn(num_tokens, DIM), oracle, side, inputs=(attn,))
+
+
+def test_attention_graph_identity_is_top_k_uniform_is_the_sample_mean_and_masked_places_take_no_weight():
+    """A = I routes as softmax top-k; a uniform row gives every token of a sample the sample's mean distribution;
+    the attention a token pays to masked places (and their size) changes nothing; rows need not be normalised."""
+    torch.manual_seed(1)
+    router = AttentionGraphRouter(DIM, E, top_k=2).eval()
+    topk = TopKRouter(DIM, E, top_k=2).eval()
+    topk.load_state_dict(router.state_dict())
+    x = torch.randn(9, DIM)
+    eye = router(x, {ATTENTION_PROBS: torch.eye(9)})
+    want = topk(x)
+    assert torch.equal(eye.expert_idx_N, want.expert_idx_N) and torch.equal(eye.token_idx_N, want.token_idx_N)
+    torch.testing.assert_close(eye.gate_N, want.gate_N)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    slots, _ = _grid(mask)
+    probs = torch.softmax(x @ router.gate.weight.detach().t(), -1)
+    uniform = router(x, {SAMPLE_SLOTS: slots, ATTENTION_PROBS: torch.full((9, 5), 0.2)}).probs_TE
+    torch.testing.assert_close(uniform[:4], probs[:4].mean(0).expand(4, E))
+    torch.testing.assert_close(uniform[4:], probs[4:].mean(0).expand(5, E))
+    attn = _attention_rows(9, 5).detach()
+    base = router(x, {SAMPLE_SLOTS: slots, ATTENTION_PROBS: attn})
+    torch.testing.assert_close(base.probs_TE.sum(-1), torch.ones(9))
+    moved = attn.clone()
+    moved[:4, 2] = 50.0  # the masked place of sample 0
+    scaled = 3.0 * moved
+    for other in (moved, scaled):
+        again = router(x, {SAMPLE_SLOTS: slots, ATTENTION_PROBS: other})
+        assert torch.equal(again.expert_idx_N, base.expert_idx_N)
+        torch.testing.assert_close(again.gate_N, base.gate_N)
+
+
+def test_attention_graph_never_crosses_samples():
+    """A token's gates depend on its own sample's inputs and attention rows only (gradients), and the router is
+    batch-independent in training and at evaluation."""
+    torch.manual_seed(3)
+    router = AttentionGraphRouter(DIM, E, top_k=1, balance_coef=0.0)
+    assert AttentionGraphRouter.batch_dependent and router.train_rule == "item"
+    assert not router.depends_on_batch(training=True) and not router.depends_on_batch(training=False)
+    x = torch.randn(6, DIM, requires_grad=True)
+    attn = _attention_rows(6, 3)
+    slots, _ = _grid(torch.ones(2, 3, dtype=torch.bool))
+    result = router(x, {SAMPLE_SLOTS: slots, ATTENTION_PROBS: attn})
+    grad_x, grad_attn = torch.autograd.grad(result.gate_N[0], (x, attn))
+    assert (grad_x[:3].abs().sum(-1) > 0).all() and (grad_x[3:] == 0).all()
+    assert (grad_attn[0] != 0).all() and (grad_attn[1:] == 0).all()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_attention_graph_through_the_layer_is_the_rule_on_each_sample_alone(training):
+    """Through the MoE layer with a padding mask and a (B, L, L) attention side input: each sample's output equals
+    that sample run alone, in training as at evaluation, and no warning is given."""
+    torch.manual_seed(2)
+    moe = MoE(DIM, 8, num_experts=E, top_k=2, router="attention_graph", backend="reference").train(training)
+    x = torch.randn(3, 5, DIM)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    attn = torch.softmax(torch.randn(3, 5, 5), -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, aux = moe(x, mask=mask, side={ATTENTION_PROBS: attn})
+    for b in range(3):
+        alone, _ = moe(x[b : b + 1], mask=mask[b : b + 1], side={ATTENTION_PROBS: attn[b : b + 1]})
+        torch.testing.assert_close(y[b : b + 1], alone, atol=1e-6, rtol=1e-5)
+    assert torch.isfinite(aux.aux_loss) and (y[~mask] == 0).all()
+    shuffled = attn.clone()
+    shuffled[0] = torch.softmax(torch.randn(5, 5), -1)  # another sample's attention changes: not the others'
+    torch.testing.assert_close(moe(x, mask=mask, side={ATTENTION_PROBS: shuffled})[0][1:], y[1:])
+
+
+@pytest.mark.parametrize("lead", [(0, 4), (1, 0), (4,), (2, 2, 3)])
+def test_attention_graph_layer_takes_empty_flat_and_nested_token_shapes(lead):
+    """No sample, samples of no token, one flat sample (A is (T, T)) and (B, H, W) tokens (rows over H*W places)."""
+    torch.manual_seed(4)
+    moe = MoE(DIM, 8, num_experts=E, top_k=2, router="attention_graph")
+    x = torch.randn(*lead, DIM, requires_grad=True)
+    side = side_inputs(moe.router, lead, torch.Generator().manual_seed(0))
+    y, aux = moe(x, side=side)
+    assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(aux.aux_loss)
+    (y.square().sum() + aux.aux_loss).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_attention_graph_refuses_a_missing_or_misshaped_attention():
+    router = AttentionGraphRouter(DIM, E)
+    x = torch.randn(4, DIM)
+    with pytest.raises(ValueError, match="needs the side input 'attention_probs'"):
+        router(x)
+    with pytest.raises(ValueError, match=r"shape \(4, 4\) here; got \(4, 3\)"):
+        router(x, {ATTENTION_PROBS: torch.rand(4, 3)})
+    with pytest.raises(ValueError, match=r"shape \(4, 4\) here; got \(3, 4\)"):
+        router(x, {ATTENTION_PROBS: torch.rand(3, 4)})
+    with pytest.raises(ValueError, match="must hold attention probabilities"):
+        router(x, {ATTENTION_PROBS: torch.rand(4, 4) - 0.5})
+    with pytest.raises(TypeError, match="must be a floating-point tensor"):
+        router(x, {ATTENTION_PROBS: torch.ones(4, 4, dtype=torch.int64)})
+    moe = MoE(DIM, 8, num_experts=E, top_k=2, router="attention_graph")
+    x3 = torch.randn(2, 5, DIM)
+    with pytest.raises(ValueError, match=r"AttentionGraphRouter needs the side inputs \['attention_probs'\]"):
+        moe(x3)
+    with pytest.raises(ValueError, match=r"shape \(10, 5\) here; got \(10, 6\)"):
+        moe(x3, side={ATTENTION_PROBS: torch.rand(2, 5, 6)})  # keys: not the sample's 5 tokens
+    with pytest.raises(ValueError, match="side input 'attention_probs' has shape \\(2, 3, 5, 5\\)"):
+        moe(x3, side={ATTENTION_PROBS: torch.rand(2, 3, 5, 5)})  # per head: average the heads first
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        moe(x3, side={ATTENTION_PROBS: torch.full((2, 5, 5), float("nan"))})
+
+
 # ---------------------------------------------------------------------------------------------------- MaskMoE
 
 
@@ -232,7 +392,9 @@ def test_registered_with_valid_defaults_and_named_bad_options(name):
         check_router_kwargs(name, {"bogus": 1})
 
 
-@pytest.mark.parametrize("name,kwargs", [("similarity", {"similarity_dim": 3}), ("maskmoe", {"hash_bits": 3})])
+@pytest.mark.parametrize(
+    "name,kwargs", [("similarity", {"similarity_dim": 3}), ("attention_graph", {}), ("maskmoe", {"hash_bits": 3})]
+)
 def test_state_round_trips_through_the_state_dict(name, kwargs):
     """MaskMoE's hash planes and masks are buffers drawn at construction: a router built under another seed routes
     differently until the checkpoint is loaded; then it routes identically."""
@@ -241,14 +403,17 @@ def test_state_round_trips_through_the_state_dict(name, kwargs):
     torch.manual_seed(7)
     fresh = get_router(name, DIM, E, **kwargs)
     x = torch.randn(32, DIM)
+    side = side_inputs(router, (32,), torch.Generator().manual_seed(0))
     if name == "maskmoe":
         assert set(dict(router.named_buffers())) == {"hash_planes", "visible"}
         assert not torch.equal(router.visible, fresh.visible)
-    assert not torch.equal(router(x).expert_idx_N, fresh(x).expert_idx_N)
+    if name == "attention_graph":
+        assert set(router.state_dict()) == {"gate.weight"}
+    assert not torch.equal(router(x, side).expert_idx_N, fresh(x, side).expert_idx_N)
     fresh.load_state_dict(router.state_dict())
     for (n, b), (_, fb) in zip(router.named_buffers(), fresh.named_buffers()):
         assert torch.equal(b, fb), n
-    a, b = router(x), fresh(x)
+    a, b = router(x, side), fresh(x, side)
     assert torch.equal(a.expert_idx_N, b.expert_idx_N) and torch.equal(a.gate_N, b.gate_N)
 
 
@@ -272,6 +437,7 @@ def test_moe_layer_with_each_router_matches_the_oracle(name, backend, masked):
     moe = MoE(12, 10, num_experts=4, top_k=2, router=name, activation="swiglu", backend=backend).double().train()
     x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 7) > 0.3 if masked else None
+    side = {k: v.double() for k, v in side_inputs(moe.router, (2, 7), torch.Generator().manual_seed(0)).items()}
     weight = torch.randn(2, 7, 12, dtype=torch.float64)
     captured = {}
     original_forward = moe.router.forward
@@ -281,7 +447,7 @@ def test_moe_layer_with_each_router_matches_the_oracle(name, backend, masked):
         return captured["routing"]
 
     moe.router.forward = capture
-    y, aux = moe(x, mask=mask)
+    y, aux = moe(x, mask=mask, side=side)
     r = captured["routing"]
     x_TD = x.reshape(-1, 12) if mask is None else x.reshape(-1, 12)[mask.reshape(-1)]
     want_in = oracles.expert_ffn(
@@ -309,9 +475,10 @@ def test_triton_backend_takes_each_router(name):
     torch.manual_seed(2)
     moe = MoE(16, 24, num_experts=4, top_k=2, router=name, backend="triton").to(DEVICE).eval()
     x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
-    y, _ = moe(x)
+    side = {k: v.to(DEVICE) for k, v in side_inputs(moe.router, (2, 5), torch.Generator().manual_seed(0)).items()}
+    y, _ = moe(x, side=side)
     moe.backend = "torch"
-    y_ref, _ = moe(x)
+    y_ref, _ = moe(x, side=side)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     (dx,) = torch.autograd.grad(y.square().sum(), x)
     (dx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
