@@ -27,8 +27,8 @@ weight gradients as ``a^T @ g`` grouped along the rows). ``torch._grouped_mm`` t
 only and 16-byte-aligned rows; elsewhere ``auto`` takes the loop and an explicit ``"grouped_mm"`` is a
 ``ValueError``. Biases, activations, gathers and scatters run the same way in both. Re-measured on the project's
 2-core CPU (numbers at :func:`choose_gemm`): ``torch._grouped_mm`` on the CPU is one ``mm`` per group in C++, so
-it saves only the per-call Python and dispatch cost, and wins only where experts get few rows (at most 64); at the
-benchmark shapes (128 rows per expert and more) it is no faster than the loop. An index-space padded ``bmm``
+it saves only the per-call Python and dispatch cost, and wins only where experts get very few rows (at most 16); at
+64 rows per expert and more it is no faster than the loop, and at one thread slower. An index-space padded ``bmm``
 layout was no faster either, and chunks of 16 MiB beat both 4 MiB and 64 MiB chunks. A second layout that padded
 buckets of 8 experts to their largest count and ran one ``bmm`` per bucket was measured too (README, layer
 benchmark) and removed: never faster, and its padded row count would have made ``h``'s shape depend on the routing.
@@ -59,7 +59,7 @@ GEMMS = ("auto", "loop", "grouped_mm")
 # dtypes torch._grouped_mm takes on the CPU; it also wants every row stride and base address 16-byte aligned
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "auto" takes torch._grouped_mm when the mean rows per routed expert are at most this (see choose_gemm)
-GROUPED_MM_MAX_ROWS_PER_EXPERT = 64
+GROUPED_MM_MAX_ROWS_PER_EXPERT = 16
 
 
 def check_gemm(gemm: str) -> str:
@@ -98,11 +98,15 @@ def choose_gemm(gemm: str, counts: list[int], supported: bool) -> str:
     (256, 256, 128, 64, 4) 16 rows: 0.97 [0.90-1.15]; (1024, 256, 128, 64, 4) 64: 0.96 [0.95-1.01];
     (2048, 256, 128, 64, 4) 128: 1.00 [0.98-1.03]; (8192, 256, 128, 64, 4) 512: 1.03 [1.01-1.04];
     (1024, 512, 256, 64, 8) 128: 1.05 [1.03-1.05]; (512, 512, 1024, 8, 2) 128: 0.99 [0.97-1.00];
-    (2048, 512, 1024, 8, 2) 512: 1.03 [1.02-1.04]. So ``torch._grouped_mm`` only where experts get at most 64
-    rows; the whole layer (``moezoo bench layer --gemms --no-naive --no-reference --clock cpu --threads 1
-    --shape ...``, ``moezoo[loop]`` against ``moezoo[grouped_mm]``) showed no difference outside its IQRs at any of
-    these shapes. Two threads could not be measured on the busy machine (wall times 20-40x the one-thread CPU
-    times); re-measure there with ``moezoo bench layer --gemms --threads 2`` on a quiet machine.
+    (2048, 512, 1024, 8, 2) 512: 1.03 [1.02-1.04]. That first rule took ``torch._grouped_mm`` up to 64 rows.
+    Re-measured on a quiet machine (wall clock, the whole layer over the same round's dense FFN, median [IQR] of 9
+    rounds, ``moezoo bench layer --gemms --no-naive --no-reference --threads 1,2 --repeats 9 --shape ...``, two
+    runs; ``moezoo[loop]`` vs ``moezoo[grouped_mm]``): at 64 rows per expert, (1024, 256, 128, 64, 4), the loop was
+    ahead at one thread in both runs (2.17 [2.09-2.20] vs 2.43 [2.39-2.48]; 2.12 [2.01-2.37] vs 2.38
+    [2.30-2.44]) and tied at two; at 128 rows the loop was ahead or tied in all four; at 16 rows,
+    (256, 256, 128, 64, 4), the runs disagreed at one thread (4.19 vs 4.48, then 4.06 vs 3.67) and put
+    ``torch._grouped_mm`` slightly ahead at two (4.33 vs 4.09, 5.95 vs 5.65, IQRs overlapping). Hence the
+    threshold of 16 rows: ``torch._grouped_mm`` only where its saved per-call cost can matter.
     """
     if gemm == "grouped_mm" and not supported:
         raise ValueError(
