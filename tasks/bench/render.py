@@ -127,6 +127,28 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def coverage(data: dict[str, Any] | None) -> str:
+    """How much of the benchmark's plan a raw file holds: ``"14 of 14 runs"``, or for a partial file the count and
+    the variants with no run at all (a domain benchmark records its plan in ``args``: variants, seeds, cells);
+    ``"-"`` when the file has no plan or no runs."""
+    if not data or not isinstance(data.get("args"), dict) or not isinstance(data.get("runs"), list):
+        return "-"
+    plan = data["args"]
+    variants, seeds, cells = (list(plan.get(k) or []) for k in ("variants", "seeds", "cells"))
+    if not variants or not seeds:
+        return "-"
+    planned = len(variants) * len(seeds) * max(1, len(cells))
+    done = {(r.get("variant"), r.get("seed"), r.get("cell", "")) for r in data["runs"]}
+    text = f"{len(done)} of {planned} runs"
+    if len(done) >= planned:
+        return text
+    ran = {variant for variant, _, _ in done}
+    seeds_run = sorted({seed for _, seed, _ in done}, key=str)
+    text += f" (partial: seeds run {', '.join(map(str, seeds_run)) or 'none'} of {', '.join(map(str, seeds))}"
+    not_run = [v for v in variants if v not in ran]
+    return text + (f"; not run: {', '.join(not_run)})" if not_run else ")")
+
+
 def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -157,12 +179,20 @@ def markdown(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], mis
             f"| {_num(r['train_throughput'], '.0f')} {unit} | {_num(r['infer_throughput'], '.0f')} {unit} "
             f"| {_num(r['expert_load_cv'], '.3f')} | {_num(r['dropped_frac'], '.3f')} |"
         )
-    lines += ["", "| domain | benchmark | status | runtime (s) |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| domain | benchmark | status | runtime (s) | runs | data and metric |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for run in runs:
         runtime = "-" if run["runtime_s"] is None else run["runtime_s"]
-        lines.append(f"| {run['domain']} | `moezoo bench {run['module']}` | {run['status']} | {runtime} |")
+        data = run.get("data") or {}
+        lines.append(
+            f"| {run['domain']} | `moezoo bench {run['module']}` | {run['status']} | {runtime} | {coverage(data)} "
+            f"| {data.get('dataset') or '-'} |"
+        )
     for domain in missing:
-        lines.append(f"| {domain} | - | no benchmark yet (no moezoo/tasks/bench/{domain}.py) | - |")
+        lines.append(f"| {domain} | - | no benchmark yet (no moezoo/tasks/bench/{domain}.py) | - | - | - |")
     if others:
         lines += ["", f"Other benchmarks, not quality benchmarks: {', '.join(f'`moezoo bench {o}`' for o in others)}."]
     return "\n".join(lines) + "\n"

@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
     rows = table_rows(runs)
     reuse_flag = " --reuse-custom" if args.reuse_custom else " --reuse" if args.reuse else ""
-    command = "moezoo bench tables" + (" --full" if args.full else "") + reuse_flag
+    domains_flag = f" --domains {args.domains}" if args.domains else ""
+    command = "moezoo bench tables" + (" --full" if args.full else "") + reuse_flag + domains_flag
     write_csv(rows, out / "tables.csv")
     text = markdown(rows, runs, missing, others, settings, command)
     if not args.no_zoo:

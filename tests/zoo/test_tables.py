@@ -54,10 +54,29 @@ def test_dense_delta_and_markdown(tmp_path: Path) -> None:
     assert [r["dense_delta"] for r in rows][1:] == [None, None], "dense rows and rows without a twin get no delta"
     text = render.markdown(rows, runs, ["c"], ["layer"], "quick", "moezoo bench tables")
     assert "| a | m | topk | m ↑ 0.9000 | +0.0500 |" in text
-    assert "| c | - | no benchmark yet (no moezoo/tasks/bench/c.py) | - |" in text
-    assert "| b | `moezoo bench b` | failed (exit 1) | 1.0 |" in text
+    assert "| c | - | no benchmark yet (no moezoo/tasks/bench/c.py) | - | - | - |" in text
+    assert "| b | `moezoo bench b` | failed (exit 1) | 1.0 | - | - |" in text
     render.write_csv(rows, tmp_path / "t.csv")
     assert (tmp_path / "t.csv").read_text().splitlines()[0].split(",") == list(render.CSV_COLUMNS)
+
+
+def test_coverage_names_what_a_partial_raw_file_lacks() -> None:
+    plan = {"variants": ["topk", "soft", "dense"], "seeds": [0, 1], "cells": [""]}
+    runs = [{"variant": "topk", "seed": 0, "cell": ""}, {"variant": "soft", "seed": 0, "cell": ""}]
+    assert render.coverage({"args": plan, "runs": runs}) == (
+        "2 of 6 runs (partial: seeds run 0 of 0, 1; not run: dense)"
+    )
+    every = [{"variant": v, "seed": s, "cell": ""} for v in plan["variants"] for s in plan["seeds"]]
+    assert render.coverage({"args": plan, "runs": every + every[:1]}) == "6 of 6 runs"  # a repeated run counts once
+    cells = {**plan, "variants": ["topk"], "cells": ["96", "720"]}
+    assert render.coverage({"args": cells, "runs": [{"variant": "topk", "seed": 0, "cell": "96"}]}) == (
+        "1 of 4 runs (partial: seeds run 0 of 0, 1)"
+    )
+    assert render.coverage({"runs": runs}) == "-" and render.coverage(None) == "-"
+    run = _run("a", [_row("topk", 0.9)])
+    run["data"].update(args=plan, runs=runs, dataset="toy set, accuracy")
+    text = render.markdown(render.table_rows([run]), [run], [], [], "quick", "moezoo bench tables")
+    assert "| ok | 1.0 | 2 of 6 runs (partial: seeds run 0 of 0, 1; not run: dense) | toy set, accuracy |" in text
 
 
 def test_baselines_get_no_dense_delta_and_are_labelled(tmp_path: Path) -> None:
