@@ -9,7 +9,7 @@ import torch
 
 import moezoo.kernels as kernels
 from moezoo.ops import ACTIVATIONS, expert_ffn, hidden_width
-from moezoo.ops.activations import act_backward, act_forward
+from moezoo.ops.activations import act_backward, act_forward, act_forward_parts, is_gated
 from tests import oracles
 
 TRITON = pytest.param(
@@ -75,6 +75,34 @@ def test_hand_written_derivative_matches_autograd(activation):
     da = torch.randn(20, 8 if activation in ("swiglu", "geglu", "reglu") else 16, dtype=torch.float64)
     (want,) = torch.autograd.grad(act_forward(h, activation), h, da)
     torch.testing.assert_close(act_backward(da, h.detach(), activation), want)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_out_buffers(activation):
+    """The fused path's ``out=`` forms (buffers pre-filled with NaN) write the same values as the plain forms, into
+    the given buffers; ``act_backward`` without ``act_gate`` recomputes it."""
+    h = torch.randn(20, 16, dtype=torch.float64)
+    h = torch.where(h.abs() < 1e-3, 0.5, h)
+    width = 8 if is_gated(activation) else 16
+    da = torch.randn(20, width, dtype=torch.float64)
+
+    def garbage(*shape: int) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=torch.float64)
+
+    want_gate, want_a = act_forward_parts(h, activation)
+    out = garbage(20, width)
+    assert act_forward(h, activation, out=out) is out
+    torch.testing.assert_close(out, want_a)
+    out, gate_out = garbage(20, width), garbage(20, width) if is_gated(activation) else None
+    got_gate, got_a = act_forward_parts(h, activation, out=out, gate_out=gate_out)
+    assert got_a is out and got_gate is gate_out
+    torch.testing.assert_close(got_a, want_a)
+    torch.testing.assert_close(got_gate, want_gate)
+    want_dh = act_backward(da, h, activation)
+    for act_gate in (None, got_gate):
+        dh = garbage(20, 16)
+        assert act_backward(da, h, activation, act_gate, out=dh) is dh
+        torch.testing.assert_close(dh, want_dh)
 
 
 def test_bias_shapes_are_checked():
