@@ -15,6 +15,23 @@ from tests import oracles
 from tests.oracles_routers import Pairs, dot, matvec, order, softmax
 
 
+def _select(
+    mixed: list[list[Tensor]], k: int, normalize: bool, balance_coef: float, zero: Tensor
+) -> tuple[Pairs, dict[str, Tensor], list[list[Tensor]]]:
+    """Token by token: the top-k of each mixed row ``p~`` with gates ``p~`` (renormalised when ``normalize``), and the
+    Switch balance loss on ``p~`` and the pairs."""
+    pairs: Pairs = []
+    for t, row in enumerate(mixed):
+        chosen = order([float(p.detach()) for p in row])[:k]
+        total = sum((row[e] for e in chosen), zero)
+        pairs += [(t, e, row[e] / total if normalize else row[e]) for e in chosen]
+    losses = {}
+    if balance_coef > 0 and mixed:
+        probs_TE = torch.stack([torch.stack(row) for row in mixed])
+        losses["balance"] = balance_coef * oracles.switch_balance(probs_TE, [e for _, e, _ in pairs], k)
+    return pairs, losses, mixed
+
+
 def similarity_routing(
     x_TD: Tensor,
     gate_ED: Tensor,
@@ -42,16 +59,7 @@ def similarity_routing(
                 sum((w * probs[j][e] for w, j in zip(weights, sample)), x_TD.new_zeros(()))
                 for e in range(gate_ED.shape[0])
             ]
-    pairs: Pairs = []
-    for t in range(num_tokens):
-        chosen = order([float(p.detach()) for p in mixed[t]])[:k]
-        total = sum((mixed[t][e] for e in chosen), x_TD.new_zeros(()))
-        pairs += [(t, e, mixed[t][e] / total if normalize else mixed[t][e]) for e in chosen]
-    losses = {}
-    if balance_coef > 0 and num_tokens:
-        probs_TE = torch.stack([torch.stack(row) for row in mixed])
-        losses["balance"] = balance_coef * oracles.switch_balance(probs_TE, [e for _, e, _ in pairs], k)
-    return pairs, losses, mixed
+    return _select(mixed, k, normalize, balance_coef, x_TD.new_zeros(()))
 
 
 def attention_routing(
@@ -78,16 +86,7 @@ def attention_routing(
                 sum((attn_TL[i, place] * probs[j][e] for place, j in places), x_TD.new_zeros(())) / total
                 for e in range(num_experts)
             ]
-    pairs: Pairs = []
-    for t in range(num_tokens):
-        chosen = order([float(p.detach()) for p in mixed[t]])[:k]
-        total = sum((mixed[t][e] for e in chosen), x_TD.new_zeros(()))
-        pairs += [(t, e, mixed[t][e] / total if normalize else mixed[t][e]) for e in chosen]
-    losses = {}
-    if balance_coef > 0 and num_tokens:
-        probs_TE = torch.stack([torch.stack(row) for row in mixed])
-        losses["balance"] = balance_coef * oracles.switch_balance(probs_TE, [e for _, e, _ in pairs], k)
-    return pairs, losses, mixed
+    return _select(mixed, k, normalize, balance_coef, x_TD.new_zeros(()))
 
 
 def hash_bucket(x_D: Tensor, planes_PD: Tensor) -> int:

@@ -88,6 +88,17 @@ def _pad_rows(rows_TX: Tensor) -> Tensor:
     return torch.cat([rows_TX, rows_TX.new_zeros(1, rows_TX.shape[1])])
 
 
+def _mixed_routing(router: Any, logits_TE: Tensor, mixed_TE: Tensor, num_tokens: int) -> RoutingResult:
+    """Top-k of a token-graph router's mixed distribution ``p~``, its selected values the gates (renormalised when
+    ``router.normalize``), and the router's common losses on ``p~`` and the pairs."""
+    top_p_TK, top_idx_TK = mixed_TE.topk(router.top_k, dim=-1)
+    if router.normalize:
+        top_p_TK = _renormalise(top_p_TK)
+    losses = router.common_losses(logits_TE, mixed_TE, top_idx_TK.reshape(-1), router.top_k)
+    token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, top_p_TK)
+    return RoutingResult(token_idx_N, expert_idx_N, gate_N, num_tokens, router.num_experts, mixed_TE.detach(), losses)
+
+
 def graph_mix(h_TR: Tensor, probs_TE: Tensor, slots_BL: Tensor, scale: float) -> Tensor:
     """``p~_i = sum_j S_ij p_j`` with ``S_ij = softmax_j(scale <h_i, h_j>)`` over the tokens j of i's sample.
 
@@ -202,12 +213,7 @@ class SimilarityRouter(SparseRouter):
             slots_BL = torch.arange(num_tokens, device=x_TD.device).unsqueeze(0)
         scale = 1.0 / (self.temperature * math.sqrt(h_TR.shape[1]))
         mixed_TE = graph_mix(h_TR, probs_TE, slots_BL, scale)
-        top_p_TK, top_idx_TK = mixed_TE.topk(self.top_k, dim=-1)
-        if self.normalize:
-            top_p_TK = _renormalise(top_p_TK)
-        losses = self.common_losses(logits_TE, mixed_TE, top_idx_TK.reshape(-1), self.top_k)
-        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, top_p_TK)
-        return RoutingResult(token_idx_N, expert_idx_N, gate_N, num_tokens, self.num_experts, mixed_TE.detach(), losses)
+        return _mixed_routing(self, logits_TE, mixed_TE, num_tokens)
 
 
 class AttentionGraphRouter(SparseRouter):
@@ -286,12 +292,7 @@ class AttentionGraphRouter(SparseRouter):
         logits_TE = self.logits(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             mixed_TE = attention_mix(attn_TL, torch.softmax(logits_TE, dim=-1), slots_BL)
-        top_p_TK, top_idx_TK = mixed_TE.topk(self.top_k, dim=-1)
-        if self.normalize:
-            top_p_TK = _renormalise(top_p_TK)
-        losses = self.common_losses(logits_TE, mixed_TE, top_idx_TK.reshape(-1), self.top_k)
-        token_idx_N, expert_idx_N, gate_N = flat_pairs(top_idx_TK, top_p_TK)
-        return RoutingResult(token_idx_N, expert_idx_N, gate_N, num_tokens, self.num_experts, mixed_TE.detach(), losses)
+        return _mixed_routing(self, logits_TE, mixed_TE, num_tokens)
 
 
 class MaskMoERouter(SparseRouter):
