@@ -53,7 +53,7 @@ def synthetic_side(
             width = math.prod(lead[1:]) if len(lead) > 1 else lead[0]
             out[name] = torch.softmax(3 * torch.randn(*lead, width, generator=generator), -1)
         elif name == "global_embedding":
-            out[name] = torch.randn(*sample, router.embed_dim, generator=generator)  # type: ignore[arg-type]
+            out[name] = torch.randn(*sample, router.embed_dim, generator=generator)  # type: ignore[call-overload]
         else:
             raise ValueError(
                 f"no synthetic maker for side input {name!r} of {type(router).__name__}: add one to "
