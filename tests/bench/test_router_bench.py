@@ -7,9 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moezoo import cli
 from moezoo.bench import routers
+from moezoo.layers import ROUTERS, MoE
+from moezoo.layers.moe import check_side
+
+SIDE_ROUTERS = sorted(n for n, c in ROUTERS.items() if c.needs_side)  # routers that need side inputs
 
 
 def test_router_bench_prints_a_row_per_router(capsys: pytest.CaptureFixture[str]) -> None:
@@ -23,9 +28,54 @@ def test_router_bench_prints_a_row_per_router(capsys: pytest.CaptureFixture[str]
         assert 0 < float(cells[2]) <= 2.0  # pairs per token: K = 2 (top-p caps at K)
 
 
-def test_soft_and_side_input_routers_are_not_offered() -> None:
-    assert "soft" not in routers.sparse_routers() and "language" not in routers.sparse_routers()
+def test_every_router_but_soft_moe_is_offered_side_input_routers_too() -> None:
+    """The default list: every registered router except Soft MoE, the routers with side inputs included."""
+    assert routers.sparse_routers() == sorted(n for n, c in ROUTERS.items() if c.kind != "soft")
+    assert "soft" not in routers.sparse_routers()
     assert {"topk", "xmoe", "expert_race", "aoe", "erc", "smear"} <= set(routers.sparse_routers())
+    assert {"language", "global_embedding", "attention_graph", "promoe"} <= set(SIDE_ROUTERS)
+    assert set(SIDE_ROUTERS) <= set(routers.sparse_routers())
+
+
+@pytest.mark.parametrize("sequences", [1, 4])
+def test_side_input_routers_get_a_finite_row(sequences: int, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--shape", "32,8,8,4,2", "--sequences", str(sequences), "--repeats", "1"]
+    assert routers.main([*argv, "--routers", ",".join(SIDE_ROUTERS)]) == 0
+    out = capsys.readouterr().out
+    rows = {r.split("|")[1].strip(): r for r in out.splitlines() if r.startswith("| ") and "| router" not in r}
+    assert sorted(rows) == SIDE_ROUTERS
+    for row in rows.values():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        ratio, pairs = float(cells[1].removesuffix("x")), float(cells[2])
+        assert cells[1].endswith("x") and 0 < ratio < float("inf")
+        assert 0 < pairs <= 2.0  # K = 2; ProMoE: one pair for a token whose label is dropped
+
+
+@pytest.mark.parametrize("name", SIDE_ROUTERS)
+def test_synthetic_side_inputs_are_what_the_layer_takes(name: str) -> None:
+    """The benchmark's side inputs pass ``check_side`` and the layer's shape checks (per sequence: S = 3); cut by
+    one token they are refused, so the shapes are checked and not merely accepted."""
+    moe = MoE(8, 8, num_experts=4, top_k=2, router=name, backend="torch").train()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    side = routers.bench_side(moe, x)
+    assert side is not None and sorted(side) == sorted(moe.router.needs_side)
+    check_side(moe.router, side)
+    y, aux = moe(x, side=side)
+    assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(aux.aux_loss)
+    (y.square().mean() + aux.aux_loss).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for key, value in side.items():
+        if value.is_floating_point() and key != "global_embedding":  # posteriors and attention rows sum to 1
+            torch.testing.assert_close(value.sum(-1), torch.ones(value.shape[:-1]))
+        again = routers.bench_side(moe, x)
+        assert again is not None and torch.equal(again[key], value)  # drawn from a fixed seed
+        with pytest.raises(ValueError):
+            moe(x, side={**side, key: value[:, :-1]})
+
+
+def test_top_k_gets_no_side_input() -> None:
+    moe = MoE(8, 8, num_experts=4, top_k=2, router="topk", backend="torch")
+    assert routers.bench_side(moe, torch.randn(2, 3, 8)) is None
 
 
 def test_sequences_split_the_tokens(capsys: pytest.CaptureFixture[str]) -> None:
@@ -40,7 +90,7 @@ def test_sequences_split_the_tokens(capsys: pytest.CaptureFixture[str]) -> None:
     "argv,match",
     [
         (["--shape", "1,2,3"], "five integers T,D,F,E,K"),
-        (["--routers", "soft"], "are not token routers without side inputs"),
+        (["--routers", "soft"], "are not token routers (Soft MoE is not timed"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--shape", "32,8,8,4,2", "--sequences", "5"], "--sequences must be a positive divisor of T=32, got 5"),
     ],

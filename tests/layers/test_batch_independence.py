@@ -11,7 +11,7 @@ import torch
 
 from moezoo.layers import ROUTERS, MoE, TopKRouter, router_options
 from moezoo.layers.routers import SAMPLE_IDX
-from tests.layers.sides import side_inputs
+from moezoo.layers.side_inputs import synthetic_side
 
 DIM, FFN, EXPERTS, TOKENS = 16, 32, 4, 6
 
@@ -36,7 +36,7 @@ def _items(moe: MoE, x: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Te
 def _data(moe: MoE, batch: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, TOKENS, DIM, generator=generator)
-    return x, side_inputs(moe.router, (batch, TOKENS), generator)
+    return x, synthetic_side(moe.router, (batch, TOKENS), generator)
 
 
 def _pick(side: dict[str, torch.Tensor], index: slice) -> dict[str, torch.Tensor]:

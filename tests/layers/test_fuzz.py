@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from moezoo.layers import ROUTERS, MoE, get_router, router_options
 from moezoo.layers.routers import check_router_kwargs
-from tests.layers.sides import side_inputs
+from moezoo.layers.side_inputs import synthetic_side
 
 FUZZ_EXAMPLES = int(os.environ.get("MOEZOO_FUZZ_EXAMPLES", "200"))
 BACKENDS = ("torch", "reference")
@@ -108,7 +108,7 @@ def test_fuzz_every_router_and_backend(case):
               backend=case["backend"], num_shared_experts=case["seed"] % 2)  # fmt: skip
     moe.train(case["training"])
     x, mask = _input(case, generator)
-    side = side_inputs(moe.router, case["lead"], generator)
+    side = synthetic_side(moe.router, case["lead"], generator)
     y, aux = moe(x, mask=mask, side=side)
     assert y.shape == x.shape
     assert torch.isfinite(y).all(), case

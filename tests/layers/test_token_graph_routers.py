@@ -12,6 +12,7 @@ import torch
 
 from moezoo.layers import ROUTERS, MoE, TopKRouter, check_router_kwargs, get_router
 from moezoo.layers.routers import ATTENTION_PROBS, SAMPLE_SLOTS
+from moezoo.layers.side_inputs import synthetic_side
 from moezoo.layers.token_graph_routers import (
     TOKEN_GRAPH_ROUTERS,
     AttentionGraphRouter,
@@ -20,7 +21,6 @@ from moezoo.layers.token_graph_routers import (
 )
 from tests import oracles
 from tests import oracles_token_graph as naive
-from tests.layers.sides import side_inputs
 
 DIM, E = 6, 4
 
@@ -291,7 +291,7 @@ def test_attention_graph_layer_takes_empty_flat_and_nested_token_shapes(lead):
     torch.manual_seed(4)
     moe = MoE(DIM, 8, num_experts=E, top_k=2, router="attention_graph")
     x = torch.randn(*lead, DIM, requires_grad=True)
-    side = side_inputs(moe.router, lead, torch.Generator().manual_seed(0))
+    side = synthetic_side(moe.router, lead, torch.Generator().manual_seed(0))
     y, aux = moe(x, side=side)
     assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(aux.aux_loss)
     (y.square().sum() + aux.aux_loss).backward()
@@ -403,7 +403,7 @@ def test_state_round_trips_through_the_state_dict(name, kwargs):
     torch.manual_seed(7)
     fresh = get_router(name, DIM, E, **kwargs)
     x = torch.randn(32, DIM)
-    side = side_inputs(router, (32,), torch.Generator().manual_seed(0))
+    side = synthetic_side(router, (32,), torch.Generator().manual_seed(0))
     if name == "maskmoe":
         assert set(dict(router.named_buffers())) == {"hash_planes", "visible"}
         assert not torch.equal(router.visible, fresh.visible)
@@ -437,7 +437,7 @@ def test_moe_layer_with_each_router_matches_the_oracle(name, backend, masked):
     moe = MoE(12, 10, num_experts=4, top_k=2, router=name, activation="swiglu", backend=backend).double().train()
     x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 7) > 0.3 if masked else None
-    side = {k: v.double() for k, v in side_inputs(moe.router, (2, 7), torch.Generator().manual_seed(0)).items()}
+    side = {k: v.double() for k, v in synthetic_side(moe.router, (2, 7), torch.Generator().manual_seed(0)).items()}
     weight = torch.randn(2, 7, 12, dtype=torch.float64)
     captured = {}
     original_forward = moe.router.forward
@@ -475,7 +475,7 @@ def test_triton_backend_takes_each_router(name):
     torch.manual_seed(2)
     moe = MoE(16, 24, num_experts=4, top_k=2, router=name, backend="triton").to(DEVICE).eval()
     x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
-    side = {k: v.to(DEVICE) for k, v in side_inputs(moe.router, (2, 5), torch.Generator().manual_seed(0)).items()}
+    side = {k: v.to(DEVICE) for k, v in synthetic_side(moe.router, (2, 5), torch.Generator().manual_seed(0)).items()}
     y, _ = moe(x, side=side)
     moe.backend = "torch"
     y_ref, _ = moe(x, side=side)
