@@ -44,7 +44,10 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
 def routing_entropy(probs_TE: Tensor) -> Tensor:
     """Mean per-token entropy (nats) of the routing distribution (0 for T = 0)."""
     p = probs_TE.clamp_min(1e-12)
-    return -(p * p.log()).sum() / size_max(probs_TE.shape[0], 1)
+    logp = p.log()
+    # p * log(p) into log(p)'s buffer when no gradient needs the buffer (the layers' statistics): one pass less
+    plogp = logp.mul_(p) if not (torch.is_grad_enabled() and probs_TE.requires_grad) else p * logp
+    return -plogp.sum() / size_max(probs_TE.shape[0], 1)
 
 
 def load_cv(tokens_per_expert_E: Tensor) -> Tensor:

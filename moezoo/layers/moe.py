@@ -157,9 +157,14 @@ def _sample_side(lead_shape: torch.Size, keep: Tensor | None, device: torch.devi
 
 
 def all_finite(x: Tensor) -> bool:
-    """True when ``x`` has no NaN or inf: its minimum and maximum are finite (NaN propagates through both), one
-    vectorised pass without the bool tensor ``torch.isfinite(x).all()`` writes (about 10x cheaper on the CPU)."""
+    """True when ``x`` has no NaN or inf, without the bool tensor ``torch.isfinite(x).all()`` writes.
+
+    A finite sum proves it (a NaN or inf anywhere makes the sum NaN or inf: one vectorised pass, about 3x cheaper on
+    the CPU than ``aminmax``); a sum that is not finite may also be an overflow of large finite values, so then
+    the minimum and maximum decide (NaN propagates through both)."""
     if x.numel() == 0:
+        return True
+    if math.isfinite(float(x.detach().sum())):
         return True
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))
@@ -332,8 +337,8 @@ class MoE(nn.Module):
             tokens_per_expert = count_per_expert(routing.expert_idx_N, self.num_experts).float()
             num_tokens = routing.num_tokens
             routed = torch.zeros(num_tokens, dtype=torch.bool, device=tokens_per_expert.device)
-            routed[routing.token_idx_N] = True
-            dropped = (~routed).sum().float() / size_max(num_tokens, 1)
+            routed.scatter_(0, routing.token_idx_N, True)
+            dropped = (num_tokens - routed.sum()).float() / size_max(num_tokens, 1)
             probs = routing.probs_TE
             entropy = routing_entropy(probs) if probs is not None else tokens_per_expert.new_zeros(())
         return MoEAux(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moezoo.layers import FeedForward, MoE, TopKRouter, update_router_states
+from moezoo.layers.losses import routing_entropy
 from moezoo.layers.moe import all_finite
 from tests import oracles
 
@@ -246,6 +247,32 @@ def test_all_finite_finds_one_bad_value_anywhere(dtype, bad):
         y.view(-1)[flat] = bad
         assert not all_finite(y), (flat, bad)
     assert all_finite(x[:0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_all_finite_when_the_sum_overflows(dtype):
+    """Large finite values whose sum is inf are finite (the sum is only a fast path); a bad value is still found."""
+    big = torch.full((5, 3), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    assert all_finite(-big) and all_finite(torch.cat([big, -big]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = big.clone()
+        y[2, 1] = bad
+        assert not all_finite(y), bad
+
+
+def test_routing_entropy_with_and_without_gradients():
+    probs = torch.softmax(torch.randn(7, 5) * 30, dim=-1)  # some probabilities below the 1e-12 clamp
+    want = -sum(float(p) * torch.tensor(float(p)).clamp_min(1e-12).log().item() for p in probs.flatten()) / 7
+    leaf = probs.clone().requires_grad_()
+    with_grad = routing_entropy(leaf)
+    with torch.no_grad():
+        no_grad = routing_entropy(leaf)
+    assert torch.equal(with_grad.detach(), no_grad) and torch.equal(routing_entropy(probs), no_grad)
+    assert no_grad.item() == pytest.approx(want, rel=1e-5)
+    with_grad.backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    assert torch.equal(leaf, probs)  # the input is never written
 
 
 def test_layer_accepts_what_the_router_accepts():
