@@ -1,10 +1,14 @@
 """Interleaved timing: the one way every ``moezoo bench`` micro benchmark times its candidates.
 
 On a shared machine the load changes while a benchmark runs. Timing each candidate's repeats back to back puts
-any change of load on one candidate; :func:`interleave` instead times the candidates in rounds, A, B, C, A, B,
-C ..., after ``warmup`` untimed rounds in the same order, and compares each candidate with its baseline *of the
-same round*. A change of load between rounds then moves a candidate and its baseline together, and the per-round
-ratios stay comparable. The summary of a candidate (:meth:`Interleaved.summary`) is the median of its per-round
+any change of load on one candidate; :func:`interleave` instead times the candidates in rounds, after ``warmup``
+untimed rounds, and compares each candidate with its baseline *of the same round*. A change of load between rounds
+then moves a candidate and its baseline together, and the per-round ratios stay comparable. The order changes from
+round to round after a balanced Latin square (:func:`balanced_orders`): over a cycle of rounds every candidate is
+timed equally often in every position and right after every other candidate. A fixed order lets what the previous
+call leaves behind (memory the allocator returned to the system and page faults back in, cache contents) land on
+the same candidate every round: about 1 ms per step at the small layer shape here, more than the differences the
+layer table is about. The summary of a candidate (:meth:`Interleaved.summary`) is the median of its per-round
 ratios with their spread (interquartile range and min-max) and its median milliseconds; the machine's load
 average (``os.getloadavg``: 1, 5 and 15 minutes) at the start and the end is kept with the raw times, so a table
 can be re-rendered from :meth:`Interleaved.as_dict` (``Interleaved.from_dict`` reads it back).
@@ -147,6 +151,19 @@ class Interleaved:
         )
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """The call orders of n candidates, one per round, cycled: a Williams balanced Latin square. Each candidate
+    takes each position, and follows each other candidate, equally often over the cycle (n rounds for even n; 2n for
+    odd n, the square and its mirror). Row 0 is ``0, 1, n-1, 2, n-2, ...``, row r adds r modulo n."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    first = [0]
+    for j in range(1, n):
+        first.append((j + 1) // 2 if j % 2 else n - j // 2)
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
 def interleave(
     candidates: Mapping[str, Callable[[], object]],
     baseline: str | Mapping[str, str],
@@ -156,7 +173,9 @@ def interleave(
     loadavg: Callable[[], tuple[float, float, float]] = load_average,
     before: Callable[[str], object] | None = None,
 ) -> Interleaved:
-    """Time ``candidates`` (name -> a call to time) in ``rounds`` interleaved rounds after ``warmup`` untimed ones.
+    """Time ``candidates`` (name -> a call to time) in ``rounds`` interleaved rounds after ``warmup`` untimed ones,
+    in the orders of :func:`balanced_orders`: timed round ``r`` takes order ``r`` modulo their number (warm-up
+    rounds the last ones), so ``rounds`` equal to a multiple of the cycle is exactly balanced.
 
     ``baseline``: the candidate every ratio divides by, or a mapping candidate -> its baseline (candidates not in
     it use ``"dense"`` if present, else the first candidate). ``before(name)``, when given, runs untimed before
@@ -177,10 +196,12 @@ def interleave(
     for name, base in baselines.items():
         if base not in candidates:
             raise ValueError(f"baseline {base!r} of candidate {name!r} is not a candidate; candidates: {names}")
+    orders = balanced_orders(len(names))
     load_start = loadavg()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + rounds):
-        for name in names:
+        for i in orders[(r - warmup) % len(orders)]:
+            name = names[i]
             if before is not None:
                 before(name)
             ms = timer(candidates[name])

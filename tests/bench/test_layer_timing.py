@@ -8,7 +8,16 @@ from collections.abc import Callable
 
 import pytest
 
-from moezoo.bench.timing import CLOCKS, Interleaved, cpu_ms, format_load, interleave, quartiles, wall_ms
+from moezoo.bench.timing import (
+    CLOCKS,
+    Interleaved,
+    balanced_orders,
+    cpu_ms,
+    format_load,
+    interleave,
+    quartiles,
+    wall_ms,
+)
 
 
 class FakeClock:
@@ -32,12 +41,13 @@ def fake_load() -> Callable[[], tuple[float, float, float]]:
 
 
 def test_rounds_interleave_after_warmup_and_ratios_pair_rounds() -> None:
-    # round 0 is warm-up; the load doubles in round 2: paired ratios do not see it
+    # round 0 is warm-up; the load doubles in round 2: paired ratios do not see it; the order rotates every round
     clock = FakeClock({"dense": [99.0, 10.0, 20.0, 10.0], "a": [99.0, 12.0, 24.0, 12.0], "b": [1.0, 5.0, 10.0, 6.0]})
     result = interleave(
         clock.candidates(["dense", "a", "b"]), "dense", rounds=3, warmup=1, timer=clock.timer, loadavg=fake_load()
     )
-    assert clock.order == ["dense", "a", "b"] * 4
+    # the balanced square for three candidates: the warm-up takes the last row, the timed rounds the first three
+    assert clock.order == ["a", "dense", "b", "dense", "a", "b", "a", "b", "dense", "b", "dense", "a"]
     assert result.times_ms == {"dense": [10.0, 20.0, 10.0], "a": [12.0, 24.0, 12.0], "b": [5.0, 10.0, 6.0]}
     assert result.rounds == 3 and result.warmup == 1
     assert result.ratios("a") == pytest.approx([1.2, 1.2, 1.2])
@@ -70,7 +80,7 @@ def test_per_candidate_baselines_and_before_hook() -> None:
         timer=clock.timer,
         before=seen.append,
     )
-    assert seen == ["dense", "dense+c", "m+c", "m"]
+    assert seen == clock.order == ["dense", "dense+c", "m", "m+c"]  # the hook runs before each call, in its order
     assert result.baselines == {"dense": "dense", "dense+c": "dense", "m+c": "dense+c", "m": "dense"}
     assert result.summary("m+c").median_ratio == pytest.approx(1.2)
     assert result.summary("dense+c").median_ratio == pytest.approx(0.5)
@@ -123,3 +133,22 @@ def test_cpu_ms_counts_work_not_sleep() -> None:
     assert cpu_ms(lambda: time.sleep(0.2)) < 100.0
     assert cpu_ms(lambda: sum(i * i for i in range(300_000))) > 0.0
     assert CLOCKS == {"wall": wall_ms, "cpu": cpu_ms}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_balanced_orders_put_each_candidate_in_each_position_and_after_each_other_equally_often(n: int) -> None:
+    orders = balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n) and all(sorted(o) == list(range(n)) for o in orders)
+    per_position = {(o[p], p) for o in orders for p in range(n)}
+    assert len(per_position) == n * n  # every (candidate, position)
+    follows = [(o[p - 1], o[p]) for o in orders for p in range(1, n)]
+    counts = {pair: follows.count(pair) for pair in set(follows)}
+    assert len(counts) == n * (n - 1) and len(set(counts.values())) <= 1  # every ordered pair, equally often
+
+
+def test_interleave_follows_the_balanced_orders() -> None:
+    clock = FakeClock({n: [1.0] * 8 for n in ["dense", "a", "b", "c"]})
+    interleave(clock.candidates(["dense", "a", "b", "c"]), "dense", rounds=6, warmup=2, timer=clock.timer)
+    names = ["dense", "a", "b", "c"]
+    expected = [names[i] for r in range(-2, 6) for i in balanced_orders(4)[r % 4]]
+    assert clock.order == expected
