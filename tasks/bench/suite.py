@@ -416,6 +416,7 @@ def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def merge(spec: BenchSpec, paths: Sequence[str], out: str | None, readme: str | None = None) -> int:
     runs: list[dict[str, Any]] = []
     settings = set()
+    plan: dict[str, list[Any]] = {"variants": [], "seeds": [], "cells": []}  # the union of the files' plans
     for path in paths:
         try:
             data, file_runs = _load_runs(path)
@@ -426,6 +427,9 @@ def merge(spec: BenchSpec, paths: Sequence[str], out: str | None, readme: str | 
             print(f"moezoo bench {spec.domain}: --merge: {path} is for domain {data.get('domain')!r}", file=sys.stderr)
             return 2
         settings.add(data.get("settings"))
+        file_plan = data.get("args") if isinstance(data.get("args"), dict) else {}
+        for key in plan:
+            plan[key] += [v for v in file_plan.get(key) or [] if v not in plan[key]]
         seen = {(r["variant"], r["seed"], r["cell"]) for r in runs}
         clash = [
             (r["variant"], r["seed"], r["cell"]) for r in file_runs if (r["variant"], r["seed"], r["cell"]) in seen
@@ -437,7 +441,7 @@ def merge(spec: BenchSpec, paths: Sequence[str], out: str | None, readme: str | 
     print(markdown(spec, bench_rows(spec, runs)))
     name = str(settings.pop()) if len(settings) == 1 else "mixed"
     if out:
-        write_json(spec, out, runs, name, {"merged_from": list(paths)})
+        write_json(spec, out, runs, name, {"merged_from": list(paths), **plan})
         print(f"wrote {out}")
     if readme:
         write_readme(spec, readme, runs, name)

@@ -12,6 +12,7 @@ import pytest
 
 from moezoo.cli import BENCHMARKS
 from moezoo.tasks.bench import runner, suite
+from moezoo.tasks.bench.render import coverage
 from moezoo.tasks.bench.runner import RunSpec, merge_overrides
 from moezoo.tasks.bench.schema import validate
 from moezoo.tasks.bench.suite import BenchSpec, Budget, Variant
@@ -137,6 +138,14 @@ def test_merge_tabulates_runs_made_apart(fake_runs: list, tmp_path: Path) -> Non
     assert suite.main(SPEC, ["--merge", *parts, "--json", merged]) == 0
     data = json.loads(Path(merged).read_text())
     assert data["rows"] == json.loads(Path(both).read_text())["rows"] and data["args"]["merged_from"] == parts
+    # the merged file keeps the union of the parts' plans, so the tables can say how complete it is
+    plan = {k: json.loads(Path(both).read_text())["args"][k] for k in ("variants", "seeds")}
+    assert {k: data["args"][k] for k in ("variants", "seeds")} == plan and plan["seeds"] == [0, 1]
+    assert (
+        coverage(data)
+        == coverage(json.loads(Path(both).read_text()))
+        == f"{len(data['runs'])} of {len(data['runs'])} runs"
+    )
     assert suite.main(SPEC, ["--merge", parts[0], parts[0]]) == 2  # the same runs twice
 
 
