@@ -27,6 +27,10 @@ fraction are means over runs; the expert load and specialisation are those of on
 seed): expert indices of different runs are unrelated. Dense twins and baselines (:data:`UNROUTED`) have no
 routing statistics, and a model without parameters (a naive forecast) no training throughput; the Markdown marks
 baselines ``(baseline)``.
+
+Why one long file: the spec, its argument parsing, the row aggregation, the JSON/README writers, ``--merge`` and
+``--resume`` are one contract that every domain benchmark module (a :class:`BenchSpec` and nothing else) relies
+on; split, each piece would import the others' private layout of a run.
 """
 
 from __future__ import annotations

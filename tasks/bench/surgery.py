@@ -31,6 +31,9 @@
 Both write ``--json`` after every run (``--resume`` keeps what is there) and print Markdown tables: mean ± std over
 seeds, and a verdict per comparison by the seed-spread rule of :mod:`moezoo.tasks.compare` (a difference counts
 only when it exceeds the larger of the two standard deviations).
+
+Why one long file: the two studies share the command line, the JSON store with ``--resume`` and the verdict
+rendering (mean ± std, which side wins beyond the spread); each study alone is about half of it.
 """
 
 from __future__ import annotations
