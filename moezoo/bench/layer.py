@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,8 @@ DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 6
 COMPILED = "+compile"  # suffix of the compiled candidates
 PEERS = ("hf-mixtral", "grouped_mm")
 GEMM_BACKENDS = {"moezoo[loop]": "torch_loop", "moezoo[grouped_mm]": "torch_grouped_mm"}  # --gemms
+# environment variables that change how idle OpenMP threads wait; recorded with every run
+OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # --breakdown: parts timed in the same rounds (see breakdown_parts); FLOOR_PARTS make up the floor
 BREAKDOWN_PARTS = ("router", "expert FFN", "expert GEMMs", "dense GEMMs", "balanced bmm", "gather/scatter")
 FLOOR = "moezoo/floor"
@@ -382,6 +385,7 @@ def render(data: dict[str, Any]) -> str:
         rounds = rows[0].rounds
         compiled = f", torch.compile backend {data['compile_backend']}" if data.get("compile_backend") else ""
         compiled += ", CPU time" if data.get("clock") == "cpu" else ""
+        compiled += "".join(f", {name}={value}" for name, value in (data.get("openmp_env") or {}).items())
         out.append(
             f"{threads} thread(s), {data['activation']}, forward+backward{compiled}, {rounds} interleaved rounds after "
             f"{rows[0].warmup} warm-up; cell: median ratio to the same round's baseline [IQR] (min-max)"
@@ -477,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "compile_backend": args.compile_backend if args.compile else None,
         "clock": args.clock,
+        # OpenMP's wait policy: with the default (idle threads spin between parallel regions) a busy machine slows
+        # the fused path's many short regions far more than the peers' few long ones (README, layer benchmark)
+        "openmp_env": {name: os.environ[name] for name in OPENMP_ENV if name in os.environ},
         "runs": [],
     }
     print(f"{data['command']}: CPU fp32, interleaved rounds")

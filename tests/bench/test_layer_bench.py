@@ -151,3 +151,19 @@ def test_gemms_and_cpu_clock(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert json.loads(path.read_text())["clock"] == "cpu"
     with pytest.raises(SystemExit):
         layer.main([*args, "--clock", "sundial"])
+
+
+def test_openmp_wait_settings_are_recorded_and_rendered(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the wait policy changes busy-machine ratios several-fold, so a table must say which one it ran under
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    path = tmp_path / "layer.json"
+    args = ["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--no-naive", "--no-reference"]
+    assert layer.main([*args, "--json", str(path)]) == 0
+    assert "OMP_WAIT_POLICY=PASSIVE" in capsys.readouterr().out
+    assert json.loads(path.read_text())["openmp_env"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert layer.main(["--render", str(path)]) == 0  # the file's setting, not the environment's
+    assert "OMP_WAIT_POLICY=PASSIVE" in capsys.readouterr().out
