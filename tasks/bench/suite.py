@@ -431,7 +431,8 @@ def merge(spec: BenchSpec, paths: Sequence[str], out: str | None, readme: str | 
             print(f"moezoo bench {spec.domain}: --merge: {path} is for domain {data.get('domain')!r}", file=sys.stderr)
             return 2
         settings.add(data.get("settings"))
-        file_plan = data.get("args") if isinstance(data.get("args"), dict) else {}
+        file_args = data.get("args")
+        file_plan: dict[str, Any] = file_args if isinstance(file_args, dict) else {}
         for key in plan:
             plan[key] += [v for v in file_plan.get(key) or [] if v not in plan[key]]
         seen = {(r["variant"], r["seed"], r["cell"]) for r in runs}
