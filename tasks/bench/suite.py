@@ -417,10 +417,24 @@ def _load_runs(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return data, data["runs"]
 
 
+PLAN_KEYS = ("variants", "seeds", "cells")
+
+
+def union_plan(*plans: Any) -> dict[str, list[Any]]:
+    """The union, in first-seen order, of the ``variants``, ``seeds`` and ``cells`` of several runs' ``args`` (a
+    file's plan; anything that is not a dict counts as an empty plan): what a resumed or merged file planned."""
+    union: dict[str, list[Any]] = {key: [] for key in PLAN_KEYS}
+    for plan in plans:
+        if isinstance(plan, dict):
+            for key in PLAN_KEYS:
+                union[key] += [v for v in plan.get(key) or [] if v not in union[key]]
+    return union
+
+
 def merge(spec: BenchSpec, paths: Sequence[str], out: str | None, readme: str | None = None) -> int:
     runs: list[dict[str, Any]] = []
     settings = set()
-    plan: dict[str, list[Any]] = {"variants": [], "seeds": [], "cells": []}  # the union of the files' plans
+    plans: list[Any] = []
     for path in paths:
         try:
             data, file_runs = _load_runs(path)
@@ -431,10 +445,7 @@ def merge(spec: BenchSpec, paths: Sequence[str], out: str | None, readme: str | 
             print(f"moezoo bench {spec.domain}: --merge: {path} is for domain {data.get('domain')!r}", file=sys.stderr)
             return 2
         settings.add(data.get("settings"))
-        file_args = data.get("args")
-        file_plan: dict[str, Any] = file_args if isinstance(file_args, dict) else {}
-        for key in plan:
-            plan[key] += [v for v in file_plan.get(key) or [] if v not in plan[key]]
+        plans.append(data.get("args"))
         seen = {(r["variant"], r["seed"], r["cell"]) for r in runs}
         clash = [
             (r["variant"], r["seed"], r["cell"]) for r in file_runs if (r["variant"], r["seed"], r["cell"]) in seen
@@ -446,7 +457,7 @@ def merge(spec: BenchSpec, paths: Sequence[str], out: str | None, readme: str | 
     print(markdown(spec, bench_rows(spec, runs)))
     name = str(settings.pop()) if len(settings) == 1 else "mixed"
     if out:
-        write_json(spec, out, runs, name, {"merged_from": list(paths), **plan})
+        write_json(spec, out, runs, name, {"merged_from": list(paths), **union_plan(*plans)})
         print(f"wrote {out}")
     if readme:
         write_readme(spec, readme, runs, name)
@@ -512,11 +523,15 @@ def main(spec: BenchSpec, argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     runs: list[dict[str, Any]] = []
+    kept_plan: Any = None
     if args.resume and Path(args.json).is_file():
-        _, runs = _load_runs(args.json)
+        kept, runs = _load_runs(args.json)
+        kept_plan = kept.get("args")
     record_args = {"settings": settings, "seeds": list(budget.seeds), "variants": list(budget.variants),
                    "cells": list(budget.cells), "overrides": list(budget.overrides),
                    "threads": args.threads}  # fmt: skip
+    if kept_plan is not None:  # a resumed file plans what it planned before and what this call adds
+        record_args.update(union_plan(kept_plan, record_args))
     todo = run_specs(spec, budget)
     clash = resume_clash(todo, runs)
     if clash:

@@ -123,6 +123,9 @@ def test_resume_keeps_runs_and_refuses_other_overrides(fake_runs: list, tmp_path
     assert suite.main(SPEC, ["--seeds", "0", "1", "--json", path, "--resume", *out]) == 0
     assert [(s.variant, s.seed) for s in fake_runs] == [("moe", 1), ("dense", 1)]
     assert json.loads(Path(path).read_text())["runs"][:2] == first
+    fake_runs.clear()  # a resume with another plan keeps the earlier plan too (the tables' coverage reads it)
+    assert suite.main(SPEC, ["--seeds", "1", "--json", path, "--resume", *out]) == 0
+    assert fake_runs == [] and json.loads(Path(path).read_text())["args"]["seeds"] == [0, 1]
     assert suite.main(SPEC, ["--seeds", "0", "--json", path, "--resume", "--trainer.max_steps", "9", *out]) == 2
     assert suite.main(SPEC, ["--resume"]) == 2  # --resume needs --json
 
