@@ -14,7 +14,13 @@ Why it is fast on CPUs (measured with ``moezoo bench layer``):
   backward temporary live in small reused workspaces that stay in cache, instead of fresh N-row tensors whose
   first touch costs page faults and memory bandwidth;
 - only the pre-activation ``h`` is saved for backward (what a dense FFN saves too); inputs are re-gathered chunk
-  by chunk and expert outputs are never kept;
+  by chunk and expert outputs are never kept. ``save="all"`` (backend ``"torch_save_all"``) keeps the gathered
+  inputs, the activation output before the gate and, for gated forms, ``act(gate)`` too, written chunk by chunk
+  into full-length expert-sorted tensors, so the backward re-gathers and recomputes nothing (the gate then scales
+  the expert's output rows in the forward and the output gradients in the backward, since the kept activation must
+  stay unchanged); it was slower at every shape measured (fresh full-length tensors cost page faults and memory
+  traffic that the re-gather and the recompute in cache-sized chunks do not), so ``save="auto"`` (the default,
+  :func:`choose_save`) keeps ``h`` only;
 - the gate gradient needs no saved output: ``y_n = g_n * a_n @ W_out`` so
   ``dL/dg_n = <dz_n, a_n @ W_out> = <dz_n @ W_out^T, a_n>``, and ``dz_n @ W_out^T`` is needed anyway; the row dot
   products are one ``bmm`` of ``(R, 1, F) @ (R, F, 1)`` (no ``(R, F)`` product temporary);
@@ -95,8 +101,29 @@ def check_save(save: str) -> str:
 
 
 def choose_save(save: str, dim: int, ffn_dim: int) -> str:
-    """``"h"`` or ``"all"`` for one call from the shapes alone (so that the fake implementations agree with the
-    real ones under ``torch.compile``): an explicit choice wins; ``"auto"`` takes ``"h"``."""
+    """``"h"`` or ``"all"`` for one call, from the widths alone (so that the fake implementations agree with the
+    real ones under ``torch.compile``): an explicit choice wins; ``"auto"`` takes ``"h"`` at every shape, because
+    ``"all"`` was slower at every shape measured.
+
+    ``"all"`` spares the backward its re-gather of the inputs and its activation recompute (about 0.6 + 1.0 ms of a
+    ~50 ms step at ``(2048, 256, 128, 64, 4)``), but writes ``N * (D + F)`` (plain) or ``N * (D + 2F)`` (gated) more
+    elements into fresh full-length tensors and reads them back from memory in the backward, instead of reusing
+    cache-sized chunk workspaces; the fresh pages cost minor faults on every call. Measured with the layer
+    benchmark, per interleaved round, median [IQR] of 10 rounds, SwiGLU, one thread, the project's 2-core CPU busy
+    with a one-thread training job (load average 1-2.4): ``OMP_NUM_THREADS=1 moezoo bench layer --saves --peers
+    --no-naive --no-reference --threads 1 --repeats 10 --shape 2048,256,128,64,4 --shape 4096,512,256,64,8 --shape
+    4096,512,1024,8,2`` (``bench_results/layer/saves_busy.json``, wall clock; ``saves_busy_cpu.json`` with
+    ``--clock cpu``), save=all over save=h, wall then CPU time:
+    (2048, 256, 128, 64, 4): 1.10 [1.08-1.18], 1.07 [0.95-1.21]; (4096, 512, 256, 64, 8): 1.26 [1.17-1.40],
+    1.12 [1.09-1.17]; (4096, 512, 1024, 8, 2): 1.12 [1.03-1.16], 1.09 [1.06-1.12]. Over the ``grouped_mm`` peer
+    (which keeps its gathered inputs and activations through autograd) save=all was 0.99, 0.92, 1.00 (wall) and
+    save=h 0.89 [0.81-0.94], 0.74 [0.71-0.76], 0.91 [0.86-0.93]. Saved for backward (MiB, h / all / peer):
+    35 / 51 / 67, 170 / 298 / 426, 120 / 200 / 232. Minor page faults per expert-FFN forward+backward
+    (``resource.getrusage``): at (4096, 512, 1024, 8, 2) 43-45 thousand with "h", 80-84 thousand with "all",
+    about 1.4 us each: most of the 50-65 ms "all" lost there. A rule on width (all where the activation and gather
+    passes are a large share of the GEMMs, small ``D*F/(D+F)``) had no shape to pick: the smallest widths measured
+    lost least but did not win.
+    """
     if check_save(save) != "auto":
         return save
     return "h"
