@@ -14,6 +14,9 @@ weights:
 - with ``--gemms``: ``moezoo[loop]`` and ``moezoo[grouped_mm]``, the MoE layer with the fused path's expert GEMMs
   fixed to one ``mm`` per expert or to ``torch._grouped_mm`` (``moezoo`` chooses per call, see
   :func:`moezoo.ops.fused.choose_gemm`; this is how its rule was measured);
+- with ``--saves``: ``moezoo[save=h]`` and ``moezoo[save=all]``, the MoE layer with what the fused path's forward
+  keeps for backward fixed to the pre-activations only or to the gathered inputs and activations too (``moezoo``
+  chooses per call, see :func:`moezoo.ops.fused.choose_save`; this is how its rule was measured);
 - with ``--compile``: ``dense+compile`` and ``moezoo+compile`` under ``torch.compile(fullgraph=True)``;
   ``moezoo+compile`` is reported against ``dense+compile``, ``dense+compile`` against ``dense``;
 - with ``--breakdown``: the parts of the MoE layer's time (:func:`breakdown_parts`; with ``--gemms`` also the expert
@@ -57,6 +60,7 @@ DEFAULT_SHAPES: tuple[Shape, ...] = ((4096, 512, 1024, 8, 2), (4096, 512, 256, 6
 COMPILED = "+compile"  # suffix of the compiled candidates
 PEERS = ("hf-mixtral", "grouped_mm")
 GEMM_BACKENDS = {"moezoo[loop]": "torch_loop", "moezoo[grouped_mm]": "torch_grouped_mm"}  # --gemms
+SAVE_BACKENDS = {"moezoo[save=h]": "torch_save_h", "moezoo[save=all]": "torch_save_all"}  # --saves
 # environment variables that change how idle OpenMP threads wait; recorded with every run
 OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # --breakdown: parts timed in the same rounds (see breakdown_parts); FLOOR_PARTS make up the floor
@@ -253,6 +257,7 @@ def build_candidates(
     with_reference: bool = True,
     peers: bool = False,
     gemms: bool = False,
+    saves: bool = False,
     compile_backend: str | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, nn.Module], Tensor, list[str]]:
@@ -271,6 +276,7 @@ def build_candidates(
             modules[name + COMPILED] = compiled  # type: ignore[assignment]
     copies = {"reference": "reference"} if with_reference else {}
     copies.update(GEMM_BACKENDS if gemms else {})
+    copies.update(SAVE_BACKENDS if saves else {})
     for name, backend in copies.items():
         copy = MoE(dim, ffn_dim, num_experts, top_k, router="topk", activation=activation, backend=backend)
         copy.load_state_dict(moe.state_dict())
@@ -299,6 +305,7 @@ def bench_shape(
     with_reference: bool = True,
     peers: bool = False,
     gemms: bool = False,
+    saves: bool = False,
     breakdown: bool = False,
     compile_backend: str | None = None,
     seed: int = 0,
@@ -313,6 +320,7 @@ def bench_shape(
         with_reference=with_reference,
         peers=peers,
         gemms=gemms,
+        saves=saves,
         compile_backend=compile_backend,
         seed=seed,
     )
@@ -440,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         "or to torch._grouped_mm (moezoo chooses per call)",
     )
     parser.add_argument(
+        "--saves",
+        action="store_true",
+        help="add moezoo[save=h] and moezoo[save=all]: the MoE layer keeping for backward only the pre-activations "
+        "or also the gathered inputs and activations (moezoo chooses per call)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="also time the dense FFN and the MoE layer under torch.compile(fullgraph=True); the compiled layer is "
@@ -499,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 with_reference=not args.no_reference,
                 peers=args.peers,
                 gemms=args.gemms,
+                saves=args.saves,
                 breakdown=args.breakdown,
                 compile_backend=args.compile_backend if args.compile else None,
                 timer=CLOCKS[args.clock],

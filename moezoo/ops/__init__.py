@@ -5,7 +5,9 @@ Every backend implements one contract, ``expert_ffn`` (see ``reference.py``), wi
 - ``"reference"``: a readable autograd composition (the spec);
 - ``"torch"``: the fused PyTorch path with a hand-written backward (CPU default); its expert GEMMs run as one
   ``mm`` per expert or on ``torch._grouped_mm``, chosen per call by a measured rule (``moezoo.ops.fused.choose_gemm``);
-  ``"torch_loop"`` and ``"torch_grouped_mm"`` are the same path with that choice fixed;
+  ``"torch_loop"`` and ``"torch_grouped_mm"`` are the same path with that choice fixed; what its forward keeps for
+  backward (the pre-activations only, or also the gathered inputs and activations) is chosen by another measured
+  rule (``moezoo.ops.fused.choose_save``), fixed by ``"torch_save_h"`` and ``"torch_save_all"``;
 - ``"triton"``: the Triton kernels in ``moezoo.kernels`` (CUDA default, when available).
 
 The backend is chosen per call: an explicit argument wins, then the ``MOEZOO_BACKEND`` environment variable,
@@ -46,6 +48,8 @@ BACKENDS: dict[str, ExpertFFN] = {
     "torch": expert_ffn_fused,
     "torch_loop": partial(expert_ffn_fused, gemm="loop"),
     "torch_grouped_mm": partial(expert_ffn_fused, gemm="grouped_mm"),
+    "torch_save_h": partial(expert_ffn_fused, save="h"),
+    "torch_save_all": partial(expert_ffn_fused, save="all"),
 }
 BACKEND_ENV = "MOEZOO_BACKEND"
 

@@ -14,7 +14,13 @@ Why it is fast on CPUs (measured with ``moezoo bench layer``):
   backward temporary live in small reused workspaces that stay in cache, instead of fresh N-row tensors whose
   first touch costs page faults and memory bandwidth;
 - only the pre-activation ``h`` is saved for backward (what a dense FFN saves too); inputs are re-gathered chunk
-  by chunk and expert outputs are never kept;
+  by chunk and expert outputs are never kept. ``save="all"`` (backend ``"torch_save_all"``) keeps the gathered
+  inputs, the activation output before the gate and, for gated forms, ``act(gate)`` too, written chunk by chunk
+  into full-length expert-sorted tensors, so the backward re-gathers and recomputes nothing (the gate then scales
+  the expert's output rows in the forward and the output gradients in the backward, since the kept activation must
+  stay unchanged); it was slower at every shape measured (fresh full-length tensors cost page faults and memory
+  traffic that the re-gather and the recompute in cache-sized chunks do not), so ``save="auto"`` (the default,
+  :func:`choose_save`) keeps ``h`` only;
 - the gate gradient needs no saved output: ``y_n = g_n * a_n @ W_out`` so
   ``dL/dg_n = <dz_n, a_n @ W_out> = <dz_n @ W_out^T, a_n>``, and ``dz_n @ W_out^T`` is needed anyway; the row dot
   products are one ``bmm`` of ``(R, 1, F) @ (R, F, 1)`` (no ``(R, F)`` product temporary);
@@ -76,10 +82,51 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUPED_MM_MAX_ROWS_PER_EXPERT = 16
 
 
+# What the forward keeps for backward: "h" (the pre-activations only; the backward re-gathers the inputs and
+# recomputes the activation), "all" (also the gathered inputs, the activation output and, for gated forms,
+# act(gate), so the backward re-gathers and recomputes nothing) or "auto" (:func:`choose_save`).
+SAVES = ("auto", "h", "all")
+
+
 def check_gemm(gemm: str) -> str:
     if gemm not in GEMMS:
         raise ValueError(f"gemm={gemm!r} is unknown; choose one of {GEMMS}")
     return gemm
+
+
+def check_save(save: str) -> str:
+    if save not in SAVES:
+        raise ValueError(f"save={save!r} is unknown; choose one of {SAVES}")
+    return save
+
+
+def choose_save(save: str, dim: int, ffn_dim: int) -> str:
+    """``"h"`` or ``"all"`` for one call, from the widths alone (so that the fake implementations agree with the
+    real ones under ``torch.compile``): an explicit choice wins; ``"auto"`` takes ``"h"`` at every shape, because
+    ``"all"`` was slower at every shape measured.
+
+    ``"all"`` spares the backward its re-gather of the inputs and its activation recompute (about 0.6 + 1.0 ms of a
+    ~50 ms step at ``(2048, 256, 128, 64, 4)``), but writes ``N * (D + F)`` (plain) or ``N * (D + 2F)`` (gated) more
+    elements into fresh full-length tensors and reads them back from memory in the backward, instead of reusing
+    cache-sized chunk workspaces; the fresh pages cost minor faults on every call. Measured with the layer
+    benchmark, per interleaved round, median [IQR] of 10 rounds, SwiGLU, one thread, the project's 2-core CPU busy
+    with a one-thread training job (load average 1-2.4): ``OMP_NUM_THREADS=1 moezoo bench layer --saves --peers
+    --no-naive --no-reference --threads 1 --repeats 10 --shape 2048,256,128,64,4 --shape 4096,512,256,64,8 --shape
+    4096,512,1024,8,2`` (``bench_results/layer/saves_busy.json``, wall clock; ``saves_busy_cpu.json`` with
+    ``--clock cpu``), save=all over save=h, wall then CPU time:
+    (2048, 256, 128, 64, 4): 1.10 [1.08-1.18], 1.07 [0.95-1.21]; (4096, 512, 256, 64, 8): 1.26 [1.17-1.40],
+    1.12 [1.09-1.17]; (4096, 512, 1024, 8, 2): 1.12 [1.03-1.16], 1.09 [1.06-1.12]. Over the ``grouped_mm`` peer
+    (which keeps its gathered inputs and activations through autograd) save=all was 0.99, 0.92, 1.00 (wall) and
+    save=h 0.89 [0.81-0.94], 0.74 [0.71-0.76], 0.91 [0.86-0.93]. Saved for backward (MiB, h / all / peer):
+    35 / 51 / 67, 170 / 298 / 426, 120 / 200 / 232. Minor page faults per expert-FFN forward+backward
+    (``resource.getrusage``): at (4096, 512, 1024, 8, 2) 43-45 thousand with "h", 80-84 thousand with "all",
+    about 1.4 us each: most of the 50-65 ms "all" lost there. A rule on width (all where the activation and gather
+    passes are a large share of the GEMMs, small ``D*F/(D+F)``) had no shape to pick: the smallest widths measured
+    lost least but did not win.
+    """
+    if check_save(save) != "auto":
+        return save
+    return "h"
 
 
 def grouped_mm_supported(dtype: torch.dtype, widths: tuple[int, ...], *tensors: Tensor) -> bool:
@@ -299,38 +346,64 @@ def fused_expert_ffn_op(
     activation: str,
     save_h: bool,
     gemm: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out (T, D), h (N, H) pre-activations in expert-sorted order (empty unless save_h), order_N)``;
-    ``gemm``: see :func:`choose_gemm`."""
+    save: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out (T, D), h (N, H) pre-activations, order_N, x (N, D) gathered inputs, a (N, F) activation output
+    before the gate, act(gate) (N, F))``, the per-row tensors in expert-sorted order; ``h`` is empty unless
+    ``save_h``, the last three unless also :func:`choose_save` says ``"all"`` (``act(gate)`` also for plain
+    activations). ``gemm``: see :func:`choose_gemm`."""
     num_experts, dim, hidden = w_in_EDH.shape
+    ffn_dim = w_out_EFD.shape[1]
     perm = sort_by_expert(token_idx_N, expert_idx_N, num_experts)
     choice = _choose(gemm, perm.counts, x_TD, w_in_EDH, w_out_EFD)
     plan = ChunkPlan(perm, gate_N.index_select(0, perm.order_N).to(x_TD.dtype), (dim, hidden), choice)
     chunks = plan.chunks()
     max_rows = max((c.r1 - c.r0 for c in chunks), default=0)
     whole = len(chunks) == 1 and chunks[0].whole  # grouped_mm's product of the only chunk is h itself, no copy
+    keep = save_h and choose_save(save, dim, ffn_dim) == "all"
+    gated = is_gated(activation)
+    x_ND, a_NF, act_gate_NF = _kept_buffers(x_TD, plan.num_rows if keep else 0, dim, ffn_dim, gated)
     h_RH = x_TD.new_empty(0 if whole else plan.num_rows if save_h else max_rows, hidden)
     out_TD = x_TD.new_zeros(x_TD.shape)
     xy_buf = x_TD.new_empty(max_rows, dim)  # a chunk's gathered inputs, then (dead after the first GEMM) its outputs
-    a_buf = x_TD.new_empty(max_rows, w_out_EFD.shape[1])
+    a_buf = x_TD.new_empty(0 if keep else max_rows, ffn_dim)
     for chunk in chunks:
-        n = chunk.r1 - chunk.r0
-        tok = plan.token_R[chunk.r0 : chunk.r1]
-        x_RD = torch.index_select(x_TD, 0, tok, out=xy_buf[:n])
+        r0, r1 = chunk.r0, chunk.r1
+        n = r1 - r0
+        tok = plan.token_R[r0:r1]
+        x_RD = torch.index_select(x_TD, 0, tok, out=x_ND[r0:r1] if keep else xy_buf[:n])
         if whole:
             h_RH = h_chunk = plan.mm(x_RD, w_in_EDH, chunk, h_RH)
         else:
-            h_out = h_RH[chunk.r0 : chunk.r1] if save_h else h_RH[:n]
+            h_out = h_RH[r0:r1] if save_h else h_RH[:n]
             h_chunk = plan.mm(x_RD, w_in_EDH, chunk, h_out, fill=save_h)
         if b_in_EH is not None:
             plan.add_bias(h_chunk, b_in_EH, chunk)
-        g_R1 = plan.gate_R1[chunk.r0 : chunk.r1]
-        a_RF = act_forward(h_chunk, activation, out=a_buf[:n]).mul_(g_R1)
-        y_RD = plan.mm(a_RF, w_out_EFD, chunk, xy_buf[:n])
-        if b_out_ED is not None:
-            plan.add_bias(y_RD, b_out_ED, chunk, g_R1)
+        g_R1 = plan.gate_R1[r0:r1]
+        if keep:  # a is kept before the gate: the gate scales the expert's output rows instead
+            gate_out = act_gate_NF[r0:r1] if gated else None
+            _, a_RF = act_forward_parts(h_chunk, activation, out=a_NF[r0:r1], gate_out=gate_out)
+            y_RD = plan.mm(a_RF, w_out_EFD, chunk, xy_buf[:n])
+            if b_out_ED is not None:
+                plan.add_bias(y_RD, b_out_ED, chunk)
+            y_RD.mul_(g_R1)
+        else:
+            a_RF = act_forward(h_chunk, activation, out=a_buf[:n]).mul_(g_R1)
+            y_RD = plan.mm(a_RF, w_out_EFD, chunk, xy_buf[:n])
+            if b_out_ED is not None:
+                plan.add_bias(y_RD, b_out_ED, chunk, g_R1)
         out_TD.index_add_(0, tok, y_RD)
-    return out_TD, (h_RH if save_h else x_TD.new_empty(0, hidden)), perm.order_N
+    h_NH = h_RH if save_h else x_TD.new_empty(0, hidden)
+    return out_TD, h_NH, perm.order_N, x_ND, a_NF, act_gate_NF
+
+
+def _kept_buffers(x_TD: Tensor, rows: int, dim: int, ffn_dim: int, gated: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The tensors ``save="all"`` keeps: ``x (rows, D), a (rows, F), act(gate) (rows or 0, F)``."""
+    return (
+        x_TD.new_empty(rows, dim),
+        x_TD.new_empty(rows, ffn_dim),
+        x_TD.new_empty(rows if gated else 0, ffn_dim),
+    )
 
 
 @fused_expert_ffn_op.register_fake
@@ -346,10 +419,14 @@ def _(
     activation: str,
     save_h: bool,
     gemm: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
+    save: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rows = token_idx_N.shape[0]
+    dim, ffn_dim = w_in_EDH.shape[1], w_out_EFD.shape[1]
     h_NH = x_TD.new_empty(rows if save_h else 0, w_in_EDH.shape[2])
-    return x_TD.new_empty(x_TD.shape), h_NH, token_idx_N.new_empty(rows)
+    keep = save_h and choose_save(save, dim, ffn_dim) == "all"
+    kept = _kept_buffers(x_TD, rows if keep else 0, dim, ffn_dim, is_gated(activation))
+    return x_TD.new_empty(x_TD.shape), h_NH, token_idx_N.new_empty(rows), *kept
 
 
 # --------------------------------------------------------------------------------------------------- backward
@@ -375,9 +452,13 @@ def fused_expert_ffn_bwd_op(
     need_db_in: bool,
     need_db_out: bool,
     gemm: str = "auto",
+    x_ND: Tensor | None = None,
+    a_NF: Tensor | None = None,
+    act_gate_NF: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dgate, dw_in, dw_out, db_in, db_out)`` in the dtypes of their inputs; a gradient not asked for is
-    empty."""
+    empty. ``x_ND``, ``a_NF``, ``act_gate_NF``: what the forward kept with ``save="all"`` (all three or none;
+    ``act_gate_NF`` empty for plain activations); then nothing is re-gathered or recomputed."""
     num_experts, dim, hidden = w_in_EDH.shape
     ffn_dim = w_out_EFD.shape[1]
     perm = sort_by_expert(token_idx_N, expert_idx_N, num_experts, order_N)
@@ -396,12 +477,15 @@ def fused_expert_ffn_bwd_op(
     w_out_t = w_out_EFD.transpose(1, 2)
     w_in_t = w_in_EDH.transpose(1, 2)
     max_rows = max((c.r1 - c.r0 for c in chunks), default=0)
+    kept = a_NF is not None
+    assert kept == (x_ND is not None) == (act_gate_NF is not None), "x_ND, a_NF and act_gate_NF go together"
+    gated = is_gated(activation)
     # Workspaces, each reused across chunks: dz_buf holds a chunk's output gradients, then its input gradients,
     # then its re-gathered inputs; dh_buf holds the activation output a (dead before dh is written), then dh.
     dz_buf = x_TD.new_empty(max_rows, dim)
     da_buf = x_TD.new_empty(max_rows, ffn_dim)
     dh_buf = x_TD.new_empty(max_rows, hidden)
-    act_gate_buf = x_TD.new_empty(max_rows, ffn_dim) if is_gated(activation) else None
+    act_gate_buf = x_TD.new_empty(max_rows, ffn_dim) if gated and not kept else None
     for chunk in chunks:
         r0, r1 = chunk.r0, chunk.r1
         n = r1 - r0
@@ -410,18 +494,30 @@ def fused_expert_ffn_bwd_op(
         dz_RD = torch.index_select(dout_TD, 0, tok, out=dz_buf[:n])
         da_RF = plan.mm(dz_RD, w_out_t, chunk, da_buf[:n])
         h_chunk = h_NH[r0:r1]
-        a_out = dh_buf.view(-1)[: n * ffn_dim].view(n, ffn_dim)
-        act_gate = None if act_gate_buf is None else act_gate_buf[:n]
-        act_gate_RF, a_RF = act_forward_parts(h_chunk, activation, out=a_out, gate_out=act_gate)
+        if kept:
+            assert a_NF is not None and act_gate_NF is not None
+            a_RF, act_gate_RF = a_NF[r0:r1], (act_gate_NF[r0:r1] if gated else None)
+        else:
+            a_out = dh_buf.view(-1)[: n * ffn_dim].view(n, ffn_dim)
+            act_gate = None if act_gate_buf is None else act_gate_buf[:n]
+            act_gate_RF, a_RF = act_forward_parts(h_chunk, activation, out=a_out, gate_out=act_gate)
         if dgate_R is not None:
             # one batched row dot product: no (n, F) temporary
             torch.bmm(da_RF.unsqueeze(1), a_RF.unsqueeze(2), out=dgate_R[r0:r1].view(n, 1, 1))
             if b_out_ED is not None:
                 plan.bias_dot(dz_RD, b_out_ED, chunk, dgate_R[r0:r1])
-        if db_out is not None:
-            plan.bias_grad(dz_RD * g_R1, chunk, db_out)
-        if dw_out is not None:
-            dw_out = plan.weight_grad(a_RF.mul_(g_R1), dz_RD, chunk, dw_out)
+        if kept:  # the kept a must stay unchanged: the gate scales dz instead (dz is dead after this)
+            if db_out is not None or dw_out is not None:
+                dz_RD.mul_(g_R1)
+            if db_out is not None:
+                plan.bias_grad(dz_RD, chunk, db_out)
+            if dw_out is not None:
+                dw_out = plan.weight_grad(a_RF, dz_RD, chunk, dw_out)
+        else:
+            if db_out is not None:
+                plan.bias_grad(dz_RD * g_R1, chunk, db_out)
+            if dw_out is not None:
+                dw_out = plan.weight_grad(a_RF.mul_(g_R1), dz_RD, chunk, dw_out)
         if not hidden_grad:
             continue
         dh_RH = act_backward(da_RF.mul_(g_R1), h_chunk, activation, act_gate_RF, out=dh_buf[:n])
@@ -430,7 +526,10 @@ def fused_expert_ffn_bwd_op(
         if dx is not None:
             dx.index_add_(0, tok, plan.mm(dh_RH, w_in_t, chunk, dz_buf[:n]))
         if dw_in is not None:
-            x_RD = torch.index_select(x_TD, 0, tok, out=dz_buf[:n])
+            if x_ND is not None:
+                x_RD = x_ND[r0:r1]
+            else:
+                x_RD = torch.index_select(x_TD, 0, tok, out=dz_buf[:n])
             dw_in = plan.weight_grad(x_RD, dh_RH, chunk, dw_in)
     dgate = gate_N.new_empty(0)
     if dgate_R is not None:
@@ -466,6 +565,9 @@ def _(
     need_db_in: bool,
     need_db_out: bool,
     gemm: str = "auto",
+    x_ND: Tensor | None = None,
+    a_NF: Tensor | None = None,
+    act_gate_NF: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     pick = lambda need, t: t.new_empty(t.shape) if need else t.new_empty(0)
     num_experts, dim, hidden = w_in_EDH.shape
@@ -477,20 +579,23 @@ def _(
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED = inputs[:8]
-    ctx.activation, ctx.save_h, ctx.gemm = inputs[8:]
-    _, h_NH, order_N = output
+    ctx.activation, ctx.save_h, ctx.gemm, save = inputs[8:]
+    _, h_NH, order_N, *kept = output
+    ctx.kept = ctx.save_h and choose_save(save, w_in_EDH.shape[1], w_out_EFD.shape[1]) == "all"
     ctx.has_b_in, ctx.has_b_out = b_in_EH is not None, b_out_ED is not None
-    ctx.save_for_backward(x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, h_NH, order_N)
-    ctx.mark_non_differentiable(h_NH, order_N)
+    saved = (x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, h_NH, order_N)
+    ctx.save_for_backward(*saved, *(kept if ctx.kept else ()))
+    ctx.mark_non_differentiable(h_NH, order_N, *kept)
 
 
-def _backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None, _dorder: Tensor | None) -> tuple[Tensor | None, ...]:
-    x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, h_NH, order_N = ctx.saved_tensors
+def _backward(ctx: Any, dout_TD: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+    x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, h_NH, order_N, *kept = ctx.saved_tensors
     if not ctx.save_h:
         raise RuntimeError("moezoo::fused_expert_ffn ran with save_h=False; it cannot be differentiated")
     need_x, need_gate, need_w_in, need_w_out = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
     need_b_in = ctx.has_b_in and ctx.needs_input_grad[6]
     need_b_out = ctx.has_b_out and ctx.needs_input_grad[7]
+    x_ND, a_NF, act_gate_NF = kept if ctx.kept else (None, None, None)
     dx, dgate, dw_in, dw_out, db_in, db_out = fused_expert_ffn_bwd_op(
         dout_TD,
         x_TD,
@@ -510,6 +615,9 @@ def _backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None, _dorder: Tensor | N
         need_b_in,
         need_b_out,
         ctx.gemm,
+        x_ND,
+        a_NF,
+        act_gate_NF,
     )
     return (
         dx if need_x else None,
@@ -520,6 +628,7 @@ def _backward(ctx: Any, dout_TD: Tensor, _dh: Tensor | None, _dorder: Tensor | N
         dw_out if need_w_out else None,
         db_in if need_b_in else None,
         db_out if need_b_out else None,
+        None,
         None,
         None,
         None,
@@ -540,13 +649,16 @@ def expert_ffn_fused(
     b_in_EH: Tensor | None = None,
     b_out_ED: Tensor | None = None,
     gemm: str = "auto",
+    save: str = "auto",
 ) -> Tensor:
     """The ``expert_ffn`` contract (see ``moezoo.ops.reference``) on the fused CPU path; ``gemm``: how the expert
-    GEMMs run, ``"auto"`` (measured rule, :func:`choose_gemm`), ``"loop"`` or ``"grouped_mm"``."""
+    GEMMs run, ``"auto"`` (measured rule, :func:`choose_gemm`), ``"loop"`` or ``"grouped_mm"``; ``save``: what the
+    forward keeps for backward, ``"auto"`` (measured rule, :func:`choose_save`), ``"h"`` or ``"all"``."""
     check_gemm(gemm)
+    check_save(save)
     params = (x_TD, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    out_TD, _, _ = fused_expert_ffn_op(
+    out_TD, *_ = fused_expert_ffn_op(
         x_TD.contiguous(),
         token_idx_N,
         expert_idx_N,
@@ -558,5 +670,6 @@ def expert_ffn_fused(
         activation,
         save_h,
         gemm,
+        save,
     )
     return out_TD

@@ -153,6 +153,22 @@ def test_gemms_and_cpu_clock(capsys: pytest.CaptureFixture[str], tmp_path: Path)
         layer.main([*args, "--clock", "sundial"])
 
 
+def test_saves_add_both_save_modes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--saves`` adds the layer keeping the pre-activations only and keeping everything (same weights, same
+    output); the latter saves more for backward."""
+    modules, x, _ = layer.build_candidates((64, 16, 8, 4, 2), "swiglu", saves=True, with_reference=False)
+    assert set(layer.SAVE_BACKENDS) <= set(modules)
+    layer.check_same_outputs(modules, x)
+    path = tmp_path / "layer.json"
+    args = ["--shape", "64,16,8,4,2", "--repeats", "1", "--threads", "1", "--no-naive", "--no-reference"]
+    assert layer.main([*args, "--saves", "--json", str(path)]) == 0
+    cells = _row_cells(capsys.readouterr().out, "(64, 16, 8, 4, 2)")
+    for column in ("moezoo[save=h]/dense", "moezoo[save=all]/dense", "moezoo[save=all] MiB"):
+        assert cells[column]
+    saved = json.loads(path.read_text())["runs"][0]["extra"]["saved_mib"]
+    assert saved["moezoo[save=all]"] > saved["moezoo[save=h]"]
+
+
 def test_openmp_wait_settings_are_recorded_and_rendered(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

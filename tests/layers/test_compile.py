@@ -145,6 +145,13 @@ def test_reference_backend_compiles_fullgraph(case):
     _assert_compiled_matches_eager(case, mask=None, moe_backend="reference")
 
 
+@pytest.mark.parametrize("moe_backend", ["torch_save_h", "torch_save_all"])
+def test_fused_save_modes_compile_fullgraph(moe_backend):
+    """The fused path keeping the gathered inputs and activations too: its kept tensors' fake shapes follow the
+    input shapes, so the graph holds with them (and with the pre-activations only)."""
+    _assert_compiled_matches_eager("topk_capacity", mask=None, moe_backend=moe_backend)
+
+
 @pytest.mark.parametrize("case", ["topk", "sigmoid_lossfree", "soft"])
 def test_default_compile_has_no_graph_break(case):
     """Without ``fullgraph`` too, a layer whose router keeps every pair is one graph (the issue: 13 breaks)."""

@@ -150,7 +150,7 @@ def test_fused_custom_ops_pass_opcheck(activation, bias):
     torch.library.opcheck(fused.fused_expert_ffn_op, args)
     detached = (None if t is None else t.detach() for t in args[:8])
     torch.library.opcheck(fused.fused_expert_ffn_op, (*detached, activation, False))
-    out, h, order = fused.fused_expert_ffn_op(*args)
+    out, h, order, *_ = fused.fused_expert_ffn_op(*args)
     saved = (x.detach(), token_idx, expert_idx, gate.detach(), w_in.detach(), w_out.detach())
     saved = (*saved, None if b_out is None else b_out.detach(), h, order, activation)
     dout = torch.randn_like(out)
@@ -160,7 +160,7 @@ def test_fused_custom_ops_pass_opcheck(activation, bias):
 
 def test_fused_without_saved_h_refuses_backward():
     x, token_idx, expert_idx, gate, w_in, w_out = make_case(5, 8, 6, 3, 1, "gelu", torch.float32)
-    out, h, _ = fused.fused_expert_ffn_op(x, token_idx, expert_idx, gate, w_in, w_out, None, None, "gelu", False)
+    out, h, *_ = fused.fused_expert_ffn_op(x, token_idx, expert_idx, gate, w_in, w_out, None, None, "gelu", False)
     assert h.shape == (0, 6)
     with pytest.raises(RuntimeError, match="save_h=False"):
         out.sum().backward()

@@ -110,7 +110,7 @@ def test_custom_ops_pass_opcheck_on_grouped_mm(activation, bias):
     x, token_idx, expert_idx, gate, w_in, w_out, b_in, b_out = case
     args = (x, token_idx, expert_idx, gate, w_in, w_out, b_in, b_out, activation, True, "grouped_mm")
     torch.library.opcheck(fused.fused_expert_ffn_op, args)
-    out, h, order = fused.fused_expert_ffn_op(*args)
+    out, h, order, *_ = fused.fused_expert_ffn_op(*args)
     saved = (x.detach(), token_idx, expert_idx, gate.detach(), w_in.detach(), w_out.detach())
     saved = (*saved, None if b_out is None else b_out.detach(), h, order, activation)
     flags = (True, True, True, True, bias, bias)
