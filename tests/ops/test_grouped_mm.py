@@ -96,10 +96,12 @@ def test_experts_cut_by_chunks(monkeypatch, gemm, activation, bias):
     assert_matches_oracle(gemm, case, activation)
 
 
+@pytest.mark.parametrize("save", ["h", "all"])
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_no_pairs(gemm):
-    case = make_case("gelu", True, torch.zeros(0, dtype=torch.long), 4, 0)
-    got = outputs_and_grads(lambda *a: fused.expert_ffn_fused(*a, gemm=gemm), case, "gelu")
+def test_no_pairs(gemm, save):
+    """No routed pair: every gradient is zero, whatever the GEMMs and whatever the forward keeps for backward."""
+    case = make_case("swiglu", True, torch.zeros(0, dtype=torch.long), 4, 0)
+    got = outputs_and_grads(lambda *a: fused.expert_ffn_fused(*a, gemm=gemm, save=save), case, "swiglu")
     for name, g in zip(NAMES, got):
         assert torch.equal(g, torch.zeros_like(g)), name
 
