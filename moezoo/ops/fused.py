@@ -109,10 +109,10 @@ def check_save(save: str) -> str:
     return save
 
 
-def choose_save(save: str, dim: int, ffn_dim: int) -> str:
-    """``"h"`` or ``"all"`` for one call, from the widths alone (so that the fake implementations agree with the
-    real ones under ``torch.compile``): an explicit choice wins; ``"auto"`` takes ``"h"`` at every shape, because
-    ``"all"`` was slower at every shape measured.
+def choose_save(save: str) -> str:
+    """``"h"`` or ``"all"``: an explicit choice wins; ``"auto"`` takes ``"h"`` at every shape, because ``"all"`` was
+    slower at every shape measured. (A rule may read only what the fake implementations also see, the input
+    shapes, so that ``torch.compile`` agrees with eager calls.)
 
     ``"all"`` spares the backward its re-gather of the inputs and its activation recompute (about 0.6 + 1.0 ms of a
     ~50 ms step at ``(2048, 256, 128, 64, 4)``), but writes ``N * (D + F)`` (plain) or ``N * (D + 2F)`` (gated) more
@@ -133,9 +133,7 @@ def choose_save(save: str, dim: int, ffn_dim: int) -> str:
     passes are a large share of the GEMMs, small ``D*F/(D+F)``) had no shape to pick: the smallest widths measured
     lost least but did not win.
     """
-    if check_save(save) != "auto":
-        return save
-    return "h"
+    return "h" if check_save(save) == "auto" else save
 
 
 def grouped_mm_supported(dtype: torch.dtype, widths: tuple[int, ...], *tensors: Tensor) -> bool:
@@ -369,7 +367,7 @@ def fused_expert_ffn_op(
     chunks = plan.chunks()
     max_rows = max((c.r1 - c.r0 for c in chunks), default=0)
     whole = len(chunks) == 1 and chunks[0].whole  # grouped_mm's product of the only chunk is h itself, no copy
-    keep = save_h and choose_save(save, dim, ffn_dim) == "all"
+    keep = save_h and choose_save(save) == "all"
     gated = is_gated(activation)
     x_ND, a_NF, act_gate_NF = _kept_buffers(x_TD, plan.num_rows if keep else 0, dim, ffn_dim, gated)
     h_RH = x_TD.new_empty(0 if whole else plan.num_rows if save_h else max_rows, hidden)
@@ -433,7 +431,7 @@ def _(
     rows = token_idx_N.shape[0]
     dim, ffn_dim = w_in_EDH.shape[1], w_out_EFD.shape[1]
     h_NH = x_TD.new_empty(rows if save_h else 0, w_in_EDH.shape[2])
-    keep = save_h and choose_save(save, dim, ffn_dim) == "all"
+    keep = save_h and choose_save(save) == "all"
     kept = _kept_buffers(x_TD, rows if keep else 0, dim, ffn_dim, is_gated(activation))
     return x_TD.new_empty(x_TD.shape), h_NH, token_idx_N.new_empty(rows), *kept
 
@@ -590,7 +588,7 @@ def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_in_EH, b_out_ED = inputs[:8]
     ctx.activation, ctx.save_h, ctx.gemm, save = inputs[8:]
     _, h_NH, order_N, *kept = output
-    ctx.kept = ctx.save_h and choose_save(save, w_in_EDH.shape[1], w_out_EFD.shape[1]) == "all"
+    ctx.kept = ctx.save_h and choose_save(save) == "all"
     ctx.has_b_in, ctx.has_b_out = b_in_EH is not None, b_out_ED is not None
     saved = (x_TD, token_idx_N, expert_idx_N, gate_N, w_in_EDH, w_out_EFD, b_out_ED, h_NH, order_N)
     ctx.save_for_backward(*saved, *(kept if ctx.kept else ()))

@@ -145,10 +145,9 @@ def test_custom_ops_pass_opcheck_with_save_all(gemm, activation, bias):
 def test_check_save_and_the_rule():
     with pytest.raises(ValueError, match=r"save='everything' is unknown; choose one of \('auto', 'h', 'all'\)"):
         fused.expert_ffn_fused(*make_case("gelu", False, torch.zeros(2).long(), 2, 1)[:6], "gelu", save="everything")
-    assert fused.choose_save("h", 16, 16) == "h"
-    assert fused.choose_save("all", 4096, 4096) == "all"
-    for dim, ffn_dim in ((256, 128), (512, 256), (512, 1024)):  # "all" lost at every measured shape
-        assert fused.choose_save("auto", dim, ffn_dim) == "h"
+    assert fused.choose_save("h") == "h"
+    assert fused.choose_save("all") == "all"
+    assert fused.choose_save("auto") == "h"  # "all" lost at every measured shape
 
 
 @pytest.mark.parametrize("backend,save", [("torch_save_h", "h"), ("torch_save_all", "all")])
