@@ -21,7 +21,7 @@ held-out voices). Without espeak (``--engines espeak``) train, val and test hold
 only: no code-switching, and LR-MoE's language-ID head has one language to learn.
 
 - ``--full``: the default corpus size, 6 epochs of 16 (the released recipe; the best validation-CER checkpoint
-  tested), seeds 0 and 1, the three engines (30 runs; about 10 CPU minutes each).
+  tested), seeds 0 and 1, the three engines (30 runs; omni on flite: 7.8 CPU minutes, 10 minutes wall).
 - ``--quick`` (the default): 160/24/64 utterances (numbers below 100), 120 steps of 8, no validation, seed 0, the
   three engines; each corpus is generated once (the ``espeak`` cell's, festival-heavy, takes longest). A check that
   the benchmark runs, not a result: at 120 steps the models still emit blanks only (CER 1.0 measured, omni on flite).
