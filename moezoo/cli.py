@@ -40,6 +40,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "vision": ("moezoo.tasks.bench.vision", "the ViT router study on Fashion-MNIST: top-k, expert choice, soft MoE"),
     "generation": ("moezoo.tasks.bench.generation", "the DiT-MoE table: dense, top-k, expert choice, ProMoE"),
     "speech": ("moezoo.tasks.bench.speech", "Conformer-CTC: dense, Switch, Omni-router, LR-MoE, global embedding"),
+    "speech-loeo": (
+        "moezoo.tasks.bench.speech_loeo",
+        "the speech rows left one TTS engine out (espeak, flite, festival): CER on the engine never heard",
+    ),
     "timeseries": ("moezoo.tasks.bench.timeseries", "ETTh1 forecasting: dense, token-wise MoE, Seg-MoE, baselines"),
     "router-study": ("moezoo.tasks.bench.router_study", "the router study's table from vision / timeseries runs"),
     "segmoe-ablation": (

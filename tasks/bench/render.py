@@ -102,7 +102,10 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         data = run["data"]
         if data is None:
             continue
-        dense = {r["model"]: r["metric"] for r in data["rows"] if r["router"] == DENSE}
+        dense: dict[str, float] = {}
+        for r in data["rows"]:  # the first dense row of a model is its twin (an ablation's dense rows come later)
+            if r["router"] == DENSE:
+                dense.setdefault(r["model"], r["metric"])
         for r in data["rows"]:
             twin = dense.get(r["model"]) if r["router"] not in UNROUTED else None
             rows.append(

@@ -347,18 +347,19 @@ def cell_verdicts(
     spec: BenchSpec, by_variant: dict[str, dict[str, Any]], subject: str, others: Sequence[str], cells: Sequence[str]
 ) -> list[str]:
     """One line per cell: ``subject`` against each of ``others`` by the seed-spread rule of ``moezoo compare``
-    (within the spread iff ``|mean diff| <= the larger std over seeds``; :func:`moezoo.tasks.compare.verdict`)."""
+    (within the spread iff ``|mean diff| <= the larger std over seeds``; :func:`moezoo.tasks.compare.verdict`); a row
+    without a value of the metric in a cell (no such utterance there) is left out of that cell's line."""
     from moezoo.tasks.compare import verdict  # compare builds on this module
 
     lines = []
     for cell in cells:
         mine = by_variant.get(subject, {}).get(cell)
-        if mine is None:
+        if mine is None or mine["metric"] is None:  # not run there, or the metric is not defined there
             continue
         parts = []
         for other in others:
             theirs = by_variant.get(other, {}).get(cell)
-            if theirs is None:
+            if theirs is None or theirs["metric"] is None:
                 continue
             v = verdict(spec.metric_key, subject, (mine["metric"], mine["metric_std"]), other,
                         (theirs["metric"], theirs["metric_std"]))  # fmt: skip

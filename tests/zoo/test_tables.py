@@ -79,6 +79,12 @@ def test_coverage_names_what_a_partial_raw_file_lacks() -> None:
     assert "| ok | 1.0 | 2 of 6 runs (partial: seeds run 0 of 0, 1; not run: dense) | toy set, accuracy |" in text
 
 
+def test_the_first_dense_row_is_the_twin() -> None:
+    # an ablation's dense row (e.g. speech-loeo's dense_noaug) comes after the benchmark's own twin and is not it
+    rows = render.table_rows([_run("a", [_row("dense", 0.8), _row("topk", 0.9), _row("dense", 0.5)])])
+    assert rows[1]["dense_delta"] == pytest.approx(0.1)
+
+
 def test_baselines_get_no_dense_delta_and_are_labelled(tmp_path: Path) -> None:
     # a baseline of the dense twin's model name still gets no delta: it is no MoE row
     baseline = _row("baseline", 0.7, total_params=0, active_params=0, expert_load_cv=None, dropped_frac=None,
