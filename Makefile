@@ -8,10 +8,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# the speech corpus's three TTS engines and the festival voices it uses (moezoo.tasks.speech.corpus.VOICES)
+# the speech corpus's five TTS engines and the voices it uses (moezoo.tasks.speech.corpus.VOICES); Pico
+# (libttspico-*) and MBROLA (mbrola*) are in Debian's contrib and non-free components
 SPEECH_PACKAGES := flite espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
-	festvox-itapc16k festvox-italp16k
+	festvox-itapc16k festvox-italp16k libttspico-utils libttspico-data mbrola \
+	mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 \
+	mbrola-de1 mbrola-de2 mbrola-de3 mbrola-de4 mbrola-de5 mbrola-de6 mbrola-de7 \
+	mbrola-fr1 mbrola-fr2 mbrola-fr3 mbrola-fr4 mbrola-fr5 mbrola-fr6 mbrola-fr7
 APT_PACKAGES := dataset-fashion-mnist pocketsphinx-testdata $(SPEECH_PACKAGES)
+# When apt finds no candidate for a missing package on Debian, system-deps adds the release's contrib and non-free
+# components in a sources file of its own (written once) and updates the package lists again.
+APT_SOURCES_DIR ?= /etc/apt/sources.list.d
+OS_RELEASE ?= /etc/os-release
+NONFREE_SOURCES := $(APT_SOURCES_DIR)/moezoo-contrib-non-free.sources
+DEBIAN_KEYRING := /usr/share/keyrings/debian-archive-keyring.gpg
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo test lint clean
@@ -31,9 +41,23 @@ system-deps:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 		if [ -n "$$missing" ]; then \
-			echo "installing Debian data packages:$$missing"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
-			|| echo "warning: apt-get could not install$$missing; Fashion-MNIST and speech corpora will be unavailable"; \
+			apt-get update -qq || echo "warning: apt-get update failed"; \
+			has() { apt-cache policy "$$1" 2>/dev/null | grep -q 'Candidate: [^(]'; }; \
+			unknown=""; for p in $$missing; do has $$p || unknown="$$unknown $$p"; done; \
+			ID=""; VERSION_CODENAME=""; [ -r $(OS_RELEASE) ] && . $(OS_RELEASE); \
+			if [ -n "$$unknown" ] && [ "$$ID" = debian ] && [ -n "$$VERSION_CODENAME" ] && [ ! -e $(NONFREE_SOURCES) ]; then \
+				echo "adding Debian's contrib and non-free components ($(NONFREE_SOURCES)) for:$$unknown"; \
+				{ printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: contrib non-free\n' "$$VERSION_CODENAME"; \
+				  if [ -f $(DEBIAN_KEYRING) ]; then echo "Signed-By: $(DEBIAN_KEYRING)"; fi; } > $(NONFREE_SOURCES); \
+				apt-get update -qq || echo "warning: apt-get update failed"; \
+			fi; \
+			install=""; absent=""; for p in $$missing; do if has $$p; then install="$$install $$p"; else absent="$$absent $$p"; fi; done; \
+			[ -z "$$absent" ] || echo "warning: apt-get cannot find$$absent (Pico and MBROLA need Debian's contrib and non-free components); the speech corpus engines that need them will be unavailable"; \
+			if [ -n "$$install" ]; then \
+				echo "installing Debian data packages:$$install"; \
+				(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$install >/dev/null) \
+				|| echo "warning: apt-get could not install$$install; Fashion-MNIST and speech corpora will be unavailable"; \
+			fi; \
 		fi; \
 	else \
 		echo "note: apt-get is not usable here (not root or not Debian): install $(APT_PACKAGES) yourself for"; \

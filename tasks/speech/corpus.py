@@ -1,11 +1,14 @@
 """The embedded speech corpus: multilingual and code-switched spoken numbers, synthesised offline and cached.
 
 Text: numbers written out by ``num2words`` (cardinals, some ordinals) in English, German, Spanish and French
-(Italian and Portuguese on request). Audio from three independent engines: ``espeak-ng`` (formant synthesis, every
-language, 30 voice variants), ``flite`` (English, 4 voices) and ``festival`` (English diphone and HTS voices,
-Italian diphone voices), with per-utterance speed and pitch perturbation and random gain. An utterance is 1-3
-phrases of one language (``mono``) or 2-4 phrases alternating between two languages (``cs``, code-switched; only
-espeak speaks several languages with one voice); each phrase is synthesised on its own, trimmed and concatenated
+(Italian and Portuguese on request). Audio from five independent engines: ``espeak-ng`` (formant synthesis, every
+language, 30 voice variants), ``flite`` (English, 4 voices), ``festival`` (English diphone and HTS voices,
+Italian diphone voices), ``pico`` (SVOX Pico's ``pico2wave``, one voice per locale: en-US, en-GB, de-DE, es-ES,
+fr-FR, it-IT) and ``mbrola`` (MBROLA diphone voices, recorded speakers, with espeak-ng's text analysis and prosody:
+4 English, 7 German, 7 French), with per-utterance speed and pitch perturbation and random gain. Pico and MBROLA come
+from Debian contrib/non-free and are used by the five-engine presets only. An utterance is 1-3 phrases of one
+language (``mono``) or 2-4 phrases alternating between two languages (``cs``, code-switched; only espeak speaks
+several languages with one voice); each phrase is synthesised on its own, trimmed and concatenated
 with short pauses, so every sample's language is known exactly (pauses are ``-1``). Optional acoustic conditions
 (:mod:`.augment`: speed, pitch, reverberation, noise, band-limiting, codec) are planned per utterance.
 
@@ -19,16 +22,20 @@ Two protocols decide which voices go where (:func:`split_voices`):
 
 Either way a *speaker* lives in one split: festival's ``kal_diphone`` and flite's ``kal16`` are the same recorded
 speaker, and so are festival's ``cmu_us_slt_arctic_hts`` and flite's ``slt`` (CMU ARCTIC SLT); a voice of a
-training engine whose speaker is held out is dropped, and :func:`split_voices` checks the result.
+training engine whose speaker is held out is dropped, and :func:`split_voices` checks the result. Every Pico and
+MBROLA voice is a speaker of its own (MBROLA's are other recorded people than espeak's variants; en1 is CSTR's Roger,
+whose festival voice the corpus does not use).
 
 The corpus is written once to ``<root>/<name>/`` (``$MOEZOO_DATA_DIR/speech`` or ``~/.cache/moezoo/speech``):
 ``{train,val,test}/*.wav`` (16 kHz PCM) and ``manifest.jsonl`` (text, language, segments, engine, voice, speaker,
 augmentation of every utterance); ``spec.json`` is written last and marks a complete corpus.
 ``python -m moezoo.tasks.speech.corpus --preset default`` generates it with a progress bar. The presets
 ``default``, ``quick`` and ``smoke`` are the original espeak + flite corpora (released checkpoints are evaluated on
-``default``: their plans must not change); ``engines`` adds festival, ``loeo_<engine>`` leaves one engine out.
+``default``: their plans must not change); ``engines`` adds festival, ``loeo_<engine>`` leaves one of those three
+engines out (their plans are fixed too: the leave-one-engine-out benchmark's rows were measured on them);
+``engines5`` and ``loeo5_<engine>`` are the same with all five engines (:data:`ENGINES`).
 
-Why one long file: planning (voices, splits, acoustic conditions) and rendering (the three engines, caching, the
+Why one long file: planning (voices, splits, acoustic conditions) and rendering (the five engines, caching, the
 manifest) share one utterance plan whose fields must agree; the DSP of the acoustic conditions lives apart in
 :mod:`.augment`.
 """
@@ -46,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +71,9 @@ SAMPLE_RATE = 16000
 SPLITS = ("train", "val", "test")
 LANGUAGES = ("en", "de", "es", "fr")
 ESPEAK_LANG = {"en": "en", "de": "de", "es": "es", "fr": "fr", "it": "it", "pt": "pt"}
-ENGINES = ("espeak", "flite", "festival")
+#: every engine the generator knows; :data:`ENGINES3` are those of the presets ``engines`` and ``loeo_<engine>``
+ENGINES = ("espeak", "flite", "festival", "pico", "mbrola")
+ENGINES3 = ENGINES[:3]
 ESPEAK_VARIANTS = {
     "train": (
         "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "adam", "david", "edward", "john", "linda", "max", "paul",
@@ -81,12 +90,32 @@ ESPEAK_EXTRA_VARIANTS = (
     "klatt3", "klatt4", "klatt5", "klatt6", "m8", "marcelo", "miguel", "norbert", "pablo", "quincy", "rob", "sandro",
     "shelby", "steph2", "steph3", "travis", "whisper", "whisperf",
 )  # fmt: skip
-# The program each engine runs and the Debian package that provides it.
+# The programs each engine runs and the Debian packages that provide them (MBROLA voices speak through espeak-ng).
 ENGINE_PROGRAMS = {
-    "espeak": ("espeak-ng", "espeak-ng"),
-    "flite": ("flite", "flite"),
-    "festival": ("text2wave", "festival"),
+    "espeak": (("espeak-ng", "espeak-ng"),),
+    "flite": (("flite", "flite"),),
+    "festival": (("text2wave", "festival"),),
+    "pico": (("pico2wave", "libttspico-utils"),),
+    "mbrola": (("espeak-ng", "espeak-ng"), ("mbrola", "mbrola")),
 }
+# SVOX Pico: one voice per locale (its data files, Debian non-free libttspico-data), the corpus language it speaks and
+# its split. Held out: de-DE (val) and fr-FR (test), whose languages keep natural-sounding training voices in MBROLA's
+# German and French; both English voices and the only Spanish one train (no other engine has a natural-sounding
+# Spanish voice, and the leave-flite-out study needs every natural English voice in training).
+PICO_VOICES = {"en-US": ("en", "train"), "en-GB": ("en", "train"), "de-DE": ("de", "val"), "es-ES": ("es", "train"),
+               "fr-FR": ("fr", "test"), "it-IT": ("it", "train")}  # fmt: skip
+PICO_LANG_DIR = "/usr/share/pico/lang"
+# MBROLA diphone voices (Debian non-free mbrola-<voice>) whose every corpus number espeak-ng 1.51 can say: es1-es4,
+# it1-it4 and de8 lack diphones espeak-ng asks for (mbrola replaces them with silence, so vowels vanish) and are left
+# out. Held out: one German and one French voice each for val and test; all four English voices train (as Pico's).
+MBROLA_VOICES = {
+    "us1": ("en", "train"), "us2": ("en", "train"), "us3": ("en", "train"), "en1": ("en", "train"),
+    "de1": ("de", "train"), "de2": ("de", "train"), "de3": ("de", "train"), "de4": ("de", "test"),
+    "de5": ("de", "val"), "de6": ("de", "train"), "de7": ("de", "train"),
+    "fr1": ("fr", "train"), "fr2": ("fr", "test"), "fr3": ("fr", "train"), "fr4": ("fr", "train"),
+    "fr5": ("fr", "train"), "fr6": ("fr", "val"), "fr7": ("fr", "train"),
+}  # fmt: skip
+MBROLA_DIRS = ("/usr/share/mbrola", "/usr/share/mbrola/voices")
 
 
 @dataclass(frozen=True)
@@ -125,6 +154,9 @@ VOICES: tuple[Voice, ...] = (
         Voice("espeak", v, tuple(ESPEAK_LANG), f"espeak:{v}", "train", "espeak-ng", extra=True)
         for v in ESPEAK_EXTRA_VARIANTS
     ),
+    # new engines after every earlier voice: split_voices keeps VOICES order, and the earlier presets' plans with it
+    *(Voice("pico", v, (lang,), f"pico:{v}", split, "libttspico-data") for v, (lang, split) in PICO_VOICES.items()),
+    *(Voice("mbrola", v, (lang,), f"mbrola:{v}", split, f"mbrola-{v}") for v, (lang, split) in MBROLA_VOICES.items()),
 )
 INSTALL_HINT = "install them with `apt-get install {packages}` (Debian/Ubuntu) or `make system-deps`"
 
@@ -133,9 +165,10 @@ INSTALL_HINT = "install them with `apt-get install {packages}` (Debian/Ubuntu) o
 class CorpusSpec:
     """What to generate; the name of the cache folder is derived from every field.
 
-    ``non_espeak_frac``: share of monolingual utterances given to flite or festival when one of their voices speaks
-    the language (uniformly between them). ``engines``: the engines used; ``holdout_engine``: leave that engine out
-    of train and val (see the module docstring); ``heldout_test_frac``: share of its test utterances then.
+    ``non_espeak_frac``: share of monolingual utterances given to another engine than espeak when one of its voices
+    speaks the language (uniformly between those engines). ``engines``: the engines used; ``holdout_engine``: leave
+    that engine out of train and val (see the module docstring); ``heldout_test_frac``: share of its test utterances
+    then.
     ``augment``: acoustic conditions (:data:`moezoo.tasks.speech.augment.AUGMENTATIONS`), each applied to an
     utterance of ``augment_splits`` with probability ``augment_prob``. ``espeak_extra``: train on the 53 other
     espeak variants too (:data:`ESPEAK_EXTRA_VARIANTS`).
@@ -250,8 +283,10 @@ PRESETS = {
     "default": CorpusSpec(),
     "smoke": CorpusSpec(num_train=24, num_val=8, num_test=8, max_number=100),
     "quick": CorpusSpec(num_train=1200, num_val=100, num_test=240, max_number=100),
-    "engines": CorpusSpec(engines=ENGINES),
-    **{f"loeo_{e}": CorpusSpec(engines=ENGINES, holdout_engine=e) for e in ENGINES},
+    "engines": CorpusSpec(engines=ENGINES3),
+    **{f"loeo_{e}": CorpusSpec(engines=ENGINES3, holdout_engine=e) for e in ENGINES3},
+    "engines5": CorpusSpec(engines=ENGINES),
+    **{f"loeo5_{e}": CorpusSpec(engines=ENGINES, holdout_engine=e) for e in ENGINES},
 }
 
 
@@ -277,19 +312,49 @@ def festival_voices() -> frozenset[str]:
     return frozenset(result.stdout.decode(errors="replace").strip().strip("()").split())
 
 
+def pico_voices() -> frozenset[str]:
+    """The Pico locales whose two data files (text analysis ``_ta``, speaker ``_sg``) are installed."""
+    folder = Path(PICO_LANG_DIR)
+    return frozenset(
+        locale
+        for locale in PICO_VOICES
+        if (folder / f"{locale}_ta.bin").is_file() and any(folder.glob(f"{locale}_*_sg.bin"))
+    )
+
+
+def mbrola_voices() -> frozenset[str]:
+    """The MBROLA voices installed where espeak-ng looks for them (``<dir>/<voice>`` or ``<dir>/<voice>/<voice>``)."""
+    return frozenset(
+        v for v in MBROLA_VOICES for d in MBROLA_DIRS if (Path(d) / v).is_file() or (Path(d) / v / v).is_file()
+    )
+
+
+def installed_voices(engine: str) -> frozenset[str] | None:
+    """The installed voices of an engine whose voices are packaged apart from its program; ``None`` for espeak and
+    flite (their voices come with the program)."""
+    listers: dict[str, Callable[[], frozenset[str]]] = {
+        "festival": festival_voices,
+        "pico": pico_voices,
+        "mbrola": mbrola_voices,
+    }
+    return listers[engine]() if engine in listers else None
+
+
 def missing_packages(spec: CorpusSpec) -> dict[str, str]:
-    """``{what is missing: Debian package}`` for the programs and festival voices ``spec`` needs."""
+    """``{what is missing: Debian package}`` for the programs and voices ``spec`` needs."""
     used = {v for members in split_voices(spec).values() for v in members}
     missing = {}
     for engine in spec.engines:
-        program, package = ENGINE_PROGRAMS[engine]
-        if missing_engines([program]):
-            missing[f"the program {program}"] = package
-    if "festival" in spec.engines and "the program text2wave" not in missing:
-        have = festival_voices()
-        for v in sorted(used, key=VOICES.index):
-            if v.engine == "festival" and v.name not in have:
-                missing[f"the festival voice {v.name}"] = v.package
+        absent = False
+        for program, package in ENGINE_PROGRAMS[engine]:
+            if missing_engines([program]):
+                missing[f"the program {program}"] = package
+                absent = True
+        have = None if absent else installed_voices(engine)
+        if have is not None:
+            for v in sorted(used, key=VOICES.index):
+                if v.engine == engine and v.name not in have:
+                    missing[f"the {engine} voice {v.name}"] = v.package
     return missing
 
 
@@ -319,10 +384,10 @@ class UtterancePlan:
     split: str
     kind: str  # "mono" or "cs"
     phrases: list[Phrase]
-    engine: str  # "espeak", "flite" or "festival"
+    engine: str  # one of ENGINES
     voice: str
-    speed: float  # espeak words per minute, or flite / festival duration stretch
-    pitch: float  # espeak pitch 0-99, flite / festival mean f0 (Hz; 0 = the festival voice's own)
+    speed: float  # espeak / mbrola words per minute, or flite / festival / pico duration stretch
+    pitch: float  # espeak / mbrola pitch 0-99, flite / festival mean f0 (Hz; 0 = the festival voice's own), pico %
     gain: float
     pauses_ms: list[int]
     speaker: str = ""
@@ -343,7 +408,7 @@ def plan_corpus(spec: CorpusSpec) -> list[UtterancePlan]:
 
     Per utterance (one random stream each): under leave-one-engine-out, a test utterance first draws whether it
     comes from the held-out engine (then only in languages the training voices speak); then code-switching, the
-    languages, the texts, the engine (espeak, or flite/festival with probability ``non_espeak_frac`` where one
+    languages, the texts, the engine (espeak, or another with probability ``non_espeak_frac`` where one of its voices
     speaks the language), the voice, speed, pitch, pauses and gain; the acoustic conditions come from streams of
     their own (:func:`moezoo.tasks.speech.augment.plan_steps`), so switching them leaves the rest unchanged.
     """
@@ -379,10 +444,12 @@ def plan_corpus(spec: CorpusSpec) -> list[UtterancePlan]:
             if others and ("espeak" not in engines or rng.random() < spec.non_espeak_frac):
                 engine = others[0] if len(others) == 1 else rng.choice(others)
             voice = rng.choice([v for v in candidates if v.engine == engine])
-            if engine == "espeak":
+            if engine in ("espeak", "mbrola"):
                 speed, pitch = float(rng.randint(130, 200)), float(rng.randint(25, 75))
             elif engine == "flite":
                 speed, pitch = rng.uniform(0.85, 1.2), rng.uniform(90.0, 180.0)
+            elif engine == "pico":
+                speed, pitch = rng.uniform(0.85, 1.2), rng.uniform(85.0, 120.0)
             else:
                 speed, pitch = rng.uniform(0.85, 1.2), rng.uniform(*voice.f0_range) if voice.f0_range else 0.0
             pauses = [rng.randint(40, 250) for _ in range(len(phrases) + 1)]
@@ -415,6 +482,14 @@ def _tts_command(phrase: Phrase, plan: UtterancePlan, path: str) -> tuple[list[s
             cmd += ["-eval", f"(set! int_lr_params '((target_f0_mean {plan.pitch:.1f}) (target_f0_std 14) "
                     "(model_f0_mean 170) (model_f0_std 34)))"]  # fmt: skip
         return cmd, phrase.text.encode("latin-1")
+    if plan.engine == "pico":
+        # Pico's markup: speed and pitch in percent of the voice's own (speed is a rate: the inverse of the stretch).
+        speed, pitch = round(100 / plan.speed), round(plan.pitch)
+        text = f"<speed level='{speed}'><pitch level='{pitch}'>{phrase.text}</pitch></speed>"
+        return ["pico2wave", "-l", plan.voice, "-w", path, text], None
+    if plan.engine == "mbrola":
+        cmd = ["espeak-ng", "-v", f"mb-{plan.voice}", "-s", str(int(plan.speed)), "-p", str(int(plan.pitch))]
+        return cmd + ["-w", path, phrase.text], None
     voice = f"{ESPEAK_LANG[phrase.lang]}+{plan.voice}"
     cmd = ["espeak-ng", "-v", voice, "-s", str(int(plan.speed)), "-p", str(int(plan.pitch)), "-w", path]
     return cmd + [phrase.text], None
@@ -428,10 +503,15 @@ def _synthesise(phrase: Phrase, plan: UtterancePlan, workdir: str) -> np.ndarray
     cmd, stdin = _tts_command(phrase, plan, path)
     try:
         result = subprocess.run(cmd, input=stdin, capture_output=True, timeout=60)
-        if result.returncode != 0 or not os.path.exists(path):
+        # mbrola exits 0 after putting silence where its voice lacks a diphone espeak-ng asked for: the audio would
+        # miss a sound its transcript has
+        dropped = plan.engine == "mbrola" and b"unknown, replaced with" in result.stderr
+        if result.returncode != 0 or not os.path.exists(path) or dropped:
             raise RuntimeError(
                 f"{cmd[0]} ({plan.engine} voice {plan.voice}) failed on {phrase.text!r} (exit status "
-                f"{result.returncode}, output path {path!r}): {result.stderr.decode(errors='replace')[-500:]}"
+                f"{result.returncode}, output path {path!r}"
+                f"{', the voice lacks diphones of the text' if dropped else ''}): "
+                f"{result.stderr.decode(errors='replace')[-500:]}"
             )
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
     finally:

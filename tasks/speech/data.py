@@ -488,7 +488,8 @@ class SpeechCorpusDataModule(SpeechDataModule):
     Args:
         preset: ``"default"`` (3000/200/400 utterances, espeak + flite, held-out voices), ``"quick"``
             (1200/100/240), ``"smoke"`` (24/8/8), ``"engines"`` (default + festival) or ``"loeo_espeak"``,
-            ``"loeo_flite"``, ``"loeo_festival"`` (three engines, that one only in test).
+            ``"loeo_flite"``, ``"loeo_festival"`` (three engines, that one only in test); ``"engines5"`` and
+            ``"loeo5_<engine>"`` the same with pico and mbrola too (Debian contrib/non-free).
         root: cache root (default ``$MOEZOO_DATA_DIR/speech`` or ``~/.cache/moezoo/speech``); never the repo.
         num_train, num_val, num_test, code_switch_frac, max_number, corpus_seed: override the preset.
         engines, holdout_engine, heldout_test_frac, non_espeak_frac: override the preset (see

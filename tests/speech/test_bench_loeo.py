@@ -14,7 +14,7 @@ from moezoo.tasks.bench import speech_loeo as bench
 from moezoo.tasks.bench.render import readme_markers
 from moezoo.tasks.bench.schema import validate
 from moezoo.tasks.bench.suite import parse_args, readme_block, run_specs
-from moezoo.tasks.speech.corpus import PRESETS, missing_packages
+from moezoo.tasks.speech.corpus import ENGINES, ENGINES3, PRESETS, missing_packages
 
 ALL_SIX = "[speed, pitch, reverb, noise, bandlimit, codec]"
 SIZES = ("num_train", "num_val", "num_test")
@@ -136,3 +136,36 @@ def test_a_tiny_run_through_fit(tmp_path: Path) -> None:
     assert omni["params"]["active"] < omni["params"]["total"] and omni["extra"]["ood_cer"] >= 0
     text = readme.read_text()
     assert "STALE-TABLE" not in text and "| variant | held-out flite |" in text and "flite: en" in text
+
+
+def test_the_five_engine_corpus_selects_its_presets(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = bench.corpus_spec("loeo5")
+    assert bench.corpus_spec("loeo") is bench.SPEC and spec.full.cells == ENGINES and spec.quick.cells == ENGINES
+    _, one, _ = parse_args(spec, ["--full", "--variants", "omni", "--seeds", "0", "--engines", "flite"])
+    (run,) = run_specs(spec, one)
+    assert _value(run.overrides, "--data.init_args.preset") == "loeo5_flite" and run.cell == "flite"
+    assert _value(run.overrides, "--data.init_args.augment") == ALL_SIX  # the same recipe as the three-engine rows
+    presets = [_value(r.overrides, "--data.init_args.preset") for r in run_specs(spec, spec.quick)]
+    assert list(dict.fromkeys(presets)) == [f"loeo5_{e}" for e in ENGINES]
+    assert "espeak-ng / flite / festival / pico / mbrola" in spec.dataset
+    with pytest.raises(ValueError, match="engine='pico' is not a TTS engine of the corpus 'loeo'"):
+        bench.engine_overrides("pico")
+    with pytest.raises(ValueError, match="corpus='loeo7' is not a leave-one-engine-out corpus"):
+        bench.corpus_spec("loeo7")
+    # main: --corpus is taken out of the arguments, the runs get a folder of their own
+    seen: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(bench, "run_main", lambda s, args: seen.append((s.full.cells, args)) or 0)
+    assert bench.main(["--corpus", "loeo5", "--engines", "pico", "--full"]) == 0
+    assert seen[-1] == (ENGINES, ["--engines", "pico", "--full", "--out", "bench_results/runs/speech-loeo5"])
+    assert bench.main(["--engines", "flite", "--corpus", "loeo5", "--out", "x"]) == 0
+    assert seen[-1][1] == ["--engines", "flite", "--out", "x"]
+    assert bench.main(["--engines", "flite"]) == 0 and seen[-1] == (ENGINES3, ["--engines", "flite"])
+
+
+def test_an_unknown_corpus_or_an_engine_outside_it_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--corpus", "loeo7"]) == 2
+    assert "--corpus 'loeo7' unknown; choose from ['loeo', 'loeo5']" in capsys.readouterr().err
+    assert bench.main(["--engines", "mbrola"]) == 2
+    assert "--engines ['mbrola'] unknown for --corpus loeo" in capsys.readouterr().err
+    assert bench.main(["--corpus", "loeo5", "--readme", "README.md"]) == 2  # the README block is the three-engine one
+    assert "--readme holds the three-engine table" in capsys.readouterr().err
