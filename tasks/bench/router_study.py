@@ -2,6 +2,10 @@
 
 ``moezoo bench router-study RUNS.json [RUNS.json ...] [--reference VARIANT] [--out FILE.md] [--readme README.md]``
 
+``--readme`` writes each domain's table into its own block, between ``<!-- moezoo-bench-router-study-<domain>:begin
+-->`` and ``...:end -->`` (the vision table beside the vision section, the time-series one beside the time series);
+``--out`` and the printout have every domain of the files.
+
 The runs are the ``--json`` files of ``moezoo bench vision`` (``--variants topk,xmoe,...``) and ``moezoo bench
 timeseries`` (``--variants moe_topk,moe_xmoe,...``); nothing is trained here. Files of the same domain are pooled (a
 run set made in several processes); a (variant, seed, cell) twice, or one variant run at one cell with different
@@ -39,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moezoo.tasks.bench.render import publish, table_parser
+from moezoo.io import write_text_atomic
+from moezoo.tasks.bench.render import readme_markers, replace_readme_block, table_parser
 from moezoo.tasks.bench.suite import BenchSpec
 
 NAME = "router-study"
@@ -217,16 +222,42 @@ def spec_of(domain: str) -> BenchSpec:
 
 def report(paths: Sequence[str], references: dict[str, str]) -> str:
     """The study's Markdown: one section per domain of the files."""
-    sections = []
+    return "\n\n".join(domain_reports(paths, references).values())
+
+
+def domain_reports(paths: Sequence[str], references: dict[str, str]) -> dict[str, str]:
+    """Each domain of the files and its section of the study's Markdown."""
+    sections = {}
     for domain, runs in load(paths).items():
         spec, reference = spec_of(domain), references.get(domain, REFERENCES[domain])
         n_seeds = sorted({r["seed"] for r in runs})
-        sections.append(
+        sections[domain] = (
             f"**{domain}** ({len(runs)} runs through `moezoo fit`, seeds {', '.join(map(str, n_seeds))}; test "
             f"{spec.metric} ({spec.dataset.split(',')[0]}), reference {reference}):\n\n"
             + markdown(spec, study_rows(spec, runs, reference), reference)
         )
-    return "\n\n".join(sections)
+    return sections
+
+
+def publish_study(paths: Sequence[str], references: dict[str, str], out: str | None, readme: str | None) -> int:
+    """Print the study (and write ``out``); with ``readme``, each domain's table into that domain's block. 0, or 2
+    with the reason on stderr (runs or README unreadable, a block missing: nothing is written then)."""
+    try:
+        sections = domain_reports(paths, references)
+        if readme:
+            path = Path(readme)
+            text = path.read_text()
+            for domain, section in sections.items():
+                text = replace_readme_block(text, section, readme_markers(f"{NAME}-{domain}"))
+            write_text_atomic(path, text)
+    except (OSError, ValueError) as err:
+        print(f"moezoo bench {NAME}: {err}", file=sys.stderr)
+        return 2
+    text = "\n\n".join(sections.values())
+    print(text)
+    if out:
+        write_text_atomic(Path(out), text + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if domain not in DOMAINS or not variant:
             p.error(f"--reference must be DOMAIN=VARIANT with DOMAIN in {sorted(DOMAINS)}, got {item!r}")
         references[domain] = variant
-    return publish(NAME, lambda: report(args.runs, references), args.out, args.readme)
+    return publish_study(args.runs, references, args.out, args.readme)
 
 
 if __name__ == "__main__":

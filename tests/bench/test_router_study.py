@@ -133,13 +133,21 @@ def test_load_pools_files_of_a_domain_and_refuses_mixed_budgets(tmp_path: Path) 
 def test_main_writes_the_markdown_and_the_readme_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path / "ts.json", "timeseries", synthetic_timeseries())
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- moezoo-bench-router-study:begin -->\nold\n<!-- moezoo-bench-router-study:end -->\n")
+    block = "<!-- moezoo-bench-router-study-{0}:begin -->\nold {0}\n<!-- moezoo-bench-router-study-{0}:end -->\n"
+    readme.write_text("# x\n" + block.format("vision") + "## y\n")
     out = tmp_path / "study.md"
+    assert study.main([path, "--readme", str(readme)]) == 2  # no time-series block: the README is left as it was
+    assert "moezoo-bench-router-study-timeseries:begin" in capsys.readouterr().err
+    assert "old vision" in readme.read_text()
+    readme.write_text("# x\n" + block.format("vision") + "## y\n" + block.format("timeseries"))
     assert study.main([path, "--out", str(out), "--readme", str(readme)]) == 0
     text = out.read_text()
     assert text.startswith("**timeseries**") and "| moe_soft | soft |" in text
     assert text.strip() in capsys.readouterr().out
-    assert "old" not in readme.read_text() and "| moe_xmoe | xmoe |" in readme.read_text()
+    # each domain's table in its own block, the other domains' blocks untouched
+    assert "old timeseries" not in readme.read_text() and "| moe_xmoe | xmoe |" in readme.read_text()
+    assert "old vision" in readme.read_text()
+    assert readme.read_text().index("| moe_xmoe |") > readme.read_text().index("## y")
     assert study.main([path, "--reference", "timeseries=moe_gmm"]) == 2
     assert "no runs of 'moe_gmm'" in capsys.readouterr().err
     assert study.main([path, "--reference", "timeseries=moe_xmoe"]) == 0
