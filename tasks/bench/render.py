@@ -66,14 +66,25 @@ def publish(name: str, make: Callable[[], str], out: str | None, readme: str | N
     """The end of a table command ``moezoo bench <name>``: make the Markdown, write it into ``readme``'s block
     (:func:`readme_markers`) and to ``out``, print it; 0, or 2 with the reason on stderr when the runs or a file
     cannot be read (``OSError`` / ``ValueError``)."""
+    return publish_blocks(name, lambda: {name: make()}, out, readme)
+
+
+def publish_blocks(name: str, make: Callable[[], dict[str, str]], out: str | None, readme: str | None) -> int:
+    """:func:`publish` for a command whose tables go into several README blocks: ``make`` returns block name ->
+    Markdown; every block is replaced in one write (a missing block is an error and nothing is written), and the
+    tables are printed (and written to ``out``) one after another."""
     try:
-        text = make()
+        blocks = make()
         if readme:
             path = Path(readme)
-            write_text_atomic(path, replace_readme_block(path.read_text(), text, readme_markers(name)))
+            text = path.read_text()
+            for block, table in blocks.items():
+                text = replace_readme_block(text, table, readme_markers(block))
+            write_text_atomic(path, text)
     except (OSError, ValueError) as err:
         print(f"moezoo bench {name}: {err}", file=sys.stderr)
         return 2
+    text = "\n\n".join(blocks.values())
     print(text)
     if out:
         write_text_atomic(Path(out), text + "\n")

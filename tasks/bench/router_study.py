@@ -43,8 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moezoo.io import write_text_atomic
-from moezoo.tasks.bench.render import readme_markers, replace_readme_block, table_parser
+from moezoo.tasks.bench.render import publish_blocks, table_parser
 from moezoo.tasks.bench.suite import BenchSpec
 
 NAME = "router-study"
@@ -242,22 +241,11 @@ def domain_reports(paths: Sequence[str], references: dict[str, str]) -> dict[str
 def publish_study(paths: Sequence[str], references: dict[str, str], out: str | None, readme: str | None) -> int:
     """Print the study (and write ``out``); with ``readme``, each domain's table into that domain's block. 0, or 2
     with the reason on stderr (runs or README unreadable, a block missing: nothing is written then)."""
-    try:
-        sections = domain_reports(paths, references)
-        if readme:
-            path = Path(readme)
-            text = path.read_text()
-            for domain, section in sections.items():
-                text = replace_readme_block(text, section, readme_markers(f"{NAME}-{domain}"))
-            write_text_atomic(path, text)
-    except (OSError, ValueError) as err:
-        print(f"moezoo bench {NAME}: {err}", file=sys.stderr)
-        return 2
-    text = "\n\n".join(sections.values())
-    print(text)
-    if out:
-        write_text_atomic(Path(out), text + "\n")
-    return 0
+
+    def blocks() -> dict[str, str]:
+        return {f"{NAME}-{domain}": section for domain, section in domain_reports(paths, references).items()}
+
+    return publish_blocks(NAME, blocks, out, readme)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
