@@ -9,9 +9,11 @@ warning (:mod:`moezoo.tasks.legacy`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -101,16 +103,26 @@ class MoEZooCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         self._command_line_model_args = model_args_named(sys.argv[1:] if args is None else args)
-        # An optimiser or scheduler class named on the command line gets its own defaults, as in a config.
-        if args is None and class_options_as_specs(sys.argv[1:]) != sys.argv[1:]:
-            self.config = parser.parse_args(class_options_as_specs(sys.argv[1:]))  # as LightningCLI parses sys.argv
-        else:
-            args = class_options_as_specs(args) if isinstance(args, list) else args
-            super().parse_arguments(parser, args)  # type: ignore[arg-type]
+        # model_kwargs set two or more levels deep are merged in after parsing (the parser would replace the
+        # config's sub-dict and keep the value as text); the rest is parsed as usual.
+        argv, nested = split_nested_model_kwargs(sys.argv[1:] if args is None else args)
+        # --print_config waits for that merge (jsonargparse's own action, private API, pinned in constraints.txt)
+        from jsonargparse._actions import _ActionPrintConfig
+
+        with _ActionPrintConfig.skip_print_config() if nested else contextlib.nullcontext():
+            if args is None and (nested or class_options_as_specs(argv) != argv):
+                # An optimiser or scheduler class named on the command line gets its own defaults, as in a config.
+                self.config = parser.parse_args(class_options_as_specs(argv))  # as LightningCLI parses sys.argv
+            else:
+                args = class_options_as_specs(argv) if isinstance(argv, list) else args
+                super().parse_arguments(parser, args)  # type: ignore[arg-type]
         # Before LightningCLI reads --ckpt_path's hyperparameters (a safetensors release is no checkpoint).
         from moezoo.tasks.zoo.finetune import check_ckpt_path
 
         subcommand = self.config.get("subcommand")
+        merge_nested_model_kwargs(self.config.get(subcommand) if subcommand else self.config, nested)
+        if nested:
+            _ActionPrintConfig.print_config_if_requested(parser, self.config)
         if subcommand is not None:
             check_ckpt_path(self.config.get(subcommand, {}).get("ckpt_path"), subcommand)
 
@@ -168,6 +180,61 @@ def model_args_named(args: object) -> tuple[str, ...]:
         if path and path[0] not in ("class_path", "init_args", "dict_kwargs"):
             names.append(path[0])
     return tuple(dict.fromkeys(names))
+
+
+def split_nested_model_kwargs(args: object) -> tuple[object, list[tuple[tuple[str, ...], str]]]:
+    """``args`` without the ``model_kwargs`` entries they set two or more levels deep, and those entries as (key
+    path, text): ``--model.init_args.model_kwargs.moe.dense true`` (or ``=true``, or the short
+    ``--model.model_kwargs.moe.dense``) gives ``(("moe", "dense"), "true")``. One level deep
+    (``--model.init_args.model_kwargs.depth 3``) stays with the parser, which types and merges it."""
+    if not isinstance(args, (list, tuple)):
+        return args, []
+    rest: list[Any] = []
+    nested = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        option, eq, text = arg.partition("=") if isinstance(arg, str) else ("", "", "")
+        path = option.split(".")[1:] if option.startswith("--model.") else []
+        if path and path[0] == "init_args":
+            path = path[1:]
+        if len(path) >= 3 and path[0] == "model_kwargs" and (eq or i + 1 < len(args)):
+            if not eq:
+                i, text = i + 1, args[i + 1]
+            nested.append((tuple(path[1:]), text))
+        else:
+            rest.append(arg)
+        i += 1
+    return (rest if isinstance(args, list) else tuple(rest)), nested
+
+
+def merge_nested_model_kwargs(config: Any, nested: Sequence[tuple[tuple[str, ...], str]]) -> None:
+    """Set each (key path, text) of :func:`split_nested_model_kwargs` in the config's ``model_kwargs``, typed as
+    YAML (``true`` is ``True``, ``2`` is 2, ``[3, 5]`` a list) and merged into what the config already holds there:
+    ``--model.init_args.model_kwargs.moe.top_k 1`` keeps the config's other ``moe`` entries."""
+    if not nested or config is None:
+        return
+    import yaml
+
+    kwargs = dict(config.get("model.init_args.model_kwargs") or {})
+    for path, text in nested:
+        node = kwargs
+        for key in path[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                raise ValueError(
+                    f"--model.init_args.model_kwargs.{'.'.join(path)}: model_kwargs.{key} is {child!r}, not a mapping"
+                )
+            else:
+                child = node[key] = dict(child)
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            node[path[-1]] = text  # not YAML: the model's own check names the argument
+    config["model.init_args.model_kwargs"] = kwargs
 
 
 def check_checkpoint_task(config: Any) -> None:

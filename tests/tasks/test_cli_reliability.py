@@ -60,3 +60,50 @@ def test_command_line_task_arguments_are_found_in_every_spelling():
     args += ["--model.init_args.optimizer.init_args.lr", "1e-3", "--model.class_path", "X", "--data.init_args.a", "1"]
     assert model_args_named(args) == ("predict_conf", "predict_dir", "optimizer")
     assert model_args_named(None) == ()
+
+
+def test_nested_model_kwargs_arguments_are_found_in_every_spelling():
+    from moezoo.tasks.cli import split_nested_model_kwargs
+
+    args = ["fit", "--model.init_args.model_kwargs.moe.dense", "true", "--model.model_kwargs.moe.top_k=2"]
+    args += ["--model.init_args.model_kwargs.depth", "3", "--data.init_args.model_kwargs.moe.x", "1"]
+    rest, nested = split_nested_model_kwargs(args)
+    assert nested == [(("moe", "dense"), "true"), (("moe", "top_k"), "2")]
+    assert rest == ["fit", "--model.init_args.model_kwargs.depth", "3", "--data.init_args.model_kwargs.moe.x", "1"]
+    assert split_nested_model_kwargs(None) == (None, [])
+
+
+def _model_kwargs(tmp_path, monkeypatch, config, *args):
+    monkeypatch.chdir(tmp_path)
+    return cli_main(["--config", str(config), "--trainer.logger", "false", *args], run=False).model
+
+
+@pytest.mark.parametrize("spelling", [["--model.init_args.model_kwargs.moe.dense", "true"],
+                                      ["--model.model_kwargs.moe.dense=true"]])  # fmt: skip
+def test_nested_model_kwargs_on_the_command_line_are_typed_and_merged(tmp_path, monkeypatch, spelling):
+    """The parser kept a value two levels deep as text ("moe.dense must be true or false, got 'true'") and let
+    the last such option replace the whole sub-dict (``moe.top_k 1`` after ``moe.dense true`` built an MoE)."""
+    task = _model_kwargs(tmp_path, monkeypatch, SMOKE, *spelling, "--model.init_args.model_kwargs.moe.top_k", "1")
+    assert not any("experts" in name for name, _ in task.model.named_parameters())  # the dense twin was built
+    assert task.hparams.model_kwargs["moe"] == {"dense": True, "top_k": 1}
+
+
+def test_a_nested_model_kwargs_option_keeps_the_configs_other_entries(tmp_path, monkeypatch):
+    config = tmp_path / "dense.yaml"
+    config.write_text(
+        SMOKE.read_text().replace("      patch_size: 2\n", "      patch_size: 2\n      moe: {dense: true}\n")
+    )
+    assert "dense: true" in config.read_text()
+    task = _model_kwargs(tmp_path, monkeypatch, config, "--model.init_args.model_kwargs.moe.top_k", "1")
+    assert task.hparams.model_kwargs["moe"] == {"dense": True, "top_k": 1}
+    assert not any("experts" in name for name, _ in task.model.named_parameters())
+    with pytest.raises(ValueError, match="model_kwargs.patch_size is 2, not a mapping"):
+        _model_kwargs(tmp_path, monkeypatch, config, "--model.init_args.model_kwargs.patch_size.x", "1")
+
+
+def test_print_config_shows_nested_model_kwargs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(SMOKE), "--model.init_args.model_kwargs.moe.top_k", "1", "--print_config"]
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    assert "moe:\n        top_k: 1\n" in capsys.readouterr().out
