@@ -114,7 +114,7 @@ class MoEZooCLI(LightningCLI):
                 # An optimiser or scheduler class named on the command line gets its own defaults, as in a config.
                 self.config = parser.parse_args(class_options_as_specs(argv))  # as LightningCLI parses sys.argv
             else:
-                args = class_options_as_specs(argv) if isinstance(argv, list) else args
+                args = class_options_as_specs(argv) if isinstance(argv, list) else argv
                 super().parse_arguments(parser, args)  # type: ignore[arg-type]
         # Before LightningCLI reads --ckpt_path's hyperparameters (a safetensors release is no checkpoint).
         from moezoo.tasks.zoo.finetune import check_ckpt_path
@@ -164,6 +164,19 @@ class MoEZooCLI(LightningCLI):
             write_json_atomic(Path(log_dir) / "test_metrics.json", metrics)
 
 
+def model_option_path(arg: object) -> tuple[list[str], str | None]:
+    """The task argument path a command-line token sets, and its ``=value`` if it carries one:
+    ``--model.init_args.model_kwargs.moe.dense=true`` (or the short ``--model.model_kwargs...``) gives
+    ``(["model_kwargs", "moe", "dense"], "true")``; a token that is not a ``--model.`` option gives ``([], None)``."""
+    if not isinstance(arg, str) or not arg.startswith("--model."):
+        return [], None
+    option, eq, value = arg.partition("=")
+    path = option.split(".")[1:]
+    if path and path[0] == "init_args":
+        path = path[1:]
+    return path, (value if eq else None)
+
+
 def model_args_named(args: object) -> tuple[str, ...]:
     """The task's arguments a command line sets: ``--model.init_args.predict_conf 0.1`` (or ``=0.1``, or the short
     ``--model.predict_conf``) names ``predict_conf``; nested ones (``--model.init_args.optimizer.init_args.lr``)
@@ -172,11 +185,7 @@ def model_args_named(args: object) -> tuple[str, ...]:
         return ()
     names = []
     for arg in args:
-        if not isinstance(arg, str) or not arg.startswith("--model."):
-            continue
-        path = arg.split("=", 1)[0].split(".")[1:]
-        if path and path[0] == "init_args":
-            path = path[1:]
+        path, _ = model_option_path(arg)
         if path and path[0] not in ("class_path", "init_args", "dict_kwargs"):
             names.append(path[0])
     return tuple(dict.fromkeys(names))
@@ -193,17 +202,13 @@ def split_nested_model_kwargs(args: object) -> tuple[object, list[tuple[tuple[st
     nested = []
     i = 0
     while i < len(args):
-        arg = args[i]
-        option, eq, text = arg.partition("=") if isinstance(arg, str) else ("", "", "")
-        path = option.split(".")[1:] if option.startswith("--model.") else []
-        if path and path[0] == "init_args":
-            path = path[1:]
-        if len(path) >= 3 and path[0] == "model_kwargs" and (eq or i + 1 < len(args)):
-            if not eq:
+        path, text = model_option_path(args[i])
+        if len(path) >= 3 and path[0] == "model_kwargs" and (text is not None or i + 1 < len(args)):
+            if text is None:
                 i, text = i + 1, args[i + 1]
             nested.append((tuple(path[1:]), text))
         else:
-            rest.append(arg)
+            rest.append(args[i])
         i += 1
     return (rest if isinstance(args, list) else tuple(rest)), nested
 
