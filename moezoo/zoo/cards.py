@@ -28,7 +28,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "moe_vit": {"pipeline": "image-classification", "task": "Image Classification", "results": ("acc",)},
     "moe_conformer": {
         "pipeline": "automatic-speech-recognition", "task": "Automatic Speech Recognition",
-        "results": ("cer", "wer", "cer_mono", "cer_cs", "wer_mono", "wer_cs"),
+        "results": ("cer", "wer", "cer_mono", "cer_cs", "wer_mono", "wer_cs", "cer_unseen_engine", "wer_unseen_engine",
+                    "cer_seen_engine", "wer_seen_engine"),
     },
     "moe_patchtst": {
         "pipeline": "time-series-forecasting", "task": "Time Series Forecasting", "results": ("mse", "mae"),

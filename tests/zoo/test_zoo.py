@@ -51,6 +51,12 @@ def _compute_matched_active(model: torch.nn.Module) -> float:
     return total - inactive - sum(routers.values())
 
 
+def _flat_kwargs(model_kwargs: dict) -> dict:
+    """A record's model kwargs with the spec form's ``moe: {...}`` settings lifted to the top level (the flat form)."""
+    flat = {k: v for k, v in model_kwargs.items() if k != "moe"}
+    return {**flat, **(model_kwargs.get("moe") or {})}
+
+
 def _is_dense(model_kwargs: dict) -> bool:
     """A record's dense flag, in the flat form (``dense: true``) or the spec form (``moe: {dense: true}``)."""
     return bool(model_kwargs.get("dense", False) or (model_kwargs.get("moe") or {}).get("dense", False))
@@ -121,8 +127,9 @@ def test_release_is_complete_and_shipped(name: str) -> None:
     elif is_moe:
         twin = get_pretrained_cfg(cfg.dense_twin)
         assert _is_dense(twin.model_kwargs)
-        same = {k: v for k, v in cfg.model_kwargs.items() if k not in ROUTING_KWARGS}
-        assert {k: twin.model_kwargs.get(k) for k in same} == same, "the dense twin differs beyond routing"
+        same = {k: v for k, v in _flat_kwargs(cfg.model_kwargs).items() if k not in ROUTING_KWARGS}
+        twin_kwargs = _flat_kwargs(twin.model_kwargs)
+        assert {k: twin_kwargs.get(k) for k in same} == same, "the dense twin differs beyond routing"
         assert twin.params["active"] == pytest.approx(_compute_matched_active(model), rel=0.05)
 
 
