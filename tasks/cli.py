@@ -102,10 +102,11 @@ class MoEZooCLI(LightningCLI):
     _command_line_model_args: tuple[str, ...] = ()
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
-        self._command_line_model_args = model_args_named(sys.argv[1:] if args is None else args)
+        command_line = sys.argv[1:] if args is None else args
+        self._command_line_model_args = model_args_named(command_line)
         # model_kwargs set two or more levels deep are merged in after parsing (the parser would replace the
         # config's sub-dict and keep the value as text); the rest is parsed as usual.
-        argv, nested = split_nested_model_kwargs(sys.argv[1:] if args is None else args)
+        argv, nested = split_nested_model_kwargs(command_line)
         # --print_config waits for that merge (jsonargparse's own action, private API, pinned in constraints.txt)
         from jsonargparse._actions import _ActionPrintConfig
 
